@@ -1,0 +1,211 @@
+"""Structured configuration: one small dataclass per concern, composed by Hydra.
+
+The dataclasses are registered in Hydra's ConfigStore as the schema of `configs/config.yaml`,
+so an unknown key or a wrongly typed value fails at start with the key named. Rules that
+span several fields live in `validate`, which runs before any process group or data exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from scaleforge.core.errors import ConfigError
+from scaleforge.core.precision import resolve_device
+from scaleforge.models.config import TransformerConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINTING_MODES = ("none", "full", "selective")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule. Weight decay applies to matrices only."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    # wsd only: the fraction of the steps after warmup spent decaying at the end.
+    decay_fraction: float = 0.2
+    implementation: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. `corpus` is "stdlib" (the Python standard library's own .py
+    files, no download) or a glob of local text files, one document per file."""
+
+    corpus: str = "stdlib"
+    cache_dir: str = "data_cache"
+    vocab_size: int = 4096
+    max_corpus_bytes: int = 8_000_000
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    seed: int = 1234
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop. One optimizer step consumes `global_batch_tokens` tokens, split
+    into micro-batches of `micro_batch_size` sequences (gradient accumulation)."""
+
+    max_steps: int = 1000
+    global_batch_tokens: int = 65536
+    micro_batch_size: int = 8
+    precision: str = "bf16"
+    activation_checkpointing: str = "none"
+    # Checkpoint every k-th block only (1 = every block); applies to "full" and "selective".
+    checkpoint_every_n_blocks: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = True
+    save_final_weights: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go, from rank 0 only. wandb: auto = online with credentials, else offline."""
+
+    wandb: str = "auto"
+    wandb_project: str = "scaleforge"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. This release trains in one process; every size must be 1."""
+
+    tp: int = 1
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+
+
+@dataclass
+class Config:
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/config.yaml` can name it in its defaults list."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `configs/config.yaml` with command-line style `overrides`, as sf-train does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="scaleforge.configs", version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Resolve a Hydra DictConfig into the typed dataclass tree."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be positive")
+
+
+def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
+    """Gradient-accumulation steps per optimizer step for `dp_size` data-parallel ranks."""
+    tokens_per_micro_batch = cfg.trainer.micro_batch_size * cfg.data.seq_len * dp_size
+    if cfg.trainer.global_batch_tokens % tokens_per_micro_batch:
+        raise ConfigError(
+            f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} is not a multiple of "
+            f"trainer.micro_batch_size x data.seq_len x data-parallel size = "
+            f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} x {dp_size} = "
+            f"{tokens_per_micro_batch}; set trainer.global_batch_tokens to a multiple of it"
+        )
+    return cfg.trainer.global_batch_tokens // tokens_per_micro_batch
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check every cross-field rule; raise ConfigError naming the setting and the fix."""
+    cfg.model.check("model")
+    t, o, d, p = cfg.trainer, cfg.optim, cfg.data, cfg.parallel
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING_MODES)
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
+    _choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
+                 "eval_batches", "log_every", "checkpoint_every_n_blocks"):
+        _positive(f"trainer.{name}", getattr(t, name))
+    _positive("optim.lr", o.lr)
+    _positive("data.seq_len", d.seq_len)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
+    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} must lie in [0, trainer.max_steps={t.max_steps}]"
+        )
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must lie strictly between 0 and 1")
+    if d.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
+            f"data.seq_len or raise model.max_seq_len"
+        )
+    if d.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.vocab_size={d.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; the "
+            "model could not embed every token id: lower data.vocab_size or raise model.vocab_size"
+        )
+    layout = p.tp * p.pp * p.dp_replicate * p.dp_shard
+    if layout != world_size:
+        raise ConfigError(
+            f"parallel.tp x pp x dp_replicate x dp_shard = {p.tp} x {p.pp} x {p.dp_replicate} x "
+            f"{p.dp_shard} = {layout} does not match the world size {world_size}; make the "
+            "product equal the number of processes"
+        )
+    if layout != 1:
+        raise ConfigError(
+            f"parallel layout {p.tp}x{p.pp}x{p.dp_replicate}x{p.dp_shard} (tp x pp x dp_replicate "
+            "x dp_shard): this release trains in a single process; set every parallel size to 1"
+        )
+    micro_batches_per_step(cfg, dp_size=p.dp_replicate * p.dp_shard)
+    if t.precision == "fp16" and resolve_device(t.device).type != "cuda":
+        raise ConfigError(
+            "trainer.precision=fp16 needs CUDA (dynamic loss scaling); use bf16 or fp32 on CPU"
+        )

@@ -1,0 +1,125 @@
+"""Metric sinks, written by rank 0 only: console (with a progress bar), JSONL and W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from scaleforge.core.config import LoggingConfig
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on `device`, or the process's peak RSS on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def _format(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']:>6}"]
+    formats = {
+        "loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}",
+        "grad_norm": "gnorm {:.3f}", "tokens_per_s": "{:,.0f} tok/s",
+        "tflops": "{:.2f} TFLOP/s", "mfu": "MFU {:.1%}", "memory_gb": "mem {:.2f} GiB",
+        "eta_s": "eta {}",
+    }
+    for key, fmt in formats.items():
+        if key not in record:
+            continue
+        value = record[key]
+        if key == "eta_s":
+            value = f"{int(value) // 60}m{int(value) % 60:02d}s"
+        parts.append(fmt.format(value))
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes each logged step to the console, `run_dir/metrics.jsonl` and W&B.
+
+    On ranks other than 0 every method is a no-op, so callers never branch on rank.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        logging_cfg: LoggingConfig,
+        config: dict[str, Any],
+        total_steps: int,
+        is_rank0: bool = True,
+    ):
+        self.enabled = is_rank0
+        if not self.enabled:
+            return
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        show_bar = logging_cfg.progress_bar and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=not show_bar)
+        self.wandb_run = None
+        mode = wandb_mode(logging_cfg.wandb)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=logging_cfg.wandb_project,
+                entity=logging_cfg.wandb_entity,
+                name=logging_cfg.run_name,
+                dir=str(run_dir),
+                config=config,
+                mode=mode,
+            )
+
+    def message(self, text: str) -> None:
+        """Print one line without breaking the progress bar."""
+        if self.enabled:
+            self.bar.write(text) if not self.bar.disable else print(text, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(steps)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Record one step's metrics (a dict with at least `step`)."""
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in record.items() if v is not None}
+        self.jsonl.write(json.dumps({k: _finite(v) for k, v in clean.items()}) + "\n")
+        self.message(_format(clean))
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in clean.items() if k != "step"}, step=clean["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as strings so the file stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,46 @@
+"""`sf-train`: train a model from a Hydra config. Run it alone or under torchrun.
+
+    sf-train +experiment=demo trainer.max_steps=200 run_dir=runs/mine
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from scaleforge.core.config import register_configs, to_config
+from scaleforge.core.errors import ConfigError
+
+register_configs()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Validate, build and train; return the last logged metrics record."""
+    from scaleforge.core.trainer import Trainer
+
+    config = to_config(cfg)
+    trainer = Trainer(config, Path(config.run_dir), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    record = trainer.fit()
+    print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
+    return record
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The one model configuration shared by every decoder family."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from scaleforge.core.errors import ConfigError
+
+FAMILIES = ("llama", "gpt")
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of a decoder-only transformer.
+
+    `family` picks the block: "llama" (RMSNorm, RoPE, SwiGLU, grouped-query attention) or
+    "gpt" (LayerNorm, learned positions, GELU MLP, tied embeddings, biases).
+    `ffn_hidden` of None derives the MLP width: 4*d_model for gpt; for llama 2/3 of
+    4*d_model times `ffn_multiplier`, rounded up to a multiple of `ffn_multiple_of` (Llama's rule).
+    """
+
+    name: str = "custom"
+    family: str = "llama"
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    ffn_multiplier: float = 1.0
+    ffn_multiple_of: int = 256
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.family == "gpt":
+            return 4 * self.d_model
+        hidden = int(self.ffn_multiplier * int(2 * 4 * self.d_model / 3))
+        return self.ffn_multiple_of * -(-hidden // self.ffn_multiple_of)
+
+    def check(self, prefix: str = "model") -> None:
+        """Raise ConfigError naming the first inconsistent field (`prefix.field`)."""
+        if self.family not in FAMILIES:
+            raise ConfigError(f"{prefix}.family={self.family!r} is unknown; use one of {FAMILIES}")
+        for field in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{prefix}.{field}={getattr(self, field)} must be positive")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"{prefix}.n_heads={self.n_heads} does not divide {prefix}.d_model={self.d_model}; "
+                f"pick a head count that divides {self.d_model}"
+            )
+        if self.head_dim % 2 and self.family == "llama":
+            raise ConfigError(
+                f"{prefix}.d_model/{prefix}.n_heads={self.head_dim} is odd; RoPE needs an even "
+                "head dimension"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"
+            )
+        if self.family == "gpt" and self.kv_heads != self.n_heads:
+            raise ConfigError(
+                f"{prefix}.n_kv_heads={self.n_kv_heads}: the gpt family has no grouped-query "
+                "attention; leave it null"
+            )
+
+
+def as_transformer_config(
+    cfg: TransformerConfig | DictConfig | Mapping[str, Any],
+) -> TransformerConfig:
+    """Accept the model config in any form a caller holds it: the dataclass, an omegaconf
+    DictConfig (Hydra's `cfg.model`) or a plain dict. Unknown keys raise ConfigError."""
+    if isinstance(cfg, TransformerConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    known = {f.name for f in fields(TransformerConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.{unknown[0]} is not a model setting; the settings are "
+            f"{', '.join(sorted(known))}"
+        )
+    return TransformerConfig(**cfg)

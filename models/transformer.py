@@ -1,0 +1,205 @@
+"""Decoder-only transformer, two families sharing one skeleton.
+
+llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases.
+gpt:   LayerNorm, learned positions, GELU MLP, biases (GPT-2).
+
+Both are pre-norm: h = h + attention(norm(h)); h = h + feed_forward(norm(h)).
+Module names are a contract: the tensor-parallel plan, the pipeline splitter and the
+Hugging Face conversion address weights as `layers.<i>.attention.wq` and so on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scaleforge.models.config import TransformerConfig
+from scaleforge.models.rope import apply_rope, rope_tables
+
+# Output projections that write into the residual stream; their init is scaled down by
+# sqrt(2 * n_layers) so the residual variance does not grow with depth (GPT-2).
+RESIDUAL_PROJECTIONS = ("attention.wo", "feed_forward.w2")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 as in Llama's reference code: bf16 squares lose too many bits.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def make_norm(cfg: TransformerConfig) -> nn.Module:
+    """The family's normalisation over d_model: RMSNorm (llama) or LayerNorm with bias (gpt)."""
+    if cfg.family == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; each of the kv heads serves n_heads / n_kv_heads query heads."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        bias = cfg.family == "gpt"
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Head counts are read from the projections' widths (-1), not the config: under
+        # tensor parallelism each rank holds only its share of the heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # kv head j serves query heads j*r .. j*r + r-1 (Hugging Face's repeat_kv order).
+        repeats = q.size(1) // k.size(1)
+        if repeats > 1:
+            k = k.repeat_interleave(repeats, dim=1)  # (B, n_heads, T, hd)
+            v = v.repeat_interleave(repeats, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_heads, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: w2(silu(w1 x) * w3 x), w1 the gate, w3 the up projection (Shazeer 2020)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: w2(gelu(w1 x)), with GPT-2's tanh approximation of GELU."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden)
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.feed_forward = SwiGLU(cfg) if cfg.family == "llama" else GeluMLP(cfg)
+
+    def forward(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids in, next-token logits out; no loss inside.
+
+    A pipeline stage keeps only its layers (`layers` is keyed "0", "1", ... so the names of
+    the kept ones do not change) and sets the modules it does not own to None: without
+    `tok_embeddings` (and `pos_embeddings`) the input is already hidden states (B, T, d);
+    without `norm` and `output` the hidden states are returned.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt" else None
+        )
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Derived from the config, so not saved in checkpoints (persistent=False).
+        cos, sin = (None, None) if cfg.family == "gpt" else self._rope_tables()
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _rope_tables(
+        self, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len.
+
+        On a pipeline stage the input or output may be hidden states (B, T, d_model).
+        """
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, d)
+        T = h.size(1)
+        if T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "shorten the input or raise model.max_seq_len"
+            )
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(torch.arange(T, device=h.device))
+        rope = None if self.rope_cos is None else (self.rope_cos[:T], self.rope_sin[:T])
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        return h if self.output is None else self.output(h)  # (B, T, vocab_size)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter and buffer in place; call after `to_empty` (see `build`).
+
+        Linear and embedding weights ~ N(0, init_std), residual output projections
+        (`wo`, `w2`) ~ N(0, init_std / sqrt(2 * n_layers)), biases 0, norm weights 1, RoPE
+        tables recomputed. Draws from torch's global RNG in module order.
+        """
+        cfg = self.cfg
+        tied = (
+            cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None
+        )
+        if tied:
+            # to_empty gives each module its own fresh tensor, which unties the two.
+            self.output.weight = self.tok_embeddings.weight
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if tied and module is self.output:
+                continue  # its weight is the token embedding, drawn already
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(RESIDUAL_PROJECTIONS) else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if self.rope_cos is not None:
+            cos, sin = self._rope_tables(device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)

@@ -1,0 +1,52 @@
+"""Activation checkpointing applied from outside the model, one transformer block at a time.
+
+full: a wrapped block keeps only its input and recomputes everything in backward.
+selective: a wrapped block keeps the outputs of its matmuls and attention (the expensive
+ops) and recomputes the cheap, memory-hungry rest (norms, activations, rotary, residual adds).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+_SAVED_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n_blocks: int = 1) -> None:
+    """Wrap every `every_n_blocks`-th block of `model.layers` in place (mode full|selective).
+
+    State-dict keys are unchanged: torch's checkpoint_wrapper strips its own prefix.
+    """
+    if mode == "none":
+        return
+    if mode == "full":
+        wrap = partial(checkpoint_wrapper, preserve_rng_state=True)
+    elif mode == "selective":
+        wrap = partial(
+            checkpoint_wrapper,
+            preserve_rng_state=True,
+            context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls),
+        )
+    else:
+        raise ValueError(f"trainer.activation_checkpointing={mode!r} is unknown")
+    for index, (name, block) in enumerate(list(model.layers.named_children())):
+        if index % every_n_blocks == 0:
+            model.layers.register_module(name, wrap(block))

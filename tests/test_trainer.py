@@ -1,0 +1,120 @@
+"""The single-process trainer: learning, precision, accumulation, checkpointing, metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import micro_config, synthetic_data
+
+from scaleforge.core.trainer import Trainer, cross_entropy
+from scaleforge.models import build
+from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
+
+
+def _losses(trainer: Trainer, steps: int) -> list[float]:
+    return [trainer.train_step(trainer.train_batches)[0].item() for _ in range(steps)]
+
+
+def test_thirty_steps_on_tiny_preset_decrease_loss(tmp_path, stdlib_overrides):
+    cfg = micro_config(tmp_path, *stdlib_overrides, "trainer.max_steps=30",
+                       "trainer.eval_every=30", "optim.lr=3e-3")
+    record = Trainer(cfg, tmp_path).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first_val, last_val = records[0]["val_loss"], record["val_loss"]
+    assert first_val == pytest.approx(math.log(cfg.model.vocab_size), abs=0.2)
+    assert last_val < first_val - 1.0
+    assert records[-1]["loss"] < records[1]["loss"] - 1.0
+
+
+def test_metrics_jsonl_and_resolved_config_are_written(tmp_path):
+    cfg = micro_config(tmp_path, "trainer.max_steps=4", "trainer.log_every=2",
+                       "trainer.eval_every=4")
+    Trainer(cfg, tmp_path, data=synthetic_data(cfg)).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    for record in records[1:]:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_gb",
+                "eta_s"} <= record.keys()
+        assert record["tokens_per_s"] > 0
+    assert "val_loss" in records[0] and "val_loss" in records[2] and "val_loss" not in records[1]
+    assert "mfu" not in records[1]  # no known peak on CPU
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "max_steps: 4" in saved and "${" not in saved
+    state = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    assert "layers.0.attention.wq.weight" in state
+
+
+def test_same_seed_gives_bitwise_identical_runs(tmp_path):
+    cfg = micro_config(tmp_path)
+    runs = [_losses(Trainer(cfg, tmp_path / str(i), data=synthetic_data(cfg)), 4) for i in (0, 1)]
+    assert runs[0] == runs[1]
+    other = micro_config(tmp_path, "trainer.seed=1")
+    assert _losses(Trainer(other, tmp_path / "2", data=synthetic_data(other)), 4) != runs[0]
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
+    whole = micro_config(tmp_path, "trainer.micro_batch_size=8")
+    split = micro_config(tmp_path, "trainer.micro_batch_size=2")  # 4 micro-batches per step
+    a = Trainer(whole, tmp_path / "a", data=synthetic_data(whole))
+    b = Trainer(split, tmp_path / "b", data=synthetic_data(split))
+    assert (a.micro_batches, b.micro_batches) == (1, 4)
+    losses_a, losses_b = _losses(a, 4), _losses(b, 4)
+    torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), rtol=1e-6, atol=0)
+    # atol is 1% of the learning rate: Adam's first update is lr * g / (|g| + eps), so a
+    # gradient entry near eps (a few exist) moves by up to ~lr * 1e-2 under re-associated sums.
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_run_stays_close_to_fp32(tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = micro_config(tmp_path, f"trainer.precision={precision}")
+        runs[precision] = _losses(Trainer(cfg, tmp_path / precision, data=synthetic_data(cfg)), 5)
+        assert all(math.isfinite(x) for x in runs[precision])
+    torch.testing.assert_close(torch.tensor(runs["bf16"]), torch.tensor(runs["fp32"]),
+                               rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_identical_gradients(tmp_path, mode):
+    cfg = micro_config(tmp_path)
+    torch.manual_seed(0)
+    plain = build(cfg.model)
+    checkpointed = copy.deepcopy(plain)
+    apply_activation_checkpointing(checkpointed, mode)
+    assert type(checkpointed.layers["0"]).__name__ == "CheckpointWrapper"
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    inputs, targets = next(synthetic_data(cfg)[0])
+    for model in (plain, checkpointed):
+        cross_entropy(model(inputs), targets).backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_learning_rate_follows_the_schedule_during_training(tmp_path):
+    cfg = micro_config(tmp_path, "trainer.max_steps=6", "optim.warmup_steps=2",
+                       "optim.min_lr_ratio=0.1")
+    trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
+    lrs = []
+    for _ in range(6):
+        trainer.train_step(trainer.train_batches)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.5e-3) and lrs[1] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert lrs[2:] == sorted(lrs[2:], reverse=True)
+
+
+def test_weight_decay_applies_to_matrices_only(tmp_path):
+    cfg = micro_config(tmp_path)
+    trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
+    decayed, plain = trainer.optimizer.param_groups
+    assert decayed["weight_decay"] == cfg.optim.weight_decay and plain["weight_decay"] == 0
+    assert all(p.ndim == 2 for p in decayed["params"])
+    assert all(p.ndim == 1 for p in plain["params"])
+    total = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
+    assert total == len(list(trainer.model.parameters()))
