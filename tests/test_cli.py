@@ -1,0 +1,71 @@
+"""The sf-train and sf-preprocess entry points, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _run(tool: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / tool), *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, stdlib_overrides):
+    result = _run(
+        "sf-train", "+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
+        "trainer.max_steps=4", "trainer.global_batch_tokens=8192", "trainer.eval_every=2",
+        "trainer.log_every=1", "optim.warmup_steps=1", "logging.wandb=offline",
+        f"run_dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert f"run directory: {run_dir}" in result.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "final_model.pt").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["data.corpus=/no/such/dir/*.txt"], "data.corpus"),
+        (["data.vocab_size=100"], "data.vocab_size"),
+        (["data.seq_len=4096"], "data.seq_len"),
+        (["trainer.global_batch_tokens=1000"], "trainer.global_batch_tokens"),
+    ],
+)
+def test_bad_input_stops_before_training_with_one_line(tmp_path, stdlib_overrides, overrides,
+                                                       named):
+    result = _run("sf-train", *stdlib_overrides, *overrides, "logging.wandb=disabled",
+                  f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and named in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_empty_corpus_is_rejected(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text("")
+    result = _run("sf-preprocess", f"data.corpus={corpus}/*.txt",
+                  f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert result.returncode == 2 and "data.corpus" in result.stderr
+    assert "empty" in result.stderr
+
+
+def test_preprocess_prepares_data_that_training_reuses(tmp_path, stdlib_overrides):
+    result = _run("sf-preprocess", *stdlib_overrides, "data.vocab_size=1024", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train tokens:" in result.stdout and "val tokens:" in result.stdout
+    assert not (tmp_path / "runs").exists()  # preprocessing makes no run directory

@@ -1,0 +1,89 @@
+"""Config composition and validation: every mistake names the setting before work starts."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+from scaleforge.core.config import compose, micro_batches_per_step, to_config, validate
+from scaleforge.core.errors import ConfigError
+
+
+def _error_text(error: BaseException) -> str:
+    """The message of `error` and of every exception it was raised from."""
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+def test_default_config_composes_and_validates():
+    cfg = to_config(compose())
+    validate(cfg)
+    assert cfg.model.name == "llama_tiny" and cfg.data.corpus == "stdlib"
+
+
+def test_demo_experiment_selects_tiny_llama_in_fp32():
+    cfg = to_config(compose(["+experiment=demo"]))
+    validate(cfg)
+    assert (cfg.model.name, cfg.trainer.precision) == ("llama_tiny", "fp32")
+    assert cfg.run_dir.startswith("runs/demo/")
+
+
+def test_unknown_key_is_named():
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as info:
+        compose(["trainer.max_stepz=3"])
+    assert "max_stepz" in _error_text(info.value)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as info:
+        compose(["trainer.max_steps=many"])
+    assert "trainer.max_steps" in _error_text(info.value)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["model=llama_9000b"])
+    assert "llama_9000b" in _error_text(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["model.n_heads=3"], "model.n_heads"),
+        (["model.n_kv_heads=3"], "model.n_kv_heads"),
+        (["data.seq_len=512"], "data.seq_len"),
+        (["trainer.global_batch_tokens=1000"], "trainer.global_batch_tokens"),
+        (["data.vocab_size=9000"], "data.vocab_size"),
+        (["trainer.precision=fp8"], "trainer.precision"),
+        (["trainer.precision=fp16", "trainer.device=cpu"], "trainer.precision"),
+        (["trainer.activation_checkpointing=some"], "trainer.activation_checkpointing"),
+        (["optim.schedule=step"], "optim.schedule"),
+        (["optim.warmup_steps=5000"], "optim.warmup_steps"),
+        (["optim.min_lr_ratio=2"], "optim.min_lr_ratio"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+        (["parallel.tp=2"], "parallel.tp"),
+        (["logging.wandb=maybe"], "logging.wandb"),
+    ],
+)
+def test_invalid_setting_is_named_in_one_line(overrides, named):
+    cfg = to_config(compose(overrides))
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert named in message and "\n" not in message
+
+
+def test_world_size_must_match_the_layout():
+    with pytest.raises(ConfigError, match="world size 2"):
+        validate(to_config(compose()), world_size=2)
+
+
+def test_micro_batches_per_step_fills_the_global_batch():
+    cfg = to_config(compose(["trainer.global_batch_tokens=65536", "trainer.micro_batch_size=8",
+                             "data.seq_len=256"]))
+    assert micro_batches_per_step(cfg) == 32
+    assert micro_batches_per_step(cfg, dp_size=4) == 8

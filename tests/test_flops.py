@@ -1,0 +1,54 @@
+"""FLOP accounting against hand counts and torch's own FLOP counter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from scaleforge.core.flops import (
+    attention_flops_per_token,
+    matmul_params,
+    peak_flops,
+    training_flops_per_token,
+)
+from scaleforge.models import build
+from scaleforge.models.config import TransformerConfig
+
+LLAMA = TransformerConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                          ffn_hidden=192, vocab_size=300, max_seq_len=32)
+GPT = TransformerConfig(family="gpt", n_layers=2, d_model=64, n_heads=4, vocab_size=300,
+                        max_seq_len=32, tie_embeddings=True)
+
+
+def test_matmul_parameters_match_a_hand_count():
+    # llama per layer: wq 64x64, wk and wv 64x32, wo 64x64, three 64x192 MLP matrices
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 192
+    assert matmul_params(LLAMA) == 2 * per_layer + 64 * 300
+    # gpt per layer: four 64x64 attention matrices, 64x256 up and 256x64 down
+    assert matmul_params(GPT) == 2 * (4 * 64 * 64 + 2 * 64 * 256) + 64 * 300
+
+
+def test_attention_flops_match_a_hand_count():
+    # QK^T and AV: 2 FLOPs per multiply-add, 4 heads x 16 dims, 32 keys, 2 layers
+    full = 2 * 2 * 2 * 64 * 32
+    assert attention_flops_per_token(LLAMA, 32, causal=False) == full
+    assert attention_flops_per_token(LLAMA, 32, causal=True) == full * (33 / 2) / 32
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT], ids=["llama", "gpt"])
+def test_training_flops_match_torch_flop_counter(cfg):
+    torch.manual_seed(0)
+    model = build(cfg)
+    tokens = torch.randint(cfg.vocab_size, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).float().sum().backward()
+    counted = counter.get_total_flops() / tokens.numel()
+    # torch's counter has no formula for CPU attention kernels: compare the rest exactly
+    attention = 3 * attention_flops_per_token(cfg, 32, causal=False)
+    assert counted == training_flops_per_token(cfg, 32, causal=False) - attention
+    assert counted == 6 * matmul_params(cfg)
+
+
+def test_cpu_has_no_peak_so_no_mfu():
+    assert peak_flops(torch.device("cpu"), "bf16") is None
