@@ -1,5 +1,20 @@
 """Errors meant for users: the message names the setting, its value and the fix."""
 
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class ConfigError(ValueError):
     """A setting is wrong. Raised before any work starts; the launcher prints it as one line."""
+
+
+def exit_on_config_error(task: Callable[..., T], *args: Any) -> T:
+    """Run `task(*args)`; on a ConfigError print it as one `error:` line and exit with 2."""
+    try:
+        return task(*args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)

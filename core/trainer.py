@@ -85,8 +85,7 @@ class Trainer:
         Returns (mean loss, grad norm before clipping) as device tensors (no host sync).
         """
         self.model.train()
-        lr_step = self.step
-        set_lr(self.optimizer, lr_step, self.cfg.optim, self.cfg.trainer.max_steps)
+        set_lr(self.optimizer, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
         for _ in range(self.micro_batches):

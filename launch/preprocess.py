@@ -8,13 +8,11 @@ sf-train run with the same data settings finds and reuses it.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from scaleforge.core.config import register_configs, to_config
-from scaleforge.core.errors import ConfigError
+from scaleforge.core.errors import exit_on_config_error
 
 register_configs()
 
@@ -31,11 +29,7 @@ def preprocess(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="preprocess")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        preprocess(cfg)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    exit_on_config_error(preprocess, cfg)
 
 
 def main() -> None:

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from scaleforge.core.config import register_configs, to_config
-from scaleforge.core.errors import ConfigError
+from scaleforge.core.errors import exit_on_config_error
 
 register_configs()
 
@@ -31,11 +30,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    exit_on_config_error(train, cfg)
 
 
 def main() -> None:
