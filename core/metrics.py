@@ -92,8 +92,12 @@ class MetricsLogger:
 
     def message(self, text: str) -> None:
         """Print one line without breaking the progress bar."""
-        if self.enabled:
-            self.bar.write(text) if not self.bar.disable else print(text, flush=True)
+        if not self.enabled:
+            return
+        if self.bar.disable:
+            print(text, flush=True)
+        else:
+            self.bar.write(text)
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
