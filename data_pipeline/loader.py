@@ -348,14 +348,15 @@ def build_loaders(
             )
     _check_vocab(data_cfg, tokenizer, directories[0])
     seq_len = data_cfg.seq_len
+    val = TokenWindows(TokenStream([s for _, val_shards, _ in opened for s in val_shards]),
+                       seq_len)
+    _check_validation_size(data_cfg, len(val))
     train = BlendedSamples(
         [TokenWindows(TokenStream(train_shards), seq_len) for train_shards, _, _ in opened],
         [weight for _, weight in sources],
         data_cfg.seed,
     )
-    val = TokenWindows(TokenStream([s for _, val_shards, _ in opened for s in val_shards]),
-                       seq_len)
-    _check_sizes(data_cfg, len(train), len(val), micro_batch_size * dp_size)
+    _check_training_size(data_cfg, len(train), micro_batch_size * dp_size)
     return Loaders(
         train=TrainBatches(train, micro_batch_size, data_cfg.seed, dp_rank, dp_size,
                            num_workers=data_cfg.num_workers),
@@ -418,14 +419,17 @@ def _check_vocab(data_cfg: DataConfig, tokenizer: Tokenizer, where: Path) -> Non
         )
 
 
-def _check_sizes(data_cfg: DataConfig, train_samples: int, val_windows: int,
-                 samples_per_micro_step: int) -> None:
+def _check_validation_size(data_cfg: DataConfig, val_windows: int) -> None:
     if val_windows == 0:
         raise ConfigError(
             f"data.val_fraction={data_cfg.val_fraction}: the validation split holds fewer tokens "
             f"than data.seq_len + 1 = {data_cfg.seq_len + 1}; raise data.val_fraction (or "
             "val_fraction of sf-preprocess shards) or the corpus size, or lower data.seq_len"
         )
+
+
+def _check_training_size(data_cfg: DataConfig, train_samples: int,
+                         samples_per_micro_step: int) -> None:
     if train_samples < samples_per_micro_step:
         raise ConfigError(
             f"data.max_corpus_bytes={data_cfg.max_corpus_bytes}: the training split holds "

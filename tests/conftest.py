@@ -97,6 +97,6 @@ def stdlib_overrides(data_cache) -> list[str]:
     return [
         "data.corpus=stdlib",
         "data.max_corpus_bytes=300000",
-        "data.val_fraction=0.1",
+        "data.val_fraction=0.2",
         f"data.cache_dir={data_cache}",
     ]
