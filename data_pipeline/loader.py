@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scaleforge.core.config import DataConfig
 from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer, open_split
+from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.sources import open_streaming_dataset
 from scaleforge.data_pipeline.streaming import StreamingBatches
@@ -41,7 +42,9 @@ class TokenStream:
     """Several token arrays (shards) read as one stream, back to back: shape (len(self),)."""
 
     def __init__(self, pieces: Sequence[np.ndarray]):
-        self.pieces = [piece for piece in pieces if len(piece)]
+        # Plain ndarray views of the memory maps: slicing an np.memmap costs several times
+        # more Python overhead than the copy of a window itself.
+        self.pieces = [np.asarray(piece).view(np.ndarray) for piece in pieces if len(piece)]
         self.starts = np.cumsum([0, *(len(piece) for piece in self.pieces)])
 
     def __len__(self) -> int:
@@ -82,9 +85,7 @@ class TokenWindows:
 
     def batch(self, window_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of the given windows: int64, each (len(window_ids), seq_len)."""
-        windows = np.stack([self.window(int(k)) for k in window_ids]).astype(np.int64)
-        windows = torch.from_numpy(windows)  # (B, seq_len + 1)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        return pack_windows([self.window(int(k)) for k in window_ids])
 
 
 class BlendedSamples:
@@ -131,6 +132,10 @@ class BlendedSamples:
             period, slot = np.divmod(samples, BLEND_PERIOD)
             source = self._schedule_sources[slot]
             within = period * self._per_period[source] + self._schedule_ranks[slot]
+        if len(self.sources) == 1:
+            order = self._order
+            return source, np.array([order(0, e)[p] for e, p in zip(*np.divmod(
+                within, len(self.sources[0])), strict=True)], dtype=np.int64)
         windows = np.empty_like(samples)
         for index in np.unique(source):
             mask = source == index
@@ -143,10 +148,8 @@ class BlendedSamples:
         source, windows = self.locate(samples)
         if len(self.sources) == 1:
             return self.sources[0].batch(windows)
-        rows = np.stack([self.sources[s].window(int(w)) for s, w in zip(source, windows,
-                                                                        strict=True)])
-        rows = torch.from_numpy(rows.astype(np.int64))  # (B, seq_len + 1)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return pack_windows([self.sources[s].window(int(w))
+                             for s, w in zip(source, windows, strict=True)])
 
     def _schedule(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which source each slot of a period draws from (always the one furthest behind

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from scaleforge.core.errors import ConfigError
+from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.data_pipeline.sources import read_hf_rows
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import Tokenizer
@@ -56,7 +57,7 @@ class StreamingBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._windows is None:
             self._windows = self._endless_windows()
-        return _as_batch([next(self._windows) for _ in range(self.micro_batch_size)])
+        return pack_windows([next(self._windows) for _ in range(self.micro_batch_size)])
 
     def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first `num_batches` micro-batches of one pass, repeating it when it is short;
@@ -70,7 +71,7 @@ class StreamingBatches:
             )
         cycle = itertools.cycle(windows)
         for _ in range(num_batches):
-            yield _as_batch([next(cycle) for _ in range(self.micro_batch_size)])
+            yield pack_windows([next(cycle) for _ in range(self.micro_batch_size)])
 
     def state_dict(self) -> dict:
         """The epoch, rows consumed in it and the carried tokens of the next window."""
@@ -117,7 +118,3 @@ class StreamingBatches:
             if track:
                 self.rows, self.carry = number, buffer
 
-
-def _as_batch(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.from_numpy(np.stack(windows))  # (B, seq_len + 1)
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
