@@ -66,7 +66,7 @@ def read_documents(unit: str, text_field: str = "text") -> Iterator[Document]:
         yield from _read_jsonl(unit, text_field)
     elif unit.endswith(".parquet"):
         yield from _read_parquet(unit, text_field)
-    elif is_hf_dataset_dir(unit) or _looks_like_hub_name(unit):
+    elif is_hf_dataset_dir(unit) or (_looks_like_hub_name(unit) and not os.path.exists(unit)):
         yield from read_hf_rows(open_hf_dataset(unit), unit, text_field)
     else:  # any other file is one plain-text document
         yield Document(_read_text_file(unit), unit)

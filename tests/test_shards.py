@@ -255,3 +255,30 @@ def test_shards_do_not_depend_on_the_number_of_workers(shard_dir, jsonl_corpus, 
     manifest = write_shards(job(jsonl_corpus, tokenizer_dir, tmp_path / "one", workers=0,
                                 shard_tokens=20_000, unit_bytes=1))
     assert manifest["splits"] == load_manifest(Path(shard_dir))["splits"]
+
+
+@pytest.mark.slow
+def test_killed_sf_preprocess_resumes_to_the_same_files(tmp_path, texts, tokenizer_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for part in range(40):
+        (tmp_path / f"part{part:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": t * 4}) + "\n" for t in texts))
+    reference = write_shards(job(str(tmp_path / "*.jsonl"), tokenizer_dir, tmp_path / "ref",
+                                 unit_bytes=1))
+    out = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "sf-preprocess"), "shards",
+               f"input={tmp_path / '*.jsonl'}", f"tokenizer={tokenizer_dir}", f"out={out}",
+               "workers=1", "val_fraction=0.1", "unit_bytes=1", "progress=false"]
+    process = subprocess.Popen(command)
+    while not (out / ".partial" / "00003.json").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    resumed = load_manifest(out)
+    assert resumed["splits"] == reference["splits"]
