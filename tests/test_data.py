@@ -296,3 +296,18 @@ def test_streaming_mode_through_build_loaders(tmp_path, jsonl_corpus, tokenizer_
     assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in val.batches(2)],
                                                  strict=True))
     assert isinstance(Path(tokenizer.path), Path)
+
+
+def test_streaming_from_a_save_to_disk_directory_equals_streaming_from_jsonl(
+    tmp_path, texts, jsonl_corpus, tokenizer_dir
+):
+    import datasets
+
+    from scaleforge.data_pipeline.sources import open_streaming_dataset
+
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    streams = [StreamingBatches(open_streaming_dataset(spec), tokenizer, "text", 32, 4, 0.1)
+               for spec in (str(tmp_path / "ds"), jsonl_corpus)]
+    for _ in range(10):
+        assert torch.equal(next(streams[0])[0], next(streams[1])[0])

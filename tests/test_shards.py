@@ -75,6 +75,15 @@ def test_missing_text_field_names_file_line_and_field(tmp_path):
         list(read_documents(str(tmp_path / "a.jsonl")))
 
 
+def test_missing_parquet_column_names_file_and_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "x.parquet")
+    with pytest.raises(ConfigError, match=r"x\.parquet has no column text_field='text' .*content"):
+        list(read_documents(str(tmp_path / "x.parquet")))
+
+
 def test_bad_json_line_is_named(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ConfigError, match=r"a\.jsonl:2 is not a JSON object"):
