@@ -24,6 +24,7 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_MODES = ("corpus", "shards", "streaming")
 
 
 @dataclass
@@ -45,10 +46,28 @@ class OptimConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where tokens come from. `corpus` is "stdlib" (the Python standard library's own .py
-    files, no download) or a glob of local text files, one document per file."""
+class BlendSourceConfig:
+    """One shard directory of a blend and its share of the training samples (weights are
+    normalized over the blend)."""
 
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from; `mode` picks one of three:
+
+    - corpus: `corpus` is "stdlib" (the Python standard library's own .py files, no
+      download) or a glob of local text files, one document per file; tokenizer and shards
+      are built on first use into `cache_dir` (the demo).
+    - shards: `path`, a directory written by `sf-preprocess shards`, or `blend`, several of
+      them with weights.
+    - streaming: `dataset` (a Hugging Face hub name, a save_to_disk directory, or a glob of
+      jsonl/parquet files) tokenized on the fly with `tokenizer`.
+    """
+
+    mode: str = "corpus"
     corpus: str = "stdlib"
     cache_dir: str = "data_cache"
     vocab_size: int = 4096
@@ -56,6 +75,13 @@ class DataConfig:
     val_fraction: float = 0.05
     seq_len: int = 256
     seed: int = 1234
+    path: str | None = None
+    blend: list[BlendSourceConfig] = field(default_factory=list)
+    dataset: str | None = None
+    tokenizer: str | None = None
+    text_field: str = "text"
+    num_workers: int = 0
+    verify_shards: bool = True
 
 
 @dataclass
@@ -167,6 +193,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
     _choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    _choice("data.mode", d.mode, DATA_MODES)
     for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
                  "eval_batches", "log_every", "checkpoint_every_n_blocks"):
         _positive(f"trainer.{name}", getattr(t, name))

@@ -58,14 +58,52 @@ def test_empty_corpus_is_rejected(tmp_path):
     corpus.mkdir()
     for name in ("a.txt", "b.txt"):
         (corpus / name).write_text("")
-    result = _run("sf-preprocess", f"data.corpus={corpus}/*.txt",
+    result = _run("sf-preprocess", "prepare", f"data.corpus={corpus}/*.txt",
                   f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert result.returncode == 2 and "data.corpus" in result.stderr
     assert "empty" in result.stderr
 
 
 def test_preprocess_prepares_data_that_training_reuses(tmp_path, stdlib_overrides):
-    result = _run("sf-preprocess", *stdlib_overrides, "data.vocab_size=1024", cwd=tmp_path)
+    result = _run("sf-preprocess", "prepare", *stdlib_overrides, "data.vocab_size=1024",
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train tokens:" in result.stdout and "val tokens:" in result.stdout
+    assert "shards: " in result.stdout
     assert not (tmp_path / "runs").exists()  # preprocessing makes no run directory
+
+
+def test_preprocess_tokenizer_then_shards_then_train_on_them(tmp_path, jsonl_corpus):
+    tokenizer, shards = tmp_path / "tok", tmp_path / "shards"
+    result = _run("sf-preprocess", "tokenizer", f"input={jsonl_corpus}", "vocab_size=512",
+                  f"out={tokenizer}", "model_type=unigram", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "512 ids" in result.stdout
+    result = _run("sf-preprocess", "shards", f"input={jsonl_corpus}", f"tokenizer={tokenizer}",
+                  f"out={shards}", "workers=2", "val_fraction=0.2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "docs/s" in result.stderr and "tok/s" in result.stderr  # the progress bar
+    assert (shards / "manifest.json").is_file()
+    result = _run(
+        "sf-train", "data=shards", f"data.path={shards}", "data.vocab_size=512", "data.seq_len=64",
+        "data.num_workers=2", "model=llama_micro", "trainer.max_steps=2",
+        "trainer.global_batch_tokens=512", "trainer.micro_batch_size=4", "trainer.device=cpu",
+        "trainer.precision=fp32", "optim.warmup_steps=1", "logging.wandb=disabled",
+        f"run_dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["shards", "input=x", "tokenizer=t"], "out"),
+        (["shards", "inputs=x"], "'inputs=x' is not one of input"),
+        (["tokenizer", "input=/no/such/*.jsonl", "vocab_size=300", "out=t"], "input="),
+        (["tokenizer", "input=a", "vocab_size=many", "out=t"], "vocab_size"),
+    ],
+)
+def test_preprocess_bad_arguments_name_the_key(tmp_path, arguments, named):
+    result = _run("sf-preprocess", *arguments, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert named in result.stderr and "Traceback" not in result.stderr

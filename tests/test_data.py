@@ -1,4 +1,4 @@
-"""The data pipeline: corpus, tokenizer, token files, prepare's cache and the loaders."""
+"""The loader: corpus mode, windows, blending, DP x worker split, resume, streaming."""
 
 from __future__ import annotations
 
@@ -10,59 +10,39 @@ import numpy as np
 import pytest
 import torch
 
-from scaleforge.core.config import DataConfig
+from scaleforge.core.config import BlendSourceConfig, DataConfig
 from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline import prepare as prepare_module
-from scaleforge.data_pipeline.corpus import find_documents, read_document
-from scaleforge.data_pipeline.loader import TokenWindows, TrainBatches, ValBatches, build_loaders
-from scaleforge.data_pipeline.prepare import prepare, split_documents
-from scaleforge.data_pipeline.token_file import (
-    read_document_index,
-    read_token_file,
-    token_dtype,
-    write_token_file,
+from scaleforge.data_pipeline.corpus import find_documents
+from scaleforge.data_pipeline.loader import (
+    BlendedSamples,
+    TokenStream,
+    TokenWindows,
+    TrainBatches,
+    ValBatches,
+    build_loaders,
+    document_ids,
 )
-from scaleforge.data_pipeline.tokenizer import Tokenizer, minimum_vocab_size, train_tokenizer
+from scaleforge.data_pipeline.prepare import prepare
+from scaleforge.data_pipeline.streaming import StreamingBatches
+from scaleforge.data_pipeline.tokenizer import Tokenizer
 
 VOCAB = 400
 
-CODE = (
-    "def f(x):\n"
-    "    if x:\n"
-    "\treturn x  \n"
-    "\n\n"
-    "        # deep indent, trailing spaces   \n"
-    "  leading = 'two spaces'\r\n"
-    "s = 'héllo ✓ 😀 日本'\n"
-)
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """40 small text documents cut from standard-library source files."""
+def corpus_cfg(texts, tmp_path_factory) -> DataConfig:
     directory = tmp_path_factory.mktemp("corpus")
-    sources = [p for p in find_documents("stdlib", 2_000_000) if p.stat().st_size > 4000]
-    for i, path in enumerate(sources[:40]):
-        (directory / f"doc{i:02d}.py").write_text(read_document(path)[:4000])
-    return directory
+    for i, text in enumerate(texts[:40]):
+        (directory / f"doc{i:02d}.py").write_text(text)
+    return DataConfig(corpus=str(directory / "*.py"), cache_dir=str(tmp_path_factory.mktemp("c")),
+                      vocab_size=VOCAB, max_corpus_bytes=1_000_000, val_fraction=0.15,
+                      seq_len=32, seed=7)
 
 
-@pytest.fixture(scope="module")
-def data_cfg(corpus, tmp_path_factory) -> DataConfig:
-    return DataConfig(
-        corpus=str(corpus / "**" / "*.py"),
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
-        vocab_size=VOCAB,
-        max_corpus_bytes=1_000_000,
-        val_fraction=0.1,
-        seq_len=32,
-        seed=7,
-    )
-
-
-@pytest.fixture(scope="module")
-def prepared(data_cfg):
-    return prepare(data_cfg)
+def shards_cfg(path: str, **settings) -> DataConfig:
+    return DataConfig(mode="shards", path=path, vocab_size=VOCAB, seq_len=32, seed=3,
+                      **settings)
 
 
 def windows_over_range(num_windows: int, seq_len: int = 4) -> TokenWindows:
@@ -74,7 +54,7 @@ def ids_of(inputs: torch.Tensor, seq_len: int = 4) -> list[int]:
     return (inputs[:, 0] // seq_len).tolist()
 
 
-# corpus
+# corpus mode (the demo)
 
 
 def test_stdlib_corpus_is_sorted_python_files_within_the_byte_budget():
@@ -82,107 +62,66 @@ def test_stdlib_corpus_is_sorted_python_files_within_the_byte_budget():
     sizes = [path.stat().st_size for path in documents]
     assert documents == sorted(documents)
     assert all(path.suffix == ".py" and "site-packages" not in path.parts for path in documents)
-    assert all(size > 0 for size in sizes)
     assert sum(sizes[:-1]) < 200_000 <= sum(sizes)
 
 
-def test_missing_corpus_path_names_data_corpus(tmp_path):
+def test_missing_and_empty_corpus_name_data_corpus(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.corpus=.*matches no files"):
         find_documents(str(tmp_path / "missing" / "*.txt"), 1000)
-
-
-def test_empty_corpus_names_data_corpus(tmp_path):
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text("")
     with pytest.raises(ConfigError, match=r"data\.corpus=.*empty corpus"):
         find_documents(str(tmp_path / "*.txt"), 1000)
 
 
-def test_unreadable_file_is_named(tmp_path):
-    (tmp_path / "good.txt").write_text("hello")
-    (tmp_path / "broken.txt").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"data\.corpus.*broken\.txt"):
-        find_documents(str(tmp_path / "*.txt"), 1000)
-
-
-# tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(prepared) -> Tokenizer:
-    return Tokenizer(prepared.tokenizer_path)
-
-
-def test_tokenizer_round_trips_code_with_indentation_and_newlines(tokenizer):
-    assert tokenizer.decode(tokenizer.encode(CODE)) == CODE
-    stdlib_file = find_documents("stdlib", 1)[0]
-    text = read_document(stdlib_file)
-    assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert tokenizer.encode_many([CODE, text]) == [tokenizer.encode(CODE), tokenizer.encode(text)]
-
-
-def test_tokenizer_has_distinct_bos_and_eos_within_the_vocabulary(tokenizer):
-    assert tokenizer.vocab_size == VOCAB
-    assert len({tokenizer.bos_id, tokenizer.eos_id}) == 2
-    assert 0 <= min(tokenizer.bos_id, tokenizer.eos_id) < VOCAB
-
-
-def test_too_small_vocab_names_data_vocab_size_and_a_minimum_that_works(data_cfg, tmp_path):
-    documents = find_documents(data_cfg.corpus, data_cfg.max_corpus_bytes)[:5]
-    with pytest.raises(ConfigError, match=r"data\.vocab_size=100 .*at least (\d+)") as error:
-        train_tokenizer(documents, 100, tmp_path / "small")
-    minimum = int(str(error.value).split("data.vocab_size >= ")[1])
-    Tokenizer(train_tokenizer(documents, minimum, tmp_path / "minimum"))
-
-
-def test_minimum_vocab_size_counts_bytes_specials_and_characters():
-    # 256 byte pieces + UNK, BOS, EOS, newline + the characters a, b and the space symbol.
-    assert minimum_vocab_size(["ab a", "ba"]) == 256 + 4 + 3
-
-
-def test_vocab_larger_than_the_corpus_supports_names_data_vocab_size(tmp_path):
-    document = tmp_path / "tiny.txt"
-    document.write_text("abc abc\n" * 10)
-    with pytest.raises(ConfigError, match=r"data\.vocab_size=5000 .*at most \d+"):
-        train_tokenizer([document], 5000, tmp_path / "large")
-
-
-# token files
-
-
-def test_token_dtype_is_uint16_up_to_65536_ids_then_uint32():
-    assert token_dtype(4096) == np.uint16
-    assert token_dtype(65536) == np.uint16
-    assert token_dtype(65537) == np.uint32
-
-
-@pytest.mark.parametrize("vocab_size", [1000, 70000])
-def test_token_file_puts_eos_after_each_document_and_indexes_them(tmp_path, vocab_size):
-    documents = [[5, 6, 7], [vocab_size - 1], [8, 9]]
-    path = tmp_path / "tokens.bin"
-    assert write_token_file(path, iter(documents), vocab_size, eos_id=2) == 9
-    tokens = read_token_file(path, vocab_size)
-    assert tokens.dtype == token_dtype(vocab_size)
-    assert path.stat().st_size == 9 * tokens.dtype.itemsize
-    assert tokens.tolist() == [5, 6, 7, 2, vocab_size - 1, 2, 8, 9, 2]
-    assert read_document_index(path).tolist() == [0, 4, 6, 9]
-
-
-# windows and batches
-
-
-def test_targets_are_inputs_shifted_by_one_and_match_the_token_file(prepared, data_cfg):
-    tokens = read_token_file(prepared.train_tokens_path, prepared.vocab_size)
-    windows = TokenWindows(tokens, data_cfg.seq_len)
-    inputs, targets = windows.batch(np.array([0, 3, len(windows) - 1]))
-    assert inputs.dtype == targets.dtype == torch.long
-    assert inputs.shape == targets.shape == (3, data_cfg.seq_len)
+def test_corpus_mode_builds_shards_once_and_reuses_them(corpus_cfg, monkeypatch):
+    train, val, tokenizer, prepared = build_loaders(corpus_cfg, micro_batch_size=4)
+    inputs, targets = next(train)
+    assert inputs.shape == targets.shape == (4, corpus_cfg.seq_len)
+    assert inputs.dtype == torch.long and inputs.max() < tokenizer.vocab_size == VOCAB
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
-    seq_len = data_cfg.seq_len
-    for row, k in enumerate([0, 3, len(windows) - 1]):
-        expected = torch.from_numpy(tokens[k * seq_len : (k + 1) * seq_len + 1].astype(np.int64))
-        assert torch.equal(inputs[row], expected[:-1])
-        assert torch.equal(targets[row], expected[1:])
+    assert len(list(val.batches(3))) == 3
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("prepare retrained instead of reusing the cache")
+
+    monkeypatch.setattr(prepare_module, "train_sentencepiece", must_not_train)
+    started = time.perf_counter()
+    assert prepare(corpus_cfg) == prepared.directories[0]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_too_short_validation_split_names_data_val_fraction(corpus_cfg):
+    with pytest.raises(ConfigError, match=r"data\.val_fraction=.*data\.seq_len"):
+        build_loaders(replace(corpus_cfg, seq_len=100_000), micro_batch_size=1)
+
+
+def test_too_small_training_split_names_the_fix(corpus_cfg):
+    with pytest.raises(ConfigError, match=r"fewer than one micro-batch"):
+        build_loaders(corpus_cfg, micro_batch_size=100_000)
+
+
+# windows and the sample stream
+
+
+def test_windows_pack_across_shard_boundaries():
+    stream = TokenStream([np.arange(0, 5), np.arange(5, 7), np.arange(7, 20)])
+    windows = TokenWindows(stream, seq_len=4)
+    assert len(windows) == 4
+    assert [windows.window(k).tolist() for k in range(4)] == [
+        list(range(k * 4, k * 4 + 5)) for k in range(4)
+    ]
+
+
+def test_document_ids_increment_after_each_eos():
+    inputs = torch.tensor([[5, 2, 6, 7, 2, 8], [2, 2, 9, 9, 9, 9]])
+    assert document_ids(inputs, eos_id=2).tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
+
+
+def test_document_ids_come_with_the_batches_when_asked_for():
+    batches = TrainBatches(windows_over_range(30), 3, seed=1, eos_id=8)
+    inputs, targets, ids = next(batches)
+    assert ids.shape == inputs.shape and torch.equal(ids, document_ids(inputs, 8))
 
 
 def test_same_seed_gives_the_same_order_and_another_seed_a_different_one():
@@ -194,10 +133,10 @@ def test_same_seed_gives_the_same_order_and_another_seed_a_different_one():
     assert first_ids(1) != first_ids(2)
 
 
-def test_each_epoch_visits_every_window_exactly_once():
+def test_each_epoch_visits_every_window_exactly_once_in_a_new_order():
     # 23 windows and 5 samples per micro-batch: micro-batches straddle epoch boundaries.
     batches = TrainBatches(windows_over_range(23), micro_batch_size=5, seed=3)
-    stream = [i for _ in range(23 * 3 // 5 + 1) for i in batches.next_window_ids()]
+    stream = [i for _ in range(23 * 3 // 5 + 1) for i in ids_of(next(batches)[0])]
     epochs = [stream[e * 23 : (e + 1) * 23] for e in range(3)]
     assert all(sorted(epoch) == list(range(23)) for epoch in epochs)
     assert epochs[0] != epochs[1]
@@ -209,94 +148,166 @@ def test_dp_ranks_see_disjoint_samples_that_together_are_the_single_process_ones
     single = TrainBatches(windows, micro_batch_size, seed=11)
     single_batches = [next(single)[0] for _ in range(steps * dp_size)]
     ranks = [TrainBatches(windows, micro_batch_size, 11, rank, dp_size) for rank in range(dp_size)]
-    group_stream = []
     for step in range(steps):
         for rank, batches in enumerate(ranks):
+            assert torch.equal(next(batches)[0], single_batches[step * dp_size + rank])
+
+
+def test_4_dp_ranks_x_2_workers_see_every_sample_of_an_epoch_exactly_once(shard_dir):
+    train = build_loaders(shards_cfg(shard_dir), micro_batch_size=2, dp_rank=0, dp_size=4).train
+    epoch = len(train.samples)
+    steps = -(-epoch // 8)  # micro-steps of 4 ranks x 2 samples that cover the epoch
+    windows = train.samples.sources[0]
+    seen = []
+    for rank in range(4):
+        batches = TrainBatches(train.samples, 2, 3, rank, 4, num_workers=2)
+        for step in range(steps):
             inputs = next(batches)[0]
-            assert torch.equal(inputs, single_batches[step * dp_size + rank])
-            group_stream += ids_of(inputs)
-    assert group_stream == [i for inputs in single_batches for i in ids_of(inputs)]
-    # Within an epoch no two ranks, and no two steps, share a sample.
-    assert sorted(group_stream[:37]) == list(range(37))
+            single = (step * 4 + rank) * 2
+            seen += [(single + row, inputs[row]) for row in range(2)]
+    seen = [inputs for sample, inputs in sorted(seen, key=lambda s: s[0]) if sample < epoch]
+    expected = {tuple(windows.window(k)[:-1].tolist()) for k in range(epoch)}
+    assert len(seen) == epoch and {tuple(s.tolist()) for s in seen} == expected
 
 
-def test_resumed_loader_yields_the_same_following_batches():
-    windows = windows_over_range(20)
-    original = TrainBatches(windows, micro_batch_size=3, seed=5, dp_rank=1, dp_size=2)
-    for _ in range(6):  # 36 samples: past the first epoch boundary
-        next(original)
-    state = original.state_dict()
-    expected = [next(original) for _ in range(8)]
-    resumed = TrainBatches(windows, micro_batch_size=3, seed=5, dp_rank=1, dp_size=2)
-    resumed.load_state_dict(state)
-    for want_inputs, want_targets in expected:
-        inputs, targets = next(resumed)
-        assert torch.equal(inputs, want_inputs) and torch.equal(targets, want_targets)
+def test_resume_after_k_steps_yields_the_identical_batches_also_with_other_workers(shard_dir):
+    train = build_loaders(shards_cfg(shard_dir), micro_batch_size=3, dp_rank=1, dp_size=2).train
+    for _ in range(7):
+        next(train)
+    state = train.state_dict()
+    expected = [next(train) for _ in range(6)]
+    for num_workers in (0, 2):
+        resumed = TrainBatches(train.samples, 3, 3, dp_rank=1, dp_size=2, num_workers=num_workers)
+        resumed.load_state_dict(state)
+        for want in expected:
+            got = next(resumed)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_resume_with_another_dp_size_continues_the_same_sample_stream():
+    windows = windows_over_range(40)
+    two = [TrainBatches(windows, 2, 5, rank, 2) for rank in range(2)]
+    for _ in range(3):
+        for batches in two:
+            next(batches)
+    one = TrainBatches(windows, 2, 5)
+    one.load_state_dict(two[0].state_dict())
+    single = TrainBatches(windows, 2, 5)
+    for _ in range(6):
+        next(single)
+    assert torch.equal(next(one)[0], next(single)[0])
 
 
 def test_validation_batches_are_fixed_and_split_over_dp_ranks():
     windows = windows_over_range(10)
     single = [ids_of(x) for x, _ in ValBatches(windows, micro_batch_size=2).batches(4)]
     assert single == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert [ids_of(x) for x, _ in ValBatches(windows, 2).batches(4)] == single
     rank1 = [ids_of(x) for x, _ in ValBatches(windows, 2, dp_rank=1, dp_size=2).batches(3)]
     assert rank1 == [[2, 3], [6, 7], [0, 1]]  # the third wraps around the 10 windows
 
 
-# prepare and build_loaders
+# blending
 
 
-def test_train_and_val_share_no_document(prepared, data_cfg):
-    assert prepared.val_documents and prepared.train_documents
-    assert not set(prepared.train_documents) & set(prepared.val_documents)
-    all_documents = find_documents(data_cfg.corpus, data_cfg.max_corpus_bytes)
-    assert {str(p) for p in all_documents} == {*prepared.train_documents, *prepared.val_documents}
-    assert len(read_document_index(prepared.val_tokens_path)) == len(prepared.val_documents) + 1
+def test_blend_realises_the_requested_mix_within_one_percent():
+    sources = [windows_over_range(n) for n in (50, 7, 300)]
+    blend = BlendedSamples(sources, [0.5, 0.2, 0.3], seed=1)
+    for num_samples in (997, 5000, 123_457):
+        mix = blend.realised_mix(num_samples)
+        assert all(abs(got - want) < 0.01 for got, want in zip(mix, [0.5, 0.2, 0.3],
+                                                               strict=True))
+    # The small source repeats, each of its epochs a permutation of its windows.
+    source, window = blend.locate(np.arange(5000))
+    small = window[source == 1][:21].tolist()
+    assert all(sorted(small[e * 7 : (e + 1) * 7]) == list(range(7)) for e in range(3))
 
 
-def test_split_is_reproducible_from_the_seed():
-    documents = [Path(f"doc{i}") for i in range(20)]
-    assert split_documents(documents, 0.2, seed=1) == split_documents(documents, 0.2, seed=1)
-    assert split_documents(documents, 0.2, seed=1) != split_documents(documents, 0.2, seed=2)
-    assert len(split_documents(documents, 0.01, seed=1)[1]) == 1
+def test_blend_config_reads_several_shard_directories(shard_dir, tmp_path):
+    blend = [BlendSourceConfig(shard_dir, 3.0), BlendSourceConfig(shard_dir, 1.0)]
+    cfg = DataConfig(mode="shards", blend=blend, vocab_size=VOCAB, seq_len=32)
+    train = build_loaders(cfg, micro_batch_size=4).train
+    assert [round(w, 2) for w in train.samples.weights] == [0.75, 0.25]
+    assert next(train)[0].shape == (4, 32)
 
 
-def test_prepare_reuses_its_cache(prepared, data_cfg, monkeypatch):
-    def must_not_train(*args):
-        raise AssertionError("prepare retrained instead of reusing the cache")
-
-    monkeypatch.setattr(prepare_module, "train_tokenizer", must_not_train)
-    started = time.perf_counter()
-    assert prepare(data_cfg) == prepared
-    assert time.perf_counter() - started < 1.0
+# shards mode settings and errors
 
 
-def test_prepare_ignores_a_leftover_temporary_directory(data_cfg, tmp_path):
-    cfg = replace(data_cfg, cache_dir=str(tmp_path), seed=8)
-    finished = prepare(cfg).directory
-    # Simulate a run killed mid-way: only its temporary directory is left, half written.
-    leftover = finished.with_name(finished.name + ".tmp-killed")
-    finished.rename(leftover)
-    (leftover / "train.bin").write_bytes(b"\x00" * 3)
-    rebuilt = prepare(cfg)
-    assert rebuilt.directory == finished
-    assert rebuilt.train_tokens_path.stat().st_size == 2 * rebuilt.train_tokens
-    assert leftover.exists()
+def test_shards_mode_needs_a_path_and_the_tokenizers_vocab_size(shard_dir):
+    with pytest.raises(ConfigError, match=r"data\.mode=shards needs data\.path"):
+        build_loaders(DataConfig(mode="shards"), 1)
+    with pytest.raises(ConfigError, match=r"data\.vocab_size=512 but the tokenizer .* 400 ids"):
+        build_loaders(replace(shards_cfg(shard_dir), vocab_size=512), 1)
 
 
-def test_build_loaders_yields_batches_of_the_configured_shape(data_cfg):
-    train, val, tokenizer, prepared = build_loaders(data_cfg, micro_batch_size=4)
-    inputs, targets = next(train)
-    assert inputs.shape == targets.shape == (4, data_cfg.seq_len)
-    assert inputs.max() < tokenizer.vocab_size == prepared.vocab_size
-    assert len(list(val.batches(3))) == 3
+def test_unfinished_shard_directory_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path=.* has no manifest\.json"):
+        build_loaders(shards_cfg(str(tmp_path)), 1)
 
 
-def test_too_short_validation_split_names_data_val_fraction(data_cfg):
-    with pytest.raises(ConfigError, match=r"data\.val_fraction=.*data\.seq_len"):
-        build_loaders(replace(data_cfg, seq_len=100_000), micro_batch_size=1)
+# streaming
 
 
-def test_too_small_training_split_names_data_max_corpus_bytes(data_cfg, prepared):
-    with pytest.raises(ConfigError, match=r"data\.max_corpus_bytes=.*micro-batch"):
-        build_loaders(data_cfg, micro_batch_size=prepared.train_tokens)
+def test_streaming_yields_the_same_packed_tokens_as_the_shard_path(shard_dir, jsonl_corpus,
+                                                                  tokenizer_dir):
+    from scaleforge.data_pipeline.sources import open_streaming_dataset
+
+    windows = build_loaders(shards_cfg(shard_dir), 1).train.samples.sources[0]
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    for split, val_windows in (("train", None), ("val", True)):
+        stream = StreamingBatches(open_streaming_dataset(jsonl_corpus), tokenizer, "text", 32, 1,
+                                  0.1, split)
+        expected = windows if val_windows is None else build_loaders(
+            shards_cfg(shard_dir), 1).val.windows
+        for k in range(len(expected)):
+            inputs, targets = next(stream)
+            assert inputs[0].tolist() == expected.window(k)[:-1].tolist()
+            assert targets[0].tolist() == expected.window(k)[1:].tolist()
+
+
+def test_streaming_resumes_exactly_and_splits_by_node(jsonl_corpus, tokenizer_dir):
+    from scaleforge.data_pipeline.sources import open_streaming_dataset
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+
+    def stream(rank: int = 0, size: int = 1) -> StreamingBatches:
+        return StreamingBatches(open_streaming_dataset(jsonl_corpus), tokenizer, "text", 32, 2,
+                                0.1, "train", rank, size)
+
+    original = stream()
+    for _ in range(9):
+        next(original)
+    state = original.state_dict()
+    expected = [next(original)[0] for _ in range(5)]
+    resumed = stream()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(next(resumed)[0], want) for want in expected)
+    # Two nodes read disjoint rows (the three files are shared out between them).
+    rows = [[r["text"] for r in stream(rank, 2).dataset] for rank in range(2)]
+    assert rows[0] and rows[1] and not set(rows[0]) & set(rows[1])
+
+
+def test_streaming_mode_through_build_loaders(tmp_path, jsonl_corpus, tokenizer_dir):
+    cfg = DataConfig(mode="streaming", dataset=jsonl_corpus, tokenizer=tokenizer_dir,
+                     vocab_size=VOCAB, seq_len=32, val_fraction=0.1)
+    train, val, tokenizer, prepared = build_loaders(cfg, micro_batch_size=2)
+    assert next(train)[0].shape == (2, 32) and prepared.directories == ()
+    first = [x for x, _ in val.batches(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in val.batches(2)],
+                                                 strict=True))
+    assert isinstance(Path(tokenizer.path), Path)
+
+
+def test_streaming_from_a_save_to_disk_directory_equals_streaming_from_jsonl(
+    tmp_path, texts, jsonl_corpus, tokenizer_dir
+):
+    import datasets
+
+    from scaleforge.data_pipeline.sources import open_streaming_dataset
+
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    streams = [StreamingBatches(open_streaming_dataset(spec), tokenizer, "text", 32, 4, 0.1)
+               for spec in (str(tmp_path / "ds"), jsonl_corpus)]
+    for _ in range(10):
+        assert torch.equal(next(streams[0])[0], next(streams[1])[0])

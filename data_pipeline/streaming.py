@@ -1,0 +1,120 @@
+"""Streaming mode: micro-batches from a Hugging Face IterableDataset, tokenized on the fly.
+
+Each data-parallel rank reads its own part of the dataset (`split_dataset_by_node`), keeps
+the documents of the requested split (split.py decides by text, as the shard path does),
+tokenizes them, appends EOS and packs the stream into windows of seq_len + 1 tokens with
+stride seq_len, exactly as TokenWindows cuts a shard stream: on the same documents in the
+same order the two paths yield the same windows. Without random access the ranks read
+different documents, so rank r's batches are not the single-process batch i * dp_size + r
+(the shard path's guarantee); every document still goes to exactly one rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from scaleforge.core.errors import ConfigError
+from scaleforge.data_pipeline.pack import pack_windows
+from scaleforge.data_pipeline.sources import read_hf_rows
+from scaleforge.data_pipeline.split import is_validation
+from scaleforge.data_pipeline.tokenizer import Tokenizer
+
+
+class StreamingBatches:
+    """Endless micro-batches (inputs, targets), int64, each (micro_batch_size, seq_len), of
+    one split of an IterableDataset, for rank `dp_rank` of `dp_size`.
+
+    Iterate it for training (epoch after epoch; `dataset.set_epoch` reshuffles a shuffled
+    dataset); `batches(n)` restarts from the beginning every call, for validation.
+    state_dict() holds the epoch, the rows consumed and the tokens carried into the next
+    window, so load_state_dict() resumes at the exact next sample.
+    """
+
+    def __init__(self, dataset, tokenizer: Tokenizer, text_field: str, seq_len: int,
+                 micro_batch_size: int, val_fraction: float, split: str = "train",
+                 dp_rank: int = 0, dp_size: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        self.dataset = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_size)
+        self.tokenizer = tokenizer
+        self.text_field = text_field
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.val_fraction = val_fraction
+        self.split = split
+        self.epoch = 0
+        self.rows = 0  # rows of this epoch read so far
+        self.carry: list[int] = []  # tokens read but not yet emitted as a whole window
+        self._windows: Iterator[np.ndarray] | None = None
+
+    def __iter__(self) -> StreamingBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._windows is None:
+            self._windows = self._endless_windows()
+        return pack_windows([next(self._windows) for _ in range(self.micro_batch_size)])
+
+    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `num_batches` micro-batches of one pass, repeating it when it is short;
+        the same every call."""
+        windows = list(itertools.islice(self._one_pass([], 0, 0), num_batches *
+                                        self.micro_batch_size))
+        if not windows:
+            raise ConfigError(
+                f"the streaming {self.split} split holds fewer than data.seq_len + 1 = "
+                f"{self.seq_len + 1} tokens; raise data.val_fraction or lower data.seq_len"
+            )
+        cycle = itertools.cycle(windows)
+        for _ in range(num_batches):
+            yield pack_windows([next(cycle) for _ in range(self.micro_batch_size)])
+
+    def state_dict(self) -> dict:
+        """The epoch, rows consumed in it and the carried tokens of the next window."""
+        return {"epoch": self.epoch, "rows": self.rows, "carry": list(self.carry)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(); the next batch is the one that followed it."""
+        self.epoch, self.rows, self.carry = state["epoch"], state["rows"], list(state["carry"])
+        self._windows = None
+
+    def _endless_windows(self) -> Iterator[np.ndarray]:
+        while True:
+            produced = False
+            for window in self._one_pass(self.carry, self.epoch, self.rows, track=True):
+                produced = True
+                yield window
+            if not produced and self.rows == 0:
+                raise ConfigError(
+                    f"the streaming {self.split} split of data.dataset holds fewer than "
+                    f"data.seq_len + 1 = {self.seq_len + 1} tokens; give more data"
+                )
+            self.epoch, self.rows = self.epoch + 1, 0
+
+    def _one_pass(self, carry: list[int], epoch: int, skip_rows: int,
+                  track: bool = False) -> Iterator[np.ndarray]:
+        """Windows of one epoch from row `skip_rows` on, `carry` tokens first. With `track`,
+        self.rows and self.carry follow each window, so state_dict() is always current."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        buffer = list(carry)
+        rows = itertools.islice(self.dataset, skip_rows, None)
+        for number, document in enumerate(read_hf_rows(rows, "data.dataset", self.text_field),
+                                          start=skip_rows + 1):
+            if is_validation(document.text, self.val_fraction) == (self.split == "train"):
+                continue
+            buffer += self.tokenizer.encode(document.text)
+            buffer.append(self.tokenizer.eos_id)
+            while len(buffer) >= self.seq_len + 1:
+                window = np.asarray(buffer[: self.seq_len + 1], dtype=np.int64)
+                buffer = buffer[self.seq_len :]
+                if track:
+                    self.rows, self.carry = number, buffer
+                yield window
+            if track:
+                self.rows, self.carry = number, buffer
+
