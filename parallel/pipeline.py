@@ -293,6 +293,14 @@ class Pipeline:
         self.is_first = 0 in self.stage_ids
         self.is_last = num_stages - 1 in self.stage_ids
         self.device = device
+        self.loss_fn = loss_fn
+        self.layout = SCHEDULES[schedule_name].layout
+        # group rank that runs each global stage, for the forward-only path of pipeline_eval
+        self.stage_owner = {
+            index: rank
+            for rank in range(self.pp)
+            for index in stage_indices(rank, self.pp, len(stages), self.layout)
+        }
         self.stages = [
             PipelineStage(module, index, num_stages, device, group=group)
             for index, module in stages
@@ -390,7 +398,73 @@ def pipeline_step(
     return total
 
 
-def clip_grad_norm_(
+def _sequential_forward_loss(
+    pipeline: Pipeline, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Loss of one micro-batch (B, T) pushed through the stages one after the other with
+    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32."""
+    modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
+    owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
+    d_model = pipeline.model_parts[0].cfg.d_model
+    num_stages = len(owner)
+    hidden = None
+    loss = torch.zeros((), dtype=torch.float32, device=pipeline.device)
+    for stage in range(num_stages):
+        if owner[stage] != me:
+            continue
+        if stage == 0:
+            hidden = inputs.to(pipeline.device)
+        elif owner[stage - 1] != me:
+            hidden = torch.empty(*inputs.shape, d_model, device=pipeline.device)
+            dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
+        hidden = modules[stage](hidden)
+        if stage == num_stages - 1:
+            loss = pipeline.loss_fn(hidden, targets.to(pipeline.device)).float()
+        elif owner[stage + 1] != me:
+            dist.send(hidden.float().contiguous(), group=pipeline.group,
+                      group_dst=owner[stage + 1])
+    return loss
+
+
+@torch.no_grad()
+def pipeline_eval(
+    pipeline: Pipeline, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Mean loss over `micro_batches` [(inputs, targets)], each (B, T) int64, with forward
+    passes only; a 0-dim fp32 tensor on every pp rank. Every rank passes the same list, whose
+    length must be a multiple of `pipeline.micro_batches` (the schedule runs groups of that
+    size). Leaves no gradients behind.
+
+    Loop layouts run torch's `schedule.eval`. The V schedules' eval fails in torch 2.13 (their
+    action list hands a backward between the two local stages even without backward:
+    "can't steal_bwd_input if this stage doesn't have backward"), so they push each
+    micro-batch through the stages in order instead: no overlap, same numbers.
+    """
+    m = pipeline.micro_batches
+    if not micro_batches or len(micro_batches) % m:
+        raise ConfigError(
+            f"trainer.eval_batches={len(micro_batches)} must be a positive multiple of the "
+            f"{m} micro-batches per step under pipeline parallelism; set it to a multiple of {m}"
+        )
+    total = torch.zeros((), dtype=torch.float32, device=pipeline.device)
+    if pipeline.layout == "v":
+        for inputs, targets in micro_batches:
+            total += _sequential_forward_loss(pipeline, inputs, targets) / m
+    else:
+        for start in range(0, len(micro_batches), m):
+            group = micro_batches[start:start + m]
+            losses: list[torch.Tensor] = []
+            device = pipeline.device
+            args = (torch.cat([x for x, _ in group]).to(device),) if pipeline.is_first else ()
+            targets = torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
+            pipeline.schedule.eval(*args, target=targets, losses=losses)
+            if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)
+                total += torch.stack([loss.float() for loss in losses]).sum()
+    dist.all_reduce(total, group=pipeline.group)
+    return total / (len(micro_batches) // m)
+
+
+def clip_grad_norm_across_stages_(
     parameters: Sequence[nn.Parameter] | Iterator[nn.Parameter],
     max_norm: float,
     pp_mesh: DeviceMesh | dist.ProcessGroup,

@@ -26,7 +26,8 @@ from scaleforge.parallel.pipeline import (
     SCHEDULES,
     available_schedules,
     build_pipeline,
-    clip_grad_norm_,
+    clip_grad_norm_across_stages_,
+    pipeline_eval,
     pipeline_step,
     split_model,
     stage_indices,
@@ -52,31 +53,42 @@ def _overrides(n_layers: int, micro_batches: int, family: str) -> list[str]:
         f"trainer.global_batch_tokens={micro_batches * 2 * 32}",
         f"trainer.max_steps={STEPS}",
         "optim.warmup_steps=1",
+        f"trainer.eval_batches={micro_batches}",
         f"optim.grad_clip={GRAD_CLIP}",
     ]
 
 
-def _micro_batches(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    train, _ = synthetic_data(cfg)
+def _micro_batches(cfg: Config) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """{"train": the micro-batches of STEPS steps, "val": the trainer's validation set}."""
+    train, val = synthetic_data(cfg)
     count = STEPS * micro_batches_per_step(cfg)
-    return [(x.clone(), y.clone()) for x, y in itertools.islice(iter(train), count)]
+    return {
+        "train": [(x.clone(), y.clone()) for x, y in itertools.islice(iter(train), count)],
+        "val": [(x.clone(), y.clone()) for x, y in val.batches(cfg.trainer.eval_batches)],
+    }
 
 
-def _single_process(cfg: Config, batches, run_dir: Path) -> dict:
-    """Losses, grad norms and final weights of the plain Trainer on `batches`."""
+def _single_process(cfg: Config, batches: dict, run_dir: Path) -> dict:
+    """Losses, grad norms, validation losses (before step 1, after step 2 and at the end)
+    and final weights of the plain Trainer on `batches`."""
     _, val = synthetic_data(cfg)
-    trainer = Trainer(cfg, run_dir, data=(iter(batches), val))
-    losses, norms = [], []
-    for _ in range(STEPS):
+    trainer = Trainer(cfg, run_dir, data=(iter(batches["train"]), val))
+    losses, norms, val_losses = [], [], [trainer.evaluate()]
+    for step in range(STEPS):
         loss, norm = trainer.train_step(trainer.train_batches)
         losses.append(loss.item())
         norms.append(norm.item())
+        if step == 1:
+            val_losses.append(trainer.evaluate())
+    val_losses.append(trainer.evaluate())
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    return {"losses": losses, "norms": norms, "state": state}
+    return {"losses": losses, "norms": norms, "val_losses": val_losses, "state": state}
 
 
-def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, batches) -> dict:
-    """The trainer's step, with the forward/backward replaced by the pipeline schedule."""
+def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dict) -> dict:
+    """The trainer's step, with the forward/backward replaced by the pipeline schedule;
+    validation at the same points as `_single_process`."""
+    batches = data["train"]
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, torch.device("cpu"))
     model = build(cfg.model)
     m = micro_batches_per_step(cfg)
@@ -85,19 +97,25 @@ def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, batches) 
     del model  # the stages share the weights they own; the rest is freed
     optimizer = build_optimizer(pipe.model_parts, cfg.optim, "cpu")
     losses, norms, local_norms = [], [], []
+    val_losses = [pipeline_eval(pipe, data["val"]).item()]
     for step in range(STEPS):
         set_lr(optimizer, step, cfg.optim, cfg.trainer.max_steps)
         loss = pipeline_step(pipe, batches[step * m:(step + 1) * m])
         params = list(pipe.parameters())
         local_norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())
-        norms.append(clip_grad_norm_(params, cfg.optim.grad_clip, dist.group.WORLD).item())
+        norms.append(clip_grad_norm_across_stages_(params, cfg.optim.grad_clip,
+                                                   dist.group.WORLD).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if step == 1:
+            val_losses.append(pipeline_eval(pipe, data["val"]).item())
+    val_losses.append(pipeline_eval(pipe, data["val"]).item())
     return {
         "losses": losses,
         "norms": norms,
         "local_norms": local_norms,
+        "val_losses": val_losses,
         "state": {k: v.detach().clone() for k, v in pipe.state_dict().items()},
         "schedule_class": type(pipe.schedule).__name__,
         "stage_ids": pipe.stage_ids,
@@ -170,8 +188,9 @@ def pp2_runs(tmp_path_factory):
 
 
 def _assert_matches(ranks: list[dict], name: str, reference: dict) -> tuple[float, float]:
-    loss_diff = max(_relative(r[name]["losses"][i], reference["losses"][i])
-                    for r in ranks for i in range(STEPS))
+    loss_diff = max(_relative(r[name][key][i], reference[key][i])
+                    for r in ranks for key in ("losses", "val_losses")
+                    for i in range(len(reference[key])))
     weight_diff = _max_weight_difference(ranks, name, reference)
     assert loss_diff < TOLERANCE, f"{name}: loss differs by {loss_diff:.2e} relative"
     assert weight_diff < TOLERANCE, f"{name}: weights differ by {weight_diff:.2e}"
