@@ -17,6 +17,15 @@ micro-batch. The schedules here are built with `scale_grads=False` and a loss fu
 divides by the micro-batch count itself, so each micro-batch's backward is seeded with the
 same 1/m as in one process (torch's default, scale_grads=True, would instead divide the
 summed gradients once at the end: equal in exact arithmetic, different in rounding).
+
+Use from a training loop (every pp rank passes the same micro-batches):
+    validate_pipeline(cfg.model, pp, schedule, stages_per_rank, micro_batches)  # at start
+    pipe = build_pipeline(model, pp_mesh, schedule, stages_per_rank, micro_batches,
+                          cross_entropy, device)
+    optimizer = build_optimizer(pipe.model_parts, ...)
+    loss = pipeline_step(pipe, micro_batches)                # mean loss, on every pp rank
+    norm = clip_grad_norm_across_stages_(list(pipe.parameters()), max_norm, pp_mesh)
+    val_loss = pipeline_eval(pipe, val_micro_batches)
 """
 
 from __future__ import annotations
@@ -472,9 +481,10 @@ def clip_grad_norm_across_stages_(
     """Clip this rank's gradients by the L2 norm of ALL stages' gradients (across the pp
     group), as `torch.nn.utils.clip_grad_norm_` does for the unsplit model.
 
-    `parameters` must hold each parameter once (a tied weight on one rank counted once).
-    Returns the total norm before clipping, identical on every pp rank. max_norm=inf only
-    measures.
+    `parameters` must hold each parameter once (a tied weight on one rank counted once),
+    with plain-tensor gradients (pp only; composing with TP/FSDP DTensor gradients needs the
+    local norm reduced over those axes first). Returns the total norm before clipping,
+    identical on every pp rank. max_norm=inf only measures.
     """
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params]

@@ -85,7 +85,8 @@ def _single_process(cfg: Config, batches: dict, run_dir: Path) -> dict:
     return {"losses": losses, "norms": norms, "val_losses": val_losses, "state": state}
 
 
-def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dict) -> dict:
+def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dict,
+                     layers_per_stage: list[int] | None = None) -> dict:
     """The trainer's step, with the forward/backward replaced by the pipeline schedule;
     validation at the same points as `_single_process`."""
     batches = data["train"]
@@ -93,7 +94,7 @@ def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dic
     model = build(cfg.model)
     m = micro_batches_per_step(cfg)
     pipe = build_pipeline(model, dist.group.WORLD, schedule, stages_per_rank, m, cross_entropy,
-                          "cpu")
+                          "cpu", layers_per_stage)
     del model  # the stages share the weights they own; the rest is freed
     optimizer = build_optimizer(pipe.model_parts, cfg.optim, "cpu")
     losses, norms, local_norms = [], [], []
@@ -128,15 +129,16 @@ def _worker(rank: int, world_size: int, init_file: str, cases: list, out_dir: st
                             world_size=world_size, timeout=timedelta(seconds=120))
     try:
         results = {}
-        for name, cfg, schedule, stages_per_rank, batches in cases:
-            results[name] = _train_pipelined(cfg, schedule, stages_per_rank, batches)
+        for name, cfg, schedule, stages_per_rank, batches, *layers in cases:
+            results[name] = _train_pipelined(cfg, schedule, stages_per_rank, batches, *layers)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def _run_job(world_size: int, cases: list, tmp: Path) -> list[dict]:
-    """Run `cases` [(name, cfg, schedule, stages_per_rank, batches)] in one gloo job."""
+    """Run `cases` [(name, cfg, schedule, stages_per_rank, batches[, layers_per_stage])] in
+    one gloo job."""
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_worker, args=(world_size, str(tmp / "init"), cases, str(tmp)),
              nprocs=world_size, join=True)
@@ -179,6 +181,7 @@ def pp2_runs(tmp_path_factory):
     data = {"llama": _micro_batches(llama), "gpt": _micro_batches(gpt)}
     cases = [(f"llama-{s}", llama, s, v, data["llama"]) for s, v in SCHEDULE_CASES]
     cases += [(f"gpt-{s}", gpt, s, v, data["gpt"]) for s, v in PP2_TIED_CASES]
+    cases.append(("llama-1F1B-uneven", llama, "1F1B", 1, data["llama"], [1, 3]))
     ranks = _run_job(2, cases, tmp)
     references = {
         "llama": _single_process(llama, data["llama"], tmp / "ref_llama"),
@@ -218,6 +221,15 @@ def test_pp2_v_schedule_keeps_tied_embeddings_exact(pp2_runs, schedule, stages_p
     assert "tok_embeddings.weight" in ranks[0][name]["state"]
     loss_diff, weight_diff = _assert_matches(ranks, name, references["gpt"])
     print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+
+
+def test_pp2_explicit_uneven_layer_split_matches_single_process(pp2_runs):
+    ranks, references = pp2_runs
+    name = "llama-1F1B-uneven"
+    owned = [sorted({k.split(".")[1] for k in r[name]["state"] if k.startswith("layers.")})
+             for r in ranks]
+    assert owned == [["0"], ["1", "2", "3"]]
+    _assert_matches(ranks, name, references["llama"])
 
 
 def test_pp2_loss_is_reported_on_every_rank(pp2_runs):
