@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import micro_config, synthetic_data
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import schedules as torch_schedules
 
 from scaleforge.core.config import Config, micro_batches_per_step
@@ -93,8 +94,10 @@ def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dic
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, torch.device("cpu"))
     model = build(cfg.model)
     m = micro_batches_per_step(cfg)
-    pipe = build_pipeline(model, dist.group.WORLD, schedule, stages_per_rank, m, cross_entropy,
-                          "cpu", layers_per_stage)
+    # The pipeline axis as the topology will hand it over: a 1-D DeviceMesh.
+    pp_mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
+    pipe = build_pipeline(model, pp_mesh, schedule, stages_per_rank, m, cross_entropy, "cpu",
+                          layers_per_stage)
     del model  # the stages share the weights they own; the rest is freed
     optimizer = build_optimizer(pipe.model_parts, cfg.optim, "cpu")
     losses, norms, local_norms = [], [], []
@@ -104,8 +107,7 @@ def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dic
         loss = pipeline_step(pipe, batches[step * m:(step + 1) * m])
         params = list(pipe.parameters())
         local_norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())
-        norms.append(clip_grad_norm_across_stages_(params, cfg.optim.grad_clip,
-                                                   dist.group.WORLD).item())
+        norms.append(clip_grad_norm_across_stages_(params, cfg.optim.grad_clip, pp_mesh).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
