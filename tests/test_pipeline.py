@@ -1,0 +1,397 @@
+"""Pipeline parallelism: stage splitting, validation, and multi-process gloo runs of every
+schedule compared step by step with the single-process trainer (the numerics contract)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import micro_config, synthetic_data
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import schedules as torch_schedules
+
+from scaleforge.core.config import Config, micro_batches_per_step
+from scaleforge.core.errors import ConfigError
+from scaleforge.core.lr_schedule import set_lr
+from scaleforge.core.optimizer import build_optimizer
+from scaleforge.core.trainer import Trainer, cross_entropy, seed_everything
+from scaleforge.models import build
+from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.pipeline import (
+    SCHEDULES,
+    available_schedules,
+    build_pipeline,
+    clip_grad_norm_across_stages_,
+    pipeline_eval,
+    pipeline_step,
+    split_model,
+    stage_indices,
+    stage_layer_ranges,
+    theoretical_bubble_fraction,
+    validate_pipeline,
+)
+
+TOLERANCE = 1e-5
+STEPS = 3
+# Clip hard enough that every step clips: the weights then only match if the norm is global.
+GRAD_CLIP = 0.05
+
+
+def _overrides(n_layers: int, micro_batches: int, family: str) -> list[str]:
+    model = ["model=llama_micro"] if family == "llama" else [
+        "model=gpt_tiny", "model.d_model=64", "model.vocab_size=512", "model.max_seq_len=64",
+    ]
+    return model + [
+        f"model.n_layers={n_layers}",
+        "data.seq_len=32",
+        "trainer.micro_batch_size=2",
+        f"trainer.global_batch_tokens={micro_batches * 2 * 32}",
+        f"trainer.max_steps={STEPS}",
+        "optim.warmup_steps=1",
+        f"trainer.eval_batches={micro_batches}",
+        f"optim.grad_clip={GRAD_CLIP}",
+    ]
+
+
+def _micro_batches(cfg: Config) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """{"train": the micro-batches of STEPS steps, "val": the trainer's validation set}."""
+    train, val = synthetic_data(cfg)
+    count = STEPS * micro_batches_per_step(cfg)
+    return {
+        "train": [(x.clone(), y.clone()) for x, y in itertools.islice(iter(train), count)],
+        "val": [(x.clone(), y.clone()) for x, y in val.batches(cfg.trainer.eval_batches)],
+    }
+
+
+def _single_process(cfg: Config, batches: dict, run_dir: Path) -> dict:
+    """Losses, grad norms, validation losses (before step 1, after step 2 and at the end)
+    and final weights of the plain Trainer on `batches`."""
+    _, val = synthetic_data(cfg)
+    trainer = Trainer(cfg, run_dir, data=(iter(batches["train"]), val))
+    losses, norms, val_losses = [], [], [trainer.evaluate()]
+    for step in range(STEPS):
+        loss, norm = trainer.train_step(trainer.train_batches)
+        losses.append(loss.item())
+        norms.append(norm.item())
+        if step == 1:
+            val_losses.append(trainer.evaluate())
+    val_losses.append(trainer.evaluate())
+    state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {"losses": losses, "norms": norms, "val_losses": val_losses, "state": state}
+
+
+def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dict,
+                     layers_per_stage: list[int] | None = None) -> dict:
+    """The trainer's step, with the forward/backward replaced by the pipeline schedule;
+    validation at the same points as `_single_process`."""
+    batches = data["train"]
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, torch.device("cpu"))
+    model = build(cfg.model)
+    m = micro_batches_per_step(cfg)
+    # The pipeline axis as the topology will hand it over: a 1-D DeviceMesh.
+    pp_mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
+    pipe = build_pipeline(model, pp_mesh, schedule, stages_per_rank, m, cross_entropy, "cpu",
+                          layers_per_stage)
+    del model  # the stages share the weights they own; the rest is freed
+    optimizer = build_optimizer(pipe.model_parts, cfg.optim, "cpu")
+    losses, norms, local_norms = [], [], []
+    val_losses = [pipeline_eval(pipe, data["val"]).item()]
+    for step in range(STEPS):
+        set_lr(optimizer, step, cfg.optim, cfg.trainer.max_steps)
+        loss = pipeline_step(pipe, batches[step * m:(step + 1) * m])
+        params = list(pipe.parameters())
+        local_norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())
+        norms.append(clip_grad_norm_across_stages_(params, cfg.optim.grad_clip, pp_mesh).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step == 1:
+            val_losses.append(pipeline_eval(pipe, data["val"]).item())
+    val_losses.append(pipeline_eval(pipe, data["val"]).item())
+    return {
+        "losses": losses,
+        "norms": norms,
+        "local_norms": local_norms,
+        "val_losses": val_losses,
+        "state": {k: v.detach().clone() for k, v in pipe.state_dict().items()},
+        "schedule_class": type(pipe.schedule).__name__,
+        "stage_ids": pipe.stage_ids,
+    }
+
+
+def _worker(rank: int, world_size: int, init_file: str, cases: list, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        results = {}
+        for name, cfg, schedule, stages_per_rank, batches, *layers in cases:
+            results[name] = _train_pipelined(cfg, schedule, stages_per_rank, batches, *layers)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_job(world_size: int, cases: list, tmp: Path) -> list[dict]:
+    """Run `cases` [(name, cfg, schedule, stages_per_rank, batches[, layers_per_stage])] in
+    one gloo job."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_worker, args=(world_size, str(tmp / "init"), cases, str(tmp)),
+             nprocs=world_size, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world_size)]
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _max_weight_difference(ranks: list[dict], name: str, reference: dict) -> float:
+    """Largest |pipelined - single| over all weights, gathered from the stages by FQN."""
+    gathered: dict[str, torch.Tensor] = {}
+    for result in ranks:
+        for key, value in result[name]["state"].items():
+            if key in gathered:  # a weight on two ranks would be two diverging copies
+                raise AssertionError(f"{key} is held by more than one pipeline rank")
+            gathered[key] = value
+    assert gathered.keys() == reference["state"].keys()
+    return max((gathered[k] - reference["state"][k]).abs().max().item() for k in gathered)
+
+
+SCHEDULE_CASES = [
+    ("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("InterleavedZeroBubble", 2),
+    ("ZBVZeroBubble", 2), ("DualPipeV", 2),
+]
+PP2_TIED_CASES = [("ZBVZeroBubble", 2), ("DualPipeV", 2)]
+EXPECTED_STAGES_PP2 = {"loop1": [[0], [1]], "loop2": [[0, 2], [1, 3]], "v": [[0, 3], [1, 2]]}
+
+
+@pytest.fixture(scope="module")
+def pp2_runs(tmp_path_factory):
+    """One 2-process job running every schedule (llama, 4 layers, 4 micro-batches, 3 steps)
+    plus the V schedules on a gpt model with tied embeddings; and the matching single-process
+    references."""
+    tmp = tmp_path_factory.mktemp("pp2")
+    llama = micro_config(tmp / "ref_llama", *_overrides(4, 4, "llama"))
+    gpt = micro_config(tmp / "ref_gpt", *_overrides(4, 4, "gpt"))
+    assert gpt.model.tie_embeddings
+    data = {"llama": _micro_batches(llama), "gpt": _micro_batches(gpt)}
+    cases = [(f"llama-{s}", llama, s, v, data["llama"]) for s, v in SCHEDULE_CASES]
+    cases += [(f"gpt-{s}", gpt, s, v, data["gpt"]) for s, v in PP2_TIED_CASES]
+    cases.append(("llama-1F1B-uneven", llama, "1F1B", 1, data["llama"], [1, 3]))
+    ranks = _run_job(2, cases, tmp)
+    references = {
+        "llama": _single_process(llama, data["llama"], tmp / "ref_llama"),
+        "gpt": _single_process(gpt, data["gpt"], tmp / "ref_gpt"),
+    }
+    return ranks, references
+
+
+def _assert_matches(ranks: list[dict], name: str, reference: dict) -> tuple[float, float]:
+    loss_diff = max(_relative(r[name][key][i], reference[key][i])
+                    for r in ranks for key in ("losses", "val_losses")
+                    for i in range(len(reference[key])))
+    weight_diff = _max_weight_difference(ranks, name, reference)
+    assert loss_diff < TOLERANCE, f"{name}: loss differs by {loss_diff:.2e} relative"
+    assert weight_diff < TOLERANCE, f"{name}: weights differ by {weight_diff:.2e}"
+    return loss_diff, weight_diff
+
+
+@pytest.mark.parametrize("schedule,stages_per_rank", SCHEDULE_CASES)
+def test_pp2_schedule_matches_single_process(pp2_runs, schedule, stages_per_rank):
+    ranks, references = pp2_runs
+    name = f"llama-{schedule}"
+    for result in ranks:  # the schedule asked for is the one that ran: no silent fallback
+        assert result[name]["schedule_class"] == SCHEDULES[schedule].torch_class
+    layout = SCHEDULES[schedule].layout
+    expected = EXPECTED_STAGES_PP2["v" if layout == "v" else f"loop{stages_per_rank}"]
+    assert [r[name]["stage_ids"] for r in ranks] == expected
+    loss_diff, weight_diff = _assert_matches(ranks, name, references["llama"])
+    print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+
+
+@pytest.mark.parametrize("schedule,stages_per_rank", PP2_TIED_CASES)
+def test_pp2_v_schedule_keeps_tied_embeddings_exact(pp2_runs, schedule, stages_per_rank):
+    ranks, references = pp2_runs
+    name = f"gpt-{schedule}"
+    # Rank 0 owns both ends of the V; the tied weight must appear once, under its first name.
+    assert "tok_embeddings.weight" in ranks[0][name]["state"]
+    loss_diff, weight_diff = _assert_matches(ranks, name, references["gpt"])
+    print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+
+
+def test_pp2_explicit_uneven_layer_split_matches_single_process(pp2_runs):
+    ranks, references = pp2_runs
+    name = "llama-1F1B-uneven"
+    owned = [sorted({k.split(".")[1] for k in r[name]["state"] if k.startswith("layers.")})
+             for r in ranks]
+    assert owned == [["0"], ["1", "2", "3"]]
+    _assert_matches(ranks, name, references["llama"])
+
+
+def test_pp2_loss_is_reported_on_every_rank(pp2_runs):
+    ranks, references = pp2_runs
+    for name, _ in SCHEDULE_CASES:
+        first, last = (r[f"llama-{name}"]["losses"] for r in ranks)
+        assert first == last
+    assert all(loss > 0 for loss in references["llama"]["losses"])
+
+
+def test_pp2_clips_by_global_grad_norm(pp2_runs):
+    ranks, references = pp2_runs
+    reference_norms = references["llama"]["norms"]
+    assert min(reference_norms) > GRAD_CLIP, "the test must make every step clip"
+    for name, _ in SCHEDULE_CASES:
+        for result in ranks:
+            run = result[f"llama-{name}"]
+            for step in range(STEPS):
+                assert _relative(run["norms"][step], reference_norms[step]) < TOLERANCE
+                # Each rank sees only part of the gradient: clipping by its local norm would
+                # scale differently from the single process (and the weights would not match).
+                assert run["local_norms"][step] < run["norms"][step] * (1 - 1e-3)
+
+
+@pytest.mark.slow
+def test_pp4_matches_single_process(tmp_path):
+    """4 processes, 8 layers (one per stage with 2 stages per rank), 8 micro-batches, every
+    schedule."""
+    cfg = micro_config(tmp_path / "ref", *_overrides(8, 8, "llama"))
+    batches = _micro_batches(cfg)
+    cases = [(s, cfg, s, v, batches) for s, v in SCHEDULE_CASES]
+    ranks = _run_job(4, cases, tmp_path)
+    reference = _single_process(cfg, batches, tmp_path / "ref")
+    for name, *_ in cases:
+        loss_diff, weight_diff = _assert_matches(ranks, name, reference)
+        print(f"pp4 {name}: max loss rel diff {loss_diff:.1e}, weight diff {weight_diff:.1e}")
+
+
+# ---- splitting -------------------------------------------------------------------------
+
+def _model_cfg(**changes) -> TransformerConfig:
+    base = dict(n_layers=4, d_model=32, n_heads=2, ffn_hidden=64, vocab_size=64,
+                max_seq_len=16)
+    return TransformerConfig(**(base | changes))
+
+
+def test_all_requested_schedules_exist_in_this_torch():
+    assert available_schedules() == tuple(SCHEDULES)
+
+
+def test_stage_indices_loop_and_v_layouts():
+    assert [stage_indices(r, 4, 2, "loop") for r in range(4)] == [[0, 4], [1, 5], [2, 6],
+                                                                   [3, 7]]
+    assert [stage_indices(r, 4, 2, "v") for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+
+
+def test_layers_balanced_or_explicit():
+    assert stage_layer_ranges(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert stage_layer_ranges(6, 4, [1, 2, 2, 1]) == [range(0, 1), range(1, 3), range(3, 5),
+                                                      range(5, 6)]
+
+
+def test_stages_keep_full_model_names_and_share_its_weights():
+    torch.manual_seed(0)
+    model = build(_model_cfg())
+    full = dict(model.named_parameters())
+    for schedule, v in [("1F1B", 1), ("Interleaved1F1B", 2), ("DualPipeV", 2)]:
+        owned: list[str] = []
+        for rank in range(2):
+            for index, stage in split_model(model, rank, 2, schedule, v):
+                names = [n for n, _ in stage.named_parameters()]
+                assert ("tok_embeddings.weight" in names) == (index == 0)
+                assert ("output.weight" in names) == (index == 2 * v - 1)
+                for name, param in stage.named_parameters():
+                    assert param is full[name]
+                owned += names
+        assert sorted(owned) == sorted(full), schedule
+
+
+def test_cut_stages_compose_to_the_full_model():
+    torch.manual_seed(0)
+    model = build(_model_cfg())
+    tokens = torch.randint(0, 64, (2, 8))
+    h = tokens
+    for _, stage in sorted(itertools.chain.from_iterable(
+            split_model(model, r, 2, "Interleaved1F1B", 2) for r in range(2)),
+            key=lambda item: item[0]):
+        h = stage(h)
+    torch.testing.assert_close(h, model(tokens), rtol=0, atol=0)
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+def test_layers_not_divisible_by_stages_is_rejected():
+    with pytest.raises(ConfigError, match=r"model.n_layers=4 is not divisible.*parallel.pp"):
+        validate_pipeline(_model_cfg(), 3, "1F1B", 1, 8)
+
+
+def test_fewer_layers_than_stages_is_rejected():
+    with pytest.raises(ConfigError, match=r"n_layers=2 is fewer than the 4.*pp_stages_per_rank"):
+        validate_pipeline(_model_cfg(n_layers=2), 2, "Interleaved1F1B", 2, 8)
+
+
+def test_bad_explicit_layer_list_is_rejected():
+    with pytest.raises(ConfigError, match=r"parallel.pp_layers_per_stage=\[1, 2\].*summing to"):
+        validate_pipeline(_model_cfg(), 2, "1F1B", 1, 4, layers_per_stage=[1, 2])
+    validate_pipeline(_model_cfg(n_layers=5), 2, "1F1B", 1, 4, layers_per_stage=[2, 3])
+
+
+def test_too_few_micro_batches_is_rejected():
+    with pytest.raises(ConfigError, match=r"3 micro-batches.*trainer.global_batch_tokens.*"
+                                          r"trainer.micro_batch_size.*parallel.pp"):
+        validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 3)
+
+
+def test_interleaved_needs_whole_rounds_of_micro_batches():
+    with pytest.raises(ConfigError, match=r"Interleaved1F1B.*\(5\).*multiple of parallel.pp=2"):
+        validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 5)
+
+
+def test_unknown_schedule_is_rejected():
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule='Zigzag' is unknown"):
+        validate_pipeline(_model_cfg(), 2, "Zigzag", 1, 4)
+
+
+def test_schedule_missing_from_torch_is_rejected(monkeypatch):
+    monkeypatch.delattr(torch_schedules, "ScheduleDualPipeV")
+    with pytest.raises(ConfigError, match=r"'DualPipeV' is not available in torch"):
+        validate_pipeline(_model_cfg(), 2, "DualPipeV", 2, 4)
+
+
+def test_single_stage_schedule_with_virtual_stages_is_rejected():
+    with pytest.raises(ConfigError, match=r"'1F1B' runs one stage per rank.*"
+                                          r"set parallel.pp_stages_per_rank=1"):
+        validate_pipeline(_model_cfg(), 2, "1F1B", 2, 4)
+
+
+def test_multi_stage_schedule_with_one_stage_per_rank_is_rejected():
+    with pytest.raises(ConfigError, match=r"pp_stages_per_rank=1; set .* to 2 or more"):
+        validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 1, 4)
+    with pytest.raises(ConfigError, match=r"needs exactly 2 stages per rank"):
+        validate_pipeline(_model_cfg(n_layers=6), 2, "ZBVZeroBubble", 3, 6)
+
+
+def test_tied_embeddings_across_ranks_are_rejected():
+    tied = _model_cfg(tie_embeddings=True)
+    with pytest.raises(ConfigError, match=r"model.tie_embeddings=true with parallel.pp=2"):
+        validate_pipeline(tied, 2, "1F1B", 1, 4)
+    validate_pipeline(tied, 2, "ZBVZeroBubble", 2, 4)  # both ends on rank 0
+    validate_pipeline(tied, 1, "1F1B", 1, 4)
+
+
+# ---- bubble ----------------------------------------------------------------------------
+
+def test_theoretical_bubble_fractions():
+    assert theoretical_bubble_fraction("1F1B", 4, 8) == pytest.approx(3 / 11)
+    assert theoretical_bubble_fraction("GPipe", 1, 8) == 0
+    assert theoretical_bubble_fraction("Interleaved1F1B", 4, 8, 2) == pytest.approx(3 / 19)
+    assert theoretical_bubble_fraction("InterleavedZeroBubble", 4, 8, 2) == pytest.approx(3 / 51)
+    assert theoretical_bubble_fraction("DualPipeV", 4, 8, 2) == pytest.approx(6 / 54)
+    assert theoretical_bubble_fraction("ZBVZeroBubble", 4, 8, 2) == 0
+    with pytest.raises(ConfigError, match="parallel.pp_schedule"):
+        theoretical_bubble_fraction("Zigzag", 2, 4)
