@@ -3,15 +3,14 @@ so each block is one compiled region and FSDP's hooks stay outside the graphs.""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Replace each block of `model.layers` by `torch.compile(block)` in place.
+    """Compile each block of `model.layers` in place (`nn.Module.compile`).
 
-    The blocks share one shape, so the first compilation serves every layer. State-dict keys
-    keep their names (`get_model_state_dict` strips the `_orig_mod.` prefix).
+    The blocks share one shape, so the first compilation serves every layer. The modules are
+    not wrapped, so parameter names and state-dict keys do not change.
     """
-    for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, torch.compile(block))
+    for block in model.layers.values():
+        block.compile()

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from scaleforge.core.config import Config
+from scaleforge.core.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.rope import rope_tables
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -51,6 +52,13 @@ def build_model(cfg: Config, topology: Topology) -> nn.Module:
     the trainer always did. Several: meta -> `parallelize` -> `to_empty` -> weights from
     rank 0's single-process initialisation. Call after seeding torch's RNG.
     """
+    if topology.dims.pp > 1:
+        # Every rank raises this alike, so no rank is left waiting in a collective.
+        raise ConfigError(
+            f"parallel.pp={topology.dims.pp}: pipeline stages are built by the pipeline module "
+            "(parallel/pipeline.py), which this build does not include; set parallel.pp=1 and "
+            "use tp and dp_shard instead"
+        )
     if not topology.is_distributed:
         model = build(cfg.model, device=topology.device)
         parallelize(model, topology, cfg)

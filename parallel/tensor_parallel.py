@@ -4,7 +4,8 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
 
     residual stream h        DTensor (B, T, d)  Shard(1): each rank holds T/t positions
     attention_norm, ffn_norm SequenceParallel: norm of the local positions; weights Replicate,
-                             so their gradients are Partial and all-reduced over tp
+                             so their gradients are Partial(sum) over tp, all-reduced
+                             when the optimizer or the clipping reads them
     attention, feed_forward  input all-gathered on T (Shard(1) -> Replicate)
     wq, wk, wv, w1, w3       ColwiseParallel: weight Shard(0) (heads / MLP columns), output
                              local (B, T, width/t); heads are read from the local width

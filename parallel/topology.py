@@ -298,7 +298,21 @@ class Topology:
         except Exception as error:
             if not self.is_distributed:
                 raise
-            raise type(error)(f"rank {self.rank} {self.label()}: {error}") from error
+            message = f"rank {self.rank} {self.label()} ({self.groups()}): {error}"
+            try:
+                labelled = type(error)(message)
+            except Exception:  # an exception type that takes other arguments
+                labelled = RuntimeError(f"{type(error).__name__}: {message}")
+            raise labelled from error
+
+    def groups(self) -> str:
+        """The ranks of this rank's groups along each mesh dim larger than one, e.g.
+        'dp_shard group [0, 2], tp group [0, 1]': the groups a failing collective ran in."""
+        return ", ".join(
+            f"{name} group {self.mesh[name].mesh.flatten().tolist()}"
+            for name in MESH_DIMS
+            if self.mesh is not None and self.mesh[name].size() > 1
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -321,12 +335,24 @@ def init_topology(cfg: Config, world_size: int | None = None) -> Topology:
     if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = resolve_device(cfg.trainer.device)
+    backend = resolve_backend(cfg.parallel.backend, device)
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=resolve_backend(cfg.parallel.backend, device),
-            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
-        )
+        dist.init_process_group(backend=backend, timeout=timeout)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS)
+    # The mesh's groups take their timeout from these options (new groups would otherwise
+    # get torch's default, 30 minutes for gloo, whatever init_process_group was given).
+    options = {name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS}
+    mesh = init_device_mesh(
+        device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
+    )
     return Topology(dims, device, mesh)
+
+
+def _group_options(backend: str, timeout: datetime.timedelta) -> Any:
+    """Process-group options of `backend` carrying the collective `timeout`."""
+    options = (dist.ProcessGroupNCCL.Options() if backend == "nccl"
+               else dist.ProcessGroupGloo._Options())
+    options._timeout = timeout
+    return options
