@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaleforge.core.errors import ConfigError
 from scaleforge.core.precision import resolve_device
 from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.topology import check_layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
@@ -103,6 +104,8 @@ class TrainerConfig:
     device: str = "auto"
     deterministic: bool = True
     save_final_weights: bool = True
+    # torch.compile each transformer block (after activation checkpointing, before FSDP).
+    compile: bool = False
 
 
 @dataclass
@@ -118,12 +121,26 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """Process layout. This release trains in one process; every size must be 1."""
+    """Process layout: tp x pp x dp_replicate x dp_shard x cp processes (= WORLD_SIZE).
+
+    dp_shard=-1 takes the rest of the world. cp (context parallel) is reserved and must be 1.
+    See parallel/topology.py for the rules and the mesh order (pp outermost, tp innermost).
+    """
 
     tp: int = 1
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
+    cp: int = 1
+    # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
+    pp_schedule: str = "1F1B"
+    pp_stages_per_rank: int = 1
+    # auto: nccl when training on CUDA, gloo on CPU.
+    backend: str = "auto"
+    # Seconds a collective may wait before it fails (naming rank and group) instead of hanging.
+    timeout_s: float = 600
+    # FSDP: free gathered weights after forward (ZeRO-3); false keeps them (ZeRO-2-like).
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -184,9 +201,13 @@ def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check every cross-field rule; raise ConfigError naming the setting and the fix."""
+    """Check every cross-field rule; raise ConfigError naming the setting and the fix.
+
+    Runs identically on every rank before any process group exists, so a bad layout stops
+    all ranks with the same error and no rank is left waiting in a collective.
+    """
     cfg.model.check("model")
-    t, o, d, p = cfg.trainer, cfg.optim, cfg.data, cfg.parallel
+    t, o, d = cfg.trainer, cfg.optim, cfg.data
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING_MODES)
     _choice("trainer.device", t.device, DEVICES)
@@ -219,19 +240,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"data.vocab_size={d.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; the "
             "model could not embed every token id: lower data.vocab_size or raise model.vocab_size"
         )
-    layout = p.tp * p.pp * p.dp_replicate * p.dp_shard
-    if layout != world_size:
+    dims = check_layout(cfg, world_size)
+    micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
+    if micro_batches < dims.pp:
         raise ConfigError(
-            f"parallel.tp x pp x dp_replicate x dp_shard = {p.tp} x {p.pp} x {p.dp_replicate} x "
-            f"{p.dp_shard} = {layout} does not match the world size {world_size}; make the "
-            "product equal the number of processes"
+            f"parallel.pp={dims.pp} needs at least {dims.pp} micro-batches per step but "
+            f"trainer.global_batch_tokens={t.global_batch_tokens} gives {micro_batches} "
+            f"(micro-batch {t.micro_batch_size} x {d.seq_len} tokens x {dims.dp_size} "
+            "data-parallel ranks); raise trainer.global_batch_tokens or lower "
+            "trainer.micro_batch_size"
         )
-    if layout != 1:
+    if t.precision == "fp16" and dims.world_size > 1:
         raise ConfigError(
-            f"parallel layout {p.tp}x{p.pp}x{p.dp_replicate}x{p.dp_shard} (tp x pp x dp_replicate "
-            "x dp_shard): this release trains in a single process; set every parallel size to 1"
+            f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
+            "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
         )
-    micro_batches_per_step(cfg, dp_size=p.dp_replicate * p.dp_shard)
     if t.precision == "fp16" and resolve_device(t.device).type != "cuda":
         raise ConfigError(
             "trainer.precision=fp16 needs CUDA (dynamic loss scaling); use bf16 or fp32 on CPU"

@@ -1,5 +1,6 @@
 """Errors meant for users: the message names the setting, its value and the fix."""
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,9 +13,14 @@ class ConfigError(ValueError):
 
 
 def exit_on_config_error(task: Callable[..., T], *args: Any) -> T:
-    """Run `task(*args)`; on a ConfigError print it as one `error:` line and exit with 2."""
+    """Run `task(*args)`; on a ConfigError print it as one `error:` line and exit with 2.
+
+    Under torchrun every rank raises the same error (validation runs before any process
+    group exists); only rank 0 ($RANK) prints it, and every rank exits with 2.
+    """
     try:
         return task(*args)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -3,6 +3,11 @@
 One optimizer step = `micro_batches` forward/backward passes (gradient accumulation to
 `trainer.global_batch_tokens`), global grad-norm clipping, an AdamW step on fp32 master
 weights, and the scheduled learning rate. Metrics and evaluation run every few steps.
+
+The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
+its data-parallel rank and size, its loss context and its groups, and `parallel.build_model`
+returns the model already sharded. `forward_backward` is the one method a pipeline schedule
+replaces.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 
 from scaleforge.core.config import Config, micro_batches_per_step, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.metrics import MetricsLogger, peak_memory_gb
 from scaleforge.core.optimizer import build_optimizer
-from scaleforge.core.precision import build_precision, resolve_device
+from scaleforge.core.precision import build_precision
 from scaleforge.data_pipeline.loader import build_loaders
-from scaleforge.models import build, count_parameters
-from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
+from scaleforge.models import count_parameters
+from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
+from scaleforge.parallel.grad_clip import clip_grad_norm
+from scaleforge.parallel.parallelize import build_model, full_value, gathered_state_dict
+from scaleforge.parallel.topology import Topology, init_topology, theoretical_bubble_fraction
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,7 +51,8 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
 
 
 class Trainer:
-    """Trains `cfg.model` on `cfg.data` in one process, writing everything into `run_dir`."""
+    """Trains `cfg.model` on `cfg.data` in this process's part of the layout `cfg.parallel`,
+    writing everything into `run_dir` (rank 0 writes; every rank uses rank 0's path)."""
 
     def __init__(
         self,
@@ -52,28 +60,37 @@ class Trainer:
         run_dir: Path,
         world_size: int = 1,
         data: tuple[Iterator[Batch], object] | None = None,
+        topology: Topology | None = None,
     ):
-        """`data` = (training micro-batch iterator, validation loader with `.batches(n)`);
-        by default both come from `cfg.data` via `data_pipeline.build_loaders`."""
+        """`data` = (training micro-batch iterator, validation loader with `.batches(n)`) of
+        this rank's data-parallel replica; by default both come from `cfg.data` via
+        `data_pipeline.build_loaders`. `topology` defaults to `init_topology(cfg, world_size)`,
+        which starts torch.distributed when world_size > 1."""
         validate(cfg, world_size)
+        self.topology = topology or init_topology(cfg, world_size)
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(self.topology.broadcast_from_rank0(str(run_dir)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
-        self.device = resolve_device(cfg.trainer.device)
-        self.precision = build_precision(cfg.trainer.precision, self.device)
-        self.micro_batches = micro_batches_per_step(cfg)
+        if self.topology.is_rank0:
+            OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
+        self.device = self.topology.device
+        self.precision = build_precision(
+            autocast_precision(cfg.trainer.precision, self.topology), self.device
+        )
+        self.micro_batches = micro_batches_per_step(cfg, self.topology.dp_size)
 
         if data is None:
-            train_loader, val_loader, _, _ = build_loaders(cfg.data, cfg.trainer.micro_batch_size)
-            data = (iter(train_loader), val_loader)
+            loaders = self.topology.local_rank0_first(
+                lambda: build_loaders(
+                    cfg.data, cfg.trainer.micro_batch_size, self.topology.dp_rank,
+                    self.topology.dp_size,
+                )
+            )
+            data = (iter(loaders.train), loaders.val)
         self.train_batches, self.val_loader = data
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device)
-        self.model = build(cfg.model, device=self.device)
-        apply_activation_checkpointing(
-            self.model, cfg.trainer.activation_checkpointing, cfg.trainer.checkpoint_every_n_blocks
-        )
+        self.model = build_model(cfg, self.topology)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.trainer.precision)
@@ -82,22 +99,17 @@ class Trainer:
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `self.micro_batches` micro-batches from `batches`.
 
-        Returns (mean loss, grad norm before clipping) as device tensors (no host sync).
+        Returns (this replica's mean loss, global grad norm before clipping) as device
+        tensors (no host sync in one process).
         """
         self.model.train()
         set_lr(self.optimizer, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
         scaler = self.precision.scaler
-        total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.micro_batches):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
-            with self.precision.autocast():
-                loss = cross_entropy(self.model(inputs), targets) / self.micro_batches
-            (scaler.scale(loss) if scaler else loss).backward()
-            total_loss += loss.detach()
+        total_loss = self.forward_backward(batches)
         if scaler:
             scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm, self.topology.pp_group)
         if scaler:
             scaler.step(self.optimizer)
             scaler.update()
@@ -107,26 +119,63 @@ class Trainer:
         self.step += 1
         return total_loss, grad_norm
 
+    def forward_backward(self, batches: Iterator[Batch]) -> torch.Tensor:
+        """Forward and backward over this step's micro-batches, accumulating gradients.
+
+        Returns the sum over micro-batches of loss / micro_batches (this replica's mean loss,
+        a plain device tensor). Data-parallel gradient reduction runs with the last
+        micro-batch's backward. This is the seam for pipeline parallelism: a pipeline
+        schedule replaces this method (same contract: gradients accumulated, mean loss out).
+        """
+        scaler = self.precision.scaler
+        total_loss = torch.zeros((), device=self.device)
+        for index in range(self.micro_batches):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
+            set_gradient_sync(self.model, index == self.micro_batches - 1)
+            with self.precision.autocast():
+                logits = self.model(inputs)
+                with self.topology.loss_context():
+                    loss = cross_entropy(logits, targets) / self.micro_batches
+            with self.topology.loss_context():
+                (scaler.scale(loss) if scaler else loss).backward()
+            total_loss += full_value(loss.detach())
+        return total_loss
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the first `trainer.eval_batches` validation micro-batches."""
+        """Mean validation loss over the first `trainer.eval_batches` validation micro-batches
+        (shared out over data-parallel ranks; the same number as in one process)."""
         self.model.eval()
+        dp_size, dp_rank = self.topology.dp_size, self.topology.dp_rank
+        # Every rank runs the same number of forwards (FSDP's gathers are collective);
+        # batches past eval_batches are run but not counted.
+        per_rank = -(-self.cfg.trainer.eval_batches // dp_size)
         losses = []
-        for inputs, targets in self.val_loader.batches(self.cfg.trainer.eval_batches):
+        for index, (inputs, targets) in enumerate(self.val_loader.batches(per_rank)):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.precision.autocast():
-                losses.append(cross_entropy(self.model(inputs), targets))
-        return torch.stack(losses).mean().item()
+                logits = self.model(inputs)
+                with self.topology.loss_context():
+                    loss = full_value(cross_entropy(logits, targets))
+            if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
+                losses.append(loss)
+        if dp_size == 1:
+            return torch.stack(losses).mean().item()
+        local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        return (self.topology.sum_over_dp(local) / self.cfg.trainer.eval_batches).item()
 
     def fit(self, logger: MetricsLogger | None = None) -> dict:
         """Train for `trainer.max_steps` steps; return the last logged record."""
         cfg = self.cfg.trainer
         own_logger = logger is None
         logger = logger or MetricsLogger(
-            self.run_dir, self.cfg.logging, asdict(self.cfg), cfg.max_steps
+            self.run_dir, self.cfg.logging, asdict(self.cfg), cfg.max_steps,
+            is_rank0=self.topology.is_rank0,
         )
         tokens_per_step = self.cfg.trainer.global_batch_tokens
         logger.message(self._describe())
+        if self.topology.is_distributed:
+            logger.message(self._describe_layout())
         record = {"step": 0, "val_loss": self.evaluate()}
         record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         logger.log(record)
@@ -146,7 +195,7 @@ class Trainer:
             tokens_per_s = interval_steps * tokens_per_step / (now - interval_start)
             record = {
                 "step": self.step,
-                "loss": loss.item(),
+                "loss": self.topology.mean_over_dp(loss).item(),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
                 "tokens": self.step * tokens_per_step,
@@ -165,7 +214,9 @@ class Trainer:
             interval_start, interval_steps = time.perf_counter(), 0
         if cfg.save_final_weights:
             path = self.run_dir / "final_model.pt"
-            torch.save(self.model.state_dict(), path)
+            state = gathered_state_dict(self.model, self.topology)
+            if self.topology.is_rank0:
+                torch.save(state, path)
             logger.message(f"final weights: {path}")
         if own_logger:
             logger.close()
@@ -173,6 +224,7 @@ class Trainer:
 
     def _describe(self) -> str:
         cfg = self.cfg
+        # DTensor parameters report their full size, so this counts the whole model.
         params = count_parameters(self.model)
         non_embedding = count_parameters(self.model, embeddings=False)
         return (
@@ -183,3 +235,14 @@ class Trainer:
             f"{cfg.data.seq_len} | {self.flops_per_token / 1e6:.1f} MFLOP/token | "
             f"run dir {self.run_dir}"
         )
+
+    def _describe_layout(self) -> str:
+        dims, p = self.topology.dims, self.cfg.parallel
+        line = f"parallel: {self.topology.describe()} | per data-parallel rank " \
+               f"{self.micro_batches} micro-batches"
+        if dims.pp > 1:
+            bubble = theoretical_bubble_fraction(
+                p.pp_schedule, dims.pp, self.micro_batches, p.pp_stages_per_rank
+            )
+            line += f" | pipeline {p.pp_schedule}, theoretical bubble {bubble:.1%}"
+        return line

@@ -1,31 +1,57 @@
 """`sf-train`: train a model from a Hydra config. Run it alone or under torchrun.
 
     sf-train +experiment=demo trainer.max_steps=200 run_dir=runs/mine
+    torchrun --nproc-per-node 4 -m scaleforge.launch.train parallel.tp=2 parallel.dp_shard=-1
+
+Every rank validates the config before any process group exists, so a bad setting stops all
+ranks with exit status 2 and one `error:` line (from rank 0), and none waits in a collective.
+Hydra's own output (.hydra/, train.log) is written by rank 0 only.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from scaleforge.core.config import register_configs, to_config
+from scaleforge.core.config import register_configs, to_config, validate
 from scaleforge.core.errors import exit_on_config_error
 
 register_configs()
 
+# Ranks other than 0 keep Hydra from writing a second copy of its files (whose timestamped
+# directory could differ from rank 0's by a second).
+_NON_ZERO_RANK_OVERRIDES = [
+    "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+]
+
 
 def train(cfg: DictConfig) -> dict:
-    """Validate, build and train; return the last logged metrics record."""
+    """Validate, start the process group (when WORLD_SIZE > 1), build and train; return the
+    last logged metrics record. Errors after start-up name the failing rank's coordinates."""
+    import torch.distributed as dist
+
     from scaleforge.core.trainer import Trainer
+    from scaleforge.parallel.topology import init_topology
 
     config = to_config(cfg)
-    trainer = Trainer(config, Path(config.run_dir), world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    record = trainer.fit()
-    print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
-    return record
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate(config, world_size)
+    topology = init_topology(config, world_size)
+    try:
+        with topology.errors_labelled():
+            trainer = Trainer(config, Path(config.run_dir), world_size, topology=topology)
+            record = trainer.fit()
+        if topology.is_rank0:
+            print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
+        return record
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
@@ -34,6 +60,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if int(os.environ.get("RANK", 0)) != 0:
+        sys.argv.extend(_NON_ZERO_RANK_OVERRIDES)
     _hydra_main()
 
 

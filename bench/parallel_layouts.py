@@ -1,0 +1,126 @@
+"""Time training steps of a small model under each parallel layout, relative to one process.
+
+    python -m scaleforge.bench.parallel_layouts [--steps 10 --warmup 3] [hydra overrides...]
+
+Each layout runs in real processes (torch.multiprocessing, gloo on CPU / NCCL on CUDA, one
+thread per rank on CPU) on the same model and global batch; the single-process run uses one
+thread too, so a ratio above 1 is parallel speed-up and below 1 is communication and
+oversubscription cost. Prints seconds per step, tokens/s and the ratio to one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from scaleforge.core.config import Config, compose, to_config
+from scaleforge.core.trainer import Trainer
+from scaleforge.parallel.topology import init_topology
+
+LAYOUTS = {
+    "single": [],
+    "tp2": ["parallel.tp=2"],
+    "dp_shard2": ["parallel.dp_shard=2"],
+    "dp_replicate2": ["parallel.dp_replicate=2"],
+    "tp2_dp_shard2": ["parallel.tp=2", "parallel.dp_shard=2"],
+}
+DEFAULTS = [
+    "model=llama_tiny", "data.seq_len=256", "trainer.micro_batch_size=4",
+    "trainer.global_batch_tokens=4096", "trainer.precision=fp32", "logging.wandb=disabled",
+    "logging.progress_bar=false", "optim.warmup_steps=1", "data.vocab_size=4096",
+]
+
+
+def _world_size(overrides: list[str]) -> int:
+    size = 1
+    for override in overrides:
+        key, value = override.split("=")
+        if key in ("parallel.tp", "parallel.pp", "parallel.dp_shard", "parallel.dp_replicate"):
+            size *= int(value)
+    return size
+
+
+def _time_steps(world_size: int, cfg: Config, steps: int, warmup: int) -> list[float]:
+    """Seconds of each timed step on this rank (steps separated by a barrier)."""
+    topology = init_topology(cfg, world_size)
+    generator = torch.Generator().manual_seed(topology.dp_rank)
+    window = torch.randint(cfg.model.vocab_size, (cfg.trainer.micro_batch_size,
+                                                  cfg.data.seq_len + 1), generator=generator)
+    batch = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-"))
+    trainer = Trainer(cfg, run_dir, world_size, data=(itertools.repeat(batch), None),
+                      topology=topology)
+    times = []
+    for step in range(warmup + steps):
+        if topology.is_distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        loss, _ = trainer.train_step(trainer.train_batches)
+        loss.item()
+        if topology.is_distributed:
+            dist.barrier()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _rank(rank: int, world_size: int, port: int, cfg: Config, steps: int, warmup: int,
+          out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        times = _time_steps(world_size, cfg, steps, warmup)
+        if rank == 0:
+            torch.save(times, out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def time_layout(overrides: list[str], steps: int, warmup: int) -> float:
+    """Median seconds per step of `overrides` (a layout plus model settings)."""
+    cfg = to_config(compose(DEFAULTS + overrides))
+    world_size = _world_size(overrides)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-")) / "times.pt"
+    mp.start_processes(_rank, args=(world_size, port, cfg, steps, warmup, str(out)),
+                       nprocs=world_size, join=True, start_method="spawn")
+    return statistics.median(torch.load(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per layout")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per layout")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt_tiny")
+    args = parser.parse_args()
+    cfg = to_config(compose(DEFAULTS + args.overrides))
+    tokens = cfg.trainer.global_batch_tokens
+    print(f"torch {torch.__version__} | {os.cpu_count()} CPUs | model {cfg.model.name} | "
+          f"{tokens:,} tokens/step | {args.steps} timed steps, median")
+    names = ["single"] + [n for n in args.layouts.split(",") if n != "single"]
+    baseline = None
+    for name in names:
+        seconds = time_layout(LAYOUTS[name] + args.overrides, args.steps, args.warmup)
+        baseline = baseline or seconds
+        print(f"{name:>14}: {_world_size(LAYOUTS[name])} ranks | {seconds * 1e3:8.1f} ms/step | "
+              f"{tokens / seconds:10,.0f} tokens/s | {baseline / seconds:.2f}x single process",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

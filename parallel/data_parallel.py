@@ -1,0 +1,72 @@
+"""Data parallelism with FSDP2 (`fully_shard`), one code path for three modes:
+
+    dp_shard > 1, dp_replicate = 1   FSDP (ZeRO-3) over the 1-D "dp_shard" mesh
+    dp_shard > 1, dp_replicate > 1   HSDP: shard within a dp_shard group, replicate across
+    dp_shard = 1, dp_replicate > 1   plain replication: HSDP with a shard group of one, i.e.
+                                     DDP-style gradient all-reduce over "dp_replicate"
+
+Plain replication goes through `fully_shard` on the 2-D (dp_replicate, dp_shard) mesh rather
+than DDP because FSDP2 composes with tensor-parallel DTensor parameters (each becomes a
+DTensor on the dp x tp mesh) and gives every mode the same gradient DTensors for clipping
+and the same state-dict path; one implementation, tested in every mode. Each block is its
+own FSDP unit (one all-gather / reduce-scatter per block, overlapped with compute); the
+root unit holds the embeddings, final norm and head.
+
+Gradients are averaged over the data-parallel ranks, so a rank's loss is the mean over its
+own micro-batches and the result equals the single-process mean over all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from scaleforge.parallel.topology import Topology
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """bf16: compute in bf16 from fp32 sharded master weights, reduce gradients in fp32.
+    fp32: no casts."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def data_parallel_mesh_dims(topology: Topology) -> tuple[str, ...]:
+    """The mesh dims FSDP spans: ("dp_shard",) or ("dp_replicate", "dp_shard") for HSDP and
+    plain replication."""
+    if topology.dims.dp_replicate > 1:
+        return ("dp_replicate", "dp_shard")
+    return ("dp_shard",)
+
+
+def apply_data_parallel(
+    model: nn.Module, topology: Topology, precision: str, reshard_after_forward: bool = True
+) -> None:
+    """`fully_shard` each block of `model.layers`, then the root, over the data-parallel mesh.
+
+    With a shard group of one (plain replication) nothing is gathered, so weights are never
+    resharded. The root is not resharded after forward: its head runs first in backward.
+    """
+    mesh = topology.mesh[data_parallel_mesh_dims(topology)]
+    reshard = reshard_after_forward and topology.dims.dp_shard > 1
+    policy = mixed_precision_policy(precision)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def autocast_precision(precision: str, topology: Topology) -> str:
+    """The precision autocast should add on top of the sharding: under FSDP, bf16 is the
+    MixedPrecisionPolicy's job (weights gathered in bf16), so autocast stays off (fp32)."""
+    if precision == "bf16" and topology.dp_size > 1:
+        return "fp32"
+    return precision
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn FSDP's gradient reduction on (last micro-batch) or off (accumulate locally);
+    a no-op on a model without FSDP."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,52 @@
+"""Global gradient-norm clipping across every parallel axis.
+
+Gradients of a parallel model are DTensors (sharded over tp and/or dp_shard, replicated over
+dp_replicate); a DTensor's norm is the norm of the full tensor, so summing squared norms
+over parameters gives the norm of the whole model's gradient once, however it is sharded.
+Parameters are grouped by mesh (a model may mix meshes) and, under pipeline parallelism,
+each stage holds different parameters, so the squared norm is summed over the pp group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def clip_grad_norm(
+    parameters: Iterable[nn.Parameter],
+    max_norm: float,
+    pp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Scale gradients in place so their global 2-norm is at most `max_norm`.
+
+    Returns the global norm before clipping (a plain scalar tensor, equal on every rank).
+    Without DTensor gradients and pipeline stages this is `nn.utils.clip_grad_norm_`.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if pp_group is None and not any(isinstance(g, DTensor) for g in grads):
+        return nn.utils.clip_grad_norm_(parameters, max_norm)
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    squared = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for group in by_mesh.values():
+        norm = nn.utils.get_total_norm(group, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squared = squared + norm.float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(squared, group=pp_group)
+    total = squared.sqrt()
+    if max_norm < math.inf:
+        coefficient = min(1.0, max_norm / (total.item() + 1e-6))
+        if coefficient < 1.0:
+            for group in by_mesh.values():
+                torch._foreach_mul_(group, coefficient)
+    return total

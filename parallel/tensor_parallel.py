@@ -1,0 +1,103 @@
+"""Tensor + sequence parallelism (Megatron's split) as DTensor plans over the "tp" mesh dim.
+
+Layouts through a block, for a tp group of size t (B batch, T sequence, d model width):
+
+    residual stream h        DTensor (B, T, d)  Shard(1): each rank holds T/t positions
+    attention_norm, ffn_norm SequenceParallel: norm of the local positions; weights Replicate,
+                             so their gradients are Partial(sum) over tp, all-reduced
+                             when the optimizer or the clipping reads them
+    attention, feed_forward  input all-gathered on T (Shard(1) -> Replicate)
+    wq, wk, wv, w1, w3       ColwiseParallel: weight Shard(0) (heads / MLP columns), output
+                             local (B, T, width/t); heads are read from the local width
+    wo, w2                   RowwiseParallel: weight Shard(1), output reduce-scattered on T
+                             -> Shard(1) (forward reduce-scatter, backward all-gather)
+    tok_embeddings           vocab-parallel: weight Shard(0) by vocabulary rows, output
+                             reduce-scattered on T -> Shard(1)
+    pos_embeddings (gpt)     position rows Shard(0); output (T, d) reduce-scattered on T ->
+                             Shard(0), added to h's Shard(1) by broadcasting
+    norm                     SequenceParallel
+    output (LM head)         ColwiseParallel by vocabulary: input all-gathered on T, logits
+                             kept sharded on V -> DTensor (B, T, V) Shard(2); the loss runs
+                             under `loss_parallel` on the shards, never gathering V
+
+The residual stream stays a DTensor (not a local tensor) so `h.size(1)` is the full
+sequence length the model uses for RoPE tables and positions. Tied embeddings (gpt) work:
+the embedding and the LM head are both sharded by vocabulary rows, so after the plan the
+head is re-tied to the embedding's sharded weight.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+
+def block_plan(family: str) -> dict[str, ParallelStyle]:
+    """The TP/SP plan of one transformer block, module path -> style."""
+    plan: dict[str, ParallelStyle] = {
+        "attention_norm": SequenceParallel(),
+        # forward(x, rope): x all-gathered on the sequence; the rope tables stay plain tensors.
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+        ),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+    }
+    if family == "llama":
+        plan["feed_forward.w3"] = ColwiseParallel()
+    return plan
+
+
+def outer_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """The plan of the modules around the blocks that this model (or pipeline stage) owns."""
+    plan: dict[str, ParallelStyle] = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+        )
+    if getattr(model, "pos_embeddings", None) is not None and model.tok_embeddings is not None:
+        plan["pos_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(0), use_local_output=False
+        )
+    if model.norm is not None:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
+        )
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` (a Transformer or a pipeline stage of one) over `tp_mesh` in place.
+
+    Every parameter becomes a DTensor on `tp_mesh`; the model's output is a DTensor of
+    logits sharded on the vocabulary (compute the loss under `loss_parallel()`), or the
+    hidden states sharded on the sequence for a stage without the head.
+    """
+    tied = (
+        model.cfg.tie_embeddings and model.tok_embeddings is not None and model.output is not None
+    )
+    parallelize_module(model, tp_mesh, outer_plan(model))
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    plan = block_plan(model.cfg.family)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, plan)

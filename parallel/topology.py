@@ -1,0 +1,358 @@
+"""The process layout: validated once from `cfg.parallel`, then asked by everything else.
+
+    world = pp x dp_replicate x dp_shard x cp x tp       (Megatron order, tp innermost)
+
+`check_layout` runs before any process group exists (identically on every rank, so a bad
+layout stops every rank with the same ConfigError and none waits in a collective).
+`init_topology` then starts torch.distributed (NCCL on CUDA, gloo on CPU, or
+`parallel.backend`) and builds one DeviceMesh with the named dims
+("pp", "dp_replicate", "dp_shard", "cp", "tp"); every dim is present, size-1 ones included,
+so `topology.mesh["tp"]` always exists. In a single process no group is created and the
+mesh is None: the single-process path runs exactly as without this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from scaleforge.core.errors import ConfigError
+from scaleforge.core.precision import resolve_device
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from scaleforge.core.config import Config
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+PIPELINE_SCHEDULES = (
+    "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV",
+)
+BACKENDS = ("auto", "nccl", "gloo")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The sizes of the layout, dp_shard resolved (never -1)."""
+
+    tp: int
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: each sees different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in MESH_DIMS)
+
+    def describe(self) -> str:
+        """e.g. 'pp 1 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 = 4 processes'."""
+        sizes = " x ".join(f"{name} {getattr(self, name)}" for name in MESH_DIMS)
+        return f"{sizes} = {self.world_size} processes"
+
+
+def _resolve_dp_shard(parallel: Any, world_size: int) -> int:
+    if parallel.dp_shard != -1:
+        return parallel.dp_shard
+    others = parallel.tp * parallel.pp * parallel.dp_replicate * parallel.cp
+    if others <= 0 or world_size % others:
+        raise ConfigError(
+            f"parallel.dp_shard=-1 takes the rest of the world, but the world size {world_size} "
+            f"is not a multiple of tp x pp x dp_replicate x cp = {others}; set the sizes so "
+            "their product divides the number of processes"
+        )
+    return world_size // others
+
+
+def _divides(setting: str, size: int, target_name: str, target: int, fix: str) -> None:
+    if target % size:
+        raise ConfigError(
+            f"{setting}={size} does not divide {target_name}={target}; {fix}"
+        )
+
+
+def check_layout(cfg: Config, world_size: int) -> ParallelDims:
+    """Validate `cfg.parallel` against the world size and the model; return the sizes.
+
+    Raises ConfigError (one line: the setting, its value, the fix) for: a size < 1 (other
+    than dp_shard=-1), cp != 1, an unknown pipeline schedule or backend, a product that is
+    not WORLD_SIZE, tp not dividing the heads, kv heads, MLP width, vocabulary or sequence
+    length, pp x stages per rank not dividing the layers.
+    """
+    p, model = cfg.parallel, cfg.model
+    for name in ("tp", "pp", "dp_replicate", "cp", "pp_stages_per_rank"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)} must be at least 1")
+    if p.dp_shard < 1 and p.dp_shard != -1:
+        raise ConfigError(
+            f"parallel.dp_shard={p.dp_shard} must be at least 1, or -1 for the rest of the world"
+        )
+    if p.cp != 1:
+        raise ConfigError(
+            f"parallel.cp={p.cp}: context parallelism is reserved in the layout but not "
+            "implemented yet; set parallel.cp=1"
+        )
+    if p.pp_schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
+        )
+    if p.backend not in BACKENDS:
+        raise ConfigError(f"parallel.backend={p.backend!r} is not one of {', '.join(BACKENDS)}")
+    if p.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be positive (seconds)")
+    dims = ParallelDims(p.tp, p.pp, p.dp_replicate, _resolve_dp_shard(p, world_size), p.cp)
+    if dims.world_size != world_size:
+        raise ConfigError(
+            f"parallel.tp x pp x dp_replicate x dp_shard x cp = {dims.tp} x {dims.pp} x "
+            f"{dims.dp_replicate} x {dims.dp_shard} x {dims.cp} = {dims.world_size} does not "
+            f"match the world size {world_size} (WORLD_SIZE); make the product equal the number "
+            "of processes, or set parallel.dp_shard=-1"
+        )
+    if dims.tp > 1:
+        tp_fix = "pick a parallel.tp that divides it"
+        _divides("parallel.tp", dims.tp, "model.n_heads", model.n_heads, tp_fix)
+        _divides(
+            "parallel.tp", dims.tp, "model.n_kv_heads", model.kv_heads,
+            "kv heads are split across tensor-parallel ranks, not replicated; pick a "
+            "parallel.tp that divides the kv heads",
+        )
+        _divides("parallel.tp", dims.tp, "the MLP width (model.ffn_hidden)", model.mlp_hidden,
+                 tp_fix)
+        _divides(
+            "parallel.tp", dims.tp, "model.vocab_size", model.vocab_size,
+            "the embedding and LM head are split by vocabulary rows; pad model.vocab_size up to "
+            f"{-(-model.vocab_size // dims.tp) * dims.tp} (extra rows are never a target)",
+        )
+        _divides("parallel.tp", dims.tp, "data.seq_len", cfg.data.seq_len,
+                 "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
+    stages = dims.pp * p.pp_stages_per_rank
+    if model.n_layers % stages:
+        raise ConfigError(
+            f"parallel.pp x parallel.pp_stages_per_rank = {dims.pp} x {p.pp_stages_per_rank} = "
+            f"{stages} stages do not divide model.n_layers={model.n_layers}; pick sizes whose "
+            "product divides the layer count"
+        )
+    return dims
+
+
+def theoretical_bubble_fraction(
+    schedule: str, pp: int, microbatches: int, stages_per_rank: int = 1
+) -> float:
+    """Idle fraction of a pipeline step, from the schedule's shape (equal-cost stages).
+
+    GPipe and 1F1B: (p - 1) / (m + p - 1); with v virtual stages per rank (interleaved, zero
+    bubble and V schedules) the warm-up and drain shrink v-fold: (p - 1) / (v * m + p - 1).
+    Zero-bubble schedules fill part of this with weight-gradient work, so for them it is
+    an upper bound.
+    """
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(
+            f"parallel.pp_schedule={schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
+        )
+    if pp <= 1:
+        return 0.0
+    virtual = 1 if schedule in ("GPipe", "1F1B") else stages_per_rank
+    return (pp - 1) / (virtual * microbatches + pp - 1)
+
+
+class Topology:
+    """Ranks, sizes and meshes of this process; the one object parallel code asks.
+
+    Single process (world size 1): `mesh` is None and every collective helper is a no-op.
+    """
+
+    def __init__(self, dims: ParallelDims, device: torch.device, mesh: DeviceMesh | None):
+        self.dims = dims
+        self.device = device
+        self.mesh = mesh
+        self.rank = dist.get_rank() if mesh is not None else 0
+        coordinate = mesh.get_coordinate() if mesh is not None else None
+        self.coordinates = dict(zip(MESH_DIMS, coordinate or (0,) * len(MESH_DIMS), strict=True))
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This replica's index among the dp_replicate x dp_shard data-parallel ranks."""
+        return self.coordinates["dp_replicate"] * self.dims.dp_shard + self.coordinates["dp_shard"]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coordinates["tp"]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coordinates["pp"]
+
+    def label(self) -> str:
+        """This rank's coordinates for log lines, e.g. '[pp0 dp1 tp0]'."""
+        return f"[pp{self.pp_rank} dp{self.dp_rank} tp{self.tp_rank}]"
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        """The process group along mesh dim `dim` ("pp", "dp_replicate", "dp_shard", "tp")."""
+        return self.mesh.get_group(dim)
+
+    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-replica scalar over all data-parallel ranks (for logging)."""
+        if self.dp_size == 1:
+            return value
+        return self.sum_over_dp(value) / self.dp_size
+
+    def sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a per-replica tensor over all data-parallel ranks."""
+        total = value.detach().clone()
+        if self.dims.dp_replicate > 1:
+            dist.all_reduce(total, group=self.group("dp_replicate"))
+        if self.dims.dp_shard > 1:
+            dist.all_reduce(total, group=self.group("dp_shard"))
+        return total
+
+    def broadcast_from_rank0(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (e.g. the run directory, whose timestamp may differ)."""
+        if not self.is_distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """The pipeline group, or None without pipeline parallelism."""
+        return self.group("pp") if self.dims.pp > 1 else None
+
+    def local_rank0_first(self, task: Callable[[], T]) -> T:
+        """Run `task` on each node's local rank 0 first, then on the other ranks (which then
+        find its results, e.g. prepared data, in place). A ConfigError raised by a first
+        runner is raised on every rank, so no rank waits for one that has stopped."""
+        if not self.is_distributed:
+            return task()
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        result, error = None, None
+        if first:
+            try:
+                result = task()
+            except ConfigError as raised:
+                error = str(raised)
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        reported = next((e for e in errors if e is not None), None)
+        if reported is not None:
+            raise ConfigError(reported)
+        return result if first else task()
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Wraps the loss and its backward: vocab-parallel cross-entropy when tp > 1."""
+        if self.dims.tp > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def describe(self) -> str:
+        """The layout and mesh order, for the start-of-run log line."""
+        backend = dist.get_backend() if self.is_distributed else "none"
+        return (
+            f"layout {self.dims.describe()} | mesh order {' > '.join(MESH_DIMS)} (tp innermost) "
+            f"| backend {backend} | device {self.device}"
+        )
+
+    @contextlib.contextmanager
+    def errors_labelled(self) -> Iterator[None]:
+        """Re-raise any error of this block with this rank's coordinates in front, so a
+        collective timeout or a crash on one rank says which rank and group it was."""
+        try:
+            yield
+        except ConfigError:
+            raise
+        except Exception as error:
+            if not self.is_distributed:
+                raise
+            message = f"rank {self.rank} {self.label()} ({self.groups()}): {error}"
+            try:
+                labelled = type(error)(message)
+            except Exception:  # an exception type that takes other arguments
+                labelled = RuntimeError(f"{type(error).__name__}: {message}")
+            raise labelled from error
+
+    def groups(self) -> str:
+        """The ranks of this rank's groups along each mesh dim larger than one, e.g.
+        'dp_shard group [0, 2], tp group [0, 1]': the groups a failing collective ran in."""
+        return ", ".join(
+            f"{name} group {self.mesh[name].mesh.flatten().tolist()}"
+            for name in MESH_DIMS
+            if self.mesh is not None and self.mesh[name].size() > 1
+        )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto -> nccl on CUDA, gloo on CPU."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return backend
+
+
+def init_topology(cfg: Config, world_size: int | None = None) -> Topology:
+    """Validate the layout, start torch.distributed if needed and build the DeviceMesh.
+
+    `world_size` defaults to $WORLD_SIZE (torchrun sets it; 1 when run alone). With one
+    process nothing is initialised. On CUDA each process takes GPU $LOCAL_RANK.
+    """
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    dims = check_layout(cfg, world_size)
+    if world_size == 1:
+        return Topology(dims, resolve_device(cfg.trainer.device), mesh=None)
+    if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(cfg.trainer.device)
+    backend = resolve_backend(cfg.parallel.backend, device)
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # The mesh's groups take their timeout from these options (new groups would otherwise
+    # get torch's default, 30 minutes for gloo, whatever init_process_group was given).
+    options = {name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS}
+    mesh = init_device_mesh(
+        device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
+    )
+    return Topology(dims, device, mesh)
+
+
+def _group_options(backend: str, timeout: datetime.timedelta) -> Any:
+    """Process-group options of `backend` carrying the collective `timeout`."""
+    options = (dist.ProcessGroupNCCL.Options() if backend == "nccl"
+               else dist.ProcessGroupGloo._Options())
+    options._timeout = timeout
+    return options

@@ -1,0 +1,115 @@
+"""Gradients under sequence parallelism and global-norm clipping across meshes and stages,
+in two real gloo processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from conftest import micro_config
+from parallel_harness import spawn
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from scaleforge.core.trainer import cross_entropy
+from scaleforge.models import build
+from scaleforge.parallel.grad_clip import clip_grad_norm
+from scaleforge.parallel.parallelize import build_model
+from scaleforge.parallel.topology import init_topology
+
+
+def _sequence_parallel_norm_grads(world_size: int, cfg) -> dict:
+    topology = init_topology(cfg, world_size)
+    torch.manual_seed(0)
+    reference = build(cfg.model)
+    torch.manual_seed(0)
+    model = build_model(cfg, topology)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=generator)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    cross_entropy(reference(inputs), targets).backward()
+    with topology.loss_context():
+        cross_entropy(model(inputs), targets).backward()
+    expected = dict(reference.named_parameters())
+    result = {}
+    for name, param in model.named_parameters():
+        if not name.endswith("norm.weight"):
+            continue
+        # The weight is replicated; its gradient is a pending sum over the tp ranks (each saw
+        # its own positions), reduced when the optimizer or the clipping reads it.
+        assert isinstance(param.grad, DTensor), name
+        assert param.grad.placements in ((Partial(),), (Replicate(),)), name
+        reduced = param.grad.redistribute(placements=[Replicate()]).to_local()
+        result[name] = {
+            "partial": _gather(param.grad.to_local(), topology),
+            "reduced": _gather(reduced, topology),
+            "expected": expected[name].grad,
+        }
+    return result
+
+
+def _gather(tensor: torch.Tensor, topology) -> list[torch.Tensor]:
+    gathered = [torch.empty_like(tensor) for _ in range(topology.dims.tp)]
+    dist.all_gather(gathered, tensor.contiguous(), group=topology.group("tp"))
+    return gathered
+
+
+def test_sequence_parallel_norm_weight_grads_are_reduced_over_tp(tmp_path):
+    """Each tp rank normalises only its half of the sequence; its norm-weight gradient must
+    still equal the single-process gradient over the whole sequence, on every rank."""
+    cfg = micro_config(tmp_path, "parallel.tp=2")
+    result = spawn(_sequence_parallel_norm_grads, 2, tmp_path, cfg)
+    assert set(result) == {"layers.0.attention_norm.weight", "layers.0.ffn_norm.weight",
+                           "layers.1.attention_norm.weight", "layers.1.ffn_norm.weight",
+                           "norm.weight"}
+    for name, grads in result.items():
+        expected = grads["expected"]
+        # Before the reduction each rank holds only its positions' share (so the test would
+        # catch a missing reduction); the shares sum to the full gradient.
+        assert not torch.allclose(grads["partial"][0], expected, rtol=1e-3), name
+        torch.testing.assert_close(sum(grads["partial"]), expected, rtol=1e-5, atol=1e-7)
+        for reduced in grads["reduced"]:
+            torch.testing.assert_close(reduced, expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _clip_across_meshes_and_stages(world_size: int, cfg) -> dict:
+    topology = init_topology(cfg, world_size)
+    generator = torch.Generator().manual_seed(0)
+    full = [torch.randn(8, 4, generator=generator), torch.randn(6, generator=generator)]
+    meshes = [(topology.mesh["dp_shard"], [Shard(0)]),
+              (topology.mesh["dp_replicate", "dp_shard"], [Replicate(), Shard(0)])]
+    params = []
+    for grad, (mesh, placements) in zip(full, meshes, strict=True):
+        param = nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, placements))
+        param.grad = distribute_tensor(grad, mesh, placements)
+        params.append(param)
+    norm = clip_grad_norm(params, max_norm=0.5)
+    clipped = [p.grad.full_tensor() for p in params]
+    return {"norm": norm, "clipped": clipped, "full": full}
+
+
+def test_clip_grad_norm_is_global_across_meshes(tmp_path):
+    cfg = micro_config(tmp_path, "parallel.dp_shard=2")
+    result = spawn(_clip_across_meshes_and_stages, 2, tmp_path, cfg)
+    g1, g2 = result["full"][0], result["full"][1]
+    expected = torch.sqrt(g1.square().sum() + g2.square().sum())
+    torch.testing.assert_close(result["norm"], expected)
+    scale = 0.5 / (expected + 1e-6)
+    torch.testing.assert_close(result["clipped"][0], g1 * scale)
+    torch.testing.assert_close(result["clipped"][1], g2 * scale)
+
+
+def _clip_across_pipeline_stages(world_size: int, cfg) -> dict:
+    topology = init_topology(cfg, world_size)
+    grad = torch.full((4,), float(topology.pp_rank + 1))  # stage r holds its own parameter
+    param = nn.Parameter(torch.zeros(4))
+    param.grad = grad.clone()
+    norm = clip_grad_norm([param], max_norm=1.0, pp_group=topology.pp_group)
+    return {"norm": norm, "grad": param.grad}
+
+
+def test_clip_grad_norm_sums_over_pipeline_stages(tmp_path):
+    cfg = micro_config(tmp_path, "parallel.pp=2")
+    result = spawn(_clip_across_pipeline_stages, 2, tmp_path, cfg)
+    expected = torch.tensor(4 * 1.0 + 4 * 4.0).sqrt()  # stages hold 1s and 2s
+    torch.testing.assert_close(result["norm"], expected)
+    torch.testing.assert_close(result["grad"], torch.ones(4) / (expected + 1e-6))

@@ -1,0 +1,119 @@
+"""sf-train under torchrun, as users launch it: one node with two processes, two "nodes" that
+meet through a c10d rendezvous on 127.0.0.1, and a bad layout that must stop every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from parallel_harness import free_port
+
+BIN = Path(sys.executable).parent
+TRAIN = ["-m", "scaleforge.launch.train"]
+SMALL_RUN = [
+    "model=llama_micro", "data.vocab_size=512", "data.seq_len=64", "trainer.micro_batch_size=2",
+    "trainer.global_batch_tokens=512", "trainer.precision=fp32", "trainer.device=cpu",
+    "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3",
+    "trainer.eval_batches=2", "optim.warmup_steps=1", "logging.wandb=disabled",
+    "logging.progress_bar=false",
+]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "torchrun"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env())
+
+
+def _check_run(run_dir: Path, steps: int) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(steps + 1))  # written once, by rank 0
+    state = torch.load(run_dir / "final_model.pt", weights_only=True)
+    assert state["layers.0.attention.wq.weight"].shape == (64, 64)  # gathered, not a shard
+    assert state["output.weight"].shape == (512, 64)
+
+
+def test_torchrun_tp2_trains_end_to_end(tmp_path, stdlib_overrides):
+    run_dir = tmp_path / "run"
+    result = _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *TRAIN,
+                       *SMALL_RUN, *stdlib_overrides, "parallel.tp=2", f"run_dir={run_dir}",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1
+    assert "layout pp 1 x dp_replicate 1 x dp_shard 1 x cp 1 x tp 2" in result.stdout
+    _check_run(run_dir, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray Hydra directories
+
+
+def test_two_nodes_meet_through_c10d_rendezvous_and_train_together(tmp_path, stdlib_overrides):
+    run_dir, port = tmp_path / "run", free_port()
+    nodes = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(rank),
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "two-node-test", *TRAIN, *SMALL_RUN,
+             *stdlib_overrides, "parallel.dp_shard=2", f"run_dir={run_dir}"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-3000:]
+    assert sum(stdout.count("run directory:") for stdout, _ in outputs) == 1
+    _check_run(run_dir, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["parallel.tp=3"], "parallel.tp"),
+        (["parallel.tp=2", "parallel.pp_schedule=ZigZag"], "parallel.pp_schedule"),
+    ],
+)
+def test_bad_layout_under_torchrun_stops_every_rank_with_one_error_line(tmp_path, overrides,
+                                                                        named):
+    result = _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *TRAIN,
+                       *SMALL_RUN, *overrides, f"run_dir={tmp_path / 'run'}", cwd=tmp_path,
+                       timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-3000:]
+    assert "ConfigError" not in result.stderr  # no Python traceback from our ranks
+    # torchrun's summary lists every rank as failed: with the ConfigError's status 2, or
+    # SIGTERM when torchrun stopped it first after the other rank's exit.
+    for rank in (0, 1):
+        assert f"rank      : {rank} (local_rank: {rank})" in result.stderr
+    assert "exitcode  : 2" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_slurm_template_starts_one_torchrun_per_node_with_rendezvous_on_the_first(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    (stubs / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'srun_args'}\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    template = Path(__file__).parents[1] / "launch" / "slurm_train.sbatch"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2"}
+    result = subprocess.run(["bash", str(template), "parallel.tp=8", "parallel.dp_shard=-1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "srun_args").read_text().split()
+    assert args[:2] == ["--kill-on-bad-exit=1", ".venv/bin/python"]
+    line = " ".join(args)
+    for expected in ("-m torch.distributed.run", "--nnodes 2", "--nproc-per-node 8",
+                     "--rdzv-backend c10d", "--rdzv-endpoint node-a:29500", "--rdzv-id 42",
+                     "-m scaleforge.launch.train run_dir=runs/slurm-42 parallel.tp=8 "
+                     "parallel.dp_shard=-1"):
+        assert expected in line

@@ -1,0 +1,115 @@
+"""Layout validation before any process group exists, the bubble formula, and the
+mesh helpers that need no processes."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import micro_config
+
+from scaleforge.core.config import validate
+from scaleforge.core.errors import ConfigError
+from scaleforge.parallel.topology import (
+    MESH_DIMS,
+    check_layout,
+    init_topology,
+    theoretical_bubble_fraction,
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "named"),
+    [
+        (["parallel.tp=2"], 4, "world size 4"),
+        (["parallel.dp_shard=3"], 2, "parallel.tp x pp x dp_replicate x dp_shard"),
+        (["parallel.tp=3"], 3, "model.n_heads=4"),
+        (["parallel.tp=4", "model.n_kv_heads=2"], 4, "model.n_kv_heads=2"),
+        (["parallel.tp=2", "model.vocab_size=513", "data.vocab_size=500"], 2,
+         "pad model.vocab_size up to 514"),
+        (["parallel.tp=2", "data.seq_len=63"], 2, "data.seq_len=63"),
+        (["parallel.pp=3", "model.n_layers=2"], 3, "model.n_layers=2"),
+        (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], 2, "parallel.pp_stages_per_rank"),
+        (["parallel.pp=2", "trainer.micro_batch_size=8"], 2, "needs at least 2 micro-batches"),
+        (["parallel.cp=2"], 2, "parallel.cp=2"),
+        (["parallel.pp_schedule=ZigZag"], 1, "parallel.pp_schedule='ZigZag'"),
+        (["parallel.backend=mpi"], 1, "parallel.backend='mpi'"),
+        (["parallel.dp_shard=0"], 1, "parallel.dp_shard=0"),
+        (["parallel.tp=0"], 1, "parallel.tp=0"),
+        (["parallel.dp_shard=-1", "parallel.tp=2"], 3, "parallel.dp_shard=-1"),
+        (["parallel.timeout_s=0"], 1, "parallel.timeout_s"),
+        (["parallel.dp_shard=2", "trainer.precision=fp16"], 2, "trainer.precision=fp16"),
+    ],
+)
+def test_invalid_layout_is_named_in_one_line(tmp_path, overrides, world_size, named):
+    cfg = micro_config(tmp_path, *overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size)
+    message = str(info.value)
+    assert named in message and "\n" not in message
+
+
+def test_dp_shard_minus_one_takes_the_rest_of_the_world(tmp_path):
+    cfg = micro_config(tmp_path, "parallel.tp=2", "parallel.dp_shard=-1",
+                       "trainer.micro_batch_size=2")
+    dims = check_layout(cfg, 8)
+    assert (dims.tp, dims.dp_shard, dims.dp_size, dims.world_size) == (2, 4, 4, 8)
+    assert dims.mesh_shape == (1, 1, 4, 1, 2)  # pp, dp_replicate, dp_shard, cp, tp
+
+
+def test_mesh_dims_are_in_megatron_order():
+    assert MESH_DIMS == ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def test_single_process_topology_starts_no_process_group(tmp_path):
+    import torch.distributed as dist
+
+    topology = init_topology(micro_config(tmp_path), 1)
+    assert not topology.is_distributed and not dist.is_initialized()
+    assert (topology.dp_rank, topology.dp_size, topology.is_rank0) == (0, 1, True)
+    assert topology.label() == "[pp0 dp0 tp0]"
+    assert topology.broadcast_from_rank0("runs/x") == "runs/x"
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "microbatches", "virtual", "expected"),
+    [
+        ("1F1B", 1, 8, 1, 0.0),
+        ("GPipe", 2, 8, 1, 1 / 9),
+        ("1F1B", 4, 8, 1, 3 / 11),
+        ("1F1B", 4, 8, 2, 3 / 11),  # one stage per rank: virtual stages do not apply
+        ("Interleaved1F1B", 4, 8, 2, 3 / 19),
+        ("ZBVZeroBubble", 2, 4, 2, 1 / 9),
+    ],
+)
+def test_theoretical_bubble_fraction(schedule, pp, microbatches, virtual, expected):
+    assert theoretical_bubble_fraction(schedule, pp, microbatches, virtual) == pytest.approx(
+        expected
+    )
+
+
+def _hang_in_tp_group(world_size: int, cfg) -> str:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    topology = init_topology(cfg, world_size)
+    if topology.rank == 1:
+        time.sleep(3 * cfg.parallel.timeout_s)  # never joins the collective
+        return ""
+    try:
+        with topology.errors_labelled():
+            dist.all_reduce(torch.ones(1), group=topology.group("tp"))
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_collective_timeout_from_config_becomes_an_error_naming_the_rank(tmp_path):
+    from parallel_harness import spawn
+
+    cfg = micro_config(tmp_path, "parallel.tp=2", "parallel.timeout_s=2")
+    message = spawn(_hang_in_tp_group, 2, tmp_path, cfg)
+    # Rank 1 never joins: rank 0's all-reduce fails after parallel.timeout_s (2 s, not
+    # torch's 30-minute default) and the error names the rank, its coordinates and groups.
+    assert "rank 0 [pp0 dp0 tp0] (tp group [0, 1]): " in message, message
+    assert "Timed out waiting 2000ms" in message, message
