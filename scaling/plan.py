@@ -83,10 +83,14 @@ def plan_budget(
     batch_tokens = base.trainer.global_batch_tokens
     runs = []
     for index, target in enumerate(targets):
-        model = shape_for_params(float(target), base.model)
+        name = run_name(budget, index)
+        try:
+            model = shape_for_params(float(target), base.model, aspect_ratio)
+        except ConfigError as error:
+            raise ConfigError(f"budget {budget:.3g} FLOPs is too small for the smallest model: "
+                              f"run {name} targets {target:,.0f} parameters and {error}") from None
         size = model_size(model, base.data.seq_len)
         steps = int(budget / size.flops_per_token / batch_tokens)
-        name = run_name(budget, index)
         if steps < min_steps:
             needed = min_steps * batch_tokens * size.flops_per_token
             raise ConfigError(

@@ -41,7 +41,7 @@ def synthetic_rows(noise: float = 0.005, sizes: int = 9, seed: int = 0) -> list[
 def synthetic_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SweepWarning)
-        return fit_table(synthetic_rows(), bootstrap=12)
+        return fit_table(synthetic_rows(), bootstrap=8)
 
 
 def test_approach3_recovers_the_law_from_noisy_synthetic_runs(synthetic_fit):
