@@ -42,6 +42,7 @@ class PlanSettings:
     warmup_fraction: float = 0.1
     min_steps: int = 20
     evals_per_run: int = 5
+    tokens_per_param: float = 20.0
     launcher: str = "local"
     out: str = "sweeps/sweep"
     overrides: list[str] = field(default_factory=list)
@@ -154,7 +155,8 @@ def plan(settings: PlanSettings) -> list[str]:
     runs = plan_sweep(settings.budgets, settings.points_per_budget, base,
                       spread=settings.spread, aspect_ratio=settings.aspect_ratio,
                       warmup_fraction=settings.warmup_fraction, min_steps=settings.min_steps,
-                      evals_per_run=settings.evals_per_run)
+                      evals_per_run=settings.evals_per_run,
+                      tokens_per_param=settings.tokens_per_param)
     out = Path(settings.out)
     write_sweep(out, runs, base.model, asdict(settings))
     print(f"{'run':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'N':>10} {'N_total':>10} "

@@ -3,8 +3,10 @@ predicted optimum, each trained for the tokens that spend the budget exactly.
 
 For budget C the predicted compute-optimal size uses Hoffmann's rule of thumb, D = 20 N
 and C = 6 N D, so N* = sqrt(C / 120) (N counted without embeddings, which the shape rule
-targets). The grid spans N* / spread ... N* x spread in `points_per_budget` log-uniform
-steps. Each model's tokens are D = C / (exact training FLOPs per token), rounded to whole
+targets); `tokens_per_param` re-centres the grid when a pilot sweep shows the optimum
+elsewhere (tiny models, whose LM head dominates their FLOPs, want many more tokens). The
+grid spans N* / spread ... N* x spread in `points_per_budget` log-uniform steps. Each
+model's tokens are D = C / (exact training FLOPs per token), rounded down to whole
 optimizer steps; its warmup is `warmup_fraction` of those steps and its cosine decay ends
 on its last step, because a schedule longer than the run biases the fit (Hoffmann et al.
 2022, fig. A1).
@@ -47,9 +49,10 @@ class PlannedRun:
     log_every: int
 
 
-def predicted_optimal_params(budget: float) -> float:
-    """Non-embedding N* of Hoffmann's D = 20 N rule under C = 6 N D, for `budget` FLOPs."""
-    return math.sqrt(budget / (6 * TOKENS_PER_PARAM))
+def predicted_optimal_params(budget: float, tokens_per_param: float = TOKENS_PER_PARAM) -> float:
+    """Non-embedding N* of the rule D = tokens_per_param x N under C = 6 N D, for `budget`
+    FLOPs (Hoffmann's rule: 20 tokens per parameter)."""
+    return math.sqrt(budget / (6 * tokens_per_param))
 
 
 def run_name(budget: float, index: int) -> str:
@@ -67,6 +70,7 @@ def plan_budget(
     warmup_fraction: float = 0.1,
     min_steps: int = 20,
     evals_per_run: int = 5,
+    tokens_per_param: float = TOKENS_PER_PARAM,
 ) -> list[PlannedRun]:
     """The IsoFLOP grid of one `budget` (FLOPs) for the model/data/trainer settings of
     `base`. Raises ConfigError naming the budget and model when a run would have fewer than
@@ -78,7 +82,7 @@ def plan_budget(
         )
     if spread <= 1:
         raise ConfigError(f"spread={spread} must exceed 1 (the grid spans N*/spread..N*xspread)")
-    center = predicted_optimal_params(budget)
+    center = predicted_optimal_params(budget, tokens_per_param)
     targets = center * np.geomspace(1 / spread, spread, points_per_budget)
     batch_tokens = base.trainer.global_batch_tokens
     runs = []
