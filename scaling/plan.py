@@ -56,8 +56,11 @@ def predicted_optimal_params(budget: float, tokens_per_param: float = TOKENS_PER
 
 
 def run_name(budget: float, index: int) -> str:
-    """Directory-safe name of the `index`-th model of `budget`: e.g. `C3e12_n2`."""
-    mantissa, exponent = f"{budget:.0e}".split("e")
+    """Directory- and Hydra-safe name of the `index`-th model of `budget`: e.g. `C3e12_n2`,
+    `C1p2e11_n0` for 1.2e11 (three significant digits, so nearby budgets never share names;
+    `p` for the decimal point, which Hydra option names and shells handle badly)."""
+    mantissa, exponent = f"{budget:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".").replace(".", "p")
     return f"C{mantissa}e{int(exponent)}_n{index}"
 
 

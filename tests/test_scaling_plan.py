@@ -16,7 +16,7 @@ from scaleforge.core.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import num_params
 from scaleforge.scaling.flops import flops_per_token, model_size
-from scaleforge.scaling.plan import plan_budget, predicted_optimal_params
+from scaleforge.scaling.plan import plan_budget, predicted_optimal_params, run_name
 from scaleforge.scaling.shape import head_dim_for, shape_for_params
 from scaleforge.scaling.sweep_files import multirun_command, read_plan, write_sweep
 
@@ -115,3 +115,11 @@ def test_slurm_launcher_config_selects_submitit():
                       overrides=["hydra/launcher=slurm"])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.timeout_min == 240
+
+
+def test_run_names_tell_nearby_budgets_apart_and_slurm_adds_the_launcher(tmp_path, cpu_base):
+    assert run_name(1e12, 3) == "C1e12_n3"
+    assert run_name(1.2e11, 0) == "C1p2e11_n0" != run_name(1e11, 0)
+    runs = plan_budget(1e12, 3, cpu_base)
+    argv = multirun_command(tmp_path, runs, "chinchilla_cpu", ["optim.lr=1e-3"], "slurm")
+    assert "hydra/launcher=slurm" in argv and argv[-1] == "optim.lr=1e-3"

@@ -137,7 +137,8 @@ def test_cpu_demo_sweep_runs_end_to_end_on_a_reduced_grid(tmp_path, stdlib_overr
                           "data.seq_len=64", "trainer.micro_batch_size=16",
                           "trainer.global_batch_tokens=1024"])
     result = _run("sf-sweep", "run", "plan=chinchilla_cpu", "budgets=[1.2e11,3e11]",
-                  "points_per_budget=3", "spread=1.5", "bootstrap=5", "wandb=offline",
+                  "points_per_budget=3", "spread=1.5", "tokens_per_param=20", "bootstrap=5",
+                  "wandb=offline",
                   f"overrides=[{overrides}]", f"out={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     fit = json.loads((tmp_path / "sweep" / "fit" / "fit.json").read_text())
