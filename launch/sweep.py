@@ -189,18 +189,25 @@ def run(settings: PlanSettings) -> None:
 
 
 def collect(settings: CollectSettings) -> Path:
-    """Gather the finished runs into `<sweep_dir>/runs.csv` (or `out`); return its path."""
+    """Gather the finished runs into `<sweep_dir>/runs.csv` (or `out`); return its path.
+    `sweep_dir=[a,b]` gathers several sweeps into one table (then `out` is required)."""
     from scaleforge.scaling.collect import collect as collect_runs
     from scaleforge.scaling.table import write_table
 
     if not settings.sweep_dir:
         raise ConfigError("sweep_dir= is required: the directory `sf-sweep plan` wrote")
+    sweep_dirs = _parse_value("sweep_dir", settings.sweep_dir, "list[str]") \
+        if settings.sweep_dir.startswith("[") else [settings.sweep_dir]
+    if len(sweep_dirs) > 1 and not settings.out:
+        raise ConfigError(f"sweep_dir={settings.sweep_dir} names several sweeps; give out=PATH.csv")
+    rows = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = collect_runs(Path(settings.sweep_dir))
+        for sweep_dir in sweep_dirs:
+            rows += collect_runs(Path(sweep_dir))
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    out = Path(settings.out) if settings.out else Path(settings.sweep_dir) / "runs.csv"
+    out = Path(settings.out) if settings.out else Path(sweep_dirs[0]) / "runs.csv"
     for path in write_table(rows, out):
         print(f"{len(rows)} finished runs -> {path}")
     return out

@@ -145,3 +145,12 @@ def test_cpu_demo_sweep_runs_end_to_end_on_a_reduced_grid(tmp_path, stdlib_overr
     assert fit["n_runs"] == 6 and len(fit["budgets"]) == 2
     assert (tmp_path / "sweep" / "report" / "report.html").is_file()
     assert (tmp_path / "sweep" / "runs.csv").is_file()
+
+
+def test_collect_gathers_several_sweeps_into_one_table(tmp_path):
+    _fake_run(tmp_path / "a", "C6e11_n0", 4.1)
+    _fake_run(tmp_path / "b", "C1e12_n0", 3.9)
+    out = tmp_path / "all.csv"
+    dispatch(["collect", f"sweep_dir=[{tmp_path / 'a'},{tmp_path / 'b'}]", f"out={out}"])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("run,N,D,C,loss") and len(lines) == 3
