@@ -86,6 +86,7 @@ class ReportSettings:
     out: str = ""
     budgets: list[float] = field(default_factory=list)
     loss_column: str = "loss"
+    exclude_column: str | None = None
     wandb: str = "auto"
     wandb_project: str = "scaleforge-scaling"
 
@@ -213,6 +214,15 @@ def collect(settings: CollectSettings) -> Path:
     return out
 
 
+def _without_excluded(rows: list[dict], exclude_column: str | None, table: str) -> list[dict]:
+    """`rows` less those whose `exclude_column` is non-zero (e.g. excluded_by_epoch)."""
+    if not exclude_column:
+        return rows
+    if exclude_column not in rows[0]:
+        raise ConfigError(f"exclude_column={exclude_column} is not a column of {table}")
+    return [row for row in rows if not row[exclude_column]]
+
+
 def fit(settings: FitSettings) -> Path:
     """Fit approaches 1, 2 and 3 to `table`; write and return `out/fit.json`."""
     from scaleforge.scaling.fit import fit_table, write_fit
@@ -220,12 +230,8 @@ def fit(settings: FitSettings) -> Path:
 
     if not settings.table or not settings.out:
         raise ConfigError("fit needs table=PATH.csv and out=DIR")
-    rows = read_table(Path(settings.table), ("N", "D", settings.loss_column))
-    if settings.exclude_column:
-        if settings.exclude_column not in rows[0]:
-            raise ConfigError(f"exclude_column={settings.exclude_column} is not a column of "
-                              f"{settings.table}")
-        rows = [row for row in rows if not row[settings.exclude_column]]
+    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
+                             settings.exclude_column, settings.table)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fit_table(rows, loss_column=settings.loss_column,
@@ -274,7 +280,8 @@ def report(settings: ReportSettings) -> None:
     if not (settings.fit and settings.table and settings.out):
         raise ConfigError("report needs fit=DIR/fit.json, table=PATH.csv and out=DIR")
     result = read_fit(Path(settings.fit))
-    rows = read_table(Path(settings.table), ("N", "D", settings.loss_column))
+    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
+                             settings.exclude_column, settings.table)
     paths = write_report(result, rows, Path(settings.out), settings.budgets,
                          loss_column=settings.loss_column, wandb=settings.wandb,
                          wandb_project=settings.wandb_project)
