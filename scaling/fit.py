@@ -145,6 +145,7 @@ def fit_table(rows: list[dict], loss_column: str = "loss", bootstrap: int = 200,
     result = {
         "n_runs": len(rows), "loss_column": loss_column,
         "budgets": [budget for budget, _ in budgets],
+        "budget_tolerance_dex": budget_tolerance_dex,
         "law": "L(N, D) = E + A / N^alpha + B / D^beta; compute-optimal under C = 6 N D",
     }
     for name, fitter in (("approach1", fit_approach1), ("approach2", fit_approach2)):

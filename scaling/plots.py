@@ -15,17 +15,25 @@ from scaleforge.scaling.law import law_optimum, law_params, loss  # noqa: E402
 APPROACH_COLORS = {"approach1": "tab:green", "approach2": "tab:blue", "approach3": "tab:red"}
 
 
-def plot_isoflops(fit: dict, runs: dict[str, tuple[float, float]], path: Path) -> Path:
-    """Loss against N per IsoFLOP budget with approach 2's parabolas and their minima.
-    `runs` maps a run name to its (N, loss)."""
+def plot_isoflops(fit: dict, curves: list[tuple[float, np.ndarray, np.ndarray]],
+                  path: Path) -> Path:
+    """Loss against N per IsoFLOP budget, `curves` = [(budget, N, loss)], with approach 2's
+    parabola and minimum where the budget has one."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    minima = fit.get("approach2", {}).get("minima", [])
-    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(minima))))
-    for color, minimum in zip(colors, minima, strict=False):
-        points = np.array([runs[name] for name in minimum["runs"] if name in runs])
-        ax.scatter(points[:, 0], points[:, 1], color=color, s=18,
-                   label=f"C = {minimum['C']:.2g}")
-        x = np.linspace(np.log(points[:, 0].min()) - 0.2, np.log(points[:, 0].max()) + 0.2, 100)
+    # keyed by rounded log10 C: budgets regrouped from a table differ from the fit's in the
+    # last bits
+    minima = {round(np.log10(m["C"]), 6): m for m in fit.get("approach2", {}).get("minima", [])}
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(curves))))
+    for color, (budget, N, L) in zip(colors, curves, strict=False):
+        minimum = minima.get(round(np.log10(budget), 6))
+        label = f"C = {budget:.2g}" + ("" if minimum else " (no parabola minimum)")
+        ax.scatter(N, L, color=color, s=18, label=label)
+        if minimum is None:
+            ax.plot(np.sort(N), L[np.argsort(N)], color=color, lw=0.6, ls=":")
+            continue
+        x = np.linspace(np.log(N.min()) - 0.2, np.log(N.max()) + 0.2, 100)
+        x = np.linspace(min(x[0], np.log(minimum["N_opt"])), max(x[-1], np.log(minimum["N_opt"])),
+                        100)
         ax.plot(np.exp(x), np.polyval(minimum["coef_logN"], x), color=color, lw=1)
         ax.scatter([minimum["N_opt"]], [minimum["loss"]], color=color, marker="*", s=90,
                    edgecolor="black", zorder=3)
@@ -33,7 +41,7 @@ def plot_isoflops(fit: dict, runs: dict[str, tuple[float, float]], path: Path) -
     ax.set_xlabel("parameters N")
     ax.set_ylabel("final loss (nats/token)")
     ax.set_title("IsoFLOP curves, approach 2 parabolas (stars: minima)")
-    if minima:
+    if curves:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

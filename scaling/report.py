@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from scaleforge.core.metrics import wandb_mode
+from scaleforge.scaling.budgets import group_budgets
 from scaleforge.scaling.fit import LAW_PARAMS, clean_rows
 from scaleforge.scaling.law import optimal_allocation
 from scaleforge.scaling.plots import plot_contours, plot_isoflops, plot_optimal
@@ -72,11 +73,10 @@ def write_report(fit: dict, rows: list[dict], out: Path, budgets: list[float],
     out.mkdir(parents=True, exist_ok=True)
     budgets = budgets or DEFAULT_BUDGETS
     rows = clean_rows(rows, loss_column)
-    names = [str(row.get("run", f"row {i}")) for i, row in enumerate(rows)]
     N, D, L = (np.array([row[c] for row in rows]) for c in ("N", "D", loss_column))
+    groups = group_budgets(rows, fit.get("budget_tolerance_dex", 0.1), fit["budgets"])
     plots = [
-        plot_isoflops(fit, {n: (row["N"], row[loss_column]) for n, row in zip(names, rows,
-                                                                             strict=True)},
+        plot_isoflops(fit, [(budget, N[index], L[index]) for budget, index in groups],
                       out / "isoflop_curves.png"),
         plot_optimal(fit, budgets, out / "optimal_allocation.png"),
         plot_contours(fit, N, D, L, out / "loss_contours.png"),
