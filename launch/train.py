@@ -6,6 +6,9 @@
 Every rank validates the config before any process group exists, so a bad setting stops all
 ranks with exit status 2 and one `error:` line (from rank 0), and none waits in a collective.
 Hydra's own output (.hydra/, train.log) is written by rank 0 only.
+
+Under `--multirun` each job trains in its own `<hydra.sweep.dir>/<hydra.sweep.subdir>`
+(`run_dir` is ignored there). Every finished run leaves `scaling.json` (N, D, C, losses).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from scaleforge.core.config import register_configs, to_config, validate
@@ -37,8 +42,13 @@ def train(cfg: DictConfig) -> dict:
 
     from scaleforge.core.trainer import Trainer
     from scaleforge.parallel.topology import init_topology
+    from scaleforge.scaling.run_record import write_run_record
 
     config = to_config(cfg)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # every job of a sweep gets its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>;
+        # a run_dir shared by all jobs would mix their metrics
+        config.run_dir = HydraConfig.get().runtime.output_dir
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(config, world_size)
     topology = init_topology(config, world_size)
@@ -47,6 +57,7 @@ def train(cfg: DictConfig) -> dict:
             trainer = Trainer(config, Path(config.run_dir), world_size, topology=topology)
             record = trainer.fit()
         if topology.is_rank0:
+            write_run_record(config, trainer.run_dir)
             print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
         return record
     finally:

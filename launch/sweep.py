@@ -1,0 +1,312 @@
+"""`sf-sweep`: plan, run, collect, fit, predict and report Chinchilla scaling sweeps.
+
+    sf-sweep plan budgets=[1e12,3e12,1e13] points_per_budget=5 out=sweeps/demo
+    sf-sweep run plan=chinchilla_cpu out=sweeps/cpu      # plan + train + collect + fit + report
+    sf-sweep collect sweep_dir=sweeps/demo               # -> sweeps/demo/runs.csv
+    sf-sweep fit table=sweeps/demo/runs.csv out=sweeps/demo/fit
+    sf-sweep predict fit=sweeps/demo/fit/fit.json N=1e6 D=2e7
+    sf-sweep report fit=sweeps/demo/fit/fit.json table=sweeps/demo/runs.csv out=sweeps/demo/report
+
+Arguments are Hydra-style key=value; lists as [a,b,c]. `plan=NAME` loads the settings of
+configs/sweep_plan/NAME.yaml first; key=value arguments override them. `overrides=[...]`
+passes sf-train overrides to every run. Errors print one `error:` line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaleforge.core.errors import ConfigError, exit_on_config_error
+
+COMMANDS = ("plan", "run", "collect", "fit", "predict", "report")
+
+
+@dataclass
+class PlanSettings:
+    """Settings of `plan` and `run` (see scaling/plan.py for their meaning)."""
+
+    plan: str | None = None
+    experiment: str = "chinchilla_cpu"
+    budgets: list[float] = field(default_factory=list)
+    points_per_budget: int = 5
+    spread: float = 4.0
+    aspect_ratio: float = 64.0
+    warmup_fraction: float = 0.1
+    min_steps: int = 20
+    evals_per_run: int = 5
+    tokens_per_param: float = 20.0
+    launcher: str = "local"
+    out: str = "sweeps/sweep"
+    overrides: list[str] = field(default_factory=list)
+    report_budgets: list[float] = field(default_factory=list)
+    bootstrap: int = 200
+    loss_column: str = "loss"
+    wandb: str = "auto"
+
+
+@dataclass
+class CollectSettings:
+    sweep_dir: str = ""
+    out: str | None = None
+
+
+@dataclass
+class FitSettings:
+    table: str = ""
+    out: str = ""
+    bootstrap: int = 200
+    loss_column: str = "loss"
+    seed: int = 0
+    budgets: list[float] = field(default_factory=list)
+    budget_tolerance_dex: float = 0.1
+    exclude_column: str | None = None
+
+
+@dataclass
+class PredictSettings:
+    fit: str = ""
+    N: float | None = None
+    D: float | None = None
+    C: float | None = None
+    approach: str = "approach3"
+
+
+@dataclass
+class ReportSettings:
+    fit: str = ""
+    table: str = ""
+    out: str = ""
+    budgets: list[float] = field(default_factory=list)
+    loss_column: str = "loss"
+    exclude_column: str | None = None
+    wandb: str = "auto"
+    wandb_project: str = "scaleforge-scaling"
+
+
+def _parse_value(key: str, text: str, kind: Any) -> Any:
+    """`text` converted to the type of the settings field `key` (`kind` is its annotation)."""
+    kind = str(kind)
+    try:
+        if kind.startswith("list"):
+            inner = text.strip()
+            if not (inner.startswith("[") and inner.endswith("]")):
+                raise ValueError
+            items = [item.strip() for item in inner[1:-1].split(",") if item.strip()]
+            return [float(item) for item in items] if "float" in kind else items
+        if text in ("null", "None") and "None" in kind:
+            return None
+        if kind.startswith("int"):
+            return int(float(text)) if float(text).is_integer() else int(text)
+        if kind.startswith("float"):
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not a valid {kind}; e.g. budgets=[1e12,3e12], "
+                          "points_per_budget=5") from None
+
+
+def parse_settings(cls: type, arguments: list[str]) -> Any:
+    """Settings dataclass `cls` from key=value `arguments`; `plan=NAME` first loads
+    configs/sweep_plan/NAME.yaml. Raises ConfigError naming an unknown or malformed key."""
+    known = {f.name: f.type for f in fields(cls)}
+    values: dict[str, Any] = {}
+    pairs = []
+    for argument in arguments:
+        key, sep, text = argument.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(f"{argument!r} is not a setting of this command; the settings "
+                              f"are {', '.join(f'{k}=...' for k in known)}")
+        pairs.append((key, text))
+    preset = dict(pairs).get("plan")
+    if preset:
+        values.update(_load_plan_preset(preset, known))
+    for key, text in pairs:
+        values[key] = _parse_value(key, text, known[key])
+    return cls(**values)
+
+
+def _load_plan_preset(name: str, known: dict) -> dict:
+    path = resources.files("scaleforge.configs") / "sweep_plan" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"plan={name}: there is no configs/sweep_plan/{name}.yaml")
+    preset = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(preset) - set(known))
+    if unknown:
+        raise ConfigError(f"configs/sweep_plan/{name}.yaml: {unknown[0]} is not a plan setting")
+    return {k: [float(x) for x in v] if k.endswith("budgets") else v for k, v in preset.items()}
+
+
+def plan(settings: PlanSettings) -> list[str]:
+    """Write the sweep directory; print the plan and the multirun command; return its argv."""
+    from scaleforge.core.config import compose, to_config
+    from scaleforge.scaling.plan import plan_sweep
+    from scaleforge.scaling.sweep_files import as_shell, multirun_command, write_sweep
+
+    if settings.launcher not in ("local", "slurm"):
+        raise ConfigError(f"launcher={settings.launcher!r} is not local or slurm")
+    base = to_config(compose([f"+experiment={settings.experiment}", *settings.overrides]))
+    runs = plan_sweep(settings.budgets, settings.points_per_budget, base,
+                      spread=settings.spread, aspect_ratio=settings.aspect_ratio,
+                      warmup_fraction=settings.warmup_fraction, min_steps=settings.min_steps,
+                      evals_per_run=settings.evals_per_run,
+                      tokens_per_param=settings.tokens_per_param)
+    out = Path(settings.out)
+    write_sweep(out, runs, base.model, asdict(settings))
+    print(f"{'run':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'N':>10} {'N_total':>10} "
+          f"{'D':>11} {'C':>9} {'steps':>6}")
+    for run in runs:
+        print(f"{run.name:<12} {run.n_layers:>6} {run.d_model:>7} {run.n_heads:>5} {run.N:>10,} "
+              f"{run.N_total:>10,} {run.D:>11,} {run.C:>9.3g} {run.max_steps:>6}")
+    argv = multirun_command(out, runs, settings.experiment, settings.overrides,
+                            settings.launcher)
+    print(f"\nplanned {len(runs)} runs in {out}; train them all with:\n{as_shell(argv)}")
+    return argv
+
+
+def run(settings: PlanSettings) -> None:
+    """Plan, train every run (local multirun, or SLURM and wait), collect, fit and report."""
+    argv = plan(settings)
+    argv[0] = str(Path(sys.executable).parent / "sf-train")
+    print("training ...", flush=True)
+    result = subprocess.run(argv)
+    out = Path(settings.out)
+    if result.returncode != 0:
+        print(f"warning: sf-train --multirun exited with {result.returncode}; fitting the "
+              "runs that finished", file=sys.stderr)
+    table = collect(CollectSettings(sweep_dir=str(out)))
+    fit(FitSettings(table=str(table), out=str(out / "fit"), bootstrap=settings.bootstrap,
+                    loss_column=settings.loss_column))
+    report(ReportSettings(fit=str(out / "fit" / "fit.json"), table=str(table),
+                          out=str(out / "report"), budgets=settings.report_budgets,
+                          loss_column=settings.loss_column, wandb=settings.wandb))
+
+
+def collect(settings: CollectSettings) -> Path:
+    """Gather the finished runs into `<sweep_dir>/runs.csv` (or `out`); return its path.
+    `sweep_dir=[a,b]` gathers several sweeps into one table (then `out` is required)."""
+    from scaleforge.scaling.collect import collect as collect_runs
+    from scaleforge.scaling.table import write_table
+
+    if not settings.sweep_dir:
+        raise ConfigError("sweep_dir= is required: the directory `sf-sweep plan` wrote")
+    sweep_dirs = _parse_value("sweep_dir", settings.sweep_dir, "list[str]") \
+        if settings.sweep_dir.startswith("[") else [settings.sweep_dir]
+    if len(sweep_dirs) > 1 and not settings.out:
+        raise ConfigError(f"sweep_dir={settings.sweep_dir} names several sweeps; give out=PATH.csv")
+    rows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for sweep_dir in sweep_dirs:
+            rows += collect_runs(Path(sweep_dir))
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    out = Path(settings.out) if settings.out else Path(sweep_dirs[0]) / "runs.csv"
+    for path in write_table(rows, out):
+        print(f"{len(rows)} finished runs -> {path}")
+    return out
+
+
+def _without_excluded(rows: list[dict], exclude_column: str | None, table: str) -> list[dict]:
+    """`rows` less those whose `exclude_column` is non-zero (e.g. excluded_by_epoch)."""
+    if not exclude_column:
+        return rows
+    if exclude_column not in rows[0]:
+        raise ConfigError(f"exclude_column={exclude_column} is not a column of {table}")
+    return [row for row in rows if not row[exclude_column]]
+
+
+def fit(settings: FitSettings) -> Path:
+    """Fit approaches 1, 2 and 3 to `table`; write and return `out/fit.json`."""
+    from scaleforge.scaling.fit import fit_table, write_fit
+    from scaleforge.scaling.table import read_table
+
+    if not settings.table or not settings.out:
+        raise ConfigError("fit needs table=PATH.csv and out=DIR")
+    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
+                             settings.exclude_column, settings.table)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit_table(rows, loss_column=settings.loss_column,
+                           bootstrap=settings.bootstrap, seed=settings.seed,
+                           budgets=settings.budgets or None,
+                           budget_tolerance_dex=settings.budget_tolerance_dex)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    path = write_fit(result, Path(settings.out))
+    law = result["approach3"]["params"]
+    print(f"approach 3: L(N, D) = {law['E']['value']:.3f} + {law['A']['value']:.4g} / "
+          f"N^{law['alpha']['value']:.3f} + {law['B']['value']:.4g} / D^{law['beta']['value']:.3f}")
+    for name in ("approach1", "approach2", "approach3"):
+        if name in result:
+            a, b = result[name]["a"], result[name]["b"]
+            print(f"{name}: N_opt ~ C^{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
+                  f"D_opt ~ C^{b['value']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
+    print(f"fit -> {path}")
+    return path
+
+
+def predict(settings: PredictSettings) -> None:
+    """Print the loss of (N, D), or the compute-optimal N, D and loss of budget C."""
+    from scaleforge.scaling.fit import read_fit
+    from scaleforge.scaling.law import optimal_allocation, predict_loss
+
+    result = read_fit(Path(settings.fit))
+    if settings.N is not None and settings.D is not None:
+        print(f"{predict_loss(result, settings.N, settings.D):.6f}")
+        return
+    if settings.C is not None:
+        n_opt, d_opt, loss = optimal_allocation(result, settings.C, settings.approach)
+        print(f"C={settings.C:.4g}: N_opt={n_opt:.4g} D_opt={d_opt:.4g} "
+              f"tokens/param={d_opt / n_opt:.1f} loss={loss:.4f}")
+        return
+    raise ConfigError("predict needs N=... and D=... (a loss), or C=... (a compute-optimal "
+                      "allocation)")
+
+
+def report(settings: ReportSettings) -> None:
+    """Write the plots, the markdown/HTML summary and the W&B report of a fit."""
+    from scaleforge.scaling.fit import read_fit
+    from scaleforge.scaling.report import write_report
+    from scaleforge.scaling.table import read_table
+
+    if not (settings.fit and settings.table and settings.out):
+        raise ConfigError("report needs fit=DIR/fit.json, table=PATH.csv and out=DIR")
+    result = read_fit(Path(settings.fit))
+    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
+                             settings.exclude_column, settings.table)
+    paths = write_report(result, rows, Path(settings.out), settings.budgets,
+                         loss_column=settings.loss_column, wandb=settings.wandb,
+                         wandb_project=settings.wandb_project)
+    for path in paths:
+        print(f"report -> {path}")
+
+
+_HANDLERS = {
+    "plan": (PlanSettings, plan), "run": (PlanSettings, run),
+    "collect": (CollectSettings, collect), "fit": (FitSettings, fit),
+    "predict": (PredictSettings, predict), "report": (ReportSettings, report),
+}
+
+
+def dispatch(argv: list[str]) -> None:
+    """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
+    if not argv or argv[0] not in COMMANDS:
+        raise ConfigError(f"give a command: sf-sweep {{{'|'.join(COMMANDS)}}} key=value ...")
+    settings_class, handler = _HANDLERS[argv[0]]
+    handler(parse_settings(settings_class, argv[1:]))
+
+
+def main() -> None:
+    exit_on_config_error(dispatch, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

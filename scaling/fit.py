@@ -1,0 +1,185 @@
+"""Fit approaches 1, 2 and 3 to a table of runs, with bootstrap confidence intervals.
+
+The bootstrap resamples runs with replacement (within each budget for approaches 1 and 2,
+so every budget keeps its size) `bootstrap` times and refits; intervals are the 2.5 and
+97.5 percentiles. Approach 3's resamples start L-BFGS from the full-data optimum (the grid
+search is run once, on all the data). Rows with a missing, NaN or non-positive N, D or loss
+are dropped with a warning naming the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from scaleforge.core.errors import ConfigError
+from scaleforge.scaling.budgets import group_budgets
+from scaleforge.scaling.collect import SweepWarning
+from scaleforge.scaling.fit_envelope import fit_approach1
+from scaleforge.scaling.fit_isoflop import fit_approach2
+from scaleforge.scaling.fit_parametric import fit_law
+from scaleforge.scaling.law import law_optimum, optimal_exponents
+from scaleforge.scaling.table import is_finite_row
+
+LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
+BAND_BUDGETS = np.geomspace(1e9, 1e27, 73)  # where the N_opt, D_opt bands are tabulated
+
+
+def clean_rows(rows: list[dict], loss_column: str) -> list[dict]:
+    """The rows whose N, D and loss are finite and positive; the others are dropped with a
+    SweepWarning naming them (by `run` when the table has it, else by line)."""
+    kept, dropped = [], []
+    for line, row in enumerate(rows, start=2):
+        columns = ("N", "D", loss_column)
+        if is_finite_row(row, columns) and all(row[c] > 0 for c in columns):
+            kept.append(row)
+        else:
+            dropped.append(f"{row.get('run', f'line {line}')} ({loss_column}={row[loss_column]})")
+    if dropped:
+        warnings.warn(f"dropping runs with a NaN, missing or non-positive N, D or "
+                      f"{loss_column}: {', '.join(dropped)}", SweepWarning, stacklevel=2)
+    if len(kept) < 5:
+        raise ConfigError(f"only {len(kept)} usable runs; a fit of L(N, D) (5 parameters) needs "
+                          "more: finish more runs or fix their losses")
+    return kept
+
+
+def _interval(samples: list[float], value: float) -> dict:
+    finite = np.array([s for s in samples if math.isfinite(s)])
+    if len(finite) < 2:
+        return {"value": value, "low": math.nan, "high": math.nan}
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return {"value": value, "low": float(low), "high": float(high)}
+
+
+def _band(curves: list[np.ndarray]) -> dict:
+    if len(curves) < 2:
+        return {"low": [], "high": []}
+    low, high = np.percentile(np.array(curves), [2.5, 97.5], axis=0)
+    return {"low": low.tolist(), "high": high.tolist()}
+
+
+def _resample_within(budgets, rng) -> tuple[np.ndarray, list]:
+    """Bootstrap indices drawn within each budget, and the budgets over the new indices."""
+    picks, regrouped, start = [], [], 0
+    for budget, index in budgets:
+        chosen = rng.choice(index, size=len(index), replace=True)
+        picks.append(chosen)
+        regrouped.append((budget, np.arange(start, start + len(chosen))))
+        start += len(chosen)
+    return np.concatenate(picks), regrouped
+
+
+def _isoflop_approach(fitter, budgets, N, D, L, names, bootstrap, rng) -> dict:
+    """Fit approach 1 or 2 (`fitter`), then its bootstrap: intervals on a, b and bands."""
+    point = fitter(budgets, N, D, L, names)
+    samples = {"a": [], "b": [], "N": [], "D": []}
+    for _ in range(bootstrap):
+        pick, regrouped = _resample_within(budgets, rng)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if fitter is fit_approach2:
+                    fitted = fitter(regrouped, N[pick], D[pick], L[pick],
+                                    [names[i] for i in pick], quiet=True)
+                else:
+                    fitted = fitter(regrouped, N[pick], D[pick], L[pick], [names[i] for i in pick])
+        except (ConfigError, np.linalg.LinAlgError):
+            continue  # a resample whose budgets all lack a minimum says nothing
+        samples["a"].append(fitted["a"])
+        samples["b"].append(fitted["b"])
+        samples["N"].append(np.exp(fitted["log_kN"]) * BAND_BUDGETS ** fitted["a"])
+        samples["D"].append(np.exp(fitted["log_kD"]) * BAND_BUDGETS ** fitted["b"])
+    return {
+        "a": _interval(samples["a"], point["a"]), "b": _interval(samples["b"], point["b"]),
+        "log_kN": point["log_kN"], "log_kD": point["log_kD"], "minima": point["minima"],
+        "bootstrap": len(samples["a"]),
+        "band": {"C": BAND_BUDGETS.tolist(), "N": _band(samples["N"]), "D": _band(samples["D"])},
+    }
+
+
+def _approach3(N, D, L, bootstrap, rng) -> dict:
+    point = fit_law(N, D, L)
+    samples = {name: [] for name in LAW_PARAMS}
+    samples.update(a=[], b=[], N=[], D=[])
+    start = np.array([point["theta"]])
+    for _ in range(bootstrap):
+        pick = rng.integers(0, len(N), len(N))
+        fitted = fit_law(N[pick], D[pick], L[pick], starts=0, extra_starts=start)
+        for name in LAW_PARAMS:
+            samples[name].append(fitted[name])
+        a, b = optimal_exponents(fitted["alpha"], fitted["beta"])
+        samples["a"].append(a)
+        samples["b"].append(b)
+        n_opt, d_opt = law_optimum(fitted, BAND_BUDGETS)
+        samples["N"].append(n_opt)
+        samples["D"].append(d_opt)
+    a, b = optimal_exponents(point["alpha"], point["beta"])
+    return {
+        "params": {name: _interval(samples[name], point[name]) for name in LAW_PARAMS},
+        "a": _interval(samples["a"], a), "b": _interval(samples["b"], b),
+        "huber_objective": point["objective"], "bootstrap": bootstrap,
+        "band": {"C": BAND_BUDGETS.tolist(), "N": _band(samples["N"]), "D": _band(samples["D"])},
+    }
+
+
+def fit_table(rows: list[dict], loss_column: str = "loss", bootstrap: int = 200,
+              seed: int = 0, budgets: list[float] | None = None,
+              budget_tolerance_dex: float = 0.1) -> dict:
+    """All three approaches on `rows` (dicts with N, D, `loss_column`, optionally C and
+    budget). `budgets` (FLOPs), when given, are the IsoFLOP budgets runs snap to (within
+    `budget_tolerance_dex` in log10 C). Returns the fit.json dict. Approaches 1 and 2 are
+    left out, with a warning, when the runs do not form 2 or more IsoFLOP budgets with 3 or
+    more sizes each."""
+    rows = clean_rows(rows, loss_column)
+    N = np.array([row["N"] for row in rows])
+    D = np.array([row["D"] for row in rows])
+    L = np.array([row[loss_column] for row in rows])
+    names = [str(row.get("run", f"row {i}")) for i, row in enumerate(rows)]
+    budgets = group_budgets(rows, budget_tolerance_dex, budgets)
+    rng = np.random.default_rng(seed)
+    result = {
+        "n_runs": len(rows), "loss_column": loss_column,
+        "budgets": [budget for budget, _ in budgets],
+        "budget_tolerance_dex": budget_tolerance_dex,
+        "law": "L(N, D) = E + A / N^alpha + B / D^beta; compute-optimal under C = 6 N D",
+    }
+    for name, fitter in (("approach1", fit_approach1), ("approach2", fit_approach2)):
+        try:
+            result[name] = _isoflop_approach(fitter, budgets, N, D, L, names, bootstrap, rng)
+        except ConfigError as error:
+            warnings.warn(f"{name} skipped: {error}", SweepWarning, stacklevel=2)
+    result["approach3"] = _approach3(N, D, L, bootstrap, rng)
+    return result
+
+
+def write_fit(result: dict, out: Path) -> Path:
+    """Write `result` to `out/fit.json` (NaN as null); return the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fit.json"
+    path.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    return path
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_fit(path: Path) -> dict:
+    """The fit.json at `path`; raises ConfigError when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"fit={path} does not exist; write it with `sf-sweep fit table=... "
+                          "out=DIR` (then fit=DIR/fit.json)")
+    return json.loads(path.read_text())

@@ -1,0 +1,126 @@
+"""The three report figures as PNG files (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scaleforge.scaling.law import law_optimum, law_params, loss  # noqa: E402
+
+APPROACH_COLORS = {"approach1": "tab:green", "approach2": "tab:blue", "approach3": "tab:red"}
+
+
+def plot_isoflops(fit: dict, curves: list[tuple[float, np.ndarray, np.ndarray]],
+                  path: Path) -> Path:
+    """Loss against N per IsoFLOP budget, `curves` = [(budget, N, loss)], with approach 2's
+    parabola and minimum where the budget has one."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # keyed by rounded log10 C: budgets regrouped from a table differ from the fit's in the
+    # last bits
+    minima = {round(np.log10(m["C"]), 6): m for m in fit.get("approach2", {}).get("minima", [])}
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(curves))))
+    for color, (budget, N, L) in zip(colors, curves, strict=False):
+        minimum = minima.get(round(np.log10(budget), 6))
+        label = f"C = {budget:.2g}" + ("" if minimum else " (no parabola minimum)")
+        ax.scatter(N, L, color=color, s=18, label=label)
+        if minimum is None:
+            ax.plot(np.sort(N), L[np.argsort(N)], color=color, lw=0.6, ls=":")
+            continue
+        x = np.linspace(np.log(N.min()) - 0.2, np.log(N.max()) + 0.2, 100)
+        x = np.linspace(min(x[0], np.log(minimum["N_opt"])), max(x[-1], np.log(minimum["N_opt"])),
+                        100)
+        ax.plot(np.exp(x), np.polyval(minimum["coef_logN"], x), color=color, lw=1)
+        ax.scatter([minimum["N_opt"]], [minimum["loss"]], color=color, marker="*", s=90,
+                   edgecolor="black", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("final loss (nats/token)")
+    ax.set_title("IsoFLOP curves, approach 2 parabolas (stars: minima)")
+    if curves:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_optimal(fit: dict, budgets: list[float], path: Path) -> Path:
+    """N_opt(C) and D_opt(C) of every approach with their 95% bootstrap bands, over the
+    fitted budgets and the report `budgets`."""
+    fitted = fit.get("budgets", [])
+    low = min(fitted + budgets) / 3
+    high = max(fitted + budgets) * 3
+    C = np.geomspace(low, high, 100)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for column, (ax, key) in enumerate(zip(axes, ("N", "D"), strict=True)):
+        for name, color in APPROACH_COLORS.items():
+            if name not in fit:
+                continue
+            entry = fit[name]
+            if name == "approach3":
+                curve = law_optimum(law_params(fit), C)[column]
+            else:
+                exponent = entry["a" if key == "N" else "b"]["value"]
+                curve = np.exp(entry[f"log_k{key}"]) * C ** exponent
+            exponent = entry["a" if key == "N" else "b"]
+            ax.plot(C, curve, color=color,
+                    label=f"{name}: {key}_opt ~ C^{exponent['value']:.3f}")
+            band = entry.get("band", {})
+            if band and band[key]["low"]:
+                grid = np.array(band["C"])
+                inside = (grid >= low) & (grid <= high)
+                ax.fill_between(grid[inside], np.array(band[key]["low"])[inside],
+                                np.array(band[key]["high"])[inside], color=color, alpha=0.15)
+            if "minima" in entry:
+                ax.scatter([m["C"] for m in entry["minima"]],
+                           [m[f"{key}_opt"] for m in entry["minima"]], color=color, s=15)
+        for budget in budgets:
+            ax.axvline(budget, color="grey", lw=0.5, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(low, high)
+        ax.set_xlabel("compute C (FLOPs)")
+        ax.set_ylabel("optimal parameters N" if key == "N" else "optimal tokens D")
+        ax.legend(fontsize=7)
+    fig.suptitle("Compute-optimal allocation with 95% bootstrap bands")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_contours(fit: dict, N: np.ndarray, D: np.ndarray, L: np.ndarray, path: Path) -> Path:
+    """Contours of approach 3's L(N, D) with the runs overlaid (coloured by their loss) and
+    the compute-optimal frontier."""
+    params = law_params(fit)
+    n_grid = np.geomspace(N.min() / 3, N.max() * 3, 200)
+    d_grid = np.geomspace(D.min() / 3, D.max() * 3, 200)
+    nn, dd = np.meshgrid(n_grid, d_grid)
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    levels = np.quantile(loss(params, nn, dd), np.linspace(0.02, 0.98, 14))
+    contours = ax.contour(nn, dd, loss(params, nn, dd), levels=np.unique(levels),
+                          cmap="viridis", linewidths=0.8)
+    ax.clabel(contours, fontsize=6, fmt="%.2f")
+    scatter = ax.scatter(N, D, c=L, cmap="viridis", edgecolor="black", s=22, zorder=3,
+                         vmin=contours.levels.min(), vmax=contours.levels.max())
+    C = np.geomspace(6 * N.min() * D.min(), 6 * N.max() * D.max(), 50)
+    frontier_n, frontier_d = law_optimum(params, C)
+    ax.plot(frontier_n, frontier_d, color="tab:red", lw=1.5, label="compute-optimal frontier")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(n_grid[0], n_grid[-1])
+    ax.set_ylim(d_grid[0], d_grid[-1])
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("tokens D")
+    ax.set_title("Approach 3: L(N, D) contours, runs overlaid")
+    fig.colorbar(scatter, label="run loss")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
