@@ -24,14 +24,13 @@ Use from a training loop (every pp rank passes the same micro-batches):
                           cross_entropy, device)
     optimizer = build_optimizer(pipe.model_parts, ...)
     loss = pipeline_step(pipe, micro_batches)                # mean loss, on every pp rank
-    norm = clip_grad_norm_across_stages_(list(pipe.parameters()), max_norm, pp_mesh)
+    norm = parallel.grad_clip.clip_grad_norm(pipe.parameters(), max_norm, pp_group)
     val_loss = pipeline_eval(pipe, val_micro_batches)
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -50,8 +49,7 @@ from scaleforge.models.transformer import Transformer
 Layout = Literal["loop", "v"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# The config setting that will carry an explicit per-stage layer list (not in ParallelConfig
-# yet); named in errors so the message points at what the user would change.
+# The config setting that carries an explicit per-stage layer list, named in errors.
 LAYERS_PER_STAGE_SETTING = "parallel.pp_layers_per_stage"
 
 
@@ -471,35 +469,6 @@ def pipeline_eval(
                 total += torch.stack([loss.float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)
     return total / (len(micro_batches) // m)
-
-
-def clip_grad_norm_across_stages_(
-    parameters: Sequence[nn.Parameter] | Iterator[nn.Parameter],
-    max_norm: float,
-    pp_mesh: DeviceMesh | dist.ProcessGroup,
-) -> torch.Tensor:
-    """Clip this rank's gradients by the L2 norm of ALL stages' gradients (across the pp
-    group), as `torch.nn.utils.clip_grad_norm_` does for the unsplit model.
-
-    `parameters` must hold each parameter once (a tied weight on one rank counted once),
-    with plain-tensor gradients (pp only; composing with TP/FSDP DTensor gradients needs the
-    local norm reduced over those axes first). Returns the total norm before clipping,
-    identical on every pp rank. max_norm=inf only measures.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    device = grads[0].device if grads else torch.device("cpu")
-    local = (
-        torch.nn.utils.get_total_norm(grads, 2.0)
-        if grads
-        else torch.zeros((), device=device)
-    )
-    squared = local.float().pow(2)
-    dist.all_reduce(squared, group=_pp_group(pp_mesh))
-    total = squared.sqrt()
-    if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
 
 
 def theoretical_bubble_fraction(

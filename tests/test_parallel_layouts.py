@@ -166,3 +166,38 @@ def test_bf16_layout_stays_close_to_single_process_bf16(tmp_path, layout):
     worst = _compare(result, reference, BF16_LOSS_RTOL, update_rtol=BF16_UPDATE_RTOL,
                      grad_norm_rtol=BF16_GRAD_NORM_RTOL)
     print(f"bf16 {layout}: max relative loss difference {worst:.2e}")
+
+
+# Pipeline layouts through the Trainer: llama_micro with 4 layers (2 stages of 2 layers, or
+# 4 of one with 2 stages per rank), 4 micro-batches per step at dp 1 (2 at dp 2), and 4
+# evaluation batches (whole schedule rounds on every data-parallel rank).
+PIPELINE_MODEL = ["model.n_layers=4", "trainer.eval_batches=4"]
+PIPELINE_LAYOUTS = {
+    "pp2_1F1B": (["parallel.pp=2"], 2, [[0], [1]]),
+    "pp2_Interleaved1F1B": (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
+                             "parallel.pp_stages_per_rank=2"], 2, [[0, 2], [1, 3]]),
+    "pp2_dp_shard2": (["parallel.pp=2", "parallel.dp_shard=2"], 4, [[0], [0], [1], [1]]),
+    "pp2_dp_replicate2": (["parallel.pp=2", "parallel.dp_replicate=2"], 4,
+                          [[0], [0], [1], [1]]),
+}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["pp2_1F1B", "pp2_Interleaved1F1B", "pp2_dp_shard2",
+     pytest.param("pp2_dp_replicate2", marks=pytest.mark.slow)],
+)
+def test_pipeline_layout_trains_like_single_process_in_fp32(tmp_path, layout):
+    overrides, world_size, stage_ids = PIPELINE_LAYOUTS[layout]
+    cfg = micro_config(tmp_path / "run", *COMMON, *PIPELINE_MODEL, *overrides)
+    result = run_layout(cfg, world_size, tmp_path, STEPS)
+    # The stages asked for ran on the ranks expected: no fallback to a single stage.
+    assert result["stage_ids"] == stage_ids
+    if "dp" in layout:  # rank 0's stage (embedding, layers 0-1) is sharded over dp by FSDP
+        mesh_shape = (2,) if "dp_shard" in layout else (2, 1)
+        _check_layout(result["placements"], mesh_shape, {}, 1 + 2 * 9)
+    else:
+        assert result["placements"] == {}
+    worst = _compare(result, _reference(tmp_path, *PIPELINE_MODEL),
+                     LOSS_RTOL, (WEIGHT_RTOL, WEIGHT_ATOL))
+    print(f"{layout}: max relative loss difference {worst:.2e}")
