@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaleforge.core.errors import ConfigError
 from scaleforge.core.precision import resolve_device
 from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline import validate_pipeline
 from scaleforge.parallel.topology import check_layout
 
@@ -204,18 +205,19 @@ def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
 
 
 def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batches: int) -> None:
-    """The pipeline's rules (parallel.pipeline.validate_pipeline) and the trainer's own:
-    evaluation runs whole schedule rounds on every data-parallel rank, and tensor
-    parallelism does not compose with pipeline stages yet."""
+    """The pipeline's rules (parallel.pipeline.validate_pipeline) and the layout's:
+    zero-bubble schedules need stages without tensor parallelism, and evaluation runs whole
+    schedule rounds on every data-parallel rank."""
     p = cfg.parallel
     validate_pipeline(cfg.model, pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
                       p.pp_layers_per_stage)
-    if tp > 1:
+    if tp > 1 and PIPELINE_SCHEDULES[p.pp_schedule].splits_backward:
+        # torch's input-only backward (stage_backward_input) fails on DTensor stages.
         raise ConfigError(
-            f"parallel.tp={tp} with parallel.pp={pp}: a tensor-parallel stage would pass "
-            "sequence-sharded DTensor activations between pipeline stages, which the pipeline "
-            "schedules do not carry; set parallel.tp=1 (use dp_shard or dp_replicate with pp) "
-            "or parallel.pp=1"
+            f"parallel.pp_schedule={p.pp_schedule!r} with parallel.tp={tp}: zero-bubble "
+            "schedules split each backward into input- and weight-gradient passes, which "
+            "torch cannot run on tensor-parallel stages; use GPipe, 1F1B or Interleaved1F1B "
+            "with tensor parallelism, or set parallel.tp=1"
         )
     rounds = micro_batches * dp_size
     if cfg.trainer.eval_batches % rounds:

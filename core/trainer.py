@@ -146,7 +146,8 @@ class Trainer:
         """
         if self.pipeline is not None:
             micro_batches = [next(batches) for _ in range(self.micro_batches)]
-            with self.precision.autocast():
+            # The loss context covers the schedule's backward passes too (loss_parallel).
+            with self.precision.autocast(), self.topology.loss_context():
                 return pipeline_step(self.pipeline, micro_batches)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
@@ -171,7 +172,7 @@ class Trainer:
         if self.pipeline is not None:
             # validate() made eval_batches a multiple of dp_size x the schedule's micro-batches.
             batches = list(self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size))
-            with self.precision.autocast():
+            with self.precision.autocast(), self.topology.loss_context():
                 loss = pipeline_eval(self.pipeline, batches)
             return self.topology.mean_over_dp(loss).item()
         # Every rank runs the same number of forwards (FSDP's gathers are collective);

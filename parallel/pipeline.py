@@ -41,6 +41,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
+from torch.distributed.tensor import DTensor
 
 from scaleforge.core.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
@@ -55,11 +56,13 @@ LAYERS_PER_STAGE_SETTING = "parallel.pp_layers_per_stage"
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """How a schedule places stages: its torch class, one or several stages per rank, layout."""
+    """How a schedule places stages: its torch class, one or several stages per rank, layout,
+    and whether it splits backward into input- and weight-gradient passes (zero bubble)."""
 
     torch_class: str
     multi_stage: bool
     layout: Layout
+    splits_backward: bool = False
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
@@ -67,10 +70,14 @@ SCHEDULES: dict[str, ScheduleSpec] = {
     "1F1B": ScheduleSpec("Schedule1F1B", multi_stage=False, layout="loop"),
     "Interleaved1F1B": ScheduleSpec("ScheduleInterleaved1F1B", multi_stage=True, layout="loop"),
     "InterleavedZeroBubble": ScheduleSpec(
-        "ScheduleInterleavedZeroBubble", multi_stage=True, layout="loop"
+        "ScheduleInterleavedZeroBubble", multi_stage=True, layout="loop", splits_backward=True
     ),
-    "ZBVZeroBubble": ScheduleSpec("ScheduleZBVZeroBubble", multi_stage=True, layout="v"),
-    "DualPipeV": ScheduleSpec("ScheduleDualPipeV", multi_stage=True, layout="v"),
+    "ZBVZeroBubble": ScheduleSpec(
+        "ScheduleZBVZeroBubble", multi_stage=True, layout="v", splits_backward=True
+    ),
+    "DualPipeV": ScheduleSpec(
+        "ScheduleDualPipeV", multi_stage=True, layout="v", splits_backward=True
+    ),
 }
 
 
@@ -400,19 +407,24 @@ def pipeline_step(
     # Each entry is already loss / m, so the sum is the mean; the other ranks add zero.
     total = torch.zeros((), dtype=torch.float32, device=device)
     if pipeline.is_last:
-        total += torch.stack([loss.detach().float() for loss in losses]).sum()
+        total += torch.stack([_plain(loss).detach().float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)
     return total
+
+
+def _plain(loss: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor: under tensor parallelism it is a replicated DTensor."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def _sequential_forward_loss(
     pipeline: Pipeline, inputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Loss of one micro-batch (B, T) pushed through the stages one after the other with
-    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32."""
+    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32,
+    their shape first (under tensor parallelism a stage sends its sequence shard)."""
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
-    d_model = pipeline.model_parts[0].cfg.d_model
     num_stages = len(owner)
     hidden = None
     loss = torch.zeros((), dtype=torch.float32, device=pipeline.device)
@@ -422,12 +434,16 @@ def _sequential_forward_loss(
         if stage == 0:
             hidden = inputs.to(pipeline.device)
         elif owner[stage - 1] != me:
-            hidden = torch.empty(*inputs.shape, d_model, device=pipeline.device)
+            shape = torch.empty(3, dtype=torch.int64)
+            dist.recv(shape, group=pipeline.group, group_src=owner[stage - 1])
+            hidden = torch.empty(*shape.tolist(), device=pipeline.device)
             dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
         hidden = modules[stage](hidden)
         if stage == num_stages - 1:
-            loss = pipeline.loss_fn(hidden, targets.to(pipeline.device)).float()
+            loss = _plain(pipeline.loss_fn(hidden, targets.to(pipeline.device))).float()
         elif owner[stage + 1] != me:
+            dist.send(torch.tensor(hidden.shape, dtype=torch.int64), group=pipeline.group,
+                      group_dst=owner[stage + 1])
             dist.send(hidden.float().contiguous(), group=pipeline.group,
                       group_dst=owner[stage + 1])
     return loss
@@ -466,7 +482,7 @@ def pipeline_eval(
             targets = torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
             pipeline.schedule.eval(*args, target=targets, losses=losses)
             if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)
-                total += torch.stack([loss.float() for loss in losses]).sum()
+                total += torch.stack([_plain(loss).float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)
     return total / (len(micro_batches) // m)
 

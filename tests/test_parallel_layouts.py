@@ -179,13 +179,22 @@ PIPELINE_LAYOUTS = {
     "pp2_dp_shard2": (["parallel.pp=2", "parallel.dp_shard=2"], 4, [[0], [0], [1], [1]]),
     "pp2_dp_replicate2": (["parallel.pp=2", "parallel.dp_replicate=2"], 4,
                           [[0], [0], [1], [1]]),
+    "tp2_pp2": (["parallel.pp=2", "parallel.tp=2"], 4, [[0], [0], [1], [1]]),
+    "tp2_pp2_Interleaved1F1B": (["parallel.pp=2", "parallel.tp=2",
+                                 "parallel.pp_schedule=Interleaved1F1B",
+                                 "parallel.pp_stages_per_rank=2"],
+                                4, [[0, 2]] * 2 + [[1, 3]] * 2),
+    "tp2_pp2_dp_shard2": (["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2"], 8,
+                          [[0]] * 4 + [[1]] * 4),
 }
 
 
 @pytest.mark.parametrize(
     "layout",
-    ["pp2_1F1B", "pp2_Interleaved1F1B", "pp2_dp_shard2",
-     pytest.param("pp2_dp_replicate2", marks=pytest.mark.slow)],
+    ["pp2_1F1B", "pp2_Interleaved1F1B", "pp2_dp_shard2", "tp2_pp2",
+     pytest.param("pp2_dp_replicate2", marks=pytest.mark.slow),
+     pytest.param("tp2_pp2_Interleaved1F1B", marks=pytest.mark.slow),
+     pytest.param("tp2_pp2_dp_shard2", marks=pytest.mark.slow)],
 )
 def test_pipeline_layout_trains_like_single_process_in_fp32(tmp_path, layout):
     overrides, world_size, stage_ids = PIPELINE_LAYOUTS[layout]
@@ -193,9 +202,17 @@ def test_pipeline_layout_trains_like_single_process_in_fp32(tmp_path, layout):
     result = run_layout(cfg, world_size, tmp_path, STEPS)
     # The stages asked for ran on the ranks expected: no fallback to a single stage.
     assert result["stage_ids"] == stage_ids
-    if "dp" in layout:  # rank 0's stage (embedding, layers 0-1) is sharded over dp by FSDP
+    # Rank 0's stage (embedding, layers 0-1) is sharded over dp by FSDP, or over tp;
+    # names carry the stage's index in the pipeline's model_parts ("0.").
+    placements = {name.split(".", 1)[1]: value for name, value in result["placements"].items()}
+    if layout == "tp2_pp2_dp_shard2":
+        _check_layout(placements, (2, 2), {}, 1 + 2 * 9)
+    elif "tp" in layout:
+        rank0_placements = {k: v for k, v in TP_PLACEMENTS.items() if k.startswith(("tok", "l"))}
+        _check_layout(placements, (2,), rank0_placements, 1 + 2 * 9)
+    elif "dp" in layout:
         mesh_shape = (2,) if "dp_shard" in layout else (2, 1)
-        _check_layout(result["placements"], mesh_shape, {}, 1 + 2 * 9)
+        _check_layout(placements, mesh_shape, {}, 1 + 2 * 9)
     else:
         assert result["placements"] == {}
     worst = _compare(result, _reference(tmp_path, *PIPELINE_MODEL),
