@@ -206,8 +206,9 @@ def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
 
 def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batches: int) -> None:
     """The pipeline's rules (parallel.pipeline.validate_pipeline) and the layout's:
-    zero-bubble schedules need stages without tensor parallelism, and evaluation runs whole
-    schedule rounds on every data-parallel rank."""
+    zero-bubble schedules need stages without tensor parallelism, selective checkpointing
+    or FSDP resharding after forward; evaluation runs whole schedule rounds on every
+    data-parallel rank."""
     p = cfg.parallel
     validate_pipeline(cfg.model, pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
                       p.pp_layers_per_stage)
@@ -218,6 +219,14 @@ def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batche
             "schedules split each backward into input- and weight-gradient passes, which "
             "torch cannot run on tensor-parallel stages; use GPipe, 1F1B or Interleaved1F1B "
             "with tensor parallelism, or set parallel.tp=1"
+        )
+    if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward
+            and cfg.trainer.activation_checkpointing == "selective"):
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule!r} with trainer.activation_checkpointing="
+            "selective: a zero-bubble schedule runs two backward passes (input, then weight "
+            "gradients) over each block, which selective checkpointing forbids; use "
+            "trainer.activation_checkpointing=full or none, or GPipe, 1F1B or Interleaved1F1B"
         )
     dp_shard = cfg.parallel.dp_shard if cfg.parallel.dp_shard != -1 else dp_size
     if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward and dp_shard > 1
