@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from scaleforge.core.errors import ConfigError
 from scaleforge.core.precision import resolve_device
 from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
+from scaleforge.parallel.pipeline import validate_pipeline
 from scaleforge.parallel.topology import check_layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -135,6 +137,8 @@ class ParallelConfig:
     # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
     pp_schedule: str = "1F1B"
     pp_stages_per_rank: int = 1
+    # Layers of each of the pp x pp_stages_per_rank stages, e.g. [1, 3]; null splits evenly.
+    pp_layers_per_stage: list[int] | None = None
     # auto: nccl when training on CUDA, gloo on CPU.
     backend: str = "auto"
     # Seconds a collective may wait before it fails (naming rank and group) instead of hanging.
@@ -200,6 +204,51 @@ def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
     return cfg.trainer.global_batch_tokens // tokens_per_micro_batch
 
 
+def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batches: int) -> None:
+    """The pipeline's rules (parallel.pipeline.validate_pipeline) and the layout's:
+    zero-bubble schedules need stages without tensor parallelism, selective checkpointing
+    or FSDP resharding after forward; evaluation runs whole schedule rounds on every
+    data-parallel rank."""
+    p = cfg.parallel
+    validate_pipeline(cfg.model, pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
+                      p.pp_layers_per_stage)
+    if tp > 1 and PIPELINE_SCHEDULES[p.pp_schedule].splits_backward:
+        # torch's input-only backward (stage_backward_input) fails on DTensor stages.
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule!r} with parallel.tp={tp}: zero-bubble "
+            "schedules split each backward into input- and weight-gradient passes, which "
+            "torch cannot run on tensor-parallel stages; use GPipe, 1F1B or Interleaved1F1B "
+            "with tensor parallelism, or set parallel.tp=1"
+        )
+    if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward
+            and cfg.trainer.activation_checkpointing == "selective"):
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule!r} with trainer.activation_checkpointing="
+            "selective: a zero-bubble schedule runs two backward passes (input, then weight "
+            "gradients) over each block, which selective checkpointing forbids; use "
+            "trainer.activation_checkpointing=full or none, or GPipe, 1F1B or Interleaved1F1B"
+        )
+    dp_shard = cfg.parallel.dp_shard if cfg.parallel.dp_shard != -1 else dp_size
+    if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward and dp_shard > 1
+            and p.fsdp_reshard_after_forward):
+        # Measured: weights off by 5e-3 after 3 steps (pp2 x dp_shard2, ZBVZeroBubble).
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule!r} with parallel.dp_shard={dp_shard} and "
+            "parallel.fsdp_reshard_after_forward=true: FSDP frees the gathered weights "
+            "between a zero-bubble schedule's forward and its separate weight-gradient pass, "
+            "which then computes wrong gradients; set parallel.fsdp_reshard_after_forward="
+            "false, or use GPipe, 1F1B or Interleaved1F1B"
+        )
+    rounds = micro_batches * dp_size
+    if cfg.trainer.eval_batches % rounds:
+        raise ConfigError(
+            f"trainer.eval_batches={cfg.trainer.eval_batches} with parallel.pp={pp}: "
+            f"evaluation runs the schedule over whole groups of {micro_batches} micro-batches "
+            f"on each of the {dp_size} data-parallel ranks; set trainer.eval_batches to a "
+            f"multiple of {rounds}"
+        )
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every cross-field rule; raise ConfigError naming the setting and the fix.
 
@@ -242,14 +291,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     dims = check_layout(cfg, world_size)
     micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
-    if micro_batches < dims.pp:
-        raise ConfigError(
-            f"parallel.pp={dims.pp} needs at least {dims.pp} micro-batches per step but "
-            f"trainer.global_batch_tokens={t.global_batch_tokens} gives {micro_batches} "
-            f"(micro-batch {t.micro_batch_size} x {d.seq_len} tokens x {dims.dp_size} "
-            "data-parallel ranks); raise trainer.global_batch_tokens or lower "
-            "trainer.micro_batch_size"
-        )
+    if dims.pp > 1:
+        _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
     if t.precision == "fp16" and dims.world_size > 1:
         raise ConfigError(
             f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "

@@ -6,8 +6,9 @@ weights, and the scheduled learning rate. Metrics and evaluation run every few s
 
 The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
 its data-parallel rank and size, its loss context and its groups, and `parallel.build_model`
-returns the model already sharded. `forward_backward` is the one method a pipeline schedule
-replaces.
+returns the model already sharded. With pipeline parallelism (`parallel.pp` > 1) the model is
+this rank's stages (`self.pipeline.model_parts`) and a schedule replaces `forward_backward`
+and the evaluation forward; optimizer, clipping and logging are the same.
 """
 
 from __future__ import annotations
@@ -29,11 +30,21 @@ from scaleforge.core.metrics import MetricsLogger, peak_memory_gb
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision
 from scaleforge.data_pipeline.loader import build_loaders
-from scaleforge.models import count_parameters
+from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
 from scaleforge.parallel.grad_clip import clip_grad_norm
-from scaleforge.parallel.parallelize import build_model, full_value, gathered_state_dict
-from scaleforge.parallel.topology import Topology, init_topology, theoretical_bubble_fraction
+from scaleforge.parallel.parallelize import (
+    build_model,
+    build_pipelined_model,
+    full_value,
+    gathered_state_dict,
+)
+from scaleforge.parallel.pipeline import (
+    pipeline_eval,
+    pipeline_step,
+    theoretical_bubble_fraction,
+)
+from scaleforge.parallel.topology import Topology, init_topology
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -90,7 +101,11 @@ class Trainer:
         self.train_batches, self.val_loader = data
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device)
-        self.model = build_model(cfg, self.topology)
+        self.pipeline = (
+            build_pipelined_model(cfg, self.topology, cross_entropy)
+            if self.topology.dims.pp > 1 else None
+        )
+        self.model = self.pipeline.model_parts if self.pipeline else build_model(cfg, self.topology)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.trainer.precision)
@@ -124,9 +139,16 @@ class Trainer:
 
         Returns the sum over micro-batches of loss / micro_batches (this replica's mean loss,
         a plain device tensor). Data-parallel gradient reduction runs with the last
-        micro-batch's backward. This is the seam for pipeline parallelism: a pipeline
-        schedule replaces this method (same contract: gradients accumulated, mean loss out).
+        micro-batch's backward. Under pipeline parallelism the schedule runs the step's
+        micro-batches through this rank's stages instead (same contract: gradients
+        accumulated, mean loss out on every pp rank; every pp rank of a data-parallel
+        replica reads the same micro-batches).
         """
+        if self.pipeline is not None:
+            micro_batches = [next(batches) for _ in range(self.micro_batches)]
+            # The loss context covers the schedule's backward passes too (loss_parallel).
+            with self.precision.autocast(), self.topology.loss_context():
+                return pipeline_step(self.pipeline, micro_batches)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
         for index in range(self.micro_batches):
@@ -147,6 +169,12 @@ class Trainer:
         (shared out over data-parallel ranks; the same number as in one process)."""
         self.model.eval()
         dp_size, dp_rank = self.topology.dp_size, self.topology.dp_rank
+        if self.pipeline is not None:
+            # validate() made eval_batches a multiple of dp_size x the schedule's micro-batches.
+            batches = list(self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size))
+            with self.precision.autocast(), self.topology.loss_context():
+                loss = pipeline_eval(self.pipeline, batches)
+            return self.topology.mean_over_dp(loss).item()
         # Every rank runs the same number of forwards (FSDP's gathers are collective);
         # batches past eval_batches are run but not counted.
         per_rank = -(-self.cfg.trainer.eval_batches // dp_size)
@@ -224,9 +252,11 @@ class Trainer:
 
     def _describe(self) -> str:
         cfg = self.cfg
-        # DTensor parameters report their full size, so this counts the whole model.
-        params = count_parameters(self.model)
-        non_embedding = count_parameters(self.model, embeddings=False)
+        if self.pipeline is not None:  # this rank holds only its stages: count from config
+            params, non_embedding = num_params(cfg.model), num_params(cfg.model, False)
+        else:  # DTensor parameters report their full size, so this counts the whole model.
+            params = count_parameters(self.model)
+            non_embedding = count_parameters(self.model, embeddings=False)
         return (
             f"model {cfg.model.name} ({cfg.model.family}): {params / 1e6:.2f}M parameters "
             f"({non_embedding / 1e6:.2f}M non-embedding) | device {self.device} | precision "
@@ -244,5 +274,6 @@ class Trainer:
             bubble = theoretical_bubble_fraction(
                 p.pp_schedule, dims.pp, self.micro_batches, p.pp_stages_per_rank
             )
-            line += f" | pipeline {p.pp_schedule}, theoretical bubble {bubble:.1%}"
+            line += (f" | pipeline {p.pp_schedule}, stages {self.pipeline.stage_ids} on this "
+                     f"rank, theoretical bubble {bubble:.1%}")
         return line

@@ -5,11 +5,16 @@ Weights are drawn once, on rank 0, exactly as a single process draws them (same 
 device, same order), and scattered into the sharded DTensors with
 `set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`: so the gathered
 weights of any layout equal the single-process weights bit for bit.
+
+With pipeline parallelism (`build_pipelined_model`) every rank draws the full model with the
+seed instead (the same draws as one process), cuts its stages, and applies the same
+composition to each stage (split -> TP -> AC -> compile -> FSDP, as torchtitan does).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -18,13 +23,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from scaleforge.core.config import Config
-from scaleforge.core.errors import ConfigError
+from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.models import build
 from scaleforge.models.rope import rope_tables
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaleforge.parallel.compile import apply_compile
 from scaleforge.parallel.data_parallel import apply_data_parallel
+from scaleforge.parallel.pipeline import LossFn, Pipeline, split_model
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
 
@@ -53,12 +58,7 @@ def build_model(cfg: Config, topology: Topology) -> nn.Module:
     rank 0's single-process initialisation. Call after seeding torch's RNG.
     """
     if topology.dims.pp > 1:
-        # Every rank raises this alike, so no rank is left waiting in a collective.
-        raise ConfigError(
-            f"parallel.pp={topology.dims.pp}: pipeline stages are built by the pipeline module "
-            "(parallel/pipeline.py), which this build does not include; set parallel.pp=1 and "
-            "use tp and dp_shard instead"
-        )
+        raise ValueError("parallel.pp > 1: build the stages with build_pipelined_model")
     if not topology.is_distributed:
         model = build(cfg.model, device=topology.device)
         parallelize(model, topology, cfg)
@@ -68,6 +68,26 @@ def build_model(cfg: Config, topology: Topology) -> nn.Module:
     model.to_empty(device=topology.device)
     load_single_process_weights(model, cfg, topology)
     return model
+
+
+def build_pipelined_model(cfg: Config, topology: Topology, loss_fn: LossFn) -> Pipeline:
+    """This rank's pipeline stages, parallelised, and the schedule that runs them.
+
+    The full model is drawn on every rank from the current RNG state (call after seeding),
+    so each stage's weights equal the single-process ones; the stages share them, the rest
+    is freed. Each stage then gets tensor parallel, activation checkpointing, compile and
+    FSDP like a whole model. `loss_fn(logits, targets)` is the mean loss of a micro-batch.
+    """
+    p = cfg.parallel
+    model = build(cfg.model, device=topology.device)
+    stages = split_model(model, topology.pp_rank, topology.dims.pp, p.pp_schedule,
+                         p.pp_stages_per_rank, p.pp_layers_per_stage)
+    del model
+    for _, stage in stages:
+        parallelize(stage, topology, cfg)
+    micro_batches = micro_batches_per_step(cfg, topology.dp_size)
+    return Pipeline(stages, p.pp_schedule, topology.group("pp"), micro_batches, loss_fn,
+                    topology.device)
 
 
 @torch.no_grad()
@@ -101,10 +121,32 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch.Tensor]:
     """The model's full weights with single-process keys: the plain state dict in one
-    process; gathered to CPU on rank 0 (empty elsewhere) when distributed. Collective."""
+    process; gathered to CPU on rank 0 (empty elsewhere) when distributed. Collective.
+
+    Under pipeline parallelism `model` is the pipeline's `model_parts`: each stage is
+    gathered over its tp/dp ranks, then the stages are collected on rank 0 over the pp
+    group of rank 0 (the ranks at tp 0, dp 0).
+    """
     if not topology.is_distributed:
         return model.state_dict()
-    return full_state_dict(model)
+    if topology.dims.pp == 1:
+        return full_state_dict(model)
+    # Full values on every rank of the stage's tp/dp group (not only global rank 0, which
+    # holds none of the other stages).
+    options = StateDictOptions(full_state_dict=True)
+    stage_state: dict[str, torch.Tensor] = {}
+    for part in model:
+        part_state = get_model_state_dict(part, options=options)
+        stage_state.update({k: v.detach().cpu() for k, v in part_state.items()})
+    if topology.dp_rank != 0 or topology.tp_rank != 0:
+        return {}
+    stages: list[dict[str, torch.Tensor]] | None = (
+        [{} for _ in range(topology.dims.pp)] if topology.is_rank0 else None
+    )
+    dist.gather_object(stage_state, stages, group=topology.group("pp"), group_dst=0)
+    if not topology.is_rank0:
+        return {}
+    return {k: v for state in stages for k, v in state.items()}
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,13 @@ Use from a training loop (every pp rank passes the same micro-batches):
                           cross_entropy, device)
     optimizer = build_optimizer(pipe.model_parts, ...)
     loss = pipeline_step(pipe, micro_batches)                # mean loss, on every pp rank
-    norm = clip_grad_norm_across_stages_(list(pipe.parameters()), max_norm, pp_mesh)
+    norm = parallel.grad_clip.clip_grad_norm(pipe.parameters(), max_norm, pp_group)
     val_loss = pipeline_eval(pipe, val_micro_batches)
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +41,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
+from torch.distributed.tensor import DTensor
 
 from scaleforge.core.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
@@ -50,18 +50,19 @@ from scaleforge.models.transformer import Transformer
 Layout = Literal["loop", "v"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# The config setting that will carry an explicit per-stage layer list (not in ParallelConfig
-# yet); named in errors so the message points at what the user would change.
+# The config setting that carries an explicit per-stage layer list, named in errors.
 LAYERS_PER_STAGE_SETTING = "parallel.pp_layers_per_stage"
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """How a schedule places stages: its torch class, one or several stages per rank, layout."""
+    """How a schedule places stages: its torch class, one or several stages per rank, layout,
+    and whether it splits backward into input- and weight-gradient passes (zero bubble)."""
 
     torch_class: str
     multi_stage: bool
     layout: Layout
+    splits_backward: bool = False
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
@@ -69,10 +70,14 @@ SCHEDULES: dict[str, ScheduleSpec] = {
     "1F1B": ScheduleSpec("Schedule1F1B", multi_stage=False, layout="loop"),
     "Interleaved1F1B": ScheduleSpec("ScheduleInterleaved1F1B", multi_stage=True, layout="loop"),
     "InterleavedZeroBubble": ScheduleSpec(
-        "ScheduleInterleavedZeroBubble", multi_stage=True, layout="loop"
+        "ScheduleInterleavedZeroBubble", multi_stage=True, layout="loop", splits_backward=True
     ),
-    "ZBVZeroBubble": ScheduleSpec("ScheduleZBVZeroBubble", multi_stage=True, layout="v"),
-    "DualPipeV": ScheduleSpec("ScheduleDualPipeV", multi_stage=True, layout="v"),
+    "ZBVZeroBubble": ScheduleSpec(
+        "ScheduleZBVZeroBubble", multi_stage=True, layout="v", splits_backward=True
+    ),
+    "DualPipeV": ScheduleSpec(
+        "ScheduleDualPipeV", multi_stage=True, layout="v", splits_backward=True
+    ),
 }
 
 
@@ -402,19 +407,24 @@ def pipeline_step(
     # Each entry is already loss / m, so the sum is the mean; the other ranks add zero.
     total = torch.zeros((), dtype=torch.float32, device=device)
     if pipeline.is_last:
-        total += torch.stack([loss.detach().float() for loss in losses]).sum()
+        total += torch.stack([_plain(loss).detach().float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)
     return total
+
+
+def _plain(loss: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor: under tensor parallelism it is a replicated DTensor."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def _sequential_forward_loss(
     pipeline: Pipeline, inputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Loss of one micro-batch (B, T) pushed through the stages one after the other with
-    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32."""
+    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32,
+    their shape first (under tensor parallelism a stage sends its sequence shard)."""
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
-    d_model = pipeline.model_parts[0].cfg.d_model
     num_stages = len(owner)
     hidden = None
     loss = torch.zeros((), dtype=torch.float32, device=pipeline.device)
@@ -424,12 +434,16 @@ def _sequential_forward_loss(
         if stage == 0:
             hidden = inputs.to(pipeline.device)
         elif owner[stage - 1] != me:
-            hidden = torch.empty(*inputs.shape, d_model, device=pipeline.device)
+            shape = torch.empty(3, dtype=torch.int64)
+            dist.recv(shape, group=pipeline.group, group_src=owner[stage - 1])
+            hidden = torch.empty(*shape.tolist(), device=pipeline.device)
             dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
         hidden = modules[stage](hidden)
         if stage == num_stages - 1:
-            loss = pipeline.loss_fn(hidden, targets.to(pipeline.device)).float()
+            loss = _plain(pipeline.loss_fn(hidden, targets.to(pipeline.device))).float()
         elif owner[stage + 1] != me:
+            dist.send(torch.tensor(hidden.shape, dtype=torch.int64), group=pipeline.group,
+                      group_dst=owner[stage + 1])
             dist.send(hidden.float().contiguous(), group=pipeline.group,
                       group_dst=owner[stage + 1])
     return loss
@@ -468,38 +482,9 @@ def pipeline_eval(
             targets = torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
             pipeline.schedule.eval(*args, target=targets, losses=losses)
             if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)
-                total += torch.stack([loss.float() for loss in losses]).sum()
+                total += torch.stack([_plain(loss).float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)
     return total / (len(micro_batches) // m)
-
-
-def clip_grad_norm_across_stages_(
-    parameters: Sequence[nn.Parameter] | Iterator[nn.Parameter],
-    max_norm: float,
-    pp_mesh: DeviceMesh | dist.ProcessGroup,
-) -> torch.Tensor:
-    """Clip this rank's gradients by the L2 norm of ALL stages' gradients (across the pp
-    group), as `torch.nn.utils.clip_grad_norm_` does for the unsplit model.
-
-    `parameters` must hold each parameter once (a tied weight on one rank counted once),
-    with plain-tensor gradients (pp only; composing with TP/FSDP DTensor gradients needs the
-    local norm reduced over those axes first). Returns the total norm before clipping,
-    identical on every pp rank. max_norm=inf only measures.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    device = grads[0].device if grads else torch.device("cpu")
-    local = (
-        torch.nn.utils.get_total_norm(grads, 2.0)
-        if grads
-        else torch.zeros((), device=device)
-    )
-    squared = local.float().pow(2)
-    dist.all_reduce(squared, group=_pp_group(pp_mesh))
-    total = squared.sqrt()
-    if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
 
 
 def theoretical_bubble_fraction(

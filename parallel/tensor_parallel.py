@@ -21,16 +21,22 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
                              under `loss_parallel` on the shards, never gathering V
 
 The residual stream stays a DTensor (not a local tensor) so `h.size(1)` is the full
-sequence length the model uses for RoPE tables and positions. Tied embeddings (gpt) work:
-the embedding and the LM head are both sharded by vocabulary rows, so after the plan the
-head is re-tied to the embedding's sharded weight.
+sequence length the model uses for RoPE tables and positions. Between pipeline stages it
+travels as this rank's local shard (B, T/t, d) (the schedules send plain tensors): a stage
+without the head hands out `to_local()`, a stage without the embeddings wraps what it
+receives back into a Shard(1) DTensor; the sending and receiving rank share the tp index.
+Tied embeddings (gpt) work: the embedding and the LM head are both sharded by vocabulary
+rows, so after the plan the head is re-tied to the embedding's sharded weight.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -101,3 +107,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     plan = block_plan(model.cfg.family)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, plan)
+    if model.tok_embeddings is None:  # a later pipeline stage: receives local shards
+        model.register_forward_pre_hook(partial(_sequence_shard_to_dtensor, tp_mesh))
+    if model.output is None:  # an earlier pipeline stage: sends local shards
+        model.register_forward_hook(_dtensor_to_local)
+
+
+def _sequence_shard_to_dtensor(
+    tp_mesh: DeviceMesh, module: nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[DTensor, ...]:
+    """Hidden states (B, T/t, d) from the previous stage -> DTensor (B, T, d) Shard(1)."""
+    return (DTensor.from_local(args[0], tp_mesh, [Shard(1)]), *args[1:])
+
+
+def _dtensor_to_local(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The stage's sequence-sharded hidden states as a plain local tensor (B, T/t, d)."""
+    return output.to_local() if isinstance(output, DTensor) else output

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from scaleforge.core.errors import ConfigError
 from scaleforge.core.precision import resolve_device
+from scaleforge.parallel.pipeline import schedule_spec
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
     from scaleforge.core.config import Config
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-PIPELINE_SCHEDULES = (
-    "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV",
-)
 BACKENDS = ("auto", "nccl", "gloo")
 T = TypeVar("T")
 
@@ -94,7 +92,8 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     Raises ConfigError (one line: the setting, its value, the fix) for: a size < 1 (other
     than dp_shard=-1), cp != 1, an unknown pipeline schedule or backend, a product that is
     not WORLD_SIZE, tp not dividing the heads, kv heads, MLP width, vocabulary or sequence
-    length, pp x stages per rank not dividing the layers.
+    length. The pipeline's own rules (stages, layers, micro-batches) are
+    `parallel.pipeline.validate_pipeline`, called by `core.config.validate`.
     """
     p, model = cfg.parallel, cfg.model
     for name in ("tp", "pp", "dp_replicate", "cp", "pp_stages_per_rank"):
@@ -109,10 +108,7 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
             f"parallel.cp={p.cp}: context parallelism is reserved in the layout but not "
             "implemented yet; set parallel.cp=1"
         )
-    if p.pp_schedule not in PIPELINE_SCHEDULES:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
-        )
+    schedule_spec(p.pp_schedule)
     if p.backend not in BACKENDS:
         raise ConfigError(f"parallel.backend={p.backend!r} is not one of {', '.join(BACKENDS)}")
     if p.timeout_s <= 0:
@@ -142,34 +138,7 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
         )
         _divides("parallel.tp", dims.tp, "data.seq_len", cfg.data.seq_len,
                  "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
-    stages = dims.pp * p.pp_stages_per_rank
-    if model.n_layers % stages:
-        raise ConfigError(
-            f"parallel.pp x parallel.pp_stages_per_rank = {dims.pp} x {p.pp_stages_per_rank} = "
-            f"{stages} stages do not divide model.n_layers={model.n_layers}; pick sizes whose "
-            "product divides the layer count"
-        )
     return dims
-
-
-def theoretical_bubble_fraction(
-    schedule: str, pp: int, microbatches: int, stages_per_rank: int = 1
-) -> float:
-    """Idle fraction of a pipeline step, from the schedule's shape (equal-cost stages).
-
-    GPipe and 1F1B: (p - 1) / (m + p - 1); with v virtual stages per rank (interleaved, zero
-    bubble and V schedules) the warm-up and drain shrink v-fold: (p - 1) / (v * m + p - 1).
-    Zero-bubble schedules fill part of this with weight-gradient work, so for them it is
-    an upper bound.
-    """
-    if schedule not in PIPELINE_SCHEDULES:
-        raise ConfigError(
-            f"parallel.pp_schedule={schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
-        )
-    if pp <= 1:
-        return 0.0
-    virtual = 1 if schedule in ("GPipe", "1F1B") else stages_per_rank
-    return (pp - 1) / (virtual * microbatches + pp - 1)
 
 
 class Topology:

@@ -54,11 +54,21 @@ def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
+def _stage_ids_of_every_rank(trainer: Trainer, topology: Topology) -> list[list[int]] | None:
+    """The pipeline stages each rank ran, in rank order; None without a pipeline."""
+    if trainer.pipeline is None:
+        return None
+    stage_ids: list[list[int]] = [[] for _ in range(topology.world_size)]
+    dist.all_gather_object(stage_ids, trainer.pipeline.stage_ids)
+    return stage_ids
+
+
 def train_and_record(
     cfg: Config, run_dir: Path, steps: int, world_size: int, topology: Topology | None = None
 ) -> dict[str, Any]:
     """Train `steps` steps; return initial and final full weights, losses, grad norms,
-    validation loss and the parameter layouts (full weights on rank 0 only)."""
+    validation loss, the parameter layouts and, under pipeline parallelism, every rank's
+    stage ids (full weights on rank 0 only)."""
     topology = topology or init_topology(cfg, world_size)
     data = dp_data(cfg, topology.dp_rank, topology.dp_size)
     trainer = Trainer(cfg, run_dir, world_size, data=data, topology=topology)
@@ -77,6 +87,7 @@ def train_and_record(
         "grad_norms": grad_norms,
         "val_loss": val_loss,
         "placements": placements_by_name(trainer.model),
+        "stage_ids": _stage_ids_of_every_rank(trainer, topology),
         "dp_rank": topology.dp_rank,
         "label": topology.label(),
         "autocast": trainer.precision.name,

@@ -53,6 +53,18 @@ def test_torchrun_tp2_trains_end_to_end(tmp_path, stdlib_overrides):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray Hydra directories
 
 
+def test_torchrun_pp2_trains_end_to_end_and_gathers_every_stage(tmp_path, stdlib_overrides):
+    run_dir = tmp_path / "run"
+    # 4 micro-batches per step; evaluation needs whole groups of them.
+    result = _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *TRAIN,
+                       *SMALL_RUN, *stdlib_overrides, "parallel.pp=2", "trainer.eval_batches=4",
+                       f"run_dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout pp 2 x dp_replicate 1 x dp_shard 1 x cp 1 x tp 1" in result.stdout
+    assert "pipeline 1F1B, stages [0] on this rank, theoretical bubble 20.0%" in result.stdout
+    _check_run(run_dir, 3)  # layer 0 from pp rank 0, the head from pp rank 1
+
+
 def test_two_nodes_meet_through_c10d_rendezvous_and_train_together(tmp_path, stdlib_overrides):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [

@@ -1,5 +1,5 @@
-"""Layout validation before any process group exists, the bubble formula, and the
-mesh helpers that need no processes."""
+"""Layout validation before any process group exists and the mesh helpers that need no
+processes (the bubble formula is tested with the pipeline, tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from scaleforge.parallel.topology import (
     MESH_DIMS,
     check_layout,
     init_topology,
-    theoretical_bubble_fraction,
 )
 
 
@@ -28,7 +27,23 @@ from scaleforge.parallel.topology import (
         (["parallel.tp=2", "data.seq_len=63"], 2, "data.seq_len=63"),
         (["parallel.pp=3", "model.n_layers=2"], 3, "model.n_layers=2"),
         (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], 2, "parallel.pp_stages_per_rank"),
-        (["parallel.pp=2", "trainer.micro_batch_size=8"], 2, "needs at least 2 micro-batches"),
+        (["parallel.pp=2", "trainer.micro_batch_size=8"], 2, "fewer than the 2 pipeline stages"),
+        (["parallel.pp=2", "parallel.pp_layers_per_stage=[1,2]"], 2,
+         "parallel.pp_layers_per_stage=[1, 2]"),
+        (["parallel.pp=2", "trainer.eval_batches=3"], 2, "trainer.eval_batches=3"),
+        (["parallel.pp=2", "parallel.dp_shard=2", "trainer.micro_batch_size=2"], 4,
+         "set trainer.eval_batches to a multiple of 4"),
+        (["parallel.pp=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings=true"),
+        (["parallel.pp=2", "parallel.pp_schedule=InterleavedZeroBubble",
+          "parallel.pp_stages_per_rank=2", "model.n_layers=4", "trainer.micro_batch_size=1",
+          "trainer.eval_batches=8", "trainer.activation_checkpointing=selective"], 2,
+         "trainer.activation_checkpointing=selective"),
+        (["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=DualPipeV",
+          "parallel.pp_stages_per_rank=2", "model.n_layers=4", "trainer.micro_batch_size=1",
+          "trainer.eval_batches=8"], 4, "set parallel.fsdp_reshard_after_forward=false"),
+        (["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=ZBVZeroBubble",
+          "parallel.pp_stages_per_rank=2", "model.n_layers=4", "trainer.micro_batch_size=1",
+          "trainer.eval_batches=8"], 4, "parallel.pp_schedule='ZBVZeroBubble' with parallel.tp=2"),
         (["parallel.cp=2"], 2, "parallel.cp=2"),
         (["parallel.pp_schedule=ZigZag"], 1, "parallel.pp_schedule='ZigZag'"),
         (["parallel.backend=mpi"], 1, "parallel.backend='mpi'"),
@@ -67,23 +82,6 @@ def test_single_process_topology_starts_no_process_group(tmp_path):
     assert (topology.dp_rank, topology.dp_size, topology.is_rank0) == (0, 1, True)
     assert topology.label() == "[pp0 dp0 tp0]"
     assert topology.broadcast_from_rank0("runs/x") == "runs/x"
-
-
-@pytest.mark.parametrize(
-    ("schedule", "pp", "microbatches", "virtual", "expected"),
-    [
-        ("1F1B", 1, 8, 1, 0.0),
-        ("GPipe", 2, 8, 1, 1 / 9),
-        ("1F1B", 4, 8, 1, 3 / 11),
-        ("1F1B", 4, 8, 2, 3 / 11),  # one stage per rank: virtual stages do not apply
-        ("Interleaved1F1B", 4, 8, 2, 3 / 19),
-        ("ZBVZeroBubble", 2, 4, 2, 1 / 9),
-    ],
-)
-def test_theoretical_bubble_fraction(schedule, pp, microbatches, virtual, expected):
-    assert theoretical_bubble_fraction(schedule, pp, microbatches, virtual) == pytest.approx(
-        expected
-    )
 
 
 def _hang_in_tp_group(world_size: int, cfg) -> str:

@@ -23,11 +23,11 @@ from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.trainer import Trainer, cross_entropy, seed_everything
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.pipeline import (
     SCHEDULES,
     available_schedules,
     build_pipeline,
-    clip_grad_norm_across_stages_,
     pipeline_eval,
     pipeline_step,
     split_model,
@@ -107,7 +107,7 @@ def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dic
         loss = pipeline_step(pipe, batches[step * m:(step + 1) * m])
         params = list(pipe.parameters())
         local_norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())
-        norms.append(clip_grad_norm_across_stages_(params, cfg.optim.grad_clip, pp_mesh).item())
+        norms.append(clip_grad_norm(params, cfg.optim.grad_clip, pp_mesh.get_group()).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
