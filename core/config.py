@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.core.errors import ConfigError
-from scaleforge.core.precision import resolve_device
+from scaleforge.core.precision import check_precision_device, resolve_device
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline import validate_pipeline
@@ -298,7 +298,4 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
             "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
         )
-    if t.precision == "fp16" and resolve_device(t.device).type != "cuda":
-        raise ConfigError(
-            "trainer.precision=fp16 needs CUDA (dynamic loss scaling); use bf16 or fp32 on CPU"
-        )
+    check_precision_device(t.precision, resolve_device(t.device))

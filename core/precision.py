@@ -37,15 +37,20 @@ class Precision:
     scaler: torch.amp.GradScaler | None
 
 
-def build_precision(name: str, device: torch.device) -> Precision:
-    """Precision policy `name` (fp32 | bf16 | fp16) on `device`."""
-    if name == "fp32":
-        return Precision(name, contextlib.nullcontext, None)
+def check_precision_device(name: str, device: torch.device) -> None:
+    """Raise ConfigError when precision `name` cannot run on `device` (fp16 needs CUDA)."""
     if name == "fp16" and device.type != "cuda":
         raise ConfigError(
             "trainer.precision=fp16 needs CUDA (dynamic loss scaling); use bf16 or fp32 on "
             f"{device.type}"
         )
+
+
+def build_precision(name: str, device: torch.device) -> Precision:
+    """Precision policy `name` (fp32 | bf16 | fp16) on `device`."""
+    if name == "fp32":
+        return Precision(name, contextlib.nullcontext, None)
+    check_precision_device(name, device)
     dtype = _DTYPES[name]
 
     def autocast() -> AbstractContextManager:
