@@ -27,6 +27,7 @@ cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -53,14 +54,20 @@ from scaleforge.core.errors import ConfigError
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 FORMAT_VERSION = 1
-# DCP warns on every single-process save and load; one process is a normal layout here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Wrapper modules insert these into parameter names; state-dict keys never contain them.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 # ----------------------------------------------------------------------------- locations
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save and load; one process is a normal layout."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -372,8 +379,9 @@ class Checkpointer:
         self.wait()
         step = self.trainer.step
         final = step_dir(self.run_dir, step)
-        if is_complete(final):  # e.g. preempted right after resuming from this step
-            return final
+        resumed = self.trainer.resumed_from
+        if resumed is not None and is_complete(final) and final.resolve() == resumed.resolve():
+            return final  # e.g. preempted right after resuming: this checkpoint is current
         partial = final.parent / f".{final.name}.partial"
         if self.topology.is_rank0:
             if partial.exists():
@@ -383,15 +391,17 @@ class Checkpointer:
         state = self._state()
         info = self._info()
         if self.cfg.async_save:
-            future = dcp.async_save(
-                state,
-                checkpoint_id=partial,
-                process_group=self._group_for_async(),
-                no_dist=not dist.is_initialized(),
-            )
+            with _quiet_single_process():
+                future = dcp.async_save(
+                    state,
+                    checkpoint_id=partial,
+                    process_group=self._group_for_async(),
+                    no_dist=not dist.is_initialized(),
+                )
             self._pending = (future, partial, final, info)
         else:
-            dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
             self._finish(partial, final, info)
             self._barrier()
         self.last_save_s = time.perf_counter() - started
@@ -485,6 +495,7 @@ class Checkpointer:
         t = self.trainer
         metadata = read_metadata(path)
         info = read_info(path)
+        check_model_kind(path, t.cfg.model, "trainer.resume")
         check_shapes(
             _global_shapes(model_state(t.model)),
             saved_shapes(metadata, "model"),
@@ -523,12 +534,7 @@ class Checkpointer:
             state.pop("rng")
         if "scaler" in state and not any(k.startswith("scaler.") for k in saved):
             state.pop("scaler")
-        dcp.load(
-            state,
-            checkpoint_id=path,
-            storage_reader=SafeFileSystemReader(path),
-            no_dist=not dist.is_initialized(),
-        )
+        _load(path, state)
 
         for part in model_parts(t.model):
             part_state = part.state_dict()
@@ -552,6 +558,30 @@ class Checkpointer:
                 torch.cuda.set_rng_state(rng["cuda"], t.device)
 
 
+def check_model_kind(path: Path, model_cfg: Any, setting: str) -> None:
+    """Settings that change the model without changing any tensor shape must match the
+    checkpoint's (an untied checkpoint loaded into a tied model would silently overwrite
+    the embedding with the output weights)."""
+    saved = OmegaConf.load(path / "config.yaml").model
+    for name in ("family", "tie_embeddings"):
+        if saved.get(name) != getattr(model_cfg, name):
+            raise ConfigError(
+                f"{setting}={path}: the checkpoint's model.{name}={saved.get(name)} but this "
+                f"run's is {getattr(model_cfg, name)}; set model.{name}={saved.get(name)}"
+            )
+
+
+def _load(path: Path, state: dict[str, Any]) -> None:
+    """Fill `state` in place from the checkpoint at `path` (collective when distributed)."""
+    with _quiet_single_process():
+        dcp.load(
+            state,
+            checkpoint_id=path,
+            storage_reader=SafeFileSystemReader(path),
+            no_dist=not dist.is_initialized(),
+        )
+
+
 def _global_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     # A DTensor's .shape is its global shape.
     return {key: tuple(value.shape) for key, value in state.items()}
@@ -568,21 +598,20 @@ def _fsync_dir(path: Path) -> None:
 # ----------------------------------------------------------------------------- weights only
 
 
-def load_model_weights(model: nn.Module, path: str | Path, setting: str) -> Path:
+def load_model_weights(
+    model: nn.Module, path: str | Path, setting: str, model_cfg: Any = None
+) -> Path:
     """Fill `model` (any layout; a pipeline's `model_parts`) with the weights of the
     checkpoint at `path` (a step directory or a run directory: the newest one). Collective.
     Returns the checkpoint directory used."""
     path = find_checkpoint(path, setting)
+    if model_cfg is not None:
+        check_model_kind(path, model_cfg, setting)
     metadata = read_metadata(path)
     state = model_state(model)
     check_shapes(_global_shapes(state), saved_shapes(metadata, "model"), f"checkpoint {path}")
     wrapped = {"model": state}
-    dcp.load(
-        wrapped,
-        checkpoint_id=path,
-        storage_reader=SafeFileSystemReader(path),
-        no_dist=not dist.is_initialized(),
-    )
+    _load(path, wrapped)
     for part in model_parts(model):
         part.load_state_dict({k: wrapped["model"][k] for k in part.state_dict()}, strict=True)
     return path
@@ -599,7 +628,8 @@ def save_model_checkpoint(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    dcp.save({"model": dict(state_dict)}, checkpoint_id=partial, no_dist=True)
+    with _quiet_single_process():
+        dcp.save({"model": dict(state_dict)}, checkpoint_id=partial, no_dist=True)
     OmegaConf.save(OmegaConf.structured(cfg), partial / "config.yaml")
     (partial / COMPLETE).write_text(
         json.dumps(
@@ -628,5 +658,5 @@ def load_model_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Ten
     path = find_checkpoint(path, "ckpt")
     cfg = load_checkpoint_config(path)
     model = build(cfg.model, device=torch.device("cpu"))
-    load_model_weights(model, path, "ckpt")
+    load_model_weights(model, path, "ckpt", cfg.model)
     return cfg, model.state_dict()
