@@ -1,0 +1,137 @@
+"""`sf-convert`: ScaleForge checkpoints to and from Hugging Face model directories.
+
+    sf-convert to-hf ckpt=runs/mine out=hf/mine dtype=bf16
+    sf-convert from-hf hf=hf/mine out=ckpts/from_hf
+
+to-hf: `ckpt` is a checkpoint directory (`RUN_DIR/checkpoints/step_<N>`) or a run directory,
+whose newest complete checkpoint is converted, else its `final_model.pt` (with the run's
+`config.yaml`). Writes config.json + model.safetensors, loadable with
+`transformers.AutoModelForCausalLM.from_pretrained(out)`; `dtype` is fp32 (default) or bf16.
+
+from-hf: `hf` is a local Llama or GPT-2 directory (config.json + safetensors; pickled .bin
+files are refused). Writes a model-only checkpoint directory with fp32 weights, for
+`trainer.init_from=out`.
+
+Arguments are key=value. Errors print one `error:` line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scaleforge.core.errors import ConfigError, exit_on_config_error
+from scaleforge.launch.sweep import parse_settings
+
+COMMANDS = ("to-hf", "from-hf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ToHfSettings:
+    ckpt: str = ""
+    out: str = ""
+    dtype: str = "fp32"
+
+
+@dataclass
+class FromHfSettings:
+    hf: str = ""
+    out: str = ""
+
+
+def newest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The `run_dir/checkpoints/step_<N>` with the largest N that holds complete.json."""
+    steps = [
+        (int(match.group(1)), path)
+        for path in (run_dir / "checkpoints").glob("step_*")
+        if (match := re.fullmatch(r"step_(\d+)", path.name)) and (path / "complete.json").is_file()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def read_training_weights(ckpt: Path):
+    """(training Config, model state dict) of a checkpoint directory or a run directory
+    (its newest complete checkpoint, else final_model.pt + config.yaml); see module doc."""
+    from scaleforge.core.checkpoint import load_model_checkpoint
+
+    if (ckpt / "complete.json").is_file():
+        return load_model_checkpoint(ckpt)
+    if re.fullmatch(r"step_\d+", ckpt.name) and ckpt.is_dir():
+        raise ConfigError(f"ckpt={ckpt} is an incomplete checkpoint (no complete.json)")
+    newest = newest_complete_checkpoint(ckpt)
+    if newest is not None:
+        return load_model_checkpoint(newest)
+    final, config = ckpt / "final_model.pt", ckpt / "config.yaml"
+    if final.is_file() and config.is_file():
+        return read_run_config(config), torch.load(final, map_location="cpu", weights_only=True)
+    raise ConfigError(
+        f"ckpt={ckpt} holds no checkpoint: expected a checkpoint directory with complete.json, "
+        "a run directory with checkpoints/step_<N>/, or one with final_model.pt and config.yaml"
+    )
+
+
+def read_run_config(path: Path):
+    """The training Config saved as `path` (a run's config.yaml), checked against the schema."""
+    from omegaconf import OmegaConf
+
+    from scaleforge.core.config import Config, to_config
+
+    return to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+
+
+def to_hf(settings: ToHfSettings) -> Path:
+    """Convert a ScaleForge checkpoint to a Hugging Face model directory; return it."""
+    from scaleforge.models.hf import save_hf
+
+    if not settings.ckpt or not settings.out:
+        raise ConfigError("to-hf needs ckpt=DIR (checkpoint or run directory) and out=DIR")
+    if settings.dtype not in DTYPES:
+        raise ConfigError(f"dtype={settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    ckpt = Path(settings.ckpt)
+    if not ckpt.is_dir():
+        raise ConfigError(f"ckpt={ckpt} is not a directory")
+    config, state = read_training_weights(ckpt)
+    out = save_hf(state, config.model, Path(settings.out), DTYPES[settings.dtype])
+    print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
+    return out
+
+
+def from_hf(settings: FromHfSettings) -> Path:
+    """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
+    from scaleforge.core.checkpoint import save_model_checkpoint
+    from scaleforge.core.config import Config
+    from scaleforge.models.hf import load_hf
+
+    if not settings.hf or not settings.out:
+        raise ConfigError("from-hf needs hf=DIR (a Hugging Face model directory) and out=DIR")
+    model_cfg, state = load_hf(Path(settings.hf))
+    # Training keeps fp32 master weights whatever the published dtype.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    out = save_model_checkpoint(state, Config(model=model_cfg, run_dir=settings.out),
+                                Path(settings.out))
+    print(f"{model_cfg.family} model from {settings.hf} -> {out} (use trainer.init_from={out})")
+    return out
+
+
+_HANDLERS = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf)}
+
+
+def dispatch(argv: list[str]) -> None:
+    """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
+    if not argv or argv[0] not in COMMANDS:
+        raise ConfigError(f"give a command: sf-convert {{{'|'.join(COMMANDS)}}} key=value ...")
+    settings_class, handler = _HANDLERS[argv[0]]
+    handler(parse_settings(settings_class, argv[1:]))
+
+
+def main() -> None:
+    exit_on_config_error(dispatch, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
