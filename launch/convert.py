@@ -17,13 +17,13 @@ Arguments are key=value. Errors print one `error:` line and exit with 2.
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from scaleforge.core.config import Config
 from scaleforge.core.errors import ConfigError, exit_on_config_error
 from scaleforge.launch.sweep import parse_settings
 
@@ -44,44 +44,24 @@ class FromHfSettings:
     out: str = ""
 
 
-def newest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The `run_dir/checkpoints/step_<N>` with the largest N that holds complete.json."""
-    steps = [
-        (int(match.group(1)), path)
-        for path in (run_dir / "checkpoints").glob("step_*")
-        if (match := re.fullmatch(r"step_(\d+)", path.name)) and (path / "complete.json").is_file()
-    ]
-    return max(steps)[1] if steps else None
-
-
-def read_training_weights(ckpt: Path):
-    """(training Config, model state dict) of a checkpoint directory or a run directory
-    (its newest complete checkpoint, else final_model.pt + config.yaml); see module doc."""
-    from scaleforge.core.checkpoint import load_model_checkpoint
-
-    if (ckpt / "complete.json").is_file():
-        return load_model_checkpoint(ckpt)
-    if re.fullmatch(r"step_\d+", ckpt.name) and ckpt.is_dir():
-        raise ConfigError(f"ckpt={ckpt} is an incomplete checkpoint (no complete.json)")
-    newest = newest_complete_checkpoint(ckpt)
-    if newest is not None:
-        return load_model_checkpoint(newest)
-    final, config = ckpt / "final_model.pt", ckpt / "config.yaml"
-    if final.is_file() and config.is_file():
-        return read_run_config(config), torch.load(final, map_location="cpu", weights_only=True)
-    raise ConfigError(
-        f"ckpt={ckpt} holds no checkpoint: expected a checkpoint directory with complete.json, "
-        "a run directory with checkpoints/step_<N>/, or one with final_model.pt and config.yaml"
+def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(training Config, model state dict) of a checkpoint directory or a run directory: its
+    newest complete checkpoint, else its final_model.pt with its config.yaml."""
+    from scaleforge.core.checkpoint import (
+        is_complete,
+        latest_checkpoint,
+        load_checkpoint_config,
+        load_model_checkpoint,
     )
 
-
-def read_run_config(path: Path):
-    """The training Config saved as `path` (a run's config.yaml), checked against the schema."""
-    from omegaconf import OmegaConf
-
-    from scaleforge.core.config import Config, to_config
-
-    return to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+    final = ckpt / "final_model.pt"
+    if is_complete(ckpt) or latest_checkpoint(ckpt) is not None or not final.is_file():
+        # Raises a ConfigError naming ckpt= when there is no complete checkpoint.
+        return load_model_checkpoint(ckpt)
+    if not (ckpt / "config.yaml").is_file():
+        raise ConfigError(f"ckpt={ckpt} has final_model.pt but no config.yaml to say its shape")
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    return load_checkpoint_config(ckpt), state
 
 
 def to_hf(settings: ToHfSettings) -> Path:
@@ -104,7 +84,6 @@ def to_hf(settings: ToHfSettings) -> Path:
 def from_hf(settings: FromHfSettings) -> Path:
     """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
     from scaleforge.core.checkpoint import save_model_checkpoint
-    from scaleforge.core.config import Config
     from scaleforge.models.hf import load_hf
 
     if not settings.hf or not settings.out:
@@ -112,8 +91,9 @@ def from_hf(settings: FromHfSettings) -> Path:
     model_cfg, state = load_hf(Path(settings.hf))
     # Training keeps fp32 master weights whatever the published dtype.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    out = save_model_checkpoint(state, Config(model=model_cfg, run_dir=settings.out),
-                                Path(settings.out))
+    out = save_model_checkpoint(
+        state, Config(model=model_cfg, run_dir=settings.out), Path(settings.out)
+    )
     print(f"{model_cfg.family} model from {settings.hf} -> {out} (use trainer.init_from={out})")
     return out
 

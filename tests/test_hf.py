@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
+from conftest import micro_config, synthetic_data  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
@@ -31,8 +32,6 @@ from scaleforge.models.hf import (  # noqa: E402
 )
 from scaleforge.models.state_dict import check_state_dict_shapes  # noqa: E402
 
-from conftest import micro_config  # noqa: E402
-
 VOCAB, SEQ = 128, 32
 TOLERANCE = 1e-5  # max abs logit difference, fp32
 
@@ -52,9 +51,18 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def hf_llama(tied: bool = False, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
     settings = dict(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-        num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=SEQ, rope_theta=5e5,
-        rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        rope_theta=5e5,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return randomize(LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})))
 
@@ -62,8 +70,15 @@ def hf_llama(tied: bool = False, **overrides) -> LlamaForCausalLM:
 def hf_gpt2(tied: bool = True, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     settings = dict(
-        n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=SEQ,
-        tie_word_embeddings=tied, layer_norm_epsilon=1e-6, bos_token_id=None, eos_token_id=None,
+        n_embd=64,
+        n_head=4,
+        n_layer=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        tie_word_embeddings=tied,
+        layer_norm_epsilon=1e-6,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return randomize(GPT2LMHeadModel(GPT2Config(**{**settings, **overrides})))
 
@@ -72,8 +87,16 @@ def our_config(family: str, tied: bool) -> TransformerConfig:
     """llama_micro's shape (d 64, 4 heads, 2 kv heads), or GPT-2 at the same size."""
     if family == "llama":
         return micro_config("unused", f"model.tie_embeddings={tied}").model
-    return TransformerConfig(name="gpt_micro", family="gpt", n_layers=2, d_model=64, n_heads=4,
-                             vocab_size=VOCAB, max_seq_len=SEQ, tie_embeddings=tied)
+    return TransformerConfig(
+        name="gpt_micro",
+        family="gpt",
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        vocab_size=VOCAB,
+        max_seq_len=SEQ,
+        tie_embeddings=tied,
+    )
 
 
 def our_model(cfg: TransformerConfig):
@@ -132,8 +155,19 @@ def test_state_dict_round_trips_are_bitwise_equal(family, tied):
 def test_config_round_trip_keeps_every_setting_that_shapes_the_model(family):
     cfg = our_config(family, tied=True)
     back = from_hf_config(to_hf_config(cfg), name=cfg.name)
-    for setting in ("family", "n_layers", "d_model", "n_heads", "kv_heads", "mlp_hidden",
-                    "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std"):
+    for setting in (
+        "family",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "kv_heads",
+        "mlp_hidden",
+        "vocab_size",
+        "max_seq_len",
+        "norm_eps",
+        "tie_embeddings",
+        "init_std",
+    ):
         assert getattr(back, setting) == getattr(cfg, setting), setting
     if family == "llama":
         assert back.rope_theta == cfg.rope_theta
@@ -156,14 +190,20 @@ def test_published_gpt2_layout_without_prefix_and_with_mask_buffers_loads():
 def test_shape_mismatch_names_the_tensor_and_both_shapes():
     hf_state = hf_llama().state_dict()
     wider = from_hf_config(hf_llama(intermediate_size=128).config)
-    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape "
-                                          r"\(96, 64\) but the model expects \(128, 64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape "
+        r"\(96, 64\) but the model expects \(128, 64\)",
+    ):
         from_hf_state_dict(hf_state, wider)
     cfg = our_config("llama", tied=False)
     ours = our_model(cfg).state_dict()
     ours["layers.1.attention.wk.weight"] = torch.zeros(64, 64)
-    with pytest.raises(ConfigError, match=r"layers\.1\.attention\.wk\.weight has shape \(64, 64\) "
-                                          r"but the model expects \(32, 64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"layers\.1\.attention\.wk\.weight has shape \(64, 64\) "
+        r"but the model expects \(32, 64\)",
+    ):
         to_hf_state_dict(ours, cfg)
 
 
@@ -187,8 +227,15 @@ def test_missing_and_unexpected_tensors_are_named():
         (GPT2Config(activation_function="gelu"), "activation_function='gelu'"),
         (GPT2Config(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     ],
-    ids=["hidden_act", "attention_bias", "mlp_bias", "head_dim", "rope_scaling", "exact_gelu",
-         "layer_scaled_attention"],
+    ids=[
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+        "head_dim",
+        "rope_scaling",
+        "exact_gelu",
+        "layer_scaled_attention",
+    ],
 )
 def test_unrepresentable_hf_config_is_a_config_error_naming_the_setting(hf_config, setting):
     with pytest.raises(ConfigError, match=f"Hugging Face config {setting}"):
@@ -205,10 +252,17 @@ def test_a_model_type_other_than_llama_and_gpt2_is_refused():
 def write_final_model_run(run_dir, family: str = "llama"):
     """A run directory as the trainer leaves it without checkpoints: config.yaml and
     final_model.pt. Returns (model, config)."""
-    overrides = [] if family == "llama" else [
-        "model=gpt_tiny", "model.n_layers=2", "model.d_model=64", "model.vocab_size=512",
-        "model.max_seq_len=64",
-    ]
+    overrides = (
+        []
+        if family == "llama"
+        else [
+            "model=gpt_tiny",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.vocab_size=512",
+            "model.max_seq_len=64",
+        ]
+    )
     cfg = micro_config(run_dir, *overrides)
     run_dir.mkdir(parents=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
@@ -230,8 +284,7 @@ def test_to_hf_from_final_model_writes_a_model_transformers_loads(tmp_path, fami
 
 def test_to_hf_in_bf16_writes_bf16_weights(tmp_path):
     write_final_model_run(tmp_path / "run")
-    convert.dispatch(["to-hf", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'hf'}",
-                      "dtype=bf16"])
+    convert.dispatch(["to-hf", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'hf'}", "dtype=bf16"])
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert {p.dtype for p in hf_model.parameters()} == {torch.bfloat16}
 
@@ -245,11 +298,45 @@ def test_load_hf_reads_a_saved_directory_without_pickles(tmp_path):
     assert max_logit_difference(model.eval(), hf_model, VOCAB) <= TOLERANCE
 
 
+def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path):
+    """sf-train checkpoint -> to-hf (run dir and step dir) -> from-hf -> trainer.init_from."""
+    from scaleforge.core.checkpoint import load_model_checkpoint
+    from scaleforge.core.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = micro_config(
+        run, "trainer.max_steps=2", "trainer.eval_every=2", "model.tie_embeddings=true"
+    )
+    Trainer(cfg, run, data=synthetic_data(cfg)).fit()
+    step = run / "checkpoints" / "step_2"
+    _, trained = load_model_checkpoint(step)
+    model = build(cfg.model)
+    model.load_state_dict(trained)
+
+    for ckpt, out in ((run, tmp_path / "hf_run"), (step, tmp_path / "hf_step")):
+        convert.dispatch(["to-hf", f"ckpt={ckpt}", f"out={out}"])
+        hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert max_logit_difference(model.eval(), hf_model, cfg.model.vocab_size) <= TOLERANCE
+
+    back = tmp_path / "from_hf"
+    convert.dispatch(["from-hf", f"hf={tmp_path / 'hf_run'}", f"out={back}"])
+    back_cfg, back_state = load_model_checkpoint(back)
+    assert back_cfg.model.tie_embeddings and back_cfg.model.d_model == cfg.model.d_model
+    assert all(torch.equal(back_state[name], trained[name]) for name in trained)
+
+    fresh = micro_config(
+        tmp_path / "fresh", "model.tie_embeddings=true", f"trainer.init_from={back}"
+    )
+    trainer = Trainer(fresh, tmp_path / "fresh", data=synthetic_data(fresh))
+    assert trainer.initialised_from == back
+    assert all(torch.equal(trainer.model.state_dict()[name], trained[name]) for name in trained)
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["to-hf", "ckpt={tmp}", "out={tmp}/hf", "dtype=fp16"], "dtype='fp16' is not one of"),
-        (["to-hf", "ckpt={tmp}", "out={tmp}/hf"], "holds no checkpoint"),
+        (["to-hf", "ckpt={tmp}", "out={tmp}/hf"], "ckpt=.*no complete checkpoint there"),
         (["to-hf", "out={tmp}/hf"], "to-hf needs ckpt=DIR"),
         (["from-hf", "hf={tmp}", "out={tmp}/ckpt"], "no config.json"),
         (["from-hf", "model={tmp}"], "'model=.*' is not a setting"),
