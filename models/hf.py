@@ -78,12 +78,14 @@ GPT2_GLOBAL_KEYS = {
     "norm.bias": "transformer.ln_f.bias",
     "output.weight": "lm_head.weight",
 }
-CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LINEAR_AS_CONV1D = ("attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight")
+CONV1D = tuple(GPT2_LAYER_KEYS[name] for name in LINEAR_AS_CONV1D)
 # Buffers some published checkpoints carry that no model computes from: GPT-2's causal
 # masks and old Llama exports' RoPE frequencies.
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 # Both compute GELU's tanh approximation, as models/transformer.GeluMLP does.
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+LLAMA_ACTIVATIONS = ("silu", "swish")  # two names of x * sigmoid(x)
 
 
 def to_hf_config(cfg: TransformerConfig) -> PretrainedConfig:
@@ -177,7 +179,7 @@ def _llama_rope_theta(hf_config: PretrainedConfig) -> float:
 
 
 def _llama_config(hf_config: PretrainedConfig, name: str) -> TransformerConfig:
-    if hf_config.hidden_act != "silu":
+    if hf_config.hidden_act not in LLAMA_ACTIVATIONS:
         _refuse("hidden_act", hf_config.hidden_act, "ScaleForge's llama MLP is SwiGLU (silu)")
     for setting in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, setting, False):
@@ -284,7 +286,6 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: TransformerCon
         GPT2_LAYER_KEYS,
         "layers.{}.",
         "transformer.h.{}.",
-        skip=("wq", "wk", "wv"),
     )
     for i in range(cfg.n_layers):
         ours, theirs = f"layers.{i}.attention.", f"transformer.h.{i}.attn.c_attn."
@@ -336,7 +337,6 @@ def from_hf_state_dict(
             _inverse(GPT2_LAYER_KEYS),
             "transformer.h.{}.",
             "layers.{}.",
-            skip=("c_attn",),
         )
         for i in range(cfg.n_layers):
             theirs, mine = f"transformer.h.{i}.attn.c_attn.", f"layers.{i}.attention."
@@ -344,11 +344,7 @@ def from_hf_state_dict(
             biases = state[theirs + "bias"].chunk(3, dim=0)
             for p, weight, bias in zip("qkv", weights, biases, strict=True):
                 ours[mine + f"w{p}.weight"], ours[mine + f"w{p}.bias"] = weight, bias
-            for suffix in (
-                "attention.wo.weight",
-                "feed_forward.w1.weight",
-                "feed_forward.w2.weight",
-            ):
+            for suffix in LINEAR_AS_CONV1D:
                 ours[f"layers.{i}.{suffix}"] = ours[f"layers.{i}.{suffix}"].t()
     if cfg.tie_embeddings:
         ours["output.weight"] = ours["tok_embeddings.weight"]
@@ -371,21 +367,14 @@ def _rename(
     layer_keys: Mapping[str, str],
     source_layer: str,
     target_layer: str,
-    skip: tuple[str, ...] = (),
 ) -> StateDict:
-    """Rename every key of `state` through the two tables; keys whose module name is in
-    `skip` (fused or split projections) are left to the caller."""
-    renamed = {target: state[source] for source, target in global_keys.items() if source in state}
+    """The tensors named in the two tables under their new names; the fused or split ones
+    (GPT-2's q, k, v) are left to the caller, which has checked `state`'s keys already."""
+    renamed = {target: state[source] for source, target in global_keys.items()}
     for i in range(n_layers):
         source_prefix, target_prefix = source_layer.format(i), target_layer.format(i)
         for source, target in layer_keys.items():
             renamed[target_prefix + target] = state[source_prefix + source]
-    handled = set(global_keys) | {
-        source_layer.format(i) + source for i in range(n_layers) for source in layer_keys
-    }
-    left = [name for name in state if name not in handled and name.split(".")[-2] not in skip]
-    if left:  # check_state_dict_shapes ran first, so this is a table out of date
-        raise ConfigError(f"no Hugging Face name for tensor {left[0]}")
     return renamed
 
 
