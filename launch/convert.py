@@ -9,8 +9,8 @@ whose newest complete checkpoint is converted, else its `final_model.pt` (with t
 `transformers.AutoModelForCausalLM.from_pretrained(out)`; `dtype` is fp32 (default) or bf16.
 
 from-hf: `hf` is a local Llama or GPT-2 directory (config.json + safetensors; pickled .bin
-files are refused). Writes a model-only checkpoint directory with fp32 weights, for
-`trainer.init_from=out`.
+files are refused). Writes a model-only checkpoint directory with fp32 weights and prints
+the sf-train command that starts from it (`trainer.init_from=out` and the model settings).
 
 Arguments are key=value. Errors print one `error:` line and exit with 2.
 """
@@ -26,6 +26,7 @@ import torch
 from scaleforge.core.config import Config
 from scaleforge.core.errors import ConfigError, exit_on_config_error
 from scaleforge.launch.sweep import parse_settings
+from scaleforge.models.config import TransformerConfig
 
 COMMANDS = ("to-hf", "from-hf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,8 +95,38 @@ def from_hf(settings: FromHfSettings) -> Path:
     out = save_model_checkpoint(
         state, Config(model=model_cfg, run_dir=settings.out), Path(settings.out)
     )
-    print(f"{model_cfg.family} model from {settings.hf} -> {out} (use trainer.init_from={out})")
+    print(f"{model_cfg.family} model from {settings.hf} -> {out}; train from it with:")
+    print(" ".join(["sf-train", f"trainer.init_from={out}", *model_overrides(model_cfg)]))
     return out
+
+
+# The settings that fix a model's tensor shapes and its function; name and init_std do not.
+SHAPE_SETTINGS = (
+    "family",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "vocab_size",
+    "max_seq_len",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+)
+
+
+def model_overrides(model_cfg: TransformerConfig) -> list[str]:
+    """sf-train overrides (`model.d_model=4096`, ...) that rebuild `model_cfg`'s model."""
+    values = {name: getattr(model_cfg, name) for name in SHAPE_SETTINGS}
+    values["ffn_hidden"] = model_cfg.mlp_hidden
+    return [f"model.{name}={_override_value(value)}" for name, value in values.items()]
+
+
+def _override_value(value: object) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 _HANDLERS = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf)}

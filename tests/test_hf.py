@@ -298,8 +298,9 @@ def test_load_hf_reads_a_saved_directory_without_pickles(tmp_path):
     assert max_logit_difference(model.eval(), hf_model, VOCAB) <= TOLERANCE
 
 
-def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path):
-    """sf-train checkpoint -> to-hf (run dir and step dir) -> from-hf -> trainer.init_from."""
+def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path, capsys):
+    """sf-train checkpoint -> to-hf (run dir and step dir) -> from-hf -> the sf-train command
+    from-hf prints (trainer.init_from and the model settings)."""
     from scaleforge.core.checkpoint import load_model_checkpoint
     from scaleforge.core.trainer import Trainer
 
@@ -324,9 +325,11 @@ def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path):
     assert back_cfg.model.tie_embeddings and back_cfg.model.d_model == cfg.model.d_model
     assert all(torch.equal(back_state[name], trained[name]) for name in trained)
 
-    fresh = micro_config(
-        tmp_path / "fresh", "model.tie_embeddings=true", f"trainer.init_from={back}"
-    )
+    command = capsys.readouterr().out.splitlines()[-1].split()
+    assert command[:2] == ["sf-train", f"trainer.init_from={back}"]
+    fresh = micro_config(tmp_path / "fresh", *command[1:])
+    for setting in (*convert.SHAPE_SETTINGS, "mlp_hidden", "kv_heads"):
+        assert getattr(fresh.model, setting) == getattr(back_cfg.model, setting), setting
     trainer = Trainer(fresh, tmp_path / "fresh", data=synthetic_data(fresh))
     assert trainer.initialised_from == back
     assert all(torch.equal(trainer.model.state_dict()[name], trained[name]) for name in trained)
