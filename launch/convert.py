@@ -65,10 +65,20 @@ def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return load_checkpoint_config(ckpt), state
 
 
+def hf_conversion():
+    """scaleforge.models.hf, or a ConfigError saying how to install `transformers`."""
+    try:
+        from scaleforge.models import hf
+    except ImportError as error:
+        raise ConfigError(
+            f"sf-convert needs transformers and safetensors ({error.name} is missing): "
+            "pip install -e '.[hf]'"
+        ) from None
+    return hf
+
+
 def to_hf(settings: ToHfSettings) -> Path:
     """Convert a ScaleForge checkpoint to a Hugging Face model directory; return it."""
-    from scaleforge.models.hf import save_hf
-
     if not settings.ckpt or not settings.out:
         raise ConfigError("to-hf needs ckpt=DIR (checkpoint or run directory) and out=DIR")
     if settings.dtype not in DTYPES:
@@ -77,7 +87,7 @@ def to_hf(settings: ToHfSettings) -> Path:
     if not ckpt.is_dir():
         raise ConfigError(f"ckpt={ckpt} is not a directory")
     config, state = read_training_weights(ckpt)
-    out = save_hf(state, config.model, Path(settings.out), DTYPES[settings.dtype])
+    out = hf_conversion().save_hf(state, config.model, Path(settings.out), DTYPES[settings.dtype])
     print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
     return out
 
@@ -85,11 +95,10 @@ def to_hf(settings: ToHfSettings) -> Path:
 def from_hf(settings: FromHfSettings) -> Path:
     """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
     from scaleforge.core.checkpoint import save_model_checkpoint
-    from scaleforge.models.hf import load_hf
 
     if not settings.hf or not settings.out:
         raise ConfigError("from-hf needs hf=DIR (a Hugging Face model directory) and out=DIR")
-    model_cfg, state = load_hf(Path(settings.hf))
+    model_cfg, state = hf_conversion().load_hf(Path(settings.hf))
     # Training keeps fp32 master weights whatever the published dtype.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     out = save_model_checkpoint(
