@@ -289,9 +289,13 @@ def test_to_hf_in_bf16_writes_bf16_weights(tmp_path):
     assert {p.dtype for p in hf_model.parameters()} == {torch.bfloat16}
 
 
-def test_load_hf_reads_a_saved_directory_without_pickles(tmp_path):
+@pytest.mark.parametrize("shard_size", [None, "20KB"], ids=["one_file", "sharded"])
+def test_load_hf_reads_a_saved_directory_without_pickles(tmp_path, shard_size):
     hf_model = hf_llama(tied=True)
-    hf_model.save_pretrained(tmp_path / "hf")
+    hf_model.save_pretrained(
+        tmp_path / "hf", **({"max_shard_size": shard_size} if shard_size else {})
+    )
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == bool(shard_size)
     cfg, state = load_hf(tmp_path / "hf")
     model = build(cfg)
     model.load_state_dict(state)
