@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from scaleforge.core.config import Config, to_config
 from scaleforge.core.errors import ConfigError
+from scaleforge.models.state_dict import check_state_dict_shapes
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
@@ -205,27 +206,6 @@ def saved_shapes(metadata: Metadata, prefix: str) -> dict[str, tuple[int, ...]]:
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix + ".") and isinstance(entry, TensorStorageMetadata)
     }
-
-
-def check_shapes(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str
-) -> None:
-    """Raise ConfigError naming the first tensor missing from `found` or shaped differently.
-
-    `expected` is what this model holds, `found` what the checkpoint at `where` holds."""
-    for name, shape in expected.items():
-        if name not in found:
-            raise ConfigError(
-                f"{where} has no tensor {name!r} (shape {list(shape)}) that this model needs: "
-                "it was saved for a different model; load it with the model config it was "
-                "saved with (its config.yaml)"
-            )
-        if tuple(found[name]) != tuple(shape):
-            raise ConfigError(
-                f"{where} holds {name!r} with shape {list(found[name])} but this model's is "
-                f"{list(shape)}: it was saved for a different model; load it with the model "
-                "config it was saved with (its config.yaml)"
-            )
 
 
 # ----------------------------------------------------------------------------- state
@@ -496,10 +476,9 @@ class Checkpointer:
         metadata = read_metadata(path)
         info = read_info(path)
         check_model_kind(path, t.cfg.model, "trainer.resume")
-        check_shapes(
-            _global_shapes(model_state(t.model)),
-            saved_shapes(metadata, "model"),
-            f"checkpoint {path}",
+        check_state_dict_shapes(
+            model_state(t.model), saved_shapes(metadata, "model"), f"checkpoint {path}",
+            allow_unexpected=True,
         )
         if not saved_shapes(metadata, "optim"):
             raise ConfigError(
@@ -582,11 +561,6 @@ def _load(path: Path, state: dict[str, Any]) -> None:
         )
 
 
-def _global_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    # A DTensor's .shape is its global shape.
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -609,7 +583,9 @@ def load_model_weights(
         check_model_kind(path, model_cfg, setting)
     metadata = read_metadata(path)
     state = model_state(model)
-    check_shapes(_global_shapes(state), saved_shapes(metadata, "model"), f"checkpoint {path}")
+    check_state_dict_shapes(
+        state, saved_shapes(metadata, "model"), f"checkpoint {path}", allow_unexpected=True
+    )
     wrapped = {"model": state}
     _load(path, wrapped)
     for part in model_parts(model):

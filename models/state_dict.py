@@ -13,8 +13,10 @@ def check_state_dict_shapes(
     expected: Mapping[str, torch.Tensor | torch.Size],
     got: Mapping[str, torch.Tensor | torch.Size],
     where: str,
+    allow_unexpected: bool = False,
 ) -> None:
-    """Raise ConfigError unless `got` has exactly the keys of `expected`, each of its shape.
+    """Raise ConfigError unless `got` has exactly the keys of `expected`, each of its shape
+    (with `allow_unexpected`, `got` may hold more: a pipeline rank loads only its stages).
 
     `expected` and `got` map tensor names to tensors (or shapes); `where` names the source of
     `got` (a checkpoint path, "Hugging Face model") so the message says what to fix. Keys are
@@ -34,7 +36,7 @@ def check_state_dict_shapes(
                 "checkpoint was written for a different model shape (check the model.* settings)"
             )
     unexpected = [name for name in got if name not in expected]
-    if unexpected:
+    if unexpected and not allow_unexpected:
         raise ConfigError(
             f"{where}: tensor {unexpected[0]} (shape {_shape(got[unexpected[0]])}) does not "
             f"belong to the model ({len(unexpected)} unexpected tensors); the checkpoint was "

@@ -178,7 +178,8 @@ def test_a_checkpoint_of_another_shape_names_the_tensor_and_both_shapes(tmp_path
         "model.n_heads=4",
         f"trainer.resume={tmp_path / 'small'}",
     )
-    with pytest.raises(ConfigError, match=r"tok_embeddings.weight.*\[512, 64\].*\[512, 96\]"):
+    shapes = r"tok_embeddings.weight has shape \(512, 64\).*expects \(512, 96\)"
+    with pytest.raises(ConfigError, match=shapes):
         Trainer(cfg, tmp_path / "wide", data=synthetic_data(cfg))
 
 
