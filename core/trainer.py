@@ -112,7 +112,11 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, cfg.trainer.precision)
         self.step = 0
         self.checkpointer = Checkpointer(self)
-        self.resumed_from = resolve_resume(cfg.trainer.resume, self.run_dir)
+        # Every rank resolves (so a bad path fails everywhere alike); rank 0's choice is used,
+        # so all ranks load the same checkpoint even if one completed meanwhile.
+        resume = resolve_resume(cfg.trainer.resume, self.run_dir)
+        resume = self.topology.broadcast_from_rank0(str(resume) if resume else "")
+        self.resumed_from = Path(resume) if resume else None
         self.initialised_from = None
         if self.resumed_from is not None:
             self.checkpointer.load(self.resumed_from)
