@@ -207,6 +207,14 @@ class Topology:
             dist.all_reduce(total, group=self.group("dp_shard"))
         return total
 
+    def sum_over_world(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over every rank (one all-reduce on the default group); the
+        value itself in one process."""
+        total = value.detach().clone()
+        if self.is_distributed:
+            dist.all_reduce(total)
+        return total
+
     def broadcast_from_rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (e.g. the run directory, whose timestamp may differ)."""
         if not self.is_distributed:
