@@ -120,6 +120,26 @@ class TrainerConfig:
     spike_warmup_steps: int = 100
     # Signals on which fit saves a checkpoint and returns (SLURM sends one before a kill).
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Continue a run from a checkpoint: auto = the newest complete one in run_dir (none in a
+    # fresh run), never, or a path (a step_<N> directory or a run directory).
+    resume: str = "auto"
+    # Start from the weights of a checkpoint (a step_<N> or run directory, or what
+    # `sf-convert from-hf` wrote) with a fresh optimizer at step 0. Ignored when resuming.
+    init_from: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints in RUN_DIR/checkpoints/step_<N>/ (see core/checkpoint.py)."""
+
+    # Save every N optimizer steps (0: only at the end).
+    every: int = 0
+    # Keep the newest K complete checkpoints (0 keeps all).
+    keep: int = 3
+    # Save when training ends (also after every=N saves).
+    at_end: bool = True
+    # Write in a background thread while training continues (the state is copied first).
+    async_save: bool = False
 
 
 @dataclass
@@ -167,6 +187,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
 
 
@@ -288,6 +309,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     parse_signals(t.preemption_signals, "trainer.preemption_signals")
     _positive("optim.lr", o.lr)
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
+        raise ConfigError(
+            f"checkpoint.every={cfg.checkpoint.every} and checkpoint.keep={cfg.checkpoint.keep} "
+            "must be >= 0 (0 = only at the end / keep all)"
+        )
+    if not t.resume:
+        raise ConfigError("trainer.resume is empty; use auto, never or a checkpoint path")
     _positive("data.seq_len", d.seq_len)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")

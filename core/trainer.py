@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from scaleforge.core.checkpoint import Checkpointer, load_model_weights, resolve_resume
 from scaleforge.core.config import Config, micro_batches_per_step, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.health import (
@@ -130,6 +131,21 @@ class Trainer:
         self.last_step_signals: StepSignals | None = None
         self.skipped: str | None = None  # the non-finite value that made the last step skip
         self.preempted = False
+        self.checkpointer = Checkpointer(self)
+        self.resumed_from = resolve_resume(cfg.trainer.resume, self.run_dir)
+        self.initialised_from = None
+        if self.resumed_from is not None:
+            self.checkpointer.load(self.resumed_from)
+        elif cfg.trainer.init_from:
+            self.initialised_from = load_model_weights(
+                self.model, cfg.trainer.init_from, "trainer.init_from"
+            )
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step into RUN_DIR/checkpoints/step_<N>/ (collective: every
+        rank calls it at the same step). With checkpoint.async_save the write goes on in the
+        background; the directory appears, complete, when it is done."""
+        return self.checkpointer.save()
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `self.micro_batches` micro-batches from `batches`.
@@ -242,18 +258,30 @@ class Trainer:
         logger.message(self._describe())
         if self.topology.is_distributed:
             logger.message(self._describe_layout())
-        record = {"step": 0, "val_loss": self.evaluate()}
-        record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-        logger.log(record)
+        if self.resumed_from is not None:
+            logger.message(f"resumed from {self.resumed_from} at step {self.step}")
+            logger.advance(self.step)
+            record = {"step": self.step}
+        else:
+            if self.initialised_from is not None:
+                logger.message(f"weights from {self.initialised_from}")
+            record = {"step": 0, "val_loss": self.evaluate()}
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            logger.log(record)
 
+        every = self.cfg.checkpoint.every
         start = interval_start = time.perf_counter()
-        interval_steps = 0
+        start_step, interval_steps = self.step, 0
         while self.step < cfg.max_steps:
             loss, grad_norm = self.train_step(self.train_batches)
             interval_steps += 1
             logger.advance()
             events = self._step_events(logger)
-            preempted = self.last_step_signals.preemption_requested
+            # A signal during the last step changes nothing: the run ends normally.
+            preempted = self.last_step_signals.preemption_requested and self.step < cfg.max_steps
+            self.checkpointer.poll()
+            if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
+                self.save_checkpoint()
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             if not (self.step % cfg.log_every == 0 or is_eval or events or preempted):
                 continue
@@ -273,7 +301,7 @@ class Trainer:
                         if self.peak_flops else None),
                 "memory_gb": peak_memory_gb(self.device),
                 "elapsed_s": now - start,
-                "eta_s": (now - start) / self.step * (cfg.max_steps - self.step),
+                "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
             if is_eval:
                 record["val_loss"] = self.evaluate()
@@ -282,6 +310,10 @@ class Trainer:
             if preempted:
                 return self._stop_for_preemption(logger, record, own_logger)
             interval_start, interval_steps = time.perf_counter(), 0
+        if self.cfg.checkpoint.at_end or every:
+            path = self.save_checkpoint()
+            self.checkpointer.wait()
+            logger.message(f"checkpoint: {path}")
         if cfg.save_final_weights:
             path = self.run_dir / "final_model.pt"
             state = gathered_state_dict(self.model, self.topology)
@@ -317,8 +349,10 @@ class Trainer:
 
     def _stop_for_preemption(self, logger: MetricsLogger, record: dict,
                              own_logger: bool) -> dict:
-        """Save a checkpoint at this step (every rank, collectively) and end the run."""
+        """Save a checkpoint at this step (every rank, collectively), wait until it is
+        complete on disk (also with checkpoint.async_save) and end the run."""
         path = self.save_checkpoint()
+        self.checkpointer.wait()
         received = self.preemption.requested
         source = received.name if received is not None else "a signal on another rank"
         logger.message(

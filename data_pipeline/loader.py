@@ -222,6 +222,9 @@ class TrainBatches:
     resume with another number of workers or another dp_size.
     """
 
+    # state_dict() is the data-parallel group's position, so any rank's resumes every rank.
+    STATE_IS_GLOBAL = True
+
     def __init__(
         self,
         samples: TokenWindows | BlendedSamples,
