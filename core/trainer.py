@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
@@ -353,6 +354,10 @@ class Trainer:
         complete on disk (also with checkpoint.async_save) and end the run."""
         path = self.save_checkpoint()
         self.checkpointer.wait()
+        if self.topology.is_distributed:
+            # With async_save rank 0 renames the checkpoint in wait(): no rank may exit (and
+            # let its launcher end the job) before that.
+            dist.barrier()
         received = self.preemption.requested
         source = received.name if received is not None else "a signal on another rank"
         logger.message(

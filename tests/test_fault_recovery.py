@@ -157,3 +157,37 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
     for step, loss in first.items():  # the first attempt matched too, up to the kill
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
+
+
+def test_slurm_template_passes_usr1_to_srun_and_requeues_after_the_save(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text(
+        "#!/bin/bash\nif [ \"$1\" = show ]; then printf 'node-a\\n'; "
+        f"else echo \"$@\" >> {tmp_path / 'scontrol_args'}; fi\n")
+    # srun stands in for the job step: it reports the signal and exits as torchrun does.
+    (stubs / "srun").write_text(
+        f"#!/bin/bash\necho \"$@\" > {tmp_path / 'srun_args'}\n"
+        f"trap 'echo USR1 > {tmp_path / 'srun_signal'}; sleep 0.2; exit 1' USR1\n"
+        "while true; do sleep 0.05; done\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    template = Path(__file__).parents[1] / "launch" / "slurm_train.sbatch"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1", "REQUEUE": "1"}
+    job = subprocess.Popen(["bash", str(template)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun_args").exists():
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the template install its trap and reach its wait
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=30)
+    assert job.returncode == 0, stderr
+    assert (tmp_path / "srun_signal").read_text() == "USR1\n"
+    assert "preempted: training saved a checkpoint in runs/slurm-42/checkpoints" in stdout
+    assert (tmp_path / "scontrol_args").read_text() == "requeue 42\n"
+    args = (tmp_path / "srun_args").read_text()
+    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in args
+    assert "#SBATCH --signal=B:USR1@120" in template.read_text()
