@@ -159,6 +159,28 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_worker_after_one_step_with_a_checkpoint(
+        tmp_path, stdlib_overrides):
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scaleforge.launch.train", *RUN,
+         *stdlib_overrides, "parallel.dp_shard=2", "trainer.max_steps=200",
+         "trainer.eval_every=200", f"run_dir={run_dir}"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    _wait_for_step(job, run_dir, 3, timeout=300)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    # torchrun forwards SIGTERM to both workers, which save and exit 0; torchrun itself
+    # then re-raises the signal as SignalException and exits with status 1.
+    assert job.returncode == 1 and "SignalException" in stderr, stderr[-3000:]
+    stopped = max(_losses(_records(run_dir)))
+    assert stopped < 200 and _complete_checkpoints(run_dir) == [stopped]
+    assert stdout.count(f"preempted by SIGTERM: stopped after step {stopped}") == 1
+
+
 def test_slurm_template_passes_usr1_to_srun_and_requeues_after_the_save(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
