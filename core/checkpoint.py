@@ -27,6 +27,7 @@ cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -49,18 +50,25 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from scaleforge.core.config import Config, to_config
 from scaleforge.core.errors import ConfigError
+from scaleforge.models.state_dict import check_state_dict_shapes
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 FORMAT_VERSION = 1
-# DCP warns on every single-process save and load; one process is a normal layout here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Wrapper modules insert these into parameter names; state-dict keys never contain them.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 # ----------------------------------------------------------------------------- locations
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save and load; one process is a normal layout."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -198,27 +206,6 @@ def saved_shapes(metadata: Metadata, prefix: str) -> dict[str, tuple[int, ...]]:
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix + ".") and isinstance(entry, TensorStorageMetadata)
     }
-
-
-def check_shapes(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str
-) -> None:
-    """Raise ConfigError naming the first tensor missing from `found` or shaped differently.
-
-    `expected` is what this model holds, `found` what the checkpoint at `where` holds."""
-    for name, shape in expected.items():
-        if name not in found:
-            raise ConfigError(
-                f"{where} has no tensor {name!r} (shape {list(shape)}) that this model needs: "
-                "it was saved for a different model; load it with the model config it was "
-                "saved with (its config.yaml)"
-            )
-        if tuple(found[name]) != tuple(shape):
-            raise ConfigError(
-                f"{where} holds {name!r} with shape {list(found[name])} but this model's is "
-                f"{list(shape)}: it was saved for a different model; load it with the model "
-                "config it was saved with (its config.yaml)"
-            )
 
 
 # ----------------------------------------------------------------------------- state
@@ -372,8 +359,9 @@ class Checkpointer:
         self.wait()
         step = self.trainer.step
         final = step_dir(self.run_dir, step)
-        if is_complete(final):  # e.g. preempted right after resuming from this step
-            return final
+        resumed = self.trainer.resumed_from
+        if resumed is not None and is_complete(final) and final.resolve() == resumed.resolve():
+            return final  # e.g. preempted right after resuming: this checkpoint is current
         partial = final.parent / f".{final.name}.partial"
         if self.topology.is_rank0:
             if partial.exists():
@@ -383,15 +371,17 @@ class Checkpointer:
         state = self._state()
         info = self._info()
         if self.cfg.async_save:
-            future = dcp.async_save(
-                state,
-                checkpoint_id=partial,
-                process_group=self._group_for_async(),
-                no_dist=not dist.is_initialized(),
-            )
+            with _quiet_single_process():
+                future = dcp.async_save(
+                    state,
+                    checkpoint_id=partial,
+                    process_group=self._group_for_async(),
+                    no_dist=not dist.is_initialized(),
+                )
             self._pending = (future, partial, final, info)
         else:
-            dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
             self._finish(partial, final, info)
             self._barrier()
         self.last_save_s = time.perf_counter() - started
@@ -485,10 +475,10 @@ class Checkpointer:
         t = self.trainer
         metadata = read_metadata(path)
         info = read_info(path)
-        check_shapes(
-            _global_shapes(model_state(t.model)),
-            saved_shapes(metadata, "model"),
-            f"checkpoint {path}",
+        check_model_kind(path, t.cfg.model, "trainer.resume")
+        check_state_dict_shapes(
+            model_state(t.model), saved_shapes(metadata, "model"), f"checkpoint {path}",
+            allow_unexpected=True,
         )
         if not saved_shapes(metadata, "optim"):
             raise ConfigError(
@@ -523,12 +513,7 @@ class Checkpointer:
             state.pop("rng")
         if "scaler" in state and not any(k.startswith("scaler.") for k in saved):
             state.pop("scaler")
-        dcp.load(
-            state,
-            checkpoint_id=path,
-            storage_reader=SafeFileSystemReader(path),
-            no_dist=not dist.is_initialized(),
-        )
+        _load(path, state)
 
         for part in model_parts(t.model):
             part_state = part.state_dict()
@@ -552,9 +537,28 @@ class Checkpointer:
                 torch.cuda.set_rng_state(rng["cuda"], t.device)
 
 
-def _global_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    # A DTensor's .shape is its global shape.
-    return {key: tuple(value.shape) for key, value in state.items()}
+def check_model_kind(path: Path, model_cfg: Any, setting: str) -> None:
+    """Settings that change the model without changing any tensor shape must match the
+    checkpoint's (an untied checkpoint loaded into a tied model would silently overwrite
+    the embedding with the output weights)."""
+    saved = OmegaConf.load(path / "config.yaml").model
+    for name in ("family", "tie_embeddings"):
+        if saved.get(name) != getattr(model_cfg, name):
+            raise ConfigError(
+                f"{setting}={path}: the checkpoint's model.{name}={saved.get(name)} but this "
+                f"run's is {getattr(model_cfg, name)}; set model.{name}={saved.get(name)}"
+            )
+
+
+def _load(path: Path, state: dict[str, Any]) -> None:
+    """Fill `state` in place from the checkpoint at `path` (collective when distributed)."""
+    with _quiet_single_process():
+        dcp.load(
+            state,
+            checkpoint_id=path,
+            storage_reader=SafeFileSystemReader(path),
+            no_dist=not dist.is_initialized(),
+        )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -568,21 +572,22 @@ def _fsync_dir(path: Path) -> None:
 # ----------------------------------------------------------------------------- weights only
 
 
-def load_model_weights(model: nn.Module, path: str | Path, setting: str) -> Path:
+def load_model_weights(
+    model: nn.Module, path: str | Path, setting: str, model_cfg: Any = None
+) -> Path:
     """Fill `model` (any layout; a pipeline's `model_parts`) with the weights of the
     checkpoint at `path` (a step directory or a run directory: the newest one). Collective.
     Returns the checkpoint directory used."""
     path = find_checkpoint(path, setting)
+    if model_cfg is not None:
+        check_model_kind(path, model_cfg, setting)
     metadata = read_metadata(path)
     state = model_state(model)
-    check_shapes(_global_shapes(state), saved_shapes(metadata, "model"), f"checkpoint {path}")
-    wrapped = {"model": state}
-    dcp.load(
-        wrapped,
-        checkpoint_id=path,
-        storage_reader=SafeFileSystemReader(path),
-        no_dist=not dist.is_initialized(),
+    check_state_dict_shapes(
+        state, saved_shapes(metadata, "model"), f"checkpoint {path}", allow_unexpected=True
     )
+    wrapped = {"model": state}
+    _load(path, wrapped)
     for part in model_parts(model):
         part.load_state_dict({k: wrapped["model"][k] for k in part.state_dict()}, strict=True)
     return path
@@ -599,7 +604,8 @@ def save_model_checkpoint(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    dcp.save({"model": dict(state_dict)}, checkpoint_id=partial, no_dist=True)
+    with _quiet_single_process():
+        dcp.save({"model": dict(state_dict)}, checkpoint_id=partial, no_dist=True)
     OmegaConf.save(OmegaConf.structured(cfg), partial / "config.yaml")
     (partial / COMPLETE).write_text(
         json.dumps(
@@ -628,5 +634,5 @@ def load_model_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Ten
     path = find_checkpoint(path, "ckpt")
     cfg = load_checkpoint_config(path)
     model = build(cfg.model, device=torch.device("cpu"))
-    load_model_weights(model, path, "ckpt")
+    load_model_weights(model, path, "ckpt", cfg.model)
     return cfg, model.state_dict()

@@ -139,7 +139,7 @@ class Trainer:
             self.checkpointer.load(self.resumed_from)
         elif cfg.trainer.init_from:
             self.initialised_from = load_model_weights(
-                self.model, cfg.trainer.init_from, "trainer.init_from"
+                self.model, cfg.trainer.init_from, "trainer.init_from", cfg.model
             )
 
     def save_checkpoint(self) -> Path:

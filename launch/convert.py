@@ -1,0 +1,157 @@
+"""`sf-convert`: ScaleForge checkpoints to and from Hugging Face model directories.
+
+    sf-convert to-hf ckpt=runs/mine out=hf/mine dtype=bf16
+    sf-convert from-hf hf=hf/mine out=ckpts/from_hf
+
+to-hf: `ckpt` is a checkpoint directory (`RUN_DIR/checkpoints/step_<N>`) or a run directory,
+whose newest complete checkpoint is converted, else its `final_model.pt` (with the run's
+`config.yaml`). Writes config.json + model.safetensors, loadable with
+`transformers.AutoModelForCausalLM.from_pretrained(out)`; `dtype` is fp32 (default) or bf16.
+
+from-hf: `hf` is a local Llama or GPT-2 directory (config.json + safetensors; pickled .bin
+files are refused). Writes a model-only checkpoint directory with fp32 weights and prints
+the sf-train command that starts from it (`trainer.init_from=out` and the model settings).
+
+Arguments are key=value. Errors print one `error:` line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scaleforge.core.config import Config
+from scaleforge.core.errors import ConfigError, exit_on_config_error
+from scaleforge.launch.sweep import parse_settings
+from scaleforge.models.config import TransformerConfig
+
+COMMANDS = ("to-hf", "from-hf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ToHfSettings:
+    ckpt: str = ""
+    out: str = ""
+    dtype: str = "fp32"
+
+
+@dataclass
+class FromHfSettings:
+    hf: str = ""
+    out: str = ""
+
+
+def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(training Config, model state dict) of a checkpoint directory or a run directory: its
+    newest complete checkpoint, else its final_model.pt with its config.yaml."""
+    from scaleforge.core.checkpoint import (
+        is_complete,
+        latest_checkpoint,
+        load_checkpoint_config,
+        load_model_checkpoint,
+    )
+
+    final = ckpt / "final_model.pt"
+    if is_complete(ckpt) or latest_checkpoint(ckpt) is not None or not final.is_file():
+        # Raises a ConfigError naming ckpt= when there is no complete checkpoint.
+        return load_model_checkpoint(ckpt)
+    if not (ckpt / "config.yaml").is_file():
+        raise ConfigError(f"ckpt={ckpt} has final_model.pt but no config.yaml to say its shape")
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    return load_checkpoint_config(ckpt), state
+
+
+def hf_conversion():
+    """scaleforge.models.hf, or a ConfigError saying how to install `transformers`."""
+    try:
+        from scaleforge.models import hf
+    except ImportError as error:
+        raise ConfigError(
+            f"sf-convert needs transformers and safetensors ({error.name} is missing): "
+            "pip install -e '.[hf]'"
+        ) from None
+    return hf
+
+
+def to_hf(settings: ToHfSettings) -> Path:
+    """Convert a ScaleForge checkpoint to a Hugging Face model directory; return it."""
+    if not settings.ckpt or not settings.out:
+        raise ConfigError("to-hf needs ckpt=DIR (checkpoint or run directory) and out=DIR")
+    if settings.dtype not in DTYPES:
+        raise ConfigError(f"dtype={settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    ckpt = Path(settings.ckpt)
+    if not ckpt.is_dir():
+        raise ConfigError(f"ckpt={ckpt} is not a directory")
+    config, state = read_training_weights(ckpt)
+    out = hf_conversion().save_hf(state, config.model, Path(settings.out), DTYPES[settings.dtype])
+    print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
+    return out
+
+
+def from_hf(settings: FromHfSettings) -> Path:
+    """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
+    from scaleforge.core.checkpoint import save_model_checkpoint
+
+    if not settings.hf or not settings.out:
+        raise ConfigError("from-hf needs hf=DIR (a Hugging Face model directory) and out=DIR")
+    model_cfg, state = hf_conversion().load_hf(Path(settings.hf))
+    # Training keeps fp32 master weights whatever the published dtype.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    out = save_model_checkpoint(
+        state, Config(model=model_cfg, run_dir=settings.out), Path(settings.out)
+    )
+    print(f"{model_cfg.family} model from {settings.hf} -> {out}; train from it with:")
+    print(" ".join(["sf-train", f"trainer.init_from={out}", *model_overrides(model_cfg)]))
+    return out
+
+
+# The settings that fix a model's tensor shapes and its function; name and init_std do not.
+SHAPE_SETTINGS = (
+    "family",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "vocab_size",
+    "max_seq_len",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+)
+
+
+def model_overrides(model_cfg: TransformerConfig) -> list[str]:
+    """sf-train overrides (`model.d_model=4096`, ...) that rebuild `model_cfg`'s model."""
+    values = {name: getattr(model_cfg, name) for name in SHAPE_SETTINGS}
+    values["ffn_hidden"] = model_cfg.mlp_hidden
+    return [f"model.{name}={_override_value(value)}" for name, value in values.items()]
+
+
+def _override_value(value: object) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+_HANDLERS = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf)}
+
+
+def dispatch(argv: list[str]) -> None:
+    """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
+    if not argv or argv[0] not in COMMANDS:
+        raise ConfigError(f"give a command: sf-convert {{{'|'.join(COMMANDS)}}} key=value ...")
+    settings_class, handler = _HANDLERS[argv[0]]
+    handler(parse_settings(settings_class, argv[1:]))
+
+
+def main() -> None:
+    exit_on_config_error(dispatch, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
