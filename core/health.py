@@ -61,7 +61,9 @@ def agree_on_step(
         ]
     )
     total = topology.sum_over_world(local)
-    values = torch.cat([total, grad_norm.detach().float().reshape(1)]).tolist()
+    # clip_grad_norm returns a CPU zero when no parameter has a gradient.
+    norm = grad_norm.detach().float().reshape(1).to(total.device)
+    values = torch.cat([total, norm]).tolist()
     loss_sum, nonfinite_losses, preempted, norm = values
     return StepSignals(
         mean_loss=loss_sum / topology.world_size,

@@ -18,10 +18,19 @@ from parallel_harness import free_port
 
 BIN = Path(sys.executable).parent
 RUN = [
-    "model=llama_micro", "data.vocab_size=512", "data.seq_len=64", "trainer.micro_batch_size=2",
-    "trainer.global_batch_tokens=512", "trainer.precision=fp32", "trainer.device=cpu",
-    "trainer.log_every=1", "trainer.eval_batches=2", "optim.warmup_steps=2",
-    "logging.wandb=disabled", "logging.progress_bar=false", "trainer.resume=auto",
+    "model=llama_micro",
+    "data.vocab_size=512",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=2",
+    "trainer.global_batch_tokens=512",
+    "trainer.precision=fp32",
+    "trainer.device=cpu",
+    "trainer.log_every=1",
+    "trainer.eval_batches=2",
+    "optim.warmup_steps=2",
+    "logging.wandb=disabled",
+    "logging.progress_bar=false",
+    "trainer.resume=auto",
 ]
 
 
@@ -50,24 +59,44 @@ def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout:
 
 
 def _complete_checkpoints(run_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.removeprefix("step_"))
-                  for p in (run_dir / "checkpoints").glob("step_*/complete.json"))
+    return sorted(
+        int(p.parent.name.removeprefix("step_"))
+        for p in (run_dir / "checkpoints").glob("step_*/complete.json")
+    )
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches_an_uninterrupted_run(
-        tmp_path, stdlib_overrides):
+    tmp_path, stdlib_overrides
+):
     steps = 30
-    command = [str(BIN / "sf-train"), *RUN, *stdlib_overrides, f"trainer.max_steps={steps}",
-               f"trainer.eval_every={steps}"]
+    command = [
+        str(BIN / "sf-train"),
+        *RUN,
+        *stdlib_overrides,
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+    ]
     reference = tmp_path / "reference"
-    done = subprocess.run([*command, f"run_dir={reference}"], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*command, f"run_dir={reference}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "run"
-    process = subprocess.Popen([*command, f"run_dir={run_dir}"], cwd=tmp_path, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*command, f"run_dir={run_dir}"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_step(process, run_dir, 3, timeout=300)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -75,12 +104,20 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches_an_uninterrupted_
     stopped = max(_losses(_records(run_dir)))
     assert 3 <= stopped < steps
     assert _complete_checkpoints(run_dir) == [stopped]
-    assert (f"preempted by SIGTERM: stopped after step {stopped} and saved checkpoint "
-            f"{run_dir / 'checkpoints' / f'step_{stopped}'}") in stdout
+    assert (
+        f"preempted by SIGTERM: stopped after step {stopped} and saved checkpoint "
+        f"{run_dir / 'checkpoints' / f'step_{stopped}'}"
+    ) in stdout
     assert not (run_dir / "scaling.json").exists()  # the run is not finished
 
-    resumed = subprocess.run([*command, f"run_dir={run_dir}"], cwd=tmp_path, env=_env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*command, f"run_dir={run_dir}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped}'}" in resumed.stdout
     records = _records(run_dir)
@@ -110,21 +147,44 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int:
 
 def _torchrun(run_dir: Path, overrides: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--max-restarts", "1",
-         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-         "-m", "scaleforge.launch.train", *overrides,
-         f"run_dir={run_dir}"],
-        cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            "-m",
+            "scaleforge.launch.train",
+            *overrides,
+            f"run_dir={run_dir}",
+        ],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal_losses(
-        tmp_path, stdlib_overrides):
+    tmp_path, stdlib_overrides
+):
     steps = 16
-    overrides = [*RUN, *stdlib_overrides, "parallel.dp_shard=2", f"trainer.max_steps={steps}",
-                 f"trainer.eval_every={steps}", "checkpoint.every=2", "checkpoint.keep=2",
-                 "parallel.timeout_s=60"]
+    overrides = [
+        *RUN,
+        *stdlib_overrides,
+        "parallel.dp_shard=2",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "checkpoint.every=2",
+        "checkpoint.keep=2",
+        "parallel.timeout_s=60",
+    ]
     reference = tmp_path / "reference"
     job = _torchrun(reference, overrides, tmp_path)
     _, stderr = job.communicate(timeout=600)
@@ -148,7 +208,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal
     # metrics.jsonl holds the first attempt's records, then the restarted attempt's, one
     # per step from the checkpoint on (steps after the checkpoint appear twice).
     records = _records(run_dir)
-    restarted = records[len(records) - (steps - resumed_at):]
+    restarted = records[len(records) - (steps - resumed_at) :]
     first = _losses(records[: len(records) - len(restarted)])
     second = _losses(restarted)
     assert list(second) == list(range(resumed_at + 1, steps + 1))
@@ -161,14 +221,32 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_worker_after_one_step_with_a_checkpoint(
-        tmp_path, stdlib_overrides):
+    tmp_path, stdlib_overrides
+):
     run_dir = tmp_path / "run"
     job = subprocess.Popen(
-        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-         "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scaleforge.launch.train", *RUN,
-         *stdlib_overrides, "parallel.dp_shard=2", "trainer.max_steps=200",
-         "trainer.eval_every=200", f"run_dir={run_dir}"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            "-m",
+            "scaleforge.launch.train",
+            *RUN,
+            *stdlib_overrides,
+            "parallel.dp_shard=2",
+            "trainer.max_steps=200",
+            "trainer.eval_every=200",
+            f"run_dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for_step(job, run_dir, 3, timeout=300)
     job.send_signal(signal.SIGTERM)
@@ -186,19 +264,33 @@ def test_slurm_template_passes_usr1_to_srun_and_requeues_after_the_save(tmp_path
     stubs.mkdir()
     (stubs / "scontrol").write_text(
         "#!/bin/bash\nif [ \"$1\" = show ]; then printf 'node-a\\n'; "
-        f"else echo \"$@\" >> {tmp_path / 'scontrol_args'}; fi\n")
+        f'else echo "$@" >> {tmp_path / "scontrol_args"}; fi\n'
+    )
     # srun stands in for the job step: it reports the signal and exits as torchrun does.
     (stubs / "srun").write_text(
-        f"#!/bin/bash\necho \"$@\" > {tmp_path / 'srun_args'}\n"
+        f'#!/bin/bash\necho "$@" > {tmp_path / "srun_args"}\n'
         f"trap 'echo USR1 > {tmp_path / 'srun_signal'}; sleep 0.2; exit 1' USR1\n"
-        "while true; do sleep 0.05; done\n")
+        "while true; do sleep 0.05; done\n"
+    )
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     template = Path(__file__).parents[1] / "launch" / "slurm_train.sbatch"
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1", "REQUEUE": "1"}
-    job = subprocess.Popen(["bash", str(template)], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node-a",
+        "SLURM_NNODES": "1",
+        "REQUEUE": "1",
+    }
+    job = subprocess.Popen(
+        ["bash", str(template)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "srun_args").exists():
         assert time.monotonic() < deadline and job.poll() is None, job.communicate()

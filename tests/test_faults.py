@@ -137,8 +137,9 @@ def test_nonfinite_grad_norm_with_finite_loss_skips_the_update(tmp_path):
 
 
 def test_skipped_step_is_logged_with_a_warning_and_skipped_field(tmp_path, capsys):
-    cfg = micro_config(tmp_path, "trainer.max_steps=4", "trainer.log_every=2",
-                       "trainer.eval_every=4")
+    cfg = micro_config(
+        tmp_path, "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=4"
+    )
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     _poison_output(trainer, {3})
     trainer.fit()
@@ -151,8 +152,9 @@ def test_skipped_step_is_logged_with_a_warning_and_skipped_field(tmp_path, capsy
     assert "warning: step 3: non-finite loss; update skipped (1 in a row" in out
 
 
-def test_on_nonfinite_stop_raises_naming_step_value_and_fix_and_saves_nothing(tmp_path,
-                                                                               monkeypatch):
+def test_on_nonfinite_stop_raises_naming_step_value_and_fix_and_saves_nothing(
+    tmp_path, monkeypatch
+):
     cfg = micro_config(tmp_path, "trainer.on_nonfinite=stop", "optim.grad_clip=0")
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     saved = []
@@ -161,8 +163,13 @@ def test_on_nonfinite_stop_raises_naming_step_value_and_fix_and_saves_nothing(tm
     with pytest.raises(TrainingDivergedError) as error:
         trainer.fit()
     message = str(error.value)
-    for expected in ("step 2", "loss is not finite", "trainer.on_nonfinite=stop",
-                     "lower optim.lr (now 0.001)", "optim.grad_clip=1.0"):
+    for expected in (
+        "step 2",
+        "loss is not finite",
+        "trainer.on_nonfinite=stop",
+        "lower optim.lr (now 0.001)",
+        "optim.grad_clip=1.0",
+    ):
         assert expected in message
     assert trainer.step == 1 and not saved
     assert not (tmp_path / "final_model.pt").exists()
@@ -172,8 +179,11 @@ def test_max_skipped_steps_in_a_row_stop_the_run(tmp_path):
     cfg = micro_config(tmp_path, "trainer.max_steps=8", "trainer.max_skipped_steps=3")
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     _poison_output(trainer, {2, 4, 5, 6, 7})  # 2 is an isolated skip: the count restarts
-    with pytest.raises(TrainingDivergedError, match="step 6: the loss is not finite for the "
-                       r"3th step in a row \(trainer.max_skipped_steps=3\)"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match="step 6: the loss is not finite for the "
+        r"3th step in a row \(trainer.max_skipped_steps=3\)",
+    ):
         trainer.fit()
 
 
@@ -217,9 +227,14 @@ def test_loss_spike_is_logged_and_changes_no_weight(tmp_path, capsys):
     # unflagged but not a loss of 15 among losses of 6.25.
     weights = {}
     for zscore in (0, 50):
-        cfg = micro_config(tmp_path, "trainer.max_steps=8", "trainer.spike_warmup_steps=4",
-                           f"trainer.spike_zscore={zscore}", "trainer.log_every=4",
-                           "trainer.eval_every=8")
+        cfg = micro_config(
+            tmp_path,
+            "trainer.max_steps=8",
+            "trainer.spike_warmup_steps=4",
+            f"trainer.spike_zscore={zscore}",
+            "trainer.log_every=4",
+            "trainer.eval_every=8",
+        )
         trainer = Trainer(cfg, tmp_path / str(zscore), data=synthetic_data(cfg))
         _poison_output(trainer, {7}, 30.0)  # sharper logits: a much larger, finite loss
         trainer.fit()
@@ -234,18 +249,21 @@ def test_loss_spike_is_logged_and_changes_no_weight(tmp_path, capsys):
     assert "warning: step 7: loss spike 15." in out and "running mean 6.25" in out
 
 
-def test_preemption_signal_saves_a_checkpoint_and_returns_after_that_step(tmp_path,
-                                                                          monkeypatch, capsys):
-    cfg = micro_config(tmp_path, "trainer.max_steps=6", "trainer.log_every=3",
-                       "trainer.eval_every=6")
+def test_preemption_signal_saves_a_checkpoint_and_returns_after_that_step(
+    tmp_path, monkeypatch, capsys
+):
+    cfg = micro_config(
+        tmp_path, "trainer.max_steps=6", "trainer.log_every=3", "trainer.eval_every=6"
+    )
     train, val = synthetic_data(cfg)
 
     def signal_during_step_two(count: int) -> None:
         if count == 2 * trainer.micro_batches:  # step 2 draws its last micro-batch
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    trainer = Trainer(cfg, tmp_path, data=(CountingBatches(iter(train),
-                                                           signal_during_step_two), val))
+    trainer = Trainer(
+        cfg, tmp_path, data=(CountingBatches(iter(train), signal_during_step_two), val)
+    )
     saved_at = []
 
     def save_checkpoint(self):
@@ -290,8 +308,13 @@ def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
         if topology.rank == 1 and count == 4 * trainer.micro_batches:
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    trainer = Trainer(cfg, run_dir, world_size, data=(CountingBatches(train, signal_rank_one),
-                                                      val), topology=topology)
+    trainer = Trainer(
+        cfg,
+        run_dir,
+        world_size,
+        data=(CountingBatches(train, signal_rank_one), val),
+        topology=topology,
+    )
     forward_backward = trainer.forward_backward
 
     def nan_loss_on_rank_one_at_step_two(batches):
@@ -312,17 +335,27 @@ def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
         trainer.fit()
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    outcome = {"skipped": skipped, "unchanged": unchanged, "saved_at": saved_at,
-               "step": trainer.step, "preempted": trainer.preempted}
+    outcome = {
+        "skipped": skipped,
+        "unchanged": unchanged,
+        "saved_at": saved_at,
+        "step": trainer.step,
+        "preempted": trainer.preempted,
+    }
     outcomes: list[dict] = [{}] * world_size
     dist.all_gather_object(outcomes, outcome)
     return {"outcomes": outcomes, "records": _records(run_dir) if topology.is_rank0 else None}
 
 
 def test_nan_loss_and_signal_on_one_rank_skip_and_stop_every_rank_at_the_same_step(tmp_path):
-    cfg = micro_config(tmp_path, "parallel.dp_shard=2", "trainer.max_steps=8",
-                       "trainer.micro_batch_size=2", "trainer.log_every=8",
-                       "parallel.timeout_s=60")
+    cfg = micro_config(
+        tmp_path,
+        "parallel.dp_shard=2",
+        "trainer.max_steps=8",
+        "trainer.micro_batch_size=2",
+        "trainer.log_every=8",
+        "parallel.timeout_s=60",
+    )
     result = spawn(_faults_on_rank_one, 2, tmp_path, cfg, tmp_path / "run")
     for rank, outcome in enumerate(result["outcomes"]):
         assert outcome["skipped"] == "loss", f"rank {rank} did not skip rank 1's NaN step"
