@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.core.errors import ConfigError
 from scaleforge.core.precision import check_precision_device, resolve_device
+from scaleforge.core.preemption import parse_signals
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline import validate_pipeline
@@ -28,6 +29,7 @@ OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_MODES = ("corpus", "shards", "streaming")
+NONFINITE_ACTIONS = ("skip", "stop")
 
 
 @dataclass
@@ -108,6 +110,16 @@ class TrainerConfig:
     save_final_weights: bool = True
     # torch.compile each transformer block (after activation checkpointing, before FSDP).
     compile: bool = False
+    # A step whose loss or global grad norm is NaN or infinite: skip its update or stop.
+    on_nonfinite: str = "skip"
+    # That many skipped steps in a row stop the run.
+    max_skipped_steps: int = 10
+    # Log a loss above its moving mean + spike_zscore x std as a spike (0: off), once
+    # spike_warmup_steps losses have been seen. Logging only.
+    spike_zscore: float = 6.0
+    spike_warmup_steps: int = 100
+    # Signals on which fit saves a checkpoint and returns (SLURM sends one before a kill).
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # Continue a run from a checkpoint: auto = the newest complete one in run_dir (none in a
     # fresh run), never, or a path (a step_<N> directory or a run directory).
     resume: str = "auto"
@@ -285,9 +297,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
     _choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
     _choice("data.mode", d.mode, DATA_MODES)
+    _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
     for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
-                 "eval_batches", "log_every", "checkpoint_every_n_blocks"):
+                 "eval_batches", "log_every", "checkpoint_every_n_blocks", "max_skipped_steps",
+                 "spike_warmup_steps"):
         _positive(f"trainer.{name}", getattr(t, name))
+    if t.spike_zscore < 0:
+        raise ConfigError(
+            f"trainer.spike_zscore={t.spike_zscore} must be at least 0 (0 turns the loss-spike "
+            "detector off)"
+        )
+    parse_signals(t.preemption_signals, "trainer.preemption_signals")
     _positive("optim.lr", o.lr)
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise ConfigError(

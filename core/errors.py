@@ -12,6 +12,11 @@ class ConfigError(ValueError):
     """A setting is wrong. Raised before any work starts; the launcher prints it as one line."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient norm stopped being finite and the run cannot go on; the message
+    names the step, the value and what to change."""
+
+
 def exit_on_config_error(task: Callable[..., T], *args: Any) -> T:
     """Run `task(*args)`; on a ConfigError print it as one `error:` line and exit with 2.
 

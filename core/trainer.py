@@ -4,6 +4,12 @@ One optimizer step = `micro_batches` forward/backward passes (gradient accumulat
 `trainer.global_batch_tokens`), global grad-norm clipping, an AdamW step on fp32 master
 weights, and the scheduled learning rate. Metrics and evaluation run every few steps.
 
+Faults (core/health.py, core/preemption.py): after clipping, one small all-reduce per step
+tells every rank whether any loss or the grad norm was non-finite (the update is then
+skipped or the run stops, `trainer.on_nonfinite`) and whether any rank received a
+preemption signal (then `fit` saves a checkpoint and returns after that step); a loss-spike
+detector reads the same reduced loss and only logs.
+
 The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
 its data-parallel rank and size, its loss context and its groups, and `parallel.build_model`
 returns the model already sharded. With pipeline parallelism (`parallel.pp` > 1) the model is
@@ -20,16 +26,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from scaleforge.core.checkpoint import Checkpointer, load_model_weights, resolve_resume
 from scaleforge.core.config import Config, micro_batches_per_step, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
+from scaleforge.core.health import (
+    LossSpikeDetector,
+    NonFiniteGuard,
+    StepSignals,
+    agree_on_step,
+)
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.metrics import MetricsLogger, peak_memory_gb
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision
+from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
@@ -111,6 +125,13 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.trainer.precision)
         self.step = 0
+        self.nonfinite_guard = NonFiniteGuard(cfg.trainer, cfg.optim.lr, cfg.optim.grad_clip)
+        self.spike_detector = LossSpikeDetector(cfg.trainer.spike_zscore,
+                                                cfg.trainer.spike_warmup_steps)
+        self.preemption = PreemptionWatch(cfg.trainer.preemption_signals)
+        self.last_step_signals: StepSignals | None = None
+        self.skipped: str | None = None  # the non-finite value that made the last step skip
+        self.preempted = False
         self.checkpointer = Checkpointer(self)
         # Every rank resolves (so a bad path fails everywhere alike); rank 0's choice is used,
         # so all ranks load the same checkpoint even if one completed meanwhile.
@@ -135,7 +156,11 @@ class Trainer:
         """One optimizer step over `self.micro_batches` micro-batches from `batches`.
 
         Returns (this replica's mean loss, global grad norm before clipping) as device
-        tensors (no host sync in one process).
+        tensors. Before the update, `agree_on_step` runs one all-reduce of three floats over
+        the world and one host sync (also in one process), stored in
+        `self.last_step_signals`: with a non-finite loss or grad norm the update is skipped
+        (`self.skipped` names the value; weights and optimizer state unchanged, the step and
+        its data still count) or TrainingDivergedError is raised (`trainer.on_nonfinite`).
         """
         self.model.train()
         set_lr(self.optimizer, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
@@ -145,10 +170,15 @@ class Trainer:
             scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm, self.topology.pp_group)
+        signals = agree_on_step(self.topology, total_loss, grad_norm,
+                                self.preemption.requested is not None)
+        self.last_step_signals = signals
+        self.skipped = self.nonfinite_guard.check(self.step + 1, signals, scaler is not None)
         if scaler:
-            scaler.step(self.optimizer)
+            if not self.skipped:
+                scaler.step(self.optimizer)  # skips by itself on infinite gradients
             scaler.update()
-        else:
+        elif not self.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -213,7 +243,16 @@ class Trainer:
         return (self.topology.sum_over_dp(local) / self.cfg.trainer.eval_batches).item()
 
     def fit(self, logger: MetricsLogger | None = None) -> dict:
-        """Train for `trainer.max_steps` steps; return the last logged record."""
+        """Train for `trainer.max_steps` steps; return the last logged record.
+
+        While it runs, the signals in `trainer.preemption_signals` (main thread only) make
+        every rank stop after the same step, save a checkpoint (`save_checkpoint`) and
+        return with `self.preempted` set; the previous handlers are restored on return.
+        """
+        with self.preemption:
+            return self._fit(logger)
+
+    def _fit(self, logger: MetricsLogger | None) -> dict:
         cfg = self.cfg.trainer
         own_logger = logger is None
         logger = logger or MetricsLogger(
@@ -242,11 +281,14 @@ class Trainer:
             loss, grad_norm = self.train_step(self.train_batches)
             interval_steps += 1
             logger.advance()
+            events = self._step_events(logger)
+            # A signal during the last step changes nothing: the run ends normally.
+            preempted = self.last_step_signals.preemption_requested and self.step < cfg.max_steps
             self.checkpointer.poll()
-            if every and self.step % every == 0 and self.step < cfg.max_steps:
+            if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
                 self.save_checkpoint()
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-            if not (self.step % cfg.log_every == 0 or is_eval):
+            if not (self.step % cfg.log_every == 0 or is_eval or events or preempted):
                 continue
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -269,7 +311,9 @@ class Trainer:
             if is_eval:
                 record["val_loss"] = self.evaluate()
                 record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-            logger.log(record)
+            logger.log(record | events)
+            if preempted:
+                return self._stop_for_preemption(logger, record, own_logger)
             interval_start, interval_steps = time.perf_counter(), 0
         if self.cfg.checkpoint.at_end or every:
             path = self.save_checkpoint()
@@ -281,6 +325,50 @@ class Trainer:
             if self.topology.is_rank0:
                 torch.save(state, path)
             logger.message(f"final weights: {path}")
+        if own_logger:
+            logger.close()
+        return record
+
+    def _step_events(self, logger: MetricsLogger) -> dict[str, bool]:
+        """Warn about the step just taken if it skipped its update or its loss spiked;
+        return the matching metrics fields (`skipped`, `loss_spike`), empty for a plain
+        step. Equal on every rank (read from `last_step_signals`)."""
+        events = {}
+        if self.skipped:
+            guard = self.nonfinite_guard
+            logger.message(
+                f"warning: step {self.step}: non-finite {self.skipped}; update skipped "
+                f"({guard.consecutive_skips} in a row, trainer.max_skipped_steps="
+                f"{guard.max_skipped_steps} stops the run)"
+            )
+            events["skipped"] = True
+        loss = self.last_step_signals.mean_loss
+        mean = self.spike_detector.mean
+        if self.spike_detector.update(loss):
+            logger.message(
+                f"warning: step {self.step}: loss spike {loss:.4f} (running mean {mean:.4f}, "
+                f"trainer.spike_zscore={self.cfg.trainer.spike_zscore})"
+            )
+            events["loss_spike"] = True
+        return events
+
+    def _stop_for_preemption(self, logger: MetricsLogger, record: dict,
+                             own_logger: bool) -> dict:
+        """Save a checkpoint at this step (every rank, collectively), wait until it is
+        complete on disk (also with checkpoint.async_save) and end the run."""
+        path = self.save_checkpoint()
+        self.checkpointer.wait()
+        if self.topology.is_distributed:
+            # With async_save rank 0 renames the checkpoint in wait(): no rank may exit (and
+            # let its launcher end the job) before that.
+            dist.barrier()
+        received = self.preemption.requested
+        source = received.name if received is not None else "a signal on another rank"
+        logger.message(
+            f"preempted by {source}: stopped after step {self.step} and saved checkpoint "
+            f"{path}; start again with trainer.resume=auto to continue"
+        )
+        self.preempted = True
         if own_logger:
             logger.close()
         return record

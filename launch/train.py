@@ -7,6 +7,9 @@ Every rank validates the config before any process group exists, so a bad settin
 ranks with exit status 2 and one `error:` line (from rank 0), and none waits in a collective.
 Hydra's own output (.hydra/, train.log) is written by rank 0 only.
 
+SIGTERM or SIGUSR1 (`trainer.preemption_signals`) during training saves a checkpoint and
+exits with status 0 (without scaling.json, which marks a finished run); see core/preemption.py.
+
 Under `--multirun` each job trains in its own `<hydra.sweep.dir>/<hydra.sweep.subdir>`
 (`run_dir` is ignored there). Every finished run leaves `scaling.json` (N, D, C, losses).
 """
@@ -57,7 +60,8 @@ def train(cfg: DictConfig) -> dict:
             trainer = Trainer(config, Path(config.run_dir), world_size, topology=topology)
             record = trainer.fit()
         if topology.is_rank0:
-            write_run_record(config, trainer.run_dir)
+            if not trainer.preempted:  # scaling.json marks a finished run
+                write_run_record(config, trainer.run_dir)
             print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
         return record
     finally:

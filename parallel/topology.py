@@ -207,6 +207,14 @@ class Topology:
             dist.all_reduce(total, group=self.group("dp_shard"))
         return total
 
+    def sum_over_world(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over every rank (one all-reduce on the default group); the
+        value itself in one process."""
+        total = value.detach().clone()
+        if self.is_distributed:
+            dist.all_reduce(total)
+        return total
+
     def broadcast_from_rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (e.g. the run directory, whose timestamp may differ)."""
         if not self.is_distributed:
@@ -307,7 +315,12 @@ def init_topology(cfg: Config, world_size: int | None = None) -> Topology:
     backend = resolve_backend(cfg.parallel.backend, device)
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store = _torchrun_attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                    rank=int(os.environ["RANK"]), world_size=world_size)
     from torch.distributed.device_mesh import init_device_mesh
 
     # The mesh's groups take their timeout from these options (new groups would otherwise
@@ -317,6 +330,23 @@ def init_topology(cfg: Config, world_size: int | None = None) -> Topology:
         device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
     )
     return Topology(dims, device, mesh)
+
+
+def _torchrun_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun's shared rendezvous store (TORCHELASTIC_USE_AGENT_STORE=True, its
+    default), that store with a prefix naming this attempt of the job; None otherwise.
+
+    torchrun (torch 2.13) keeps one store across the restarts of `--max-restarts` and its
+    workers use it without a per-attempt prefix, so restarted workers read the addresses the
+    killed attempt's process groups published and fail to connect ("Gloo connectFullMesh
+    failed ... Connection refused"). The prefix keeps each attempt's keys apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"scaleforge/attempt_{attempt}/", store)
 
 
 def _group_options(backend: str, timeout: datetime.timedelta) -> Any:
