@@ -318,6 +318,8 @@ class Trainer:
         if self.cfg.checkpoint.at_end or every:
             path = self.save_checkpoint()
             self.checkpointer.wait()
+            if self.topology.is_distributed:
+                dist.barrier()  # rank 0 renames an async save in wait(): nobody exits first
             logger.message(f"checkpoint: {path}")
         if cfg.save_final_weights:
             path = self.run_dir / "final_model.pt"
