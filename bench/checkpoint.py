@@ -6,10 +6,11 @@
 One process. The trainer takes one optimizer step first, so AdamW's moments exist and the
 checkpoint holds what a real one does (weights, two moments, step counts, loader and RNG
 state). Each repetition saves the current step synchronously, then (after another training
-step) asynchronously, then loads the sync checkpoint back. For the async save it reports
-the time the training loop is blocked (until save() returns: the state is staged in memory)
-and the time until the checkpoint is complete (written and renamed). Prints medians, bytes
-on disk and the ratios to the sync save of the same run.
+step) asynchronously, then loads that checkpoint back (from the page cache: it was just
+written). For the async save it reports the time the training loop is blocked (until
+save() returns: the state is staged in memory) and the time until the checkpoint is
+complete (written and renamed). Prints medians, bytes on disk and the ratios to the sync
+save of the same run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from scaleforge.core.checkpoint import is_complete, step_dir
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.trainer import Trainer
 from scaleforge.models import count_parameters
@@ -40,6 +42,8 @@ def _bytes_on_disk(path: Path) -> int:
 def _save(trainer: Trainer, async_save: bool) -> tuple[float, float, Path]:
     """(seconds until save() returned, seconds until the checkpoint was complete, its path)."""
     trainer.cfg.checkpoint.async_save = async_save
+    # save() returns at once for a step that already has a checkpoint: that is no timing.
+    assert not is_complete(step_dir(trainer.run_dir, trainer.step)), trainer.step
     start = time.perf_counter()
     path = trainer.save_checkpoint()
     returned = time.perf_counter()
@@ -66,11 +70,13 @@ def run(overrides: list[str], repeats: int) -> dict:
             times["sync"].append(complete)
             sizes.append(_bytes_on_disk(sync_path))
             trainer.train_step(trainer.train_batches)  # a new step to save
-            blocked, complete, _ = _save(trainer, async_save=True)
+            blocked, complete, async_path = _save(trainer, async_save=True)
             times["async_blocked"].append(blocked)
             times["async_complete"].append(complete)
+            # Loading the newest checkpoint keeps the step count going up, so every save of
+            # the next repetition writes a new step.
             start = time.perf_counter()
-            trainer.checkpointer.load(sync_path)
+            trainer.checkpointer.load(async_path)
             times["load"].append(time.perf_counter() - start)
             trainer.train_step(trainer.train_batches)
     finally:
