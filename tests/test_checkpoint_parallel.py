@@ -15,7 +15,14 @@ import pytest
 import torch
 from conftest import micro_config
 from parallel_harness import dp_data, run_layout, train_and_record
-from test_parallel_layouts import COMMON, LOSS_RTOL, PIPELINE_MODEL, WEIGHT_ATOL, WEIGHT_RTOL
+from test_parallel_layouts import (
+    COMMON,
+    GPT_MICRO,
+    LOSS_RTOL,
+    PIPELINE_MODEL,
+    WEIGHT_ATOL,
+    WEIGHT_RTOL,
+)
 
 from scaleforge.core.checkpoint import is_complete, read_info, step_dir
 from scaleforge.core.config import Config, micro_batches_per_step
@@ -105,6 +112,8 @@ RESHARDS = {
     "dp_shard4_to_pp2_dp_shard2": (PIPELINE_MODEL, ["parallel.dp_shard=4"], 4,
                                    {"dp_shard": 4}, ["parallel.pp=2", "parallel.dp_shard=2"],
                                    4, (2,)),
+    # Tied embedding (one parameter, two state-dict keys), biases and position embeddings.
+    "gpt_tp2_to_1": (GPT_MICRO, ["parallel.tp=2"], 2, {"tp": 2}, [], 1, None),
 }
 
 
