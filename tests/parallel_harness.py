@@ -150,3 +150,15 @@ def run_layout(
     """Train `cfg` for `steps` steps in `world_size` spawned processes (in cfg.run_dir),
     checkpointing after the steps in `save_at`; rank 0's record."""
     return spawn(_train_worker, world_size, tmp_path, cfg, Path(cfg.run_dir), steps, save_at)
+
+
+def _fit_worker(world_size: int, cfg: Config) -> None:
+    topology = init_topology(cfg, world_size)
+    data = dp_data(cfg, topology.dp_rank, topology.dp_size)
+    Trainer(cfg, Path(cfg.run_dir), world_size, data=data, topology=topology).fit()
+
+
+def fit_layout(cfg: Config, world_size: int, tmp_path: Path) -> None:
+    """Run `Trainer.fit()` on `cfg` in `world_size` spawned processes, on the synthetic data
+    of `dp_data`; rank 0 writes cfg.run_dir/metrics.jsonl and the checkpoints."""
+    spawn(_fit_worker, world_size, tmp_path, cfg)

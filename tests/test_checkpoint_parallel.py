@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import micro_config
-from parallel_harness import dp_data, run_layout, train_and_record
+from parallel_harness import dp_data, fit_layout, run_layout, train_and_record
 from test_parallel_layouts import (
     COMMON,
     GPT_MICRO,
@@ -24,7 +24,7 @@ from test_parallel_layouts import (
     WEIGHT_RTOL,
 )
 
-from scaleforge.core.checkpoint import is_complete, read_info, step_dir
+from scaleforge.core.checkpoint import complete_checkpoints, is_complete, read_info, step_dir
 from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.core.trainer import Trainer
 
@@ -179,7 +179,9 @@ def test_resume_with_other_loader_workers_continues_bitwise(tmp_path, stdlib_ove
     checkpoint = _saved_checkpoint(tmp_path / "first", 3, {})
     second = micro_config(tmp_path / "second", *common, "data.num_workers=2",
                           f"trainer.resume={checkpoint}")
-    Trainer(second, tmp_path / "second").fit()
+    resuming = Trainer(second, tmp_path / "second")
+    assert resuming.train_batches.num_workers == 2 and resuming.step == 3
+    resuming.fit()
     uninterrupted = _metrics_losses(tmp_path / "first")
     resumed = _metrics_losses(tmp_path / "second")
     assert sorted(resumed) == [4, 5, 6]
@@ -203,6 +205,23 @@ def test_async_checkpoint_resumes_like_a_sync_one_in_one_process(tmp_path):
     for name, tensor in resumed["sync"]["final"].items():
         assert torch.equal(resumed["async"]["final"][name], tensor), name
         assert torch.equal(reference["final"][name], tensor), name
+
+
+def test_fit_with_async_checkpoints_under_dp_shard2_resumes_bitwise(tmp_path):
+    # fit() saves every 2 steps in the background and renames each checkpoint when rank 0
+    # finds its write done (poll), while the ranks train on; a fresh set of processes
+    # resumes the run's step-4 checkpoint and logs the same last two losses.
+    overrides = ["parallel.dp_shard=2", "checkpoint.async_save=true", "checkpoint.every=2",
+                 "checkpoint.keep=0", "trainer.max_steps=6"]
+    fit_layout(_config(tmp_path, "first", *overrides), 2, tmp_path)
+    assert [step for step, _ in complete_checkpoints(tmp_path / "first")] == [2, 4, 6]
+    checkpoint = _saved_checkpoint(tmp_path / "first", 4, {"dp_shard": 2})
+    fit_layout(_config(tmp_path, "second", *overrides, f"trainer.resume={checkpoint}"), 2,
+               tmp_path)
+    uninterrupted = _metrics_losses(tmp_path / "first")
+    resumed = _metrics_losses(tmp_path / "second")
+    assert sorted(resumed) == [5, 6]
+    assert resumed == {step: uninterrupted[step] for step in (5, 6)}
 
 
 def test_async_checkpoint_of_dp_shard2_resumes_bitwise(tmp_path):
