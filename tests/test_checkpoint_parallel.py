@@ -1,9 +1,10 @@
 """Checkpoints across processes: resharding between layouts, exact resume, async save.
 
-Every run trains llama_micro in fp32 on the harness's synthetic data (real gloo processes,
-one thread per rank), so a resumed run can be compared with the uninterrupted run of the
-same model and data: across layouts within the tolerances of test_parallel_layouts.py, in
-the same layout bitwise.
+The runs train llama_micro (one: a GPT of the same size) in fp32 on the harness's synthetic
+data, in real gloo processes with one thread per rank (one test: the real stdlib corpus in
+one process), so a resumed run can be compared with the uninterrupted run of the same model
+and data: across layouts within the tolerances of test_parallel_layouts.py, in the same
+layout bitwise. 4-process runs are marked slow.
 """
 
 from __future__ import annotations
