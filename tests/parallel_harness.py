@@ -64,23 +64,41 @@ def _stage_ids_of_every_rank(trainer: Trainer, topology: Topology) -> list[list[
 
 
 def train_and_record(
-    cfg: Config, run_dir: Path, steps: int, world_size: int, topology: Topology | None = None
+    cfg: Config,
+    run_dir: Path,
+    steps: int,
+    world_size: int,
+    topology: Topology | None = None,
+    save_at: tuple[int, ...] = (),
+    forget_optimizer_state: bool = False,
 ) -> dict[str, Any]:
     """Train `steps` steps; return initial and final full weights, losses, grad norms,
     validation loss, the parameter layouts and, under pipeline parallelism, every rank's
-    stage ids (full weights on rank 0 only)."""
+    stage ids (full weights on rank 0 only).
+
+    The Trainer resumes as `cfg.trainer.resume` says ("start_step" in the result is the step
+    it starts from). It checkpoints after each step in `save_at` (and waits for an async
+    save before returning). `forget_optimizer_state` clears AdamW's state after resuming:
+    the control run of a test that proves the optimizer state was carried over."""
     topology = topology or init_topology(cfg, world_size)
     data = dp_data(cfg, topology.dp_rank, topology.dp_size)
     trainer = Trainer(cfg, run_dir, world_size, data=data, topology=topology)
+    if forget_optimizer_state:
+        trainer.optimizer.state.clear()
+    start_step = trainer.step
     initial = _copy(gathered_state_dict(trainer.model, topology))
     losses, grad_norms = [], []
     for _ in range(steps):
         loss, grad_norm = trainer.train_step(trainer.train_batches)
         losses.append(topology.mean_over_dp(loss).item())
         grad_norms.append(grad_norm.item())
+        if trainer.step in save_at:
+            trainer.save_checkpoint()
+    trainer.checkpointer.wait()
     val_loss = trainer.evaluate()
     final = gathered_state_dict(trainer.model, topology)
     return {
+        "start_step": start_step,
         "initial": initial,
         "final": _copy(final),
         "losses": losses,
@@ -120,10 +138,27 @@ def spawn(fn, world_size: int, tmp_path: Path, *args: Any) -> Any:
     return torch.load(out, weights_only=False)
 
 
-def _train_worker(world_size: int, cfg: Config, run_dir: Path, steps: int) -> dict[str, Any]:
-    return train_and_record(cfg, run_dir, steps, world_size)
+def _train_worker(
+    world_size: int, cfg: Config, run_dir: Path, steps: int, save_at: tuple[int, ...]
+) -> dict[str, Any]:
+    return train_and_record(cfg, run_dir, steps, world_size, save_at=save_at)
 
 
-def run_layout(cfg: Config, world_size: int, tmp_path: Path, steps: int = 5) -> dict[str, Any]:
-    """Train `cfg` for `steps` steps in `world_size` spawned processes; rank 0's record."""
-    return spawn(_train_worker, world_size, tmp_path, cfg, tmp_path / "run", steps)
+def run_layout(
+    cfg: Config, world_size: int, tmp_path: Path, steps: int = 5, save_at: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """Train `cfg` for `steps` steps in `world_size` spawned processes (in cfg.run_dir),
+    checkpointing after the steps in `save_at`; rank 0's record."""
+    return spawn(_train_worker, world_size, tmp_path, cfg, Path(cfg.run_dir), steps, save_at)
+
+
+def _fit_worker(world_size: int, cfg: Config) -> None:
+    topology = init_topology(cfg, world_size)
+    data = dp_data(cfg, topology.dp_rank, topology.dp_size)
+    Trainer(cfg, Path(cfg.run_dir), world_size, data=data, topology=topology).fit()
+
+
+def fit_layout(cfg: Config, world_size: int, tmp_path: Path) -> None:
+    """Run `Trainer.fit()` on `cfg` in `world_size` spawned processes, on the synthetic data
+    of `dp_data`; rank 0 writes cfg.run_dir/metrics.jsonl and the checkpoints."""
+    spawn(_fit_worker, world_size, tmp_path, cfg)
