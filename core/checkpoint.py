@@ -225,12 +225,38 @@ def model_parts(model: nn.Module) -> list[nn.Module]:
     return list(model) if isinstance(model, nn.ModuleList) else [model]
 
 
+# With tied embeddings the output projection is the token embedding: stored once, under
+# the embedding's name, and loaded into both.
+_TIED = {"output.weight": "tok_embeddings.weight"}
+
+
+def _is_tied(model: nn.Module) -> bool:
+    return any(
+        getattr(getattr(part, "cfg", None), "tie_embeddings", False) for part in model_parts(model)
+    )
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's model state keyed by single-process names (DTensors where sharded)."""
+    """This rank's model state keyed by single-process names (DTensors where sharded); a
+    tied output weight is left out (it is the token embedding)."""
     state: dict[str, torch.Tensor] = {}
     for part in model_parts(model):
         state.update(part.state_dict())
+    if _is_tied(model):
+        for alias, name in _TIED.items():
+            if name in state:
+                state.pop(alias, None)
     return state
+
+
+def _load_into_parts(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
+    """Copy `loaded` (model_state keys) into every part's parameters (strict: every key of
+    every part is filled, a tied output weight from the embedding)."""
+    for part in model_parts(model):
+        part.load_state_dict(
+            {k: loaded[k] if k in loaded else loaded[_TIED[k]] for k in part.state_dict()},
+            strict=True,
+        )
 
 
 def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -452,9 +478,9 @@ class Checkpointer:
         }
 
     def _group_for_async(self) -> dist.ProcessGroup | None:
-        """A gloo group for the background write's collectives (so they never queue behind
-        the training's NCCL work); the default group when it already is gloo."""
-        if not dist.is_initialized() or dist.get_backend() == "gloo":
+        """A gloo group of its own for the background write's collectives, so they never
+        interleave with the training's collectives (NCCL or gloo) on a shared group."""
+        if not dist.is_initialized():
             return None
         if self._async_group is None:
             self._async_group = dist.new_group(backend="gloo")
@@ -477,7 +503,9 @@ class Checkpointer:
         info = read_info(path)
         check_model_kind(path, t.cfg.model, "trainer.resume")
         check_state_dict_shapes(
-            model_state(t.model), saved_shapes(metadata, "model"), f"checkpoint {path}",
+            model_state(t.model),
+            saved_shapes(metadata, "model"),
+            f"checkpoint {path}",
             allow_unexpected=True,
         )
         if not saved_shapes(metadata, "optim"):
@@ -515,9 +543,7 @@ class Checkpointer:
             state.pop("scaler")
         _load(path, state)
 
-        for part in model_parts(t.model):
-            part_state = part.state_dict()
-            part.load_state_dict({k: state["model"][k] for k in part_state}, strict=True)
+        _load_into_parts(t.model, state["model"])
         t.step = int(state["train"]["step"])
         if "loader" in state:
             t.train_batches.load_state_dict(_from_tensors(state["loader"][loader_key]))
@@ -588,8 +614,7 @@ def load_model_weights(
     )
     wrapped = {"model": state}
     _load(path, wrapped)
-    for part in model_parts(model):
-        part.load_state_dict({k: wrapped["model"][k] for k in part.state_dict()}, strict=True)
+    _load_into_parts(model, wrapped["model"])
     return path
 
 
@@ -604,8 +629,12 @@ def save_model_checkpoint(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    state = dict(state_dict)
+    if cfg.model.tie_embeddings:
+        for alias in _TIED:
+            state.pop(alias, None)
     with _quiet_single_process():
-        dcp.save({"model": dict(state_dict)}, checkpoint_id=partial, no_dist=True)
+        dcp.save({"model": state}, checkpoint_id=partial, no_dist=True)
     OmegaConf.save(OmegaConf.structured(cfg), partial / "config.yaml")
     (partial / COMPLETE).write_text(
         json.dumps(

@@ -207,3 +207,18 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="system"):
         read_metadata(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_tied_embedding_is_stored_once_and_resumes_into_both(tmp_path):
+    tied = "model.tie_embeddings=true"
+    full = train(tmp_path / "full", tied)
+    train(tmp_path / "cut", tied, "checkpoint.every=4")
+    saved = read_metadata(tmp_path / "cut/checkpoints/step_4").state_dict_metadata
+    assert "model.tok_embeddings.weight" in saved and "model.output.weight" not in saved
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "cut/checkpoints/step_4", resumed_dir / "checkpoints/step_4")
+    resumed = train(resumed_dir, tied)
+    assert resumed.model.output.weight is resumed.model.tok_embeddings.weight
+    assert all(losses(resumed_dir)[s] == losses(tmp_path / "full")[s] for s in range(5, 9))
+    for name, value in weights(full).items():
+        assert torch.equal(value, weights(resumed)[name]), name
