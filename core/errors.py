@@ -18,14 +18,16 @@ class TrainingDivergedError(RuntimeError):
 
 
 def exit_on_config_error(task: Callable[..., T], *args: Any) -> T:
-    """Run `task(*args)`; on a ConfigError print it as one `error:` line and exit with 2.
+    """Run `task(*args)`; print a ConfigError as one `error:` line and exit with 2, a
+    TrainingDivergedError likewise with 3.
 
     Under torchrun every rank raises the same error (validation runs before any process
-    group exists); only rank 0 ($RANK) prints it, and every rank exits with 2.
+    group exists; the non-finite decision is agreed over all ranks); only rank 0 ($RANK)
+    prints it, and every rank exits with the same status.
     """
     try:
         return task(*args)
-    except ConfigError as error:
+    except (ConfigError, TrainingDivergedError) as error:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(error, ConfigError) else 3)

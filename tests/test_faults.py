@@ -363,3 +363,15 @@ def test_nan_loss_and_signal_on_one_rank_skip_and_stop_every_rank_at_the_same_st
         # fit started at step 2; rank 1's signal came during step 4, every rank stopped there
         assert outcome["saved_at"] == [4] and outcome["step"] == 4 and outcome["preempted"]
     assert [r["step"] for r in result["records"]] == [0, 4]
+
+
+def test_a_diverged_run_ends_with_one_error_line_and_status_3(capsys):
+    from scaleforge.core.errors import exit_on_config_error
+
+    def diverge():
+        raise TrainingDivergedError("step 7: non-finite loss; lower optim.lr")
+
+    with pytest.raises(SystemExit) as stop:
+        exit_on_config_error(diverge)
+    assert stop.value.code == 3
+    assert capsys.readouterr().err == "error: step 7: non-finite loss; lower optim.lr\n"
