@@ -330,6 +330,9 @@ class Checkpointer:
         self._pending: tuple[Future, Path, Path, dict] | None = None
         self._async_group: dist.ProcessGroup | None = None
         self.last_save_s = 0.0  # seconds the training loop was blocked by the last save
+        if self.cfg.async_save and not dist.is_initialized():
+            # the background write warns from its own thread, outside _quiet_single_process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavail")
 
     # ------------------------------------------------------------------- what goes in
 
