@@ -98,23 +98,32 @@ def test_keep_prunes_old_checkpoints_and_resume_never_starts_afresh(tmp_path):
     assert again.resumed_from is None and again.step == 2
 
 
-def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path):
-    """The process dies (os._exit) after writing step 4's shards but before its marker: the
-    partial directory is ignored, resume=auto picks step 2 and the next save removes it."""
+@pytest.mark.parametrize("moment", ["mid_write", "before_marker"])
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, moment):
+    """The process dies (os._exit) during step 4's save: in the middle of writing its tensors
+    (no .metadata yet), or after every shard but before the marker. Either way the partial
+    directory is ignored, resume=auto picks step 2 and the next save removes it."""
     run_dir = tmp_path / "run"
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch.distributed.checkpoint.filesystem as filesystem
         import scaleforge.core.checkpoint as checkpoint
         from scaleforge.core.trainer import Trainer
         from conftest import micro_config, synthetic_data
-        real_save, calls = checkpoint.dcp.save, []
-        def dying_save(*args, **kwargs):
+        real_save, real_write, saves, items = checkpoint.dcp.save, filesystem._write_item, [], []
+        def counting_save(*args, **kwargs):
+            saves.append(1)
             real_save(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == 2:
+            if {moment!r} == "before_marker" and len(saves) == 2:
                 os._exit(9)
-        checkpoint.dcp.save = dying_save
+        def dying_write(*args, **kwargs):
+            if {moment!r} == "mid_write" and len(saves) == 2:
+                items.append(1)
+                if len(items) == 3:
+                    os._exit(9)
+            return real_write(*args, **kwargs)
+        checkpoint.dcp.save, filesystem._write_item = counting_save, dying_write
         cfg = micro_config({str(run_dir)!r}, "trainer.max_steps=8", "checkpoint.every=2",
                            *{ACCUMULATE!r})
         Trainer(cfg, cfg.run_dir, data=synthetic_data(cfg, num_windows=20)).fit()
@@ -122,7 +131,9 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 9, done.stderr[-2000:]
     root = run_dir / "checkpoints"
-    assert (root / ".step_4.partial" / ".metadata").is_file()
+    has_metadata = (root / ".step_4.partial" / ".metadata").is_file()
+    assert has_metadata == (moment == "before_marker")
+    assert any((root / ".step_4.partial").iterdir())  # something was written
     assert not (root / ".step_4.partial" / COMPLETE).exists()
     assert latest_checkpoint(run_dir).name == "step_2"
 
