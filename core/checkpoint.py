@@ -6,6 +6,7 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step_<N>/` holding one DCP save
     optim.<fqn>.<name>     AdamW's exp_avg, exp_avg_sq and step of each parameter, by FQN
     scaler.<name>          fp16 loss scale and growth tracker (one process, CUDA)
     train.step, train.tokens
+    health.<...>           skips in a row and the loss-spike detector's running statistics
     loader.dp<r>.<key>     the training loader's position of data-parallel rank r
     rng.rank<r>.<device>   torch's generator states of global rank r
 
@@ -349,6 +350,11 @@ class Checkpointer:
                 ),
             },
         }
+        # Equal on every rank (decided from all-reduced values).
+        state["health"] = {
+            "nonfinite": t.nonfinite_guard.state_dict(),
+            "spikes": t.spike_detector.state_dict(),
+        }
         scaler = t.precision.scaler
         if scaler is not None and scaler.is_enabled():
             state["scaler"] = {
@@ -544,10 +550,15 @@ class Checkpointer:
             state.pop("rng")
         if "scaler" in state and not any(k.startswith("scaler.") for k in saved):
             state.pop("scaler")
+        if not any(k.startswith("health.") for k in saved):
+            state.pop("health")
         _load(path, state)
 
         _load_into_parts(t.model, state["model"])
         t.step = int(state["train"]["step"])
+        if "health" in state:
+            t.nonfinite_guard.load_state_dict(state["health"]["nonfinite"])
+            t.spike_detector.load_state_dict(state["health"]["spikes"])
         if "loader" in state:
             t.train_batches.load_state_dict(_from_tensors(state["loader"][loader_key]))
         if "scaler" in state:

@@ -119,6 +119,13 @@ class NonFiniteGuard:
             )
         return value
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The count of skips in a row (checkpointed, so a resume keeps counting)."""
+        return {"consecutive_skips": torch.tensor(self.consecutive_skips, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.consecutive_skips = int(state["consecutive_skips"])
+
     def _fixes(self) -> str:
         fixes = [f"lower optim.lr (now {self.lr:g})"]
         if self.grad_clip <= 0:
@@ -146,6 +153,18 @@ class LossSpikeDetector:
         self.seen = 0
         self.mean = 0.0
         self.variance = 0.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running statistics (checkpointed, so a resumed run flags the same steps)."""
+        return {
+            "seen": torch.tensor(self.seen, dtype=torch.int64),
+            "mean": torch.tensor(self.mean, dtype=torch.float64),
+            "variance": torch.tensor(self.variance, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.seen = int(state["seen"])
+        self.mean, self.variance = float(state["mean"]), float(state["variance"])
 
     def update(self, loss: float) -> bool:
         """Feed one step's loss; True when it is a spike."""

@@ -64,6 +64,9 @@ def test_resume_continues_bitwise_with_accumulation_and_an_epoch_boundary(tmp_pa
     assert all(after[s] == reference[s] for s in after), (after, reference)
     for name, value in weights(full).items():
         assert torch.equal(value, weights(resumed)[name]), name
+    # the loss-spike detector's statistics carried over too (it flags the same steps)
+    assert resumed.spike_detector.state_dict() == full.spike_detector.state_dict()
+    assert resumed.spike_detector.seen == 8
 
 
 def test_resume_at_the_end_of_an_epoch_is_exact(tmp_path):
