@@ -25,10 +25,9 @@ import torch
 
 from scaleforge.core.config import Config
 from scaleforge.core.errors import ConfigError, exit_on_config_error
-from scaleforge.launch.sweep import parse_settings
+from scaleforge.launch.sweep import run_subcommand
 from scaleforge.models.config import TransformerConfig
 
-COMMANDS = ("to-hf", "from-hf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -143,10 +142,7 @@ _HANDLERS = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf
 
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
-    if not argv or argv[0] not in COMMANDS:
-        raise ConfigError(f"give a command: sf-convert {{{'|'.join(COMMANDS)}}} key=value ...")
-    settings_class, handler = _HANDLERS[argv[0]]
-    handler(parse_settings(settings_class, argv[1:]))
+    run_subcommand("sf-convert", _HANDLERS, argv)
 
 
 def main() -> None:

@@ -26,8 +26,6 @@ import yaml
 
 from scaleforge.core.errors import ConfigError, exit_on_config_error
 
-COMMANDS = ("plan", "run", "collect", "fit", "predict", "report")
-
 
 @dataclass
 class PlanSettings:
@@ -296,12 +294,18 @@ _HANDLERS = {
 }
 
 
+def run_subcommand(program: str, handlers: dict[str, tuple[type, Any]], argv: list[str]) -> None:
+    """Run `program`'s subcommand `argv[0]`: `handlers` maps its name to (settings
+    dataclass, function); the function gets the key=value settings `argv[1:]`."""
+    if not argv or argv[0] not in handlers:
+        raise ConfigError(f"give a command: {program} {{{'|'.join(handlers)}}} key=value ...")
+    settings_class, handler = handlers[argv[0]]
+    handler(parse_settings(settings_class, argv[1:]))
+
+
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
-    if not argv or argv[0] not in COMMANDS:
-        raise ConfigError(f"give a command: sf-sweep {{{'|'.join(COMMANDS)}}} key=value ...")
-    settings_class, handler = _HANDLERS[argv[0]]
-    handler(parse_settings(settings_class, argv[1:]))
+    run_subcommand("sf-sweep", _HANDLERS, argv)
 
 
 def main() -> None:
