@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -30,6 +33,17 @@ def micro_config(run_dir, *overrides: str) -> Config:
         f"run_dir={run_dir}",
     ]
     return to_config(compose(base + list(overrides)))
+
+
+def metrics_records(run_dir) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def logged_losses(run_dir) -> dict[int, float]:
+    """step -> training loss of every logged step of a run."""
+    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
 
 
 def synthetic_data(cfg: Config, num_windows: int = 64, seed: int = 0):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_config, synthetic_data
+from conftest import logged_losses, micro_config, synthetic_data
 
 from scaleforge.core.checkpoint import (
     COMPLETE,
@@ -38,11 +38,6 @@ def train(run_dir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
-
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
@@ -58,8 +53,8 @@ def test_resume_continues_bitwise_with_accumulation_and_an_epoch_boundary(tmp_pa
     shutil.copytree(cut / "checkpoints" / "step_3", resumed_dir / "checkpoints" / "step_3")
     resumed = train(resumed_dir, "checkpoint.every=0")  # trainer.resume=auto by default
     assert resumed.resumed_from.name == "step_3"
-    reference = losses(tmp_path / "full")
-    after = losses(resumed_dir)
+    reference = logged_losses(tmp_path / "full")
+    after = logged_losses(resumed_dir)
     assert sorted(after) == [4, 5, 6, 7, 8]
     assert all(after[s] == reference[s] for s in after), (after, reference)
     for name, value in weights(full).items():
@@ -85,7 +80,7 @@ def test_resume_at_the_end_of_an_epoch_is_exact(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "cut/checkpoints/step_2", resumed / "checkpoints/step_2")
     run(resumed)
-    reference, after = losses(tmp_path / "full"), losses(resumed)
+    reference, after = logged_losses(tmp_path / "full"), logged_losses(resumed)
     assert sorted(after) == [3, 4, 5, 6]
     assert all(after[s] == reference[s] for s in after)
 
@@ -113,7 +108,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, mo
         import torch.distributed.checkpoint.filesystem as filesystem
         import scaleforge.core.checkpoint as checkpoint
         from scaleforge.core.trainer import Trainer
-        from conftest import micro_config, synthetic_data
+        from conftest import logged_losses, micro_config, synthetic_data
         real_save, real_write, saves, items = checkpoint.dcp.save, filesystem._write_item, [], []
         def counting_save(*args, **kwargs):
             saves.append(1)
@@ -145,7 +140,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, mo
     assert not (root / ".step_4.partial").exists()
     full = tmp_path / "full"
     train(full)
-    assert all(losses(run_dir)[s] == losses(full)[s] for s in range(3, 9))
+    assert all(logged_losses(run_dir)[s] == logged_losses(full)[s] for s in range(3, 9))
 
 
 def test_async_save_gives_the_same_checkpoint_as_a_sync_one(tmp_path):
@@ -233,6 +228,8 @@ def test_a_tied_embedding_is_stored_once_and_resumes_into_both(tmp_path):
     shutil.copytree(tmp_path / "cut/checkpoints/step_4", resumed_dir / "checkpoints/step_4")
     resumed = train(resumed_dir, tied)
     assert resumed.model.output.weight is resumed.model.tok_embeddings.weight
-    assert all(losses(resumed_dir)[s] == losses(tmp_path / "full")[s] for s in range(5, 9))
+    assert all(
+        logged_losses(resumed_dir)[s] == logged_losses(tmp_path / "full")[s] for s in range(5, 9)
+    )
     for name, value in weights(full).items():
         assert torch.equal(value, weights(resumed)[name]), name

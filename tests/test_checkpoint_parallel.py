@@ -9,12 +9,11 @@ layout bitwise. 4-process runs are marked slow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_config
+from conftest import logged_losses, micro_config
 from parallel_harness import dp_data, fit_layout, run_layout, train_and_record
 from test_parallel_layouts import (
     COMMON,
@@ -165,11 +164,6 @@ def test_dp_shard2_resumes_bitwise_mid_epoch_and_on_an_epoch_boundary(tmp_path):
             assert torch.equal(resumed["final"][name], tensor), (stop, name)
 
 
-def _metrics_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: record["loss"] for record in records if "loss" in record}
-
-
 def test_resume_with_other_loader_workers_continues_bitwise(tmp_path, stdlib_overrides):
     # The real corpus through the Trainer's own loaders and fit(): it saves at step 3 and
     # goes on to 6; a fresh run resumes from step 3 with two loader worker processes.
@@ -183,8 +177,8 @@ def test_resume_with_other_loader_workers_continues_bitwise(tmp_path, stdlib_ove
     resuming = Trainer(second, tmp_path / "second")
     assert resuming.train_batches.num_workers == 2 and resuming.step == 3
     resuming.fit()
-    uninterrupted = _metrics_losses(tmp_path / "first")
-    resumed = _metrics_losses(tmp_path / "second")
+    uninterrupted = logged_losses(tmp_path / "first")
+    resumed = logged_losses(tmp_path / "second")
     assert sorted(resumed) == [4, 5, 6]
     assert resumed == {step: uninterrupted[step] for step in (4, 5, 6)}
 
@@ -219,8 +213,8 @@ def test_fit_with_async_checkpoints_under_dp_shard2_resumes_bitwise(tmp_path):
     checkpoint = _saved_checkpoint(tmp_path / "first", 4, {"dp_shard": 2})
     fit_layout(_config(tmp_path, "second", *overrides, f"trainer.resume={checkpoint}"), 2,
                tmp_path)
-    uninterrupted = _metrics_losses(tmp_path / "first")
-    resumed = _metrics_losses(tmp_path / "second")
+    uninterrupted = logged_losses(tmp_path / "first")
+    resumed = logged_losses(tmp_path / "second")
     assert sorted(resumed) == [5, 6]
     assert resumed == {step: uninterrupted[step] for step in (5, 6)}
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import metrics_records
 
 BIN = Path(sys.executable).parent
 
@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, stdlib_overrides):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     assert f"run directory: {run_dir}" in result.stdout
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "final_model.pt").is_file()

@@ -3,12 +3,11 @@ run on a GPU machine with `pytest tests/test_cuda.py`."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import micro_config, synthetic_data
+from conftest import metrics_records, micro_config, synthetic_data
 
 from scaleforge.core.trainer import Trainer
 
@@ -35,7 +34,7 @@ def test_mixed_precision_on_cuda_stays_close_to_fp32(tmp_path, precision):
 def test_cuda_run_reports_mfu(tmp_path):
     cfg = micro_config(tmp_path, "trainer.device=cuda", "trainer.precision=bf16")
     Trainer(cfg, tmp_path, data=synthetic_data(cfg)).fit()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path)
     if "H100" in torch.cuda.get_device_name() or "A100" in torch.cuda.get_device_name():
         assert 0 < records[-1]["mfu"] < 1
     assert records[-1]["memory_gb"] > 0

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from parallel_harness import free_port
 
+from scaleforge.core.checkpoint import complete_checkpoints
+
 BIN = Path(sys.executable).parent
 RUN = [
     "model=llama_micro",
@@ -59,10 +61,11 @@ def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout:
 
 
 def _complete_checkpoints(run_dir: Path) -> list[int]:
-    return sorted(
-        int(p.parent.name.removeprefix("step_"))
-        for p in (run_dir / "checkpoints").glob("step_*/complete.json")
-    )
+    return [step for step, _ in complete_checkpoints(run_dir)]
+
+
+def _sf_train(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -78,14 +81,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches_an_uninterrupted_
         f"trainer.eval_every={steps}",
     ]
     reference = tmp_path / "reference"
-    done = subprocess.run(
-        [*command, f"run_dir={reference}"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _sf_train([*command, f"run_dir={reference}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "run"
@@ -110,14 +106,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches_an_uninterrupted_
     ) in stdout
     assert not (run_dir / "scaling.json").exists()  # the run is not finished
 
-    resumed = subprocess.run(
-        [*command, f"run_dir={run_dir}"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = _sf_train([*command, f"run_dir={run_dir}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped}'}" in resumed.stdout
     records = _records(run_dir)

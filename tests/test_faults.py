@@ -3,7 +3,6 @@ signals ending a run with a checkpoint at the same step on every rank."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import micro_config, synthetic_data
+from conftest import metrics_records, micro_config, synthetic_data
 from parallel_harness import dp_data, spawn
 
 from scaleforge.core.config import validate
@@ -25,10 +24,6 @@ from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.trainer import Trainer
 from scaleforge.parallel.parallelize import gathered_state_dict
 from scaleforge.parallel.topology import init_topology
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _snapshot(trainer: Trainer) -> dict[str, dict]:
@@ -143,7 +138,7 @@ def test_skipped_step_is_logged_with_a_warning_and_skipped_field(tmp_path, capsy
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     _poison_output(trainer, {3})
     trainer.fit()
-    records = _records(tmp_path)
+    records = metrics_records(tmp_path)
     assert [r["step"] for r in records] == [0, 2, 3, 4]  # step 3 logged although log_every=2
     assert records[2]["skipped"] is True and records[2]["loss"] == "nan"
     assert "skipped" not in records[1] and "skipped" not in records[3]
@@ -240,8 +235,8 @@ def test_loss_spike_is_logged_and_changes_no_weight(tmp_path, capsys):
         trainer.fit()
         weights[zscore] = torch.load(tmp_path / str(zscore) / "final_model.pt")
     _assert_bitwise_equal(weights[0], weights[50])
-    assert [r["step"] for r in _records(tmp_path / "0")] == [0, 4, 8]  # detector off
-    records = _records(tmp_path / "50")
+    assert [r["step"] for r in metrics_records(tmp_path / "0")] == [0, 4, 8]  # detector off
+    records = metrics_records(tmp_path / "50")
     assert [r["step"] for r in records] == [0, 4, 7, 8]
     assert records[2]["loss_spike"] is True and "skipped" not in records[2]
     assert not any(r.get("loss_spike") for r in records[:2] + records[3:])
@@ -278,7 +273,7 @@ def test_preemption_signal_saves_a_checkpoint_and_returns_after_that_step(
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert saved_at == [2] and trainer.step == 2 and trainer.preempted
-    assert record["step"] == 2 and [r["step"] for r in _records(tmp_path)] == [0, 2]
+    assert record["step"] == 2 and [r["step"] for r in metrics_records(tmp_path)] == [0, 2]
     out = capsys.readouterr().out
     assert f"preempted by SIGUSR1: stopped after step 2 and saved checkpoint {tmp_path}" in out
     assert not (tmp_path / "final_model.pt").exists()
@@ -344,7 +339,10 @@ def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
     }
     outcomes: list[dict] = [{}] * world_size
     dist.all_gather_object(outcomes, outcome)
-    return {"outcomes": outcomes, "records": _records(run_dir) if topology.is_rank0 else None}
+    return {
+        "outcomes": outcomes,
+        "records": metrics_records(run_dir) if topology.is_rank0 else None,
+    }
 
 
 def test_nan_loss_and_signal_on_one_rank_skip_and_stop_every_rank_at_the_same_step(tmp_path):

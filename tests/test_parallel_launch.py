@@ -3,7 +3,6 @@ meet through a c10d rendezvous on 127.0.0.1, and a bad layout that must stop eve
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_records
 from parallel_harness import free_port
 
 BIN = Path(sys.executable).parent
@@ -34,7 +34,7 @@ def _torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complet
 
 
 def _check_run(run_dir: Path, steps: int) -> None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     assert [r["step"] for r in records] == list(range(steps + 1))  # written once, by rank 0
     state = torch.load(run_dir / "final_model.pt", weights_only=True)
     assert state["layers.0.attention.wq.weight"].shape == (64, 64)  # gathered, not a shard

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
 import torch
-from conftest import micro_config, synthetic_data
+from conftest import metrics_records, micro_config, synthetic_data
 
 from scaleforge.core.trainer import Trainer, cross_entropy
 from scaleforge.models import build
@@ -23,7 +22,7 @@ def test_thirty_steps_on_tiny_preset_decrease_loss(tmp_path, stdlib_overrides):
     cfg = micro_config(tmp_path, *stdlib_overrides, "trainer.max_steps=30",
                        "trainer.eval_every=30", "optim.lr=3e-3")
     record = Trainer(cfg, tmp_path).fit()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path)
     first_val, last_val = records[0]["val_loss"], record["val_loss"]
     assert first_val == pytest.approx(math.log(cfg.model.vocab_size), abs=0.2)
     assert last_val < first_val - 1.0
@@ -34,7 +33,7 @@ def test_metrics_jsonl_and_resolved_config_are_written(tmp_path):
     cfg = micro_config(tmp_path, "trainer.max_steps=4", "trainer.log_every=2",
                        "trainer.eval_every=4")
     Trainer(cfg, tmp_path, data=synthetic_data(cfg)).fit()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path)
     assert [r["step"] for r in records] == [0, 2, 4]
     for record in records[1:]:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_gb",
