@@ -330,7 +330,6 @@ class Checkpointer:
         self.run_dir = Path(trainer.run_dir)
         self._pending: tuple[Future, Path, Path, dict] | None = None
         self._async_group: dist.ProcessGroup | None = None
-        self.last_save_s = 0.0  # seconds the training loop was blocked by the last save
         if self.cfg.async_save and not dist.is_initialized():
             # the background write warns from its own thread, outside _quiet_single_process
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavail")
@@ -390,7 +389,6 @@ class Checkpointer:
         """Write the checkpoint of the trainer's current step (waiting for a previous async
         save first); returns its final directory. With async_save the directory appears
         when the background write is done."""
-        started = time.perf_counter()
         self.wait()
         step = self.trainer.step
         final = step_dir(self.run_dir, step)
@@ -419,7 +417,6 @@ class Checkpointer:
                 dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
             self._finish(partial, final, info)
             self._barrier()
-        self.last_save_s = time.perf_counter() - started
         return final
 
     def poll(self) -> None:
