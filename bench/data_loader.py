@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleforge.core.config import DataConfig
+from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.loader import (
     BlendedSamples,
     TokenStream,

@@ -24,8 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from scaleforge.core.config import Config, compose, to_config
-from scaleforge.core.trainer import Trainer
-from scaleforge.parallel.topology import init_topology
+from scaleforge.core.trainer import Trainer, start_topology
 
 LAYOUTS = {
     "single": [],
@@ -52,7 +51,7 @@ def _world_size(overrides: list[str]) -> int:
 
 def _time_steps(world_size: int, cfg: Config, steps: int, warmup: int) -> list[float]:
     """Seconds of each timed step on this rank (steps separated by a barrier)."""
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     generator = torch.Generator().manual_seed(topology.dp_rank)
     window = torch.randint(cfg.model.vocab_size, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)

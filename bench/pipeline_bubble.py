@@ -29,12 +29,10 @@ import torch.multiprocessing as mp
 from scaleforge.core.trainer import cross_entropy
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
-from scaleforge.parallel.pipeline import (
+from scaleforge.parallel.pipeline import Pipeline, build_pipeline, pipeline_step
+from scaleforge.parallel.pipeline_schedules import (
     SCHEDULES,
-    Pipeline,
     available_schedules,
-    build_pipeline,
-    pipeline_step,
     theoretical_bubble_fraction,
 )
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.metrics import peak_memory_gb
-from scaleforge.core.precision import resolve_device
 from scaleforge.core.trainer import Trainer
 from scaleforge.models import build, count_parameters
+from scaleforge.parallel.topology import resolve_device
 
 
 def _default_overrides() -> list[str]:

@@ -50,7 +50,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from scaleforge.core.config import Config, to_config
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.models.state_dict import check_state_dict_shapes
 
 CHECKPOINTS = "checkpoints"

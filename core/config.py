@@ -1,8 +1,11 @@
-"""Structured configuration: one small dataclass per concern, composed by Hydra.
+"""The root configuration: the packages' settings composed by Hydra, and the rules between them.
 
-The dataclasses are registered in Hydra's ConfigStore as the schema of `configs/config.yaml`,
-so an unknown key or a wrongly typed value fails at start with the key named. Rules that
-span several fields live in `validate`, which runs before any process group or data exists.
+Each package owns its settings and the checks of its own fields (`models.TransformerConfig`,
+`parallel.config.ParallelConfig`, `data_pipeline.config.DataConfig`); the trainer's own
+(optimizer, trainer, checkpoint, logging) are here. `Config` composes them and is registered
+in Hydra's ConfigStore as the schema of `configs/config.yaml`, so an unknown key or a wrongly
+typed value fails at start with the key named. `validate` checks every field and the rules
+that span several settings, once, before any process group or data exists.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from scaleforge.core.errors import ConfigError
-from scaleforge.core.precision import check_precision_device, resolve_device
+from scaleforge.core.precision import check_precision_device
 from scaleforge.core.preemption import parse_signals
+from scaleforge.data_pipeline.config import DataConfig
+from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
-from scaleforge.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
-from scaleforge.parallel.pipeline import validate_pipeline
-from scaleforge.parallel.topology import check_layout
+from scaleforge.parallel.config import ParallelConfig
+from scaleforge.parallel.parallelize import BuildPlan
+from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
+from scaleforge.parallel.pipeline_schedules import validate_pipeline
+from scaleforge.parallel.topology import ParallelDims, check_layout, resolve_device
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
@@ -28,7 +34,6 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_MODES = ("corpus", "shards", "streaming")
 NONFINITE_ACTIONS = ("skip", "stop")
 
 
@@ -48,45 +53,6 @@ class OptimConfig:
     # wsd only: the fraction of the steps after warmup spent decaying at the end.
     decay_fraction: float = 0.2
     implementation: str = "auto"
-
-
-@dataclass
-class BlendSourceConfig:
-    """One shard directory of a blend and its share of the training samples (weights are
-    normalized over the blend)."""
-
-    path: str = ""
-    weight: float = 1.0
-
-
-@dataclass
-class DataConfig:
-    """Where tokens come from; `mode` picks one of three:
-
-    - corpus: `corpus` is "stdlib" (the Python standard library's own .py files, no
-      download) or a glob of local text files, one document per file; tokenizer and shards
-      are built on first use into `cache_dir` (the demo).
-    - shards: `path`, a directory written by `sf-preprocess shards`, or `blend`, several of
-      them with weights.
-    - streaming: `dataset` (a Hugging Face hub name, a save_to_disk directory, or a glob of
-      jsonl/parquet files) tokenized on the fly with `tokenizer`.
-    """
-
-    mode: str = "corpus"
-    corpus: str = "stdlib"
-    cache_dir: str = "data_cache"
-    vocab_size: int = 4096
-    max_corpus_bytes: int = 8_000_000
-    val_fraction: float = 0.05
-    seq_len: int = 256
-    seed: int = 1234
-    path: str | None = None
-    blend: list[BlendSourceConfig] = field(default_factory=list)
-    dataset: str | None = None
-    tokenizer: str | None = None
-    text_field: str = "text"
-    num_workers: int = 0
-    verify_shards: bool = True
 
 
 @dataclass
@@ -151,32 +117,6 @@ class LoggingConfig:
     wandb_entity: str | None = None
     run_name: str | None = None
     progress_bar: bool = True
-
-
-@dataclass
-class ParallelConfig:
-    """Process layout: tp x pp x dp_replicate x dp_shard x cp processes (= WORLD_SIZE).
-
-    dp_shard=-1 takes the rest of the world. cp (context parallel) is reserved and must be 1.
-    See parallel/topology.py for the rules and the mesh order (pp outermost, tp innermost).
-    """
-
-    tp: int = 1
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
-    pp_schedule: str = "1F1B"
-    pp_stages_per_rank: int = 1
-    # Layers of each of the pp x pp_stages_per_rank stages, e.g. [1, 3]; null splits evenly.
-    pp_layers_per_stage: list[int] | None = None
-    # auto: nccl when training on CUDA, gloo on CPU.
-    backend: str = "auto"
-    # Seconds a collective may wait before it fails (naming rank and group) instead of hanging.
-    timeout_s: float = 600
-    # FSDP: free gathered weights after forward (ZeRO-3); false keeps them (ZeRO-2-like).
-    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -282,13 +222,15 @@ def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batche
         )
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
+def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     """Check every cross-field rule; raise ConfigError naming the setting and the fix.
 
     Runs identically on every rank before any process group exists, so a bad layout stops
-    all ranks with the same error and no rank is left waiting in a collective.
+    all ranks with the same error and no rank is left waiting in a collective. Returns the
+    layout's sizes, for `parallel.topology.init_topology`.
     """
     cfg.model.check("model")
+    cfg.data.check("data")
     t, o, d = cfg.trainer, cfg.optim, cfg.data
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING_MODES)
@@ -296,7 +238,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
     _choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
-    _choice("data.mode", d.mode, DATA_MODES)
     _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
     for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
                  "eval_batches", "log_every", "checkpoint_every_n_blocks", "max_skipped_steps",
@@ -316,7 +257,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if not t.resume:
         raise ConfigError("trainer.resume is empty; use auto, never or a checkpoint path")
-    _positive("data.seq_len", d.seq_len)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
     if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
@@ -325,8 +265,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if not 0 < o.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must lie strictly between 0 and 1")
     if d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
@@ -337,7 +275,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"data.vocab_size={d.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; the "
             "model could not embed every token id: lower data.vocab_size or raise model.vocab_size"
         )
-    dims = check_layout(cfg, world_size)
+    dims = check_layout(cfg.parallel, cfg.model, d.seq_len, world_size)
     micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
     if dims.pp > 1:
         _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
@@ -347,3 +285,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
         )
     check_precision_device(t.precision, resolve_device(t.device))
+    return dims
+
+
+def build_plan(cfg: Config, dp_size: int = 1) -> BuildPlan:
+    """What parallel/ builds on each rank for this run (`dp_size` data-parallel ranks)."""
+    t = cfg.trainer
+    return BuildPlan(
+        model=cfg.model,
+        parallel=cfg.parallel,
+        precision=t.precision,
+        activation_checkpointing=t.activation_checkpointing,
+        checkpoint_every_n_blocks=t.checkpoint_every_n_blocks,
+        compile=t.compile,
+        micro_batches=micro_batches_per_step(cfg, dp_size),
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from scaleforge.core.config import TrainerConfig
-from scaleforge.core.errors import TrainingDivergedError
+from scaleforge.errors import TrainingDivergedError
 from scaleforge.parallel.topology import Topology
 
 # Weight of the newest loss in the spike detector's moving mean and variance: an EMA over

@@ -12,20 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when available (this process's LOCAL_RANK-th GPU), else CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("trainer.device=cuda but no CUDA device is visible; use auto or cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 # Signals a process cannot catch, or that mean a fault rather than a request to stop.
 UNCATCHABLE = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL"}

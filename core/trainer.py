@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from scaleforge.core.checkpoint import Checkpointer, load_model_weights, resolve_resume
-from scaleforge.core.config import Config, micro_batches_per_step, validate
+from scaleforge.core.config import Config, build_plan, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.health import (
     LossSpikeDetector,
@@ -47,18 +47,15 @@ from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
+from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
     build_model,
     build_pipelined_model,
-    full_value,
     gathered_state_dict,
 )
-from scaleforge.parallel.pipeline import (
-    pipeline_eval,
-    pipeline_step,
-    theoretical_bubble_fraction,
-)
+from scaleforge.parallel.pipeline import pipeline_eval, pipeline_step
+from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import Topology, init_topology
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -67,6 +64,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in fp32. logits (B, T, V), targets (B, T)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def start_topology(cfg: Config, world_size: int = 1) -> Topology:
+    """Validate `cfg` for `world_size` processes (every rule, once) and start this process's
+    part of the layout: torch.distributed and the DeviceMesh when world_size > 1."""
+    return init_topology(cfg.parallel, validate(cfg, world_size), cfg.trainer.device)
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -90,10 +93,9 @@ class Trainer:
     ):
         """`data` = (training micro-batch iterator, validation loader with `.batches(n)`) of
         this rank's data-parallel replica; by default both come from `cfg.data` via
-        `data_pipeline.build_loaders`. `topology` defaults to `init_topology(cfg, world_size)`,
-        which starts torch.distributed when world_size > 1."""
-        validate(cfg, world_size)
-        self.topology = topology or init_topology(cfg, world_size)
+        `data_pipeline.build_loaders`. `topology` (made by `start_topology`, which validated
+        `cfg`) defaults to `start_topology(cfg, world_size)`."""
+        self.topology = topology or start_topology(cfg, world_size)
         self.cfg = cfg
         self.run_dir = Path(self.topology.broadcast_from_rank0(str(run_dir)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,8 @@ class Trainer:
         self.precision = build_precision(
             autocast_precision(cfg.trainer.precision, self.topology), self.device
         )
-        self.micro_batches = micro_batches_per_step(cfg, self.topology.dp_size)
+        plan = build_plan(cfg, self.topology.dp_size)
+        self.micro_batches = plan.micro_batches
 
         if data is None:
             loaders = self.topology.local_rank0_first(
@@ -117,10 +120,11 @@ class Trainer:
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device)
         self.pipeline = (
-            build_pipelined_model(cfg, self.topology, cross_entropy)
+            build_pipelined_model(plan, self.topology, cross_entropy)
             if self.topology.dims.pp > 1 else None
         )
-        self.model = self.pipeline.model_parts if self.pipeline else build_model(cfg, self.topology)
+        self.model = (self.pipeline.model_parts if self.pipeline
+                      else build_model(plan, self.topology))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.trainer.precision)

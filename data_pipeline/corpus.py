@@ -11,7 +11,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 STDLIB_CORPUS = "stdlib"
 # Third-party packages installed into the interpreter are not part of the standard library.

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scaleforge.core.config import DataConfig
-from scaleforge.core.errors import ConfigError
+from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer, open_split
 from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.sources import open_streaming_dataset
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
+from scaleforge.errors import ConfigError
 
 BLEND_PERIOD = 1000
 

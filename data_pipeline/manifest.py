@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline.token_file import index_path, token_dtype
 from scaleforge.data_pipeline.tokenizer import Tokenizer, file_sha256
+from scaleforge.errors import ConfigError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

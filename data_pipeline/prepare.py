@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scaleforge.core.config import DataConfig
+from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.corpus import find_documents, read_document
 from scaleforge.data_pipeline.manifest import MANIFEST
 from scaleforge.data_pipeline.shards import ShardsJob, write_shards

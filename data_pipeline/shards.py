@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline.manifest import FORMAT_VERSION, MANIFEST, SPLITS
 from scaleforge.data_pipeline.sources import Document, read_documents, resolve_inputs
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.token_file import index_path, token_dtype
 from scaleforge.data_pipeline.tokenizer import Tokenizer, file_sha256
+from scaleforge.errors import ConfigError
 
 PARTIAL = ".partial"
 TOKENIZER_DIR = "tokenizer"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet", ".py")
 # Rows read from a parquet file at a time: bounded memory on files of any size.

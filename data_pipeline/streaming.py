@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.data_pipeline.sources import read_hf_rows
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import Tokenizer
+from scaleforge.errors import ConfigError
 
 
 class StreamingBatches:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")

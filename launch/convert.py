@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from scaleforge.core.config import Config
-from scaleforge.core.errors import ConfigError, exit_on_config_error
+from scaleforge.errors import ConfigError, exit_on_config_error
 from scaleforge.launch.sweep import run_subcommand
 from scaleforge.models.config import TransformerConfig
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from scaleforge.core.errors import ConfigError, exit_on_config_error
+from scaleforge.errors import ConfigError, exit_on_config_error
 
 COMMANDS = ("tokenizer", "shards", "prepare")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from scaleforge.core.errors import ConfigError, exit_on_config_error
+from scaleforge.errors import ConfigError, exit_on_config_error
 
 
 @dataclass

@@ -25,8 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from scaleforge.core.config import register_configs, to_config, validate
-from scaleforge.core.errors import exit_on_config_error
+from scaleforge.core.config import register_configs, to_config
+from scaleforge.errors import exit_on_config_error
 
 register_configs()
 
@@ -43,8 +43,7 @@ def train(cfg: DictConfig) -> dict:
     last logged metrics record. Errors after start-up name the failing rank's coordinates."""
     import torch.distributed as dist
 
-    from scaleforge.core.trainer import Trainer
-    from scaleforge.parallel.topology import init_topology
+    from scaleforge.core.trainer import Trainer, start_topology
     from scaleforge.scaling.run_record import write_run_record
 
     config = to_config(cfg)
@@ -53,8 +52,7 @@ def train(cfg: DictConfig) -> dict:
         # a run_dir shared by all jobs would mix their metrics
         config.run_dir = HydraConfig.get().runtime.output_dir
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    validate(config, world_size)
-    topology = init_topology(config, world_size)
+    topology = start_topology(config, world_size)
     try:
         with topology.errors_labelled():
             trainer = Trainer(config, Path(config.run_dir), world_size, topology=topology)

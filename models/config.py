@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 FAMILIES = ("llama", "gpt")
 

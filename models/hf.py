@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.models.build import build
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.state_dict import check_state_dict_shapes

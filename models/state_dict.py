@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 
 def check_state_dict_shapes(

@@ -9,9 +9,14 @@ weights of any layout equal the single-process weights bit for bit.
 With pipeline parallelism (`build_pipelined_model`) every rank draws the full model with the
 seed instead (the same draws as one process), cuts its stages, and applies the same
 composition to each stage (split -> TP -> AC -> compile -> FSDP, as torchtitan does).
+
+What to build is a `BuildPlan`: the model shape, the layout and the trainer's per-block
+choices (`core.config.build_plan` makes it from the run's config).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,36 +26,52 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
-from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.models import build
+from scaleforge.models.config import TransformerConfig
 from scaleforge.models.rope import rope_tables
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaleforge.parallel.compile import apply_compile
+from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.data_parallel import apply_data_parallel
-from scaleforge.parallel.pipeline import LossFn, Pipeline, split_model
+from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
 
 
-def parallelize(model: nn.Module, topology: Topology, cfg: Config) -> None:
+@dataclass(frozen=True)
+class BuildPlan:
+    """What to build on each rank: the model, its layout, and per block the precision,
+    activation checkpointing (`none`, `full`, `selective`, on every n-th block) and
+    torch.compile. `micro_batches` (per optimizer step and data-parallel rank) sizes the
+    pipeline schedule."""
+
+    model: TransformerConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: str = "fp32"
+    activation_checkpointing: str = "none"
+    checkpoint_every_n_blocks: int = 1
+    compile: bool = False
+    micro_batches: int = 1
+
+
+def parallelize(model: nn.Module, topology: Topology, plan: BuildPlan) -> None:
     """Apply this layout's parallelism to `model` in place, in the architecture's order:
     tensor parallel, activation checkpointing, compile (optional), data-parallel sharding."""
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.mesh["tp"])
     apply_activation_checkpointing(
-        model, cfg.trainer.activation_checkpointing, cfg.trainer.checkpoint_every_n_blocks
+        model, plan.activation_checkpointing, plan.checkpoint_every_n_blocks
     )
-    if cfg.trainer.compile:
+    if plan.compile:
         apply_compile(model)
     if topology.dp_size > 1:
         apply_data_parallel(
-            model, topology, cfg.trainer.precision, cfg.parallel.fsdp_reshard_after_forward
+            model, topology, plan.precision, plan.parallel.fsdp_reshard_after_forward
         )
 
 
-def build_model(cfg: Config, topology: Topology) -> nn.Module:
+def build_model(plan: BuildPlan, topology: Topology) -> nn.Module:
     """The initialised, parallelised model of this rank.
 
     One process: `models.build` on the device, then activation checkpointing and compile, as
@@ -60,50 +81,49 @@ def build_model(cfg: Config, topology: Topology) -> nn.Module:
     if topology.dims.pp > 1:
         raise ValueError("parallel.pp > 1: build the stages with build_pipelined_model")
     if not topology.is_distributed:
-        model = build(cfg.model, device=topology.device)
-        parallelize(model, topology, cfg)
+        model = build(plan.model, device=topology.device)
+        parallelize(model, topology, plan)
         return model
-    model = build(cfg.model, device="meta")
-    parallelize(model, topology, cfg)
+    model = build(plan.model, device="meta")
+    parallelize(model, topology, plan)
     model.to_empty(device=topology.device)
-    load_single_process_weights(model, cfg, topology)
+    load_single_process_weights(model, plan.model, topology)
     return model
 
 
-def build_pipelined_model(cfg: Config, topology: Topology, loss_fn: LossFn) -> Pipeline:
+def build_pipelined_model(plan: BuildPlan, topology: Topology, loss_fn: LossFn) -> Pipeline:
     """This rank's pipeline stages, parallelised, and the schedule that runs them.
 
     The full model is drawn on every rank from the current RNG state (call after seeding),
-    so each stage's weights equal the single-process ones; the stages share them, the rest
-    is freed. Each stage then gets tensor parallel, activation checkpointing, compile and
-    FSDP like a whole model. `loss_fn(logits, targets)` is the mean loss of a micro-batch.
+    so each stage's weights equal the single-process ones; `build_pipeline` cuts the stages
+    and frees the rest. Each stage then gets tensor parallel, activation checkpointing,
+    compile and FSDP like a whole model. `loss_fn(logits, targets)` is the mean loss of a
+    micro-batch.
     """
-    p = cfg.parallel
-    model = build(cfg.model, device=topology.device)
-    stages = split_model(model, topology.pp_rank, topology.dims.pp, p.pp_schedule,
-                         p.pp_stages_per_rank, p.pp_layers_per_stage)
-    del model
-    for _, stage in stages:
-        parallelize(stage, topology, cfg)
-    micro_batches = micro_batches_per_step(cfg, topology.dp_size)
-    return Pipeline(stages, p.pp_schedule, topology.group("pp"), micro_batches, loss_fn,
-                    topology.device)
+    p = plan.parallel
+    return build_pipeline(
+        build(plan.model, device=topology.device), topology.group("pp"), p.pp_schedule,
+        p.pp_stages_per_rank, plan.micro_batches, loss_fn, topology.device,
+        p.pp_layers_per_stage, prepare_stage=lambda stage: parallelize(stage, topology, plan),
+    )
 
 
 @torch.no_grad()
-def load_single_process_weights(model: nn.Module, cfg: Config, topology: Topology) -> None:
+def load_single_process_weights(
+    model: nn.Module, model_cfg: TransformerConfig, topology: Topology
+) -> None:
     """Fill a materialised parallel `model` with the weights a single process would draw.
 
     Rank 0 builds the full model on its device from the current RNG state; every rank
     receives its shards by broadcast. Buffers outside the state dict (RoPE tables) are
     recomputed from the config.
     """
-    full = build(cfg.model, device=topology.device).state_dict() if topology.is_rank0 else {}
+    full = build(model_cfg, device=topology.device).state_dict() if topology.is_rank0 else {}
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
     if getattr(model, "rope_cos", None) is not None:
-        m = cfg.model
+        m = model_cfg
         cos, sin = rope_tables(m.head_dim, m.max_seq_len, m.rope_theta, device=topology.device)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
@@ -147,9 +167,3 @@ def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch
     if not topology.is_rank0:
         return {}
     return {k: v for state in stages for k, v in state.items()}
-
-
-def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor of the full value: DTensors (e.g. a loss under tensor parallelism) are
-    gathered, plain tensors returned as they are."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -1,4 +1,4 @@
-"""The process layout: validated once from `cfg.parallel`, then asked by everything else.
+"""The process layout: validated once from the `parallel.*` settings, then asked by everything else.
 
     world = pp x dp_replicate x dp_shard x cp x tp       (Megatron order, tp innermost)
 
@@ -23,17 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from scaleforge.core.errors import ConfigError
-from scaleforge.core.precision import resolve_device
-from scaleforge.parallel.pipeline import schedule_spec
+from scaleforge.errors import ConfigError
+from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.config import ParallelConfig
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from scaleforge.core.config import Config
-
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-BACKENDS = ("auto", "nccl", "gloo")
 T = TypeVar("T")
 
 
@@ -66,7 +63,7 @@ class ParallelDims:
         return f"{sizes} = {self.world_size} processes"
 
 
-def _resolve_dp_shard(parallel: Any, world_size: int) -> int:
+def _resolve_dp_shard(parallel: ParallelConfig, world_size: int) -> int:
     if parallel.dp_shard != -1:
         return parallel.dp_shard
     others = parallel.tp * parallel.pp * parallel.dp_replicate * parallel.cp
@@ -86,33 +83,20 @@ def _divides(setting: str, size: int, target_name: str, target: int, fix: str) -
         )
 
 
-def check_layout(cfg: Config, world_size: int) -> ParallelDims:
-    """Validate `cfg.parallel` against the world size and the model; return the sizes.
+def check_layout(
+    parallel: ParallelConfig, model: TransformerConfig, seq_len: int, world_size: int
+) -> ParallelDims:
+    """Validate the layout against the world size, the model and the sequence length (the
+    data.seq_len setting); return its sizes.
 
-    Raises ConfigError (one line: the setting, its value, the fix) for: a size < 1 (other
-    than dp_shard=-1), cp != 1, an unknown pipeline schedule or backend, a product that is
-    not WORLD_SIZE, tp not dividing the heads, kv heads, MLP width, vocabulary or sequence
-    length. The pipeline's own rules (stages, layers, micro-batches) are
-    `parallel.pipeline.validate_pipeline`, called by `core.config.validate`.
+    Raises ConfigError (one line: the setting, its value, the fix) for a bad field
+    (`ParallelConfig.check`), a product that is not WORLD_SIZE, tp not dividing the heads,
+    kv heads, MLP width, vocabulary or sequence length. The pipeline's own rules (stages,
+    layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`, called by
+    `core.config.validate`.
     """
-    p, model = cfg.parallel, cfg.model
-    for name in ("tp", "pp", "dp_replicate", "cp", "pp_stages_per_rank"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)} must be at least 1")
-    if p.dp_shard < 1 and p.dp_shard != -1:
-        raise ConfigError(
-            f"parallel.dp_shard={p.dp_shard} must be at least 1, or -1 for the rest of the world"
-        )
-    if p.cp != 1:
-        raise ConfigError(
-            f"parallel.cp={p.cp}: context parallelism is reserved in the layout but not "
-            "implemented yet; set parallel.cp=1"
-        )
-    schedule_spec(p.pp_schedule)
-    if p.backend not in BACKENDS:
-        raise ConfigError(f"parallel.backend={p.backend!r} is not one of {', '.join(BACKENDS)}")
-    if p.timeout_s <= 0:
-        raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be positive (seconds)")
+    parallel.check()
+    p = parallel
     dims = ParallelDims(p.tp, p.pp, p.dp_replicate, _resolve_dp_shard(p, world_size), p.cp)
     if dims.world_size != world_size:
         raise ConfigError(
@@ -136,7 +120,7 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
             "the embedding and LM head are split by vocabulary rows; pad model.vocab_size up to "
             f"{-(-model.vocab_size // dims.tp) * dims.tp} (extra rows are never a target)",
         )
-        _divides("parallel.tp", dims.tp, "data.seq_len", cfg.data.seq_len,
+        _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,
                  "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
     return dims
 
@@ -299,37 +283,48 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def init_topology(cfg: Config, world_size: int | None = None) -> Topology:
-    """Validate the layout, start torch.distributed if needed and build the DeviceMesh.
+def resolve_device(device: str) -> torch.device:
+    """The `trainer.device` setting as a device: `auto` picks CUDA when available (this
+    process's current GPU), else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is visible; use auto or cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
 
-    `world_size` defaults to $WORLD_SIZE (torchrun sets it; 1 when run alone). With one
-    process nothing is initialised. On CUDA each process takes GPU $LOCAL_RANK.
+
+def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "auto") -> Topology:
+    """Start torch.distributed if needed and build the DeviceMesh of the layout `dims`.
+
+    `dims` is what `check_layout` returned (the layout is not checked again); `device` is the
+    trainer.device setting. With one process nothing is initialised. On CUDA each process
+    takes GPU $LOCAL_RANK.
     """
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
-    dims = check_layout(cfg, world_size)
-    if world_size == 1:
-        return Topology(dims, resolve_device(cfg.trainer.device), mesh=None)
-    if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available():
+    if dims.world_size == 1:
+        return Topology(dims, resolve_device(device), mesh=None)
+    if device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(cfg.trainer.device)
-    backend = resolve_backend(cfg.parallel.backend, device)
-    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    torch_device = resolve_device(device)
+    backend = resolve_backend(parallel.backend, torch_device)
+    timeout = datetime.timedelta(seconds=parallel.timeout_s)
     if not dist.is_initialized():
         store = _torchrun_attempt_store(timeout)
         if store is None:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, timeout=timeout, store=store,
-                                    rank=int(os.environ["RANK"]), world_size=world_size)
+                                    rank=int(os.environ["RANK"]), world_size=dims.world_size)
     from torch.distributed.device_mesh import init_device_mesh
 
     # The mesh's groups take their timeout from these options (new groups would otherwise
     # get torch's default, 30 minutes for gloo, whatever init_process_group was given).
     options = {name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS}
     mesh = init_device_mesh(
-        device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
+        torch_device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
     )
-    return Topology(dims, device, mesh)
+    return Topology(dims, torch_device, mesh)
 
 
 def _torchrun_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:

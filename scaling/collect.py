@@ -12,7 +12,7 @@ import math
 import warnings
 from pathlib import Path
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.scaling.run_record import RECORD_FILE
 from scaleforge.scaling.sweep_files import read_plan
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.scaling.budgets import group_budgets
 from scaleforge.scaling.collect import SweepWarning
 from scaleforge.scaling.fit_envelope import fit_approach1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.scaling.power_law import fit_power_law
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.scaling.collect import SweepWarning
 from scaleforge.scaling.power_law import fit_power_law
 

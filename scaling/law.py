@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 
 def loss(params: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray | float:

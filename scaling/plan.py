@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from scaleforge.core.config import Config
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.scaling.flops import model_size
 from scaleforge.scaling.shape import shape_for_params, shaped

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import num_params
 

@@ -10,7 +10,7 @@ import csv
 import math
 from pathlib import Path
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 
 def write_table(rows: list[dict], path: Path) -> list[Path]:

@@ -19,10 +19,10 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from scaleforge.core.config import Config
-from scaleforge.core.trainer import Trainer
+from scaleforge.core.trainer import Trainer, start_topology
 from scaleforge.data_pipeline.loader import TokenWindows, TrainBatches, ValBatches
 from scaleforge.parallel.parallelize import gathered_state_dict
-from scaleforge.parallel.topology import Topology, init_topology
+from scaleforge.parallel.topology import Topology
 
 
 def free_port() -> int:
@@ -80,7 +80,7 @@ def train_and_record(
     it starts from). It checkpoints after each step in `save_at` (and waits for an async
     save before returning). `forget_optimizer_state` clears AdamW's state after resuming:
     the control run of a test that proves the optimizer state was carried over."""
-    topology = topology or init_topology(cfg, world_size)
+    topology = topology or start_topology(cfg, world_size)
     data = dp_data(cfg, topology.dp_rank, topology.dp_size)
     trainer = Trainer(cfg, run_dir, world_size, data=data, topology=topology)
     if forget_optimizer_state:
@@ -153,7 +153,7 @@ def run_layout(
 
 
 def _fit_worker(world_size: int, cfg: Config) -> None:
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     data = dp_data(cfg, topology.dp_rank, topology.dp_size)
     Trainer(cfg, Path(cfg.run_dir), world_size, data=data, topology=topology).fit()
 

@@ -24,8 +24,8 @@ from scaleforge.core.checkpoint import (
     read_metadata,
     save_model_checkpoint,
 )
-from scaleforge.core.errors import ConfigError
 from scaleforge.core.trainer import Trainer
+from scaleforge.errors import ConfigError
 
 # 2 micro-batches per step (gradient accumulation), 8 steps.
 ACCUMULATE = ("trainer.global_batch_tokens=512", "trainer.micro_batch_size=4")

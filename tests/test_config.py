@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from scaleforge.core.config import compose, micro_batches_per_step, to_config, validate
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 
 
 def _error_text(error: BaseException) -> str:

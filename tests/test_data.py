@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from scaleforge.core.config import BlendSourceConfig, DataConfig
-from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline import prepare as prepare_module
+from scaleforge.data_pipeline.config import BlendSourceConfig, DataConfig
 from scaleforge.data_pipeline.corpus import find_documents
 from scaleforge.data_pipeline.loader import (
     BlendedSamples,
@@ -26,6 +25,7 @@ from scaleforge.data_pipeline.loader import (
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
+from scaleforge.errors import ConfigError
 
 VOCAB = 400
 

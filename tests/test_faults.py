@@ -16,14 +16,13 @@ from conftest import metrics_records, micro_config, synthetic_data
 from parallel_harness import dp_data, spawn
 
 from scaleforge.core.config import validate
-from scaleforge.core.errors import ConfigError, TrainingDivergedError
 from scaleforge.core.health import LossSpikeDetector
 from scaleforge.core.lr_schedule import lr_factor
 from scaleforge.core.precision import Precision
 from scaleforge.core.preemption import PreemptionWatch
-from scaleforge.core.trainer import Trainer
+from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.errors import ConfigError, TrainingDivergedError
 from scaleforge.parallel.parallelize import gathered_state_dict
-from scaleforge.parallel.topology import init_topology
 
 
 def _snapshot(trainer: Trainer) -> dict[str, dict]:
@@ -296,7 +295,7 @@ def test_handlers_are_installed_only_in_the_main_thread_and_restored():
 
 def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
     """Rank 1 alone sees a NaN loss at step 2 and a SIGUSR1 during step 4."""
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     train, val = dp_data(cfg, topology.dp_rank, topology.dp_size)
 
     def signal_rank_one(count: int) -> None:
@@ -364,7 +363,7 @@ def test_nan_loss_and_signal_on_one_rank_skip_and_stop_every_rank_at_the_same_st
 
 
 def test_a_diverged_run_ends_with_one_error_line_and_status_3(capsys):
-    from scaleforge.core.errors import exit_on_config_error
+    from scaleforge.errors import exit_on_config_error
 
     def diverge():
         raise TrainingDivergedError("step 7: non-finite loss; lower optim.lr")

@@ -19,7 +19,7 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
-from scaleforge.core.errors import ConfigError  # noqa: E402
+from scaleforge.errors import ConfigError  # noqa: E402
 from scaleforge.launch import convert  # noqa: E402
 from scaleforge.models import TransformerConfig, build  # noqa: E402
 from scaleforge.models.hf import (  # noqa: E402

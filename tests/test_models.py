@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.models import TransformerConfig, build, count_parameters, num_params
 from scaleforge.models.rope import apply_rope, rope_tables
 

@@ -10,19 +10,19 @@ from parallel_harness import spawn
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from scaleforge.core.trainer import cross_entropy
+from scaleforge.core.config import build_plan
+from scaleforge.core.trainer import cross_entropy, start_topology
 from scaleforge.models import build
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import build_model
-from scaleforge.parallel.topology import init_topology
 
 
 def _sequence_parallel_norm_grads(world_size: int, cfg) -> dict:
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     torch.manual_seed(0)
     reference = build(cfg.model)
     torch.manual_seed(0)
-    model = build_model(cfg, topology)
+    model = build_model(build_plan(cfg, topology.dp_size), topology)
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -72,7 +72,7 @@ def test_sequence_parallel_norm_weight_grads_are_reduced_over_tp(tmp_path):
 
 
 def _clip_across_meshes_and_stages(world_size: int, cfg) -> dict:
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     generator = torch.Generator().manual_seed(0)
     full = [torch.randn(8, 4, generator=generator), torch.randn(6, generator=generator)]
     meshes = [(topology.mesh["dp_shard"], [Shard(0)]),
@@ -99,7 +99,7 @@ def test_clip_grad_norm_is_global_across_meshes(tmp_path):
 
 
 def _clip_across_pipeline_stages(world_size: int, cfg) -> dict:
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     grad = torch.full((4,), float(topology.pp_rank + 1))  # stage r holds its own parameter
     param = nn.Parameter(torch.zeros(4))
     param.grad = grad.clone()

@@ -7,12 +7,9 @@ import pytest
 from conftest import micro_config
 
 from scaleforge.core.config import validate
-from scaleforge.core.errors import ConfigError
-from scaleforge.parallel.topology import (
-    MESH_DIMS,
-    check_layout,
-    init_topology,
-)
+from scaleforge.core.trainer import start_topology
+from scaleforge.errors import ConfigError
+from scaleforge.parallel.topology import MESH_DIMS, check_layout
 
 
 @pytest.mark.parametrize(
@@ -65,7 +62,7 @@ def test_invalid_layout_is_named_in_one_line(tmp_path, overrides, world_size, na
 def test_dp_shard_minus_one_takes_the_rest_of_the_world(tmp_path):
     cfg = micro_config(tmp_path, "parallel.tp=2", "parallel.dp_shard=-1",
                        "trainer.micro_batch_size=2")
-    dims = check_layout(cfg, 8)
+    dims = check_layout(cfg.parallel, cfg.model, cfg.data.seq_len, 8)
     assert (dims.tp, dims.dp_shard, dims.dp_size, dims.world_size) == (2, 4, 4, 8)
     assert dims.mesh_shape == (1, 1, 4, 1, 2)  # pp, dp_replicate, dp_shard, cp, tp
 
@@ -77,7 +74,7 @@ def test_mesh_dims_are_in_megatron_order():
 def test_single_process_topology_starts_no_process_group(tmp_path):
     import torch.distributed as dist
 
-    topology = init_topology(micro_config(tmp_path), 1)
+    topology = start_topology(micro_config(tmp_path), 1)
     assert not topology.is_distributed and not dist.is_initialized()
     assert (topology.dp_rank, topology.dp_size, topology.is_rank0) == (0, 1, True)
     assert topology.label() == "[pp0 dp0 tp0]"
@@ -90,7 +87,7 @@ def _hang_in_tp_group(world_size: int, cfg) -> str:
     import torch
     import torch.distributed as dist
 
-    topology = init_topology(cfg, world_size)
+    topology = start_topology(cfg, world_size)
     if topology.rank == 1:
         time.sleep(3 * cfg.parallel.timeout_s)  # never joins the collective
         return ""

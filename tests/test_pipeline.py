@@ -17,20 +17,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import schedules as torch_schedules
 
 from scaleforge.core.config import Config, micro_batches_per_step
-from scaleforge.core.errors import ConfigError
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.trainer import Trainer, cross_entropy, seed_everything
+from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.pipeline import (
-    SCHEDULES,
-    available_schedules,
     build_pipeline,
     pipeline_eval,
     pipeline_step,
     split_model,
+)
+from scaleforge.parallel.pipeline_schedules import (
+    SCHEDULES,
+    available_schedules,
     stage_indices,
     stage_layer_ranges,
     theoretical_bubble_fraction,

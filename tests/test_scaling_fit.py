@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.scaling.collect import SweepWarning
 from scaleforge.scaling.fit import fit_table, read_fit, write_fit
 from scaleforge.scaling.fit_parametric import fit_law

@@ -12,7 +12,7 @@ from omegaconf import open_dict
 
 from scaleforge.core.config import compose as compose_config
 from scaleforge.core.config import register_configs, to_config, validate
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import num_params
 from scaleforge.scaling.flops import flops_per_token, model_size

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaleforge.core.errors import ConfigError
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer, open_split
 from scaleforge.data_pipeline.shards import ShardsJob, write_shards
 from scaleforge.data_pipeline.sources import read_documents, resolve_inputs
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.token_file import read_document_index
 from scaleforge.data_pipeline.tokenizer import Tokenizer, train_sentencepiece
+from scaleforge.errors import ConfigError
 
 CODE = (
     "def f(x):\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scaleforge.core.errors import ConfigError
+from scaleforge.errors import ConfigError
 from scaleforge.launch.sweep import dispatch
 from scaleforge.scaling.collect import SweepWarning, collect
 

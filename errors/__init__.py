@@ -1,4 +1,6 @@
-"""Errors meant for users: the message names the setting, its value and the fix."""
+"""Errors meant for users, imported by every package (a leaf: it imports nothing of ours).
+
+Each message names the setting, its value and the fix."""
 
 import os
 import sys

@@ -1,0 +1,65 @@
+"""The data settings (`data.*`) and the checks of their own fields.
+
+Rules that relate them to other settings (data.seq_len against model.max_seq_len, the
+vocabulary against the model's) live in `core.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scaleforge.errors import ConfigError
+
+DATA_MODES = ("corpus", "shards", "streaming")
+
+
+@dataclass
+class BlendSourceConfig:
+    """One shard directory of a blend and its share of the training samples (weights are
+    normalized over the blend)."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from; `mode` picks one of three:
+
+    - corpus: `corpus` is "stdlib" (the Python standard library's own .py files, no
+      download) or a glob of local text files, one document per file; tokenizer and shards
+      are built on first use into `cache_dir` (the demo).
+    - shards: `path`, a directory written by `sf-preprocess shards`, or `blend`, several of
+      them with weights.
+    - streaming: `dataset` (a Hugging Face hub name, a save_to_disk directory, or a glob of
+      jsonl/parquet files) tokenized on the fly with `tokenizer`.
+    """
+
+    mode: str = "corpus"
+    corpus: str = "stdlib"
+    cache_dir: str = "data_cache"
+    vocab_size: int = 4096
+    max_corpus_bytes: int = 8_000_000
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    seed: int = 1234
+    path: str | None = None
+    blend: list[BlendSourceConfig] = field(default_factory=list)
+    dataset: str | None = None
+    tokenizer: str | None = None
+    text_field: str = "text"
+    num_workers: int = 0
+    verify_shards: bool = True
+
+    def check(self, prefix: str = "data") -> None:
+        """Raise ConfigError naming the first field whose value is not allowed."""
+        if self.mode not in DATA_MODES:
+            raise ConfigError(
+                f"{prefix}.mode={self.mode!r} is not one of {', '.join(DATA_MODES)}"
+            )
+        if self.seq_len <= 0:
+            raise ConfigError(f"{prefix}.seq_len={self.seq_len} must be positive")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(
+                f"{prefix}.val_fraction={self.val_fraction} must lie strictly between 0 and 1"
+            )

@@ -1,0 +1,65 @@
+"""The layout settings (`parallel.*`) and the checks of their own fields.
+
+How the layout fits the world size and the model (products, divisibility) is
+`parallel.topology.check_layout`; the pipeline's rules are
+`parallel.pipeline_schedules.validate_pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaleforge.errors import ConfigError
+from scaleforge.parallel.pipeline_schedules import schedule_spec
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout: tp x pp x dp_replicate x dp_shard x cp processes (= WORLD_SIZE).
+
+    dp_shard=-1 takes the rest of the world. cp (context parallel) is reserved and must be 1.
+    See parallel/topology.py for the rules and the mesh order (pp outermost, tp innermost).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
+    pp_schedule: str = "1F1B"
+    pp_stages_per_rank: int = 1
+    # Layers of each of the pp x pp_stages_per_rank stages, e.g. [1, 3]; null splits evenly.
+    pp_layers_per_stage: list[int] | None = None
+    # auto: nccl when training on CUDA, gloo on CPU.
+    backend: str = "auto"
+    # Seconds a collective may wait before it fails (naming rank and group) instead of hanging.
+    timeout_s: float = 600
+    # FSDP: free gathered weights after forward (ZeRO-3); false keeps them (ZeRO-2-like).
+    fsdp_reshard_after_forward: bool = True
+
+    def check(self, prefix: str = "parallel") -> None:
+        """Raise ConfigError (the setting, its value, the fix) for a size < 1 (other than
+        dp_shard=-1), cp != 1, an unknown pipeline schedule or backend, a timeout <= 0."""
+        for name in ("tp", "pp", "dp_replicate", "cp", "pp_stages_per_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
+        if self.dp_shard < 1 and self.dp_shard != -1:
+            raise ConfigError(
+                f"{prefix}.dp_shard={self.dp_shard} must be at least 1, or -1 for the rest of "
+                "the world"
+            )
+        if self.cp != 1:
+            raise ConfigError(
+                f"{prefix}.cp={self.cp}: context parallelism is reserved in the layout but not "
+                f"implemented yet; set {prefix}.cp=1"
+            )
+        schedule_spec(self.pp_schedule)
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"{prefix}.backend={self.backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{prefix}.timeout_s={self.timeout_s} must be positive (seconds)")
