@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint
+.PHONY: install demo test test-all bench lint typecheck check
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,14 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# mypy sees the package as installed: scaleforge/<folder> links to each top-level package
+# folder (those with an __init__.py, as pyproject.toml maps them), so module names match.
+PACKAGE_FOLDERS := $(filter-out tests,$(patsubst %/__init__.py,%,$(wildcard */__init__.py)))
+typecheck: install
+	rm -rf build/typecheck && mkdir -p build/typecheck/scaleforge
+	for folder in $(PACKAGE_FOLDERS); do ln -s "$(CURDIR)/$$folder" build/typecheck/scaleforge/; done
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p scaleforge
+
+check: lint typecheck

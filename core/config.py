@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +36,16 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_ACTIONS = ("skip", "stop")
 
 
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be positive")
+
+
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule. Weight decay applies to matrices only."""
@@ -53,6 +62,16 @@ class OptimConfig:
     # wsd only: the fraction of the steps after warmup spent decaying at the end.
     decay_fraction: float = 0.2
     implementation: str = "auto"
+
+    def check(self, prefix: str = "optim") -> None:
+        """Raise ConfigError naming the first field whose value is not allowed."""
+        _choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        _choice(f"{prefix}.implementation", self.implementation, OPTIMIZER_IMPLEMENTATIONS)
+        _positive(f"{prefix}.lr", self.lr)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{prefix}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"{prefix}.decay_fraction={self.decay_fraction} must lie in (0, 1]")
 
 
 @dataclass
@@ -93,6 +112,26 @@ class TrainerConfig:
     # `sf-convert from-hf` wrote) with a fresh optimizer at step 0. Ignored when resuming.
     init_from: str | None = None
 
+    def check(self, prefix: str = "trainer") -> None:
+        """Raise ConfigError naming the first field whose value is not allowed."""
+        _choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing,
+                CHECKPOINTING_MODES)
+        _choice(f"{prefix}.device", self.device, DEVICES)
+        _choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
+                     "eval_batches", "log_every", "checkpoint_every_n_blocks",
+                     "max_skipped_steps", "spike_warmup_steps"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        if self.spike_zscore < 0:
+            raise ConfigError(
+                f"{prefix}.spike_zscore={self.spike_zscore} must be at least 0 (0 turns the "
+                "loss-spike detector off)"
+            )
+        parse_signals(self.preemption_signals, f"{prefix}.preemption_signals")
+        if not self.resume:
+            raise ConfigError(f"{prefix}.resume is empty; use auto, never or a checkpoint path")
+
 
 @dataclass
 class CheckpointConfig:
@@ -107,6 +146,14 @@ class CheckpointConfig:
     # Write in a background thread while training continues (the state is copied first).
     async_save: bool = False
 
+    def check(self, prefix: str = "checkpoint") -> None:
+        """Raise ConfigError unless `every` and `keep` are >= 0."""
+        if self.every < 0 or self.keep < 0:
+            raise ConfigError(
+                f"{prefix}.every={self.every} and {prefix}.keep={self.keep} must be >= 0 "
+                "(0 = only at the end / keep all)"
+            )
+
 
 @dataclass
 class LoggingConfig:
@@ -117,6 +164,10 @@ class LoggingConfig:
     wandb_entity: str | None = None
     run_name: str | None = None
     progress_bar: bool = True
+
+    def check(self, prefix: str = "logging") -> None:
+        """Raise ConfigError unless `wandb` is a known mode."""
+        _choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass
@@ -152,16 +203,6 @@ def to_config(cfg: DictConfig | Config) -> Config:
     if isinstance(cfg, Config):
         return cfg
     return OmegaConf.to_object(cfg)
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-
-
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be positive")
 
 
 def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
@@ -229,42 +270,13 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     all ranks with the same error and no rank is left waiting in a collective. Returns the
     layout's sizes, for `parallel.topology.init_topology`.
     """
-    cfg.model.check("model")
-    cfg.data.check("data")
+    for name in ("model", "data", "trainer", "optim", "checkpoint", "logging"):
+        getattr(cfg, name).check(name)
     t, o, d = cfg.trainer, cfg.optim, cfg.data
-    _choice("trainer.precision", t.precision, PRECISIONS)
-    _choice("trainer.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING_MODES)
-    _choice("trainer.device", t.device, DEVICES)
-    _choice("optim.schedule", o.schedule, SCHEDULES)
-    _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
-    _choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
-    _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
-    for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
-                 "eval_batches", "log_every", "checkpoint_every_n_blocks", "max_skipped_steps",
-                 "spike_warmup_steps"):
-        _positive(f"trainer.{name}", getattr(t, name))
-    if t.spike_zscore < 0:
-        raise ConfigError(
-            f"trainer.spike_zscore={t.spike_zscore} must be at least 0 (0 turns the loss-spike "
-            "detector off)"
-        )
-    parse_signals(t.preemption_signals, "trainer.preemption_signals")
-    _positive("optim.lr", o.lr)
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
-        raise ConfigError(
-            f"checkpoint.every={cfg.checkpoint.every} and checkpoint.keep={cfg.checkpoint.keep} "
-            "must be >= 0 (0 = only at the end / keep all)"
-        )
-    if not t.resume:
-        raise ConfigError("trainer.resume is empty; use auto, never or a checkpoint path")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
     if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} must lie in [0, trainer.max_steps={t.max_steps}]"
         )
-    if not 0 < o.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]")
     if d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
