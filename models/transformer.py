@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 as in Llama's reference code: bf16 squares lose too many bits.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The weight multiplies after the cast back, in the input's precision, as Llama's.
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
         return self.weight * normed.type_as(x)
 
 
