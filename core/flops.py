@@ -9,15 +9,14 @@ from __future__ import annotations
 import torch
 
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.param_count import attention_params, mlp_params
 
 
 def matmul_params(cfg: TransformerConfig) -> int:
     """Parameters that take part in a matmul per token: every block's projections and the
     LM head (embedding and position lookups cost no FLOPs)."""
-    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    attention = d * q_dim + 2 * d * kv_dim + q_dim * d
-    mlp_matrices = 3 if cfg.family == "llama" else 2
-    return cfg.n_layers * (attention + mlp_matrices * d * cfg.mlp_hidden) + d * cfg.vocab_size
+    layer = attention_params(cfg, biases=False) + mlp_params(cfg, biases=False)
+    return cfg.n_layers * layer + cfg.d_model * cfg.vocab_size
 
 
 def attention_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool = True) -> float:

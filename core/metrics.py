@@ -16,6 +16,8 @@ from tqdm import tqdm
 
 from scaleforge.core.config import LoggingConfig
 
+NONFINITE_STRINGS = ("nan", "inf", "-inf")  # how `to_json` writes non-finite floats
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated CUDA memory on `device`, or the process's peak RSS on CPU, in GiB."""
@@ -108,7 +110,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: v for k, v in record.items() if v is not None}
-        self.jsonl.write(json.dumps({k: _finite(v) for k, v in clean.items()}) + "\n")
+        self.jsonl.write(to_json(clean) + "\n")
         self.message(_format(clean))
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in clean.items() if k != "step"}, step=clean["step"])
@@ -122,8 +124,34 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as strings so the file stays parseable."""
+def to_json(value: Any, indent: int | None = None) -> str:
+    """`value` (dicts, lists, tuples, numbers, strings) as JSON text; JSON has no NaN or
+    infinity, so non-finite floats are written as the strings "nan", "inf" and "-inf" at any
+    depth, which keeps the file parseable everywhere. `from_json` reads them back."""
+    return json.dumps(_nonfinite_as_strings(value), indent=indent, allow_nan=False)
+
+
+def from_json(text: str) -> Any:
+    """Parse JSON text written by `to_json`: the strings "nan", "inf" and "-inf" become floats
+    again, at any depth."""
+    return _strings_as_nonfinite(json.loads(text))
+
+
+def _nonfinite_as_strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _nonfinite_as_strings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nonfinite_as_strings(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    return value
+
+
+def _strings_as_nonfinite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strings_as_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strings_as_nonfinite(v) for v in value]
+    if value in NONFINITE_STRINGS:
+        return float(value)
     return value

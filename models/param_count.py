@@ -19,6 +19,32 @@ from scaleforge.models.config import TransformerConfig, as_transformer_config
 EMBEDDING_MODULES = ("tok_embeddings", "pos_embeddings", "output")
 
 
+def attention_params(cfg: TransformerConfig, biases: bool = True) -> int:
+    """Parameters of one layer's attention projections wq, wk, wv, wo.
+
+    wq and wo map d_model to and from n_heads x head_dim, wk and wv to n_kv_heads x head_dim
+    (grouped-query attention). Their biases count when the family has them (gpt) unless
+    biases=False, which gives the weight matrices alone (the ones that take part in matmuls).
+    """
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    weights = cfg.d_model * (2 * q_width + 2 * kv_width)
+    if biases and cfg.family == "gpt":
+        return weights + q_width + 2 * kv_width + cfg.d_model
+    return weights
+
+
+def mlp_params(cfg: TransformerConfig, biases: bool = True) -> int:
+    """Parameters of one layer's MLP: w1, w3, w2 (llama SwiGLU) or w1, w2 (gpt).
+
+    Each matrix maps d_model to and from mlp_hidden. The gpt biases count unless
+    biases=False, which gives the weight matrices alone.
+    """
+    if cfg.family == "llama":
+        return 3 * cfg.d_model * cfg.mlp_hidden
+    weights = 2 * cfg.d_model * cfg.mlp_hidden
+    return weights + cfg.mlp_hidden + cfg.d_model if biases else weights
+
+
 def num_params(
     cfg: TransformerConfig | DictConfig | Mapping[str, Any], embeddings: bool = True
 ) -> int:
@@ -29,16 +55,10 @@ def num_params(
     are included in both counts.
     """
     cfg = as_transformer_config(cfg)
-    d, q_width, kv_width = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    attention = d * q_width + 2 * d * kv_width + q_width * d  # wq, wk, wv, wo
-    if cfg.family == "llama":
-        mlp = 3 * d * cfg.mlp_hidden  # w1, w3, w2
-        norm = d  # RMSNorm weight
-    else:
-        attention += q_width + 2 * kv_width + d  # biases
-        mlp = 2 * d * cfg.mlp_hidden + cfg.mlp_hidden + d  # w1, w2 and their biases
-        norm = 2 * d  # LayerNorm weight and bias
-    body = cfg.n_layers * (attention + mlp + 2 * norm) + norm  # layers and the final norm
+    d = cfg.d_model
+    norm = d if cfg.family == "llama" else 2 * d  # RMSNorm weight; LayerNorm weight and bias
+    layer = attention_params(cfg) + mlp_params(cfg) + 2 * norm
+    body = cfg.n_layers * layer + norm  # layers and the final norm
     if not embeddings:
         return body
     token = cfg.vocab_size * d

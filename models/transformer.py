@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 as in Llama's reference code: bf16 squares lose too many bits.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The weight multiplies after the cast back, in the input's precision, as Llama's.
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
         return self.weight * normed.type_as(x)
 
 
@@ -69,12 +69,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # kv head j serves query heads j*r .. j*r + r-1 (Hugging Face's repeat_kv order).
-        repeats = q.size(1) // k.size(1)
-        if repeats > 1:
-            k = k.repeat_interleave(repeats, dim=1)  # (B, n_heads, T, hd)
-            v = v.repeat_interleave(repeats, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_heads, T, hd)
+        # kv head j serves query heads j*r .. j*r + r-1 (Hugging Face's repeat_kv order),
+        # grouped inside the kernel without copies of K and V. y: (B, n_heads, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 

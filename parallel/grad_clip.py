@@ -32,12 +32,14 @@ def clip_grad_norm(
     grads = [p.grad for p in parameters]
     if pp_group is None and not any(isinstance(g, DTensor) for g in grads):
         return nn.utils.clip_grad_norm_(parameters, max_norm)
-    by_mesh: dict[object, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    # DTensor ops take one mesh at a time, so the norms and the scaling run per mesh.
+    by_mesh: dict[object, list[nn.Parameter]] = {}
+    for param in parameters:
+        mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+        by_mesh.setdefault(mesh, []).append(param)
     squared = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for group in by_mesh.values():
-        norm = nn.utils.get_total_norm(group, norm_type=2.0)
+        norm = nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squared = squared + norm.float() ** 2
@@ -45,8 +47,6 @@ def clip_grad_norm(
         dist.all_reduce(squared, group=pp_group)
     total = squared.sqrt()
     if max_norm < math.inf:
-        coefficient = min(1.0, max_norm / (total.item() + 1e-6))
-        if coefficient < 1.0:
-            for group in by_mesh.values():
-                torch._foreach_mul_(group, coefficient)
+        for group in by_mesh.values():
+            nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

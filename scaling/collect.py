@@ -7,11 +7,11 @@ and runs whose loss is NaN are left out with a warning that names each of them.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 
+from scaleforge.core.metrics import from_json
 from scaleforge.errors import ConfigError
 from scaleforge.scaling.run_record import RECORD_FILE
 from scaleforge.scaling.sweep_files import read_plan
@@ -46,8 +46,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         if not record_path.is_file():
             unfinished.append(run_dir.name)
             continue
-        record = json.loads(record_path.read_text())
-        record = {k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in record.items()}
+        record = from_json(record_path.read_text())
         if not math.isfinite(record["loss"]):
             failed.append(run_dir.name)
             continue

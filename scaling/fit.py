@@ -9,13 +9,13 @@ are dropped with a warning naming the run.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from scaleforge.core.metrics import from_json, to_json
 from scaleforge.errors import ConfigError
 from scaleforge.scaling.budgets import group_budgets
 from scaleforge.scaling.collect import SweepWarning
@@ -158,22 +158,13 @@ def fit_table(rows: list[dict], loss_column: str = "loss", bootstrap: int = 200,
 
 
 def write_fit(result: dict, out: Path) -> Path:
-    """Write `result` to `out/fit.json` (NaN as null); return the path."""
+    """Write `result` to `out/fit.json` (NaN as the string "nan", see `to_json`); return
+    the path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fit.json"
-    path.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    path.write_text(to_json(result, indent=1) + "\n")
     return path
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def read_fit(path: Path) -> dict:
@@ -182,4 +173,4 @@ def read_fit(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"fit={path} does not exist; write it with `sf-sweep fit table=... "
                           "out=DIR` (then fit=DIR/fit.json)")
-    return json.loads(path.read_text())
+    return from_json(path.read_text())

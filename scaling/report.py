@@ -4,6 +4,7 @@ the same tables and images (offline when no credentials exist)."""
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ DEFAULT_BUDGETS = [1e19, 1e21, 5.76e23, 1e25]
 
 
 def _ci(entry: dict, fmt: str) -> str:
-    if entry.get("low") is None or entry.get("high") is None:
+    if not (math.isfinite(entry["low"]) and math.isfinite(entry["high"])):  # no bootstrap
         return f"{entry['value']:{fmt}}"
     return f"{entry['value']:{fmt}} [{entry['low']:{fmt}}, {entry['high']:{fmt}}]"
 

@@ -9,11 +9,11 @@ validation loss is the last evaluation's (mean over `trainer.eval_batches` batch
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from scaleforge.core.config import Config
+from scaleforge.core.metrics import from_json, to_json
 from scaleforge.scaling.flops import model_size
 
 RECORD_FILE = "scaling.json"
@@ -22,12 +22,8 @@ SMOOTH_FRACTION = 0.1
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of `run_dir/metrics.jsonl`; NaN/inf, stored as strings, become floats."""
-    records = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records.append({k: float(v) if v in ("nan", "inf", "-inf") else v
-                        for k, v in record.items()})
-    return records
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [from_json(line) for line in text.splitlines()]
 
 
 def smoothed_final_loss(records: list[dict], max_steps: int) -> float:
@@ -71,9 +67,6 @@ def summarize_run(cfg: Config, run_dir: Path) -> dict:
 def write_run_record(cfg: Config, run_dir: Path) -> Path:
     """Write `summarize_run` to `run_dir/scaling.json` (NaN as the string "nan"); return
     the path."""
-    record = summarize_run(cfg, run_dir)
-    clean = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-             for k, v in record.items()}
     path = Path(run_dir) / RECORD_FILE
-    path.write_text(json.dumps(clean, indent=1) + "\n")
+    path.write_text(to_json(summarize_run(cfg, run_dir), indent=1) + "\n")
     return path
