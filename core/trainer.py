@@ -137,6 +137,7 @@ class Trainer:
         self.skipped: str | None = None  # the non-finite value that made the last step skip
         self.preempted = False
         scaler = self.precision.scaler
+        loss_scale = LossScaleState(scaler) if scaler is not None and scaler.is_enabled() else None
         self.checkpointer = Checkpointer(
             cfg, self.run_dir, self.topology,
             model=self.model,
@@ -144,8 +145,7 @@ class Trainer:
             loader=self.train_batches if isinstance(self.train_batches, Stateful) else None,
             nonfinite_guard=self.nonfinite_guard,
             spike_detector=self.spike_detector,
-            loss_scaler=LossScaleState(scaler) if scaler is not None and scaler.is_enabled()
-            else None,
+            loss_scaler=loss_scale,
             rng=RNGState(self.device),
         )
         self.resumed_from = choose_resume(cfg.trainer.resume, self.run_dir, self.topology)

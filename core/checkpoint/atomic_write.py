@@ -47,7 +47,7 @@ class AtomicWrite:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__,
         }
-        self._background: Future | None = None
+        self._background: Future[None] | None = None
 
     def prepare(self) -> None:
         """Create the empty partial directory, removing one an interrupted save left. One
@@ -69,11 +69,15 @@ class AtomicWrite:
         (`done` and `wait` follow it)."""
         with quiet_single_process():
             if background:
-                self._background = dcp.async_save(
+                response = dcp.async_save(
                     state,
                     checkpoint_id=self.partial,
                     process_group=process_group,
                     no_dist=not distributed,
+                )
+                # A Future of the write, or (with a non-blocking stager) both stages' Futures
+                self._background = (
+                    response if isinstance(response, Future) else response.upload_completion
                 )
             else:
                 dcp.save(state, checkpoint_id=self.partial, no_dist=not distributed)

@@ -119,15 +119,15 @@ class Checkpointer:
     def poll(self) -> None:
         """Finish an async save whose write is done (rename and prune). Not collective."""
         if self._pending is not None and self._pending.done():
-            self._complete_pending()
+            self._complete_pending(self._pending)
 
     def wait(self) -> None:
         """Block until an async save in flight is written and renamed."""
         if self._pending is not None:
-            self._complete_pending()
+            self._complete_pending(self._pending)
 
-    def _complete_pending(self) -> None:
-        write, self._pending = self._pending, None
+    def _complete_pending(self, write: AtomicWrite) -> None:
+        self._pending = None
         write.wait()  # re-raise a failed write here
         # DCP's coordinator (rank 0) writes the metadata only after every rank's shards are
         # written, so rank 0's write being done means the whole checkpoint is on disk.

@@ -73,9 +73,9 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError(f"{path} does not hold checkpoint metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 

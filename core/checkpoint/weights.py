@@ -30,18 +30,18 @@ def load_model_weights(
     """Fill `model` (any layout; a pipeline's `model_parts`) with the weights of the
     checkpoint at `path` (a step directory or a run directory: the newest one), checked
     against `model_cfg` when given. Collective. Returns the checkpoint directory used."""
-    path = find_checkpoint(path, setting)
+    found = find_checkpoint(path, setting)
     if model_cfg is not None:
-        check_model_kind(path, model_cfg, setting)
-    metadata = read_metadata(path)
+        check_model_kind(found, model_cfg, setting)
+    metadata = read_metadata(found)
     state = model_state(model)
     check_state_dict_shapes(
-        state, saved_shapes(metadata, "model"), f"checkpoint {path}", allow_unexpected=True
+        state, saved_shapes(metadata, "model"), f"checkpoint {found}", allow_unexpected=True
     )
     wrapped = {"model": state}
-    load_state(path, wrapped)
+    load_state(found, wrapped)
     load_model_state(model, wrapped["model"])
-    return path
+    return found
 
 
 def save_model_checkpoint(
@@ -60,8 +60,8 @@ def save_model_checkpoint(
 def load_model_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """(config, full single-process state dict on CPU) of a checkpoint, in one process
     without a process group. `path` as for `find_checkpoint`."""
-    path = find_checkpoint(path, "ckpt")
-    cfg = load_checkpoint_config(path)
+    found = find_checkpoint(path, "ckpt")
+    cfg = load_checkpoint_config(found)
     model = build(cfg.model, device=torch.device("cpu"))
-    load_model_weights(model, path, "ckpt", cfg.model)
+    load_model_weights(model, found, "ckpt", cfg.model)
     return cfg, model.state_dict()
