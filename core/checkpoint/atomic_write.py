@@ -33,8 +33,8 @@ class AtomicWrite:
     """The checkpoint directory `final` in the making: `prepare` (one process), `write`
     (every process of the save), then `commit` (one process, once every tensor is on disk).
 
-    `config` is saved as config.yaml; complete.json holds `info` between the format version
-    and the time of the save and torch version.
+    `config` is saved as config.yaml; complete.json holds the format version, `info`, the
+    time of the save and the torch version.
     """
 
     def __init__(self, final: Path, config: Config, info: dict[str, Any]):
