@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from scaleforge.core.checkpoint import is_complete, step_dir
+from scaleforge.core.checkpoint.paths import is_complete, step_dir
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.trainer import Trainer
 from scaleforge.models import count_parameters
@@ -76,7 +76,7 @@ def run(overrides: list[str], repeats: int) -> dict:
             # Loading the newest checkpoint keeps the step count going up, so every save of
             # the next repetition writes a new step.
             start = time.perf_counter()
-            trainer.checkpointer.load(async_path)
+            trainer.step = trainer.checkpointer.load(async_path)
             times["load"].append(time.perf_counter() - start)
             trainer.train_step(trainer.train_batches)
     finally:

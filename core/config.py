@@ -135,7 +135,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Sharded checkpoints in RUN_DIR/checkpoints/step_<N>/ (see core/checkpoint.py)."""
+    """Sharded checkpoints in RUN_DIR/checkpoints/step_<N>/ (see core/checkpoint/)."""
 
     # Save every N optimizer steps (0: only at the end).
     every: int = 0

@@ -29,8 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.stateful import Stateful
 
-from scaleforge.core.checkpoint import Checkpointer, load_model_weights, resolve_resume
+from scaleforge.core.checkpoint.checkpointer import Checkpointer
+from scaleforge.core.checkpoint.paths import choose_resume
+from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
+from scaleforge.core.checkpoint.weights import load_model_weights
 from scaleforge.core.config import Config, build_plan, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.health import (
@@ -136,15 +140,22 @@ class Trainer:
         self.last_step_signals: StepSignals | None = None
         self.skipped: str | None = None  # the non-finite value that made the last step skip
         self.preempted = False
-        self.checkpointer = Checkpointer(self)
-        # Every rank resolves (so a bad path fails everywhere alike); rank 0's choice is used,
-        # so all ranks load the same checkpoint even if one completed meanwhile.
-        resume = resolve_resume(cfg.trainer.resume, self.run_dir)
-        resume = self.topology.broadcast_from_rank0(str(resume) if resume else "")
-        self.resumed_from = Path(resume) if resume else None
+        scaler = self.precision.scaler
+        loss_scale = LossScaleState(scaler) if scaler is not None and scaler.is_enabled() else None
+        self.checkpointer = Checkpointer(
+            cfg, self.run_dir, self.topology,
+            model=self.model,
+            optimizer=self.optimizer,
+            loader=self.train_batches if isinstance(self.train_batches, Stateful) else None,
+            nonfinite_guard=self.nonfinite_guard,
+            spike_detector=self.spike_detector,
+            loss_scaler=loss_scale,
+            rng=RNGState(self.device),
+        )
+        self.resumed_from = choose_resume(cfg.trainer.resume, self.run_dir, self.topology)
         self.initialised_from = None
         if self.resumed_from is not None:
-            self.checkpointer.load(self.resumed_from)
+            self.step = self.checkpointer.load(self.resumed_from)
         elif cfg.trainer.init_from:
             self.initialised_from = load_model_weights(
                 self.model, cfg.trainer.init_from, "trainer.init_from", cfg.model
@@ -154,7 +165,7 @@ class Trainer:
         """Checkpoint the current step into RUN_DIR/checkpoints/step_<N>/ (collective: every
         rank calls it at the same step). With checkpoint.async_save the write goes on in the
         background; the directory appears, complete, when it is done."""
-        return self.checkpointer.save()
+        return self.checkpointer.save(self.step)
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `self.micro_batches` micro-batches from `batches`.

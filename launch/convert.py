@@ -47,12 +47,9 @@ class FromHfSettings:
 def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """(training Config, model state dict) of a checkpoint directory or a run directory: its
     newest complete checkpoint, else its final_model.pt with its config.yaml."""
-    from scaleforge.core.checkpoint import (
-        is_complete,
-        latest_checkpoint,
-        load_checkpoint_config,
-        load_model_checkpoint,
-    )
+    from scaleforge.core.checkpoint.paths import is_complete, latest_checkpoint
+    from scaleforge.core.checkpoint.safe_load import load_checkpoint_config
+    from scaleforge.core.checkpoint.weights import load_model_checkpoint
 
     final = ckpt / "final_model.pt"
     if is_complete(ckpt) or latest_checkpoint(ckpt) is not None or not final.is_file():
@@ -93,7 +90,7 @@ def to_hf(settings: ToHfSettings) -> Path:
 
 def from_hf(settings: FromHfSettings) -> Path:
     """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
-    from scaleforge.core.checkpoint import save_model_checkpoint
+    from scaleforge.core.checkpoint.weights import save_model_checkpoint
 
     if not settings.hf or not settings.out:
         raise ConfigError("from-hf needs hf=DIR (a Hugging Face model directory) and out=DIR")

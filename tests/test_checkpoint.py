@@ -1,5 +1,5 @@
 """Checkpoints in one process: exact resume, atomic saves, pruning, weights-only starts and
-the safety checks (see core/checkpoint.py). Layout changes are in test_checkpoint_parallel.py."""
+the safety checks (see core/checkpoint/). Layout changes are in test_checkpoint_parallel.py."""
 
 from __future__ import annotations
 
@@ -16,14 +16,9 @@ import pytest
 import torch
 from conftest import logged_losses, micro_config, synthetic_data
 
-from scaleforge.core.checkpoint import (
-    COMPLETE,
-    complete_checkpoints,
-    latest_checkpoint,
-    load_model_checkpoint,
-    read_metadata,
-    save_model_checkpoint,
-)
+from scaleforge.core.checkpoint.paths import COMPLETE, complete_checkpoints, latest_checkpoint
+from scaleforge.core.checkpoint.safe_load import read_metadata
+from scaleforge.core.checkpoint.weights import load_model_checkpoint, save_model_checkpoint
 from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 
@@ -106,7 +101,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, mo
         import os, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import torch.distributed.checkpoint.filesystem as filesystem
-        import scaleforge.core.checkpoint as checkpoint
+        import scaleforge.core.checkpoint.atomic_write as checkpoint
         from scaleforge.core.trainer import Trainer
         from conftest import logged_losses, micro_config, synthetic_data
         real_save, real_write, saves, items = checkpoint.dcp.save, filesystem._write_item, [], []

@@ -24,7 +24,7 @@ from test_parallel_layouts import (
     WEIGHT_RTOL,
 )
 
-from scaleforge.core.checkpoint import complete_checkpoints, is_complete, read_info, step_dir
+from scaleforge.core.checkpoint.paths import complete_checkpoints, is_complete, read_info, step_dir
 from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.core.trainer import Trainer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from parallel_harness import free_port
 
-from scaleforge.core.checkpoint import complete_checkpoints
+from scaleforge.core.checkpoint.paths import complete_checkpoints
 
 BIN = Path(sys.executable).parent
 RUN = [

@@ -305,7 +305,7 @@ def test_load_hf_reads_a_saved_directory_without_pickles(tmp_path, shard_size):
 def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path, capsys):
     """sf-train checkpoint -> to-hf (run dir and step dir) -> from-hf -> the sf-train command
     from-hf prints (trainer.init_from and the model settings)."""
-    from scaleforge.core.checkpoint import load_model_checkpoint
+    from scaleforge.core.checkpoint.weights import load_model_checkpoint
     from scaleforge.core.trainer import Trainer
 
     run = tmp_path / "run"
