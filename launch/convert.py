@@ -25,7 +25,7 @@ import torch
 
 from scaleforge.core.config import Config
 from scaleforge.errors import ConfigError, exit_on_config_error
-from scaleforge.launch.sweep import run_subcommand
+from scaleforge.launch.key_value import required, run_subcommand
 from scaleforge.models.config import TransformerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,15 +33,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class ToHfSettings:
-    ckpt: str = ""
-    out: str = ""
+    """Settings of `to-hf`."""
+
+    ckpt: str = required("DIR (a checkpoint or run directory)")
+    out: str = required("DIR")
     dtype: str = "fp32"
 
 
 @dataclass
 class FromHfSettings:
-    hf: str = ""
-    out: str = ""
+    """Settings of `from-hf`."""
+
+    hf: str = required("DIR (a Hugging Face model directory)")
+    out: str = required("DIR")
 
 
 def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -75,8 +79,6 @@ def hf_conversion():
 
 def to_hf(settings: ToHfSettings) -> Path:
     """Convert a ScaleForge checkpoint to a Hugging Face model directory; return it."""
-    if not settings.ckpt or not settings.out:
-        raise ConfigError("to-hf needs ckpt=DIR (checkpoint or run directory) and out=DIR")
     if settings.dtype not in DTYPES:
         raise ConfigError(f"dtype={settings.dtype!r} is not one of {', '.join(DTYPES)}")
     ckpt = Path(settings.ckpt)
@@ -92,8 +94,6 @@ def from_hf(settings: FromHfSettings) -> Path:
     """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
     from scaleforge.core.checkpoint.weights import save_model_checkpoint
 
-    if not settings.hf or not settings.out:
-        raise ConfigError("from-hf needs hf=DIR (a Hugging Face model directory) and out=DIR")
     model_cfg, state = hf_conversion().load_hf(Path(settings.hf))
     # Training keeps fp32 master weights whatever the published dtype.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

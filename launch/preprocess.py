@@ -14,23 +14,20 @@ shards with `sf-train data=shards data.path=shards/web`.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from scaleforge.errors import ConfigError, exit_on_config_error
-
-COMMANDS = ("tokenizer", "shards", "prepare")
+from scaleforge.data_pipeline import shards
+from scaleforge.errors import exit_on_config_error
+from scaleforge.launch.key_value import required, run_subcommand
 
 
 @dataclass
 class TokenizerJob:
     """The settings of `sf-preprocess tokenizer` (each is a key=value argument)."""
 
-    input: str
-    vocab_size: int
-    out: str
+    input: str = required("GLOB (files, or a Hugging Face dataset)")
+    vocab_size: int = required("N")
+    out: str = required("DIR")
     model_type: str = "bpe"
     text_field: str = "text"
     # Bytes of text read from the start of the input to train on (the tokenizer then uses
@@ -57,33 +54,18 @@ def train_tokenizer(job: TokenizerJob) -> None:
     print(f"tokenizer: {path} ({tokenizer.vocab_size} ids, sha256 {tokenizer.hash[:12]})")
 
 
-def write_shards(arguments: list[str]) -> None:
+def write_shards(job: shards.ShardsJob) -> None:
     """Tokenize into shards (see data_pipeline/shards.py) and summarize the manifest."""
-    from scaleforge.data_pipeline.shards import ShardsJob
-    from scaleforge.data_pipeline.shards import write_shards as write
-
-    manifest = write(parse(ShardsJob, arguments, "shards"))
+    manifest = shards.write_shards(job)
     for split in ("train", "val"):
         summary = manifest["splits"][split]
         print(f"{split}: {summary['tokens']:,} tokens, {summary['documents']:,} documents, "
               f"{len(summary['shards'])} shards")
 
 
-def parse(schema: type, arguments: list[str], command: str):
-    """key=value arguments as a `schema` dataclass; ConfigError naming a bad key or value."""
-    names = [f.name for f in fields(schema)]
-    for argument in arguments:
-        key = argument.split("=", 1)[0]
-        if "=" not in argument or key not in names:
-            raise ConfigError(
-                f"sf-preprocess {command}: {argument!r} is not one of {', '.join(names)} "
-                "given as key=value"
-            )
-    try:
-        config = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(arguments))
-        return OmegaConf.to_object(config)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"sf-preprocess {command}: {error.msg}") from error
+_HANDLERS = {
+    "tokenizer": (TokenizerJob, train_tokenizer), "shards": (shards.ShardsJob, write_shards),
+}
 
 
 def _prepare() -> None:
@@ -106,18 +88,16 @@ def _prepare() -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: sf-preprocess {{{','.join(COMMANDS)}}} key=value ...\n{__doc__}",
-              file=sys.stderr)
-        sys.exit(2)
-    command, arguments = sys.argv[1], sys.argv[2:]
+    command = sys.argv[1] if len(sys.argv) > 1 else None
     if command == "prepare":
-        sys.argv = [sys.argv[0], *arguments]  # Hydra reads its overrides from sys.argv
+        sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads its overrides from sys.argv
         _prepare()
-    elif command == "tokenizer":
-        exit_on_config_error(lambda: train_tokenizer(parse(TokenizerJob, arguments, command)))
+    elif command in _HANDLERS:
+        exit_on_config_error(run_subcommand, "sf-preprocess", _HANDLERS, sys.argv[1:])
     else:
-        exit_on_config_error(write_shards, arguments)
+        print(f"usage: sf-preprocess {{{','.join([*_HANDLERS, 'prepare'])}}} key=value ...\n"
+              f"{__doc__}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

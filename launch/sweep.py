@@ -7,9 +7,10 @@
     sf-sweep predict fit=sweeps/demo/fit/fit.json N=1e6 D=2e7
     sf-sweep report fit=sweeps/demo/fit/fit.json table=sweeps/demo/runs.csv out=sweeps/demo/report
 
-Arguments are Hydra-style key=value; lists as [a,b,c]. `plan=NAME` loads the settings of
-configs/sweep_plan/NAME.yaml first; key=value arguments override them. `overrides=[...]`
-passes sf-train overrides to every run. Errors print one `error:` line and exit with 2.
+Arguments are key=value (read by launch/key_value.py); lists as [a,b,c]. `plan=NAME` loads
+the settings of configs/sweep_plan/NAME.yaml first; key=value arguments override them.
+`overrides=[...]` passes sf-train overrides to every run. Errors print one `error:` line
+and exit with 2.
 """
 
 from __future__ import annotations
@@ -17,21 +18,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from scaleforge.errors import ConfigError, exit_on_config_error
+from scaleforge.launch.key_value import preset, required, run_subcommand
 
 
 @dataclass
 class PlanSettings:
     """Settings of `plan` and `run` (see scaling/plan.py for their meaning)."""
 
-    plan: str | None = None
+    plan: str | None = preset("sweep_plan")
     experiment: str = "chinchilla_cpu"
     budgets: list[float] = field(default_factory=list)
     points_per_budget: int = 5
@@ -52,14 +51,18 @@ class PlanSettings:
 
 @dataclass
 class CollectSettings:
-    sweep_dir: str = ""
+    """Settings of `collect`: one sweep directory, or several as [DIR,DIR,...]."""
+
+    sweep_dir: Any = required("DIR (the directory sf-sweep plan wrote, or [DIR,DIR,...])")
     out: str | None = None
 
 
 @dataclass
 class FitSettings:
-    table: str = ""
-    out: str = ""
+    """Settings of `fit` (see scaling/fit.py)."""
+
+    table: str = required("PATH.csv (sf-sweep collect's table)")
+    out: str = required("DIR")
     bootstrap: int = 200
     loss_column: str = "loss"
     seed: int = 0
@@ -70,7 +73,9 @@ class FitSettings:
 
 @dataclass
 class PredictSettings:
-    fit: str = ""
+    """Settings of `predict`: N and D for a loss, or C for a compute-optimal allocation."""
+
+    fit: str = required("DIR/fit.json (sf-sweep fit's result)")
     N: float | None = None
     D: float | None = None
     C: float | None = None
@@ -79,67 +84,16 @@ class PredictSettings:
 
 @dataclass
 class ReportSettings:
-    fit: str = ""
-    table: str = ""
-    out: str = ""
+    """Settings of `report` (see scaling/report.py)."""
+
+    fit: str = required("DIR/fit.json (sf-sweep fit's result)")
+    table: str = required("PATH.csv (sf-sweep collect's table)")
+    out: str = required("DIR")
     budgets: list[float] = field(default_factory=list)
     loss_column: str = "loss"
     exclude_column: str | None = None
     wandb: str = "auto"
     wandb_project: str = "scaleforge-scaling"
-
-
-def _parse_value(key: str, text: str, kind: Any) -> Any:
-    """`text` converted to the type of the settings field `key` (`kind` is its annotation)."""
-    kind = str(kind)
-    try:
-        if kind.startswith("list"):
-            inner = text.strip()
-            if not (inner.startswith("[") and inner.endswith("]")):
-                raise ValueError
-            items = [item.strip() for item in inner[1:-1].split(",") if item.strip()]
-            return [float(item) for item in items] if "float" in kind else items
-        if text in ("null", "None") and "None" in kind:
-            return None
-        if kind.startswith("int"):
-            return int(float(text)) if float(text).is_integer() else int(text)
-        if kind.startswith("float"):
-            return float(text)
-        return text
-    except ValueError:
-        raise ConfigError(f"{key}={text!r} is not a valid {kind}; e.g. budgets=[1e12,3e12], "
-                          "points_per_budget=5") from None
-
-
-def parse_settings(cls: type, arguments: list[str]) -> Any:
-    """Settings dataclass `cls` from key=value `arguments`; `plan=NAME` first loads
-    configs/sweep_plan/NAME.yaml. Raises ConfigError naming an unknown or malformed key."""
-    known = {f.name: f.type for f in fields(cls)}
-    values: dict[str, Any] = {}
-    pairs = []
-    for argument in arguments:
-        key, sep, text = argument.partition("=")
-        if not sep or key not in known:
-            raise ConfigError(f"{argument!r} is not a setting of this command; the settings "
-                              f"are {', '.join(f'{k}=...' for k in known)}")
-        pairs.append((key, text))
-    preset = dict(pairs).get("plan")
-    if preset:
-        values.update(_load_plan_preset(preset, known))
-    for key, text in pairs:
-        values[key] = _parse_value(key, text, known[key])
-    return cls(**values)
-
-
-def _load_plan_preset(name: str, known: dict) -> dict:
-    path = resources.files("scaleforge.configs") / "sweep_plan" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"plan={name}: there is no configs/sweep_plan/{name}.yaml")
-    preset = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(preset) - set(known))
-    if unknown:
-        raise ConfigError(f"configs/sweep_plan/{name}.yaml: {unknown[0]} is not a plan setting")
-    return {k: [float(x) for x in v] if k.endswith("budgets") else v for k, v in preset.items()}
 
 
 def plan(settings: PlanSettings) -> list[str]:
@@ -193,12 +147,11 @@ def collect(settings: CollectSettings) -> Path:
     from scaleforge.scaling.collect import collect as collect_runs
     from scaleforge.scaling.table import write_table
 
-    if not settings.sweep_dir:
-        raise ConfigError("sweep_dir= is required: the directory `sf-sweep plan` wrote")
-    sweep_dirs = _parse_value("sweep_dir", settings.sweep_dir, "list[str]") \
-        if settings.sweep_dir.startswith("[") else [settings.sweep_dir]
+    given = settings.sweep_dir
+    sweep_dirs = [str(d) for d in given] if isinstance(given, list) else [str(given)]
     if len(sweep_dirs) > 1 and not settings.out:
-        raise ConfigError(f"sweep_dir={settings.sweep_dir} names several sweeps; give out=PATH.csv")
+        raise ConfigError(f"sweep_dir=[{','.join(sweep_dirs)}] names several sweeps; "
+                          "give out=PATH.csv")
     rows = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -226,8 +179,6 @@ def fit(settings: FitSettings) -> Path:
     from scaleforge.scaling.fit import fit_table, write_fit
     from scaleforge.scaling.table import read_table
 
-    if not settings.table or not settings.out:
-        raise ConfigError("fit needs table=PATH.csv and out=DIR")
     rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
                              settings.exclude_column, settings.table)
     with warnings.catch_warnings(record=True) as caught:
@@ -275,8 +226,6 @@ def report(settings: ReportSettings) -> None:
     from scaleforge.scaling.report import write_report
     from scaleforge.scaling.table import read_table
 
-    if not (settings.fit and settings.table and settings.out):
-        raise ConfigError("report needs fit=DIR/fit.json, table=PATH.csv and out=DIR")
     result = read_fit(Path(settings.fit))
     rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
                              settings.exclude_column, settings.table)
@@ -292,15 +241,6 @@ _HANDLERS = {
     "collect": (CollectSettings, collect), "fit": (FitSettings, fit),
     "predict": (PredictSettings, predict), "report": (ReportSettings, report),
 }
-
-
-def run_subcommand(program: str, handlers: dict[str, tuple[type, Any]], argv: list[str]) -> None:
-    """Run `program`'s subcommand `argv[0]`: `handlers` maps its name to (settings
-    dataclass, function); the function gets the key=value settings `argv[1:]`."""
-    if not argv or argv[0] not in handlers:
-        raise ConfigError(f"give a command: {program} {{{'|'.join(handlers)}}} key=value ...")
-    settings_class, handler = handlers[argv[0]]
-    handler(parse_settings(settings_class, argv[1:]))
 
 
 def dispatch(argv: list[str]) -> None:
