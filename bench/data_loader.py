@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.loader import (
@@ -28,7 +30,7 @@ from scaleforge.data_pipeline.loader import (
 )
 
 
-def tokens_per_second(batches: TrainBatches, num_batches: int) -> float:
+def tokens_per_second(batches: Iterator[tuple[torch.Tensor, ...]], num_batches: int) -> float:
     """Training tokens (inputs) per second over `num_batches` micro-batches, after warmup."""
     for _ in range(10):
         next(batches)

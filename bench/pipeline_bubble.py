@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
+from typing import ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,8 @@ from scaleforge.parallel.pipeline_schedules import (
     theoretical_bubble_fraction,
 )
 
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
 SEQ_LEN = 128
 MICRO_BATCH_SIZE = 4
 TIMED_CALLS = {
@@ -50,8 +53,10 @@ def _model_cfg(pp: int) -> TransformerConfig:
                              ffn_hidden=1024, vocab_size=512, max_seq_len=SEQ_LEN)
 
 
-def _timed(fn: Callable, seconds: dict[str, float], key: str) -> Callable:
-    def wrapper(*args, **kwargs):
+def _timed(
+    fn: Callable[Params, Result], seconds: dict[str, float], key: str
+) -> Callable[Params, Result]:
+    def wrapper(*args: Params.args, **kwargs: Params.kwargs) -> Result:
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds[key] += time.perf_counter() - start
@@ -76,14 +81,16 @@ def _measure(schedule: str, pp: int, micro_batches: int, steps: int) -> dict | N
     stages_per_rank = 2 if SCHEDULES[schedule].multi_stage else 1
     torch.manual_seed(0)
     model = build(_model_cfg(pp))
-    pipe = build_pipeline(model, dist.group.WORLD, schedule, stages_per_rank, micro_batches,
+    world = dist.group.WORLD
+    assert world is not None  # _worker initialised the process group
+    pipe = build_pipeline(model, world, schedule, stages_per_rank, micro_batches,
                           cross_entropy, "cpu")
     generator = torch.Generator().manual_seed(1)
-    batches = [
-        tuple(torch.randint(0, 512, (MICRO_BATCH_SIZE, SEQ_LEN), generator=generator)
-              for _ in range(2))
-        for _ in range(micro_batches)
-    ]
+
+    def draw() -> torch.Tensor:
+        return torch.randint(0, 512, (MICRO_BATCH_SIZE, SEQ_LEN), generator=generator)
+
+    batches = [(draw(), draw()) for _ in range(micro_batches)]  # (inputs, targets)
     seconds = _instrument(pipe)
     walls = []
     for step in range(2 + steps):

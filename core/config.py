@@ -202,7 +202,13 @@ def to_config(cfg: DictConfig | Config) -> Config:
     """Resolve a Hydra DictConfig into the typed dataclass tree."""
     if isinstance(cfg, Config):
         return cfg
-    return OmegaConf.to_object(cfg)
+    config = OmegaConf.to_object(cfg)
+    if not isinstance(config, Config):
+        raise TypeError(
+            f"to_config needs a config composed on the Config schema (core.config.compose), "
+            f"got one that resolves to {type(config).__name__}"
+        )
+    return config
 
 
 def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from torch.optim import Optimizer
+
 from scaleforge.core.config import OptimConfig
 
 
@@ -38,7 +40,7 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     raise ValueError(f"optim.schedule={optim.schedule!r} is unknown")
 
 
-def set_lr(optimizer, step: int, optim: OptimConfig, max_steps: int) -> float:
+def set_lr(optimizer: Optimizer, step: int, optim: OptimConfig, max_steps: int) -> float:
     """Write the scheduled learning rate of `step` into every param group; return it."""
     lr = optim.lr * lr_factor(step, optim, max_steps)
     for group in optimizer.param_groups:

@@ -62,7 +62,7 @@ def read_document(path: Path) -> str:
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+    files: list[Path] = []
     for directory, subdirectories, names in os.walk(root):
         subdirectories[:] = [d for d in subdirectories if d not in _NOT_STDLIB_DIRS]
         files.extend(Path(directory, name) for name in names if name.endswith(".py"))

@@ -18,7 +18,7 @@ position is a single count, so state_dict() resumes exactly, with any number of 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,7 +83,7 @@ class TokenWindows:
         """Window k: seq_len + 1 token ids in the stream's dtype."""
         return self.tokens.read(k * self.seq_len, (k + 1) * self.seq_len + 1)
 
-    def batch(self, window_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, window_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of the given windows: int64, each (len(window_ids), seq_len)."""
         return pack_windows([self.window(int(k)) for k in window_ids])
 
@@ -388,7 +388,10 @@ def _shard_sources(data_cfg: DataConfig) -> list[tuple[Path, float]]:
     )
 
 
-def _open_shards(directory: Path, data_cfg: DataConfig):
+def _open_shards(
+    directory: Path, data_cfg: DataConfig
+) -> tuple[list[np.ndarray], list[np.ndarray], Tokenizer]:
+    """(train shards, validation shards, tokenizer) of a directory written by sf-preprocess."""
     manifest = load_manifest(directory)
     tokenizer = load_shard_tokenizer(directory, manifest)
     train = open_split(directory, manifest, "train", data_cfg.verify_shards)
@@ -406,9 +409,10 @@ def _streaming_loaders(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int
         )
     tokenizer = Tokenizer.load(data_cfg.tokenizer)
     _check_vocab(data_cfg, tokenizer, Path(data_cfg.tokenizer))
+    dataset = data_cfg.dataset
 
     def batches(split: str) -> StreamingBatches:
-        return StreamingBatches(open_streaming_dataset(data_cfg.dataset), tokenizer,
+        return StreamingBatches(open_streaming_dataset(dataset), tokenizer,
                                 data_cfg.text_field, data_cfg.seq_len, micro_batch_size,
                                 data_cfg.val_fraction, split, dp_rank, dp_size)
 

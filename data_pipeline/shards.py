@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,7 @@ class _ShardWriter:
         self.vocab_size = settings["tokenizer"]["vocab_size"]
         self.shard_tokens = settings["shard_tokens"]
         self.shards: list[dict] = []
-        self._stream = None
+        self._stream: io.BufferedWriter | None = None
         self._offsets = [0]
 
     def add(self, ids: list[int], where: str) -> None:
@@ -192,13 +193,14 @@ def _write_batch(batch: list[Document], tokenizer: Tokenizer, writers: dict,
         writers[split].add(ids, document.where)
 
 
-def _run_units(job: ShardsJob, settings: dict, units: list[str], pending: list[int],
+def _run_units(job: ShardsJob, settings: dict, units: list[list[str]], pending: list[int],
                partial: Path) -> None:
     started = time.perf_counter()
     documents = tokens = 0
     bar = tqdm(total=len(units), initial=len(units) - len(pending), unit="file",
                disable=not job.progress, desc="shards")
     arguments = [(job.out, settings, u) for u in pending]
+    results: Iterator[dict]
     if job.workers <= 1:
         results = (tokenize_unit(*a, threads=None) for a in arguments)
         pool = None
@@ -250,7 +252,7 @@ def _size(path: str) -> int:
         ) from error
 
 
-def _tokenize_unit_star(arguments: tuple) -> dict:
+def _tokenize_unit_star(arguments: tuple[str, dict, int]) -> dict:
     return tokenize_unit(*arguments)
 
 

@@ -14,11 +14,14 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from scaleforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet", ".py")
 # Rows read from a parquet file at a time: bounded memory on files of any size.
@@ -79,7 +82,7 @@ def is_hf_dataset_dir(path: str) -> bool:
     )
 
 
-def open_hf_dataset(spec: str, split: str = "train"):
+def open_hf_dataset(spec: str, split: str = "train") -> Dataset | IterableDataset:
     """A Hugging Face dataset: a save_to_disk directory (its `split` when it holds several),
     or a hub name opened with streaming=True so nothing is downloaded up front."""
     import datasets
@@ -96,7 +99,7 @@ def open_hf_dataset(spec: str, split: str = "train"):
         ) from error
 
 
-def read_hf_rows(rows, where: str, text_field: str) -> Iterator[Document]:
+def read_hf_rows(rows: Iterable[object], where: str, text_field: str) -> Iterator[Document]:
     """Documents from an iterable of dict rows (a Dataset or an IterableDataset)."""
     for number, row in enumerate(rows):
         yield Document(_field(row, text_field, f"{where}:row {number}"), f"{where}:row {number}")
@@ -148,7 +151,7 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Document]:
             row += 1
 
 
-def _field(record, text_field: str, where: str) -> str:
+def _field(record: object, text_field: str, where: str) -> str:
     if not isinstance(record, dict) or text_field not in record:
         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
         raise ConfigError(
@@ -158,7 +161,7 @@ def _field(record, text_field: str, where: str) -> str:
     return _as_text(record[text_field], text_field, where)
 
 
-def _as_text(value, text_field: str, where: str) -> str:
+def _as_text(value: object, text_field: str, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(
             f"{where}: text_field={text_field!r} holds {type(value).__name__}, not text; set "
@@ -185,7 +188,7 @@ def _looks_like_hub_name(spec: str) -> bool:
     )
 
 
-def open_streaming_dataset(spec: str, setting: str = "data.dataset"):
+def open_streaming_dataset(spec: str, setting: str = "data.dataset") -> IterableDataset:
     """An IterableDataset over `spec`: a hub name or save_to_disk directory (as
     open_hf_dataset), or a glob of jsonl / jsonl.gz / parquet files in sorted order, read
     by datasets' own json or parquet builder with streaming=True."""

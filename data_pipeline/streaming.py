@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from scaleforge.data_pipeline.sources import read_hf_rows
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from datasets import IterableDataset
 
 
 class StreamingBatches:
@@ -34,8 +38,8 @@ class StreamingBatches:
     window, so load_state_dict() resumes at the exact next sample.
     """
 
-    def __init__(self, dataset, tokenizer: Tokenizer, text_field: str, seq_len: int,
-                 micro_batch_size: int, val_fraction: float, split: str = "train",
+    def __init__(self, dataset: IterableDataset, tokenizer: Tokenizer, text_field: str,
+                 seq_len: int, micro_batch_size: int, val_fraction: float, split: str = "train",
                  dp_rank: int = 0, dp_size: int = 1):
         from datasets.distributed import split_dataset_by_node
 

@@ -91,13 +91,14 @@ def as_transformer_config(
     DictConfig (Hydra's `cfg.model`) or a plain dict. Unknown keys raise ConfigError."""
     if isinstance(cfg, TransformerConfig):
         return cfg
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    assert isinstance(plain, Mapping)  # a DictConfig converts to a dict
+    settings = {str(key): value for key, value in plain.items()}
     known = {f.name for f in fields(TransformerConfig)}
-    unknown = sorted(set(cfg) - known)
+    unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(
             f"model.{unknown[0]} is not a model setting; the settings are "
             f"{', '.join(sorted(known))}"
         )
-    return TransformerConfig(**cfg)
+    return TransformerConfig(**settings)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from transformers import (
@@ -88,14 +89,24 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 LLAMA_ACTIVATIONS = ("silu", "swish")  # two names of x * sigmoid(x)
 
 
-def to_hf_config(cfg: TransformerConfig) -> PretrainedConfig:
+class _SharedHFSettings(TypedDict):
+    """The Hugging Face config settings both families take alike."""
+
+    vocab_size: int
+    tie_word_embeddings: bool
+    initializer_range: float
+    bos_token_id: None
+    eos_token_id: None
+
+
+def to_hf_config(cfg: TransformerConfig) -> LlamaConfig | GPT2Config:
     """The Hugging Face config of `cfg`: LlamaConfig (llama) or GPT2Config (gpt).
 
     Dropouts are 0 (our models have none); bos/eos token ids are left unset because the
     tokenizer is not part of the model config.
     """
     cfg.check("model")
-    common = dict(
+    common = _SharedHFSettings(
         vocab_size=cfg.vocab_size,
         tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std,
@@ -103,7 +114,9 @@ def to_hf_config(cfg: TransformerConfig) -> PretrainedConfig:
         eos_token_id=None,
     )
     if cfg.family == "llama":
-        return LlamaConfig(
+        # transformers 5 takes rope_theta through **kwargs (into rope_parameters), which its
+        # dataclass signature does not show; 4.x has it as a field.
+        return LlamaConfig(  # type: ignore[call-arg]
             hidden_size=cfg.d_model,
             intermediate_size=cfg.mlp_hidden,
             num_hidden_layers=cfg.n_layers,
@@ -386,10 +399,15 @@ def to_hf_model(
     """A LlamaForCausalLM or GPT2LMHeadModel in eval mode holding our weights in `dtype`."""
     hf_config = to_hf_config(cfg)
     hf_state = to_hf_state_dict(state_dict, cfg)
-    model_class = LlamaForCausalLM if cfg.family == "llama" else GPT2LMHeadModel
-    model = model_class(hf_config)
+    model: PreTrainedModel = (
+        LlamaForCausalLM(hf_config)
+        if isinstance(hf_config, LlamaConfig)
+        else GPT2LMHeadModel(hf_config)
+    )
     model.load_state_dict(hf_state, strict=True)
-    return model.to(dtype).eval()
+    # PreTrainedModel.to is decorated with functools.wraps(nn.Module.to), which the stubs
+    # type as an unbound function expecting the module first.
+    return model.to(dtype).eval()  # type: ignore[arg-type]
 
 
 def save_hf(

@@ -8,11 +8,17 @@ ops) and recomputes the cheap, memory-hungry rest (norms, activations, rotary, r
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
-from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    create_selective_checkpoint_contexts,
+)
+
+from scaleforge.models.transformer import Transformer
 
 _aten = torch.ops.aten
 _SAVED_OPS = {
@@ -26,11 +32,13 @@ _SAVED_OPS = {
 }
 
 
-def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _save_matmuls(
+    ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any, **kwargs: Any
+) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_n_blocks: int = 1) -> None:
+def apply_activation_checkpointing(model: Transformer, mode: str, every_n_blocks: int = 1) -> None:
     """Wrap every `every_n_blocks`-th block of `model.layers` in place (mode full|selective).
 
     State-dict keys are unchanged: torch's checkpoint_wrapper strips its own prefix.

@@ -3,10 +3,10 @@ so each block is one compiled region and FSDP's hooks stay outside the graphs.""
 
 from __future__ import annotations
 
-from torch import nn
+from scaleforge.models.transformer import Transformer
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: Transformer) -> None:
     """Compile each block of `model.layers` in place (`nn.Module.compile`).
 
     The blocks share one shape, so the first compilation serves every layer. The modules are

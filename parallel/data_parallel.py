@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.topology import Topology
 
 
@@ -42,14 +43,14 @@ def data_parallel_mesh_dims(topology: Topology) -> tuple[str, ...]:
 
 
 def apply_data_parallel(
-    model: nn.Module, topology: Topology, precision: str, reshard_after_forward: bool = True
+    model: Transformer, topology: Topology, precision: str, reshard_after_forward: bool = True
 ) -> None:
     """`fully_shard` each block of `model.layers`, then the root, over the data-parallel mesh.
 
     With a shard group of one (plain replication) nothing is gathered, so weights are never
     resharded. The root is not resharded after forward: its head runs first in backward.
     """
-    mesh = topology.mesh[data_parallel_mesh_dims(topology)]
+    mesh = topology.submesh(data_parallel_mesh_dims(topology))
     reshard = reshard_after_forward and topology.dims.dp_shard > 1
     policy = mixed_precision_policy(precision)
     for block in model.layers.values():

@@ -17,6 +17,7 @@ choices (`core.config.build_plan` makes it from the run's config).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.rope import rope_tables
+from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaleforge.parallel.compile import apply_compile
 from scaleforge.parallel.config import ParallelConfig
@@ -55,11 +57,11 @@ class BuildPlan:
     micro_batches: int = 1
 
 
-def parallelize(model: nn.Module, topology: Topology, plan: BuildPlan) -> None:
+def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None:
     """Apply this layout's parallelism to `model` in place, in the architecture's order:
     tensor parallel, activation checkpointing, compile (optional), data-parallel sharding."""
     if topology.dims.tp > 1:
-        apply_tensor_parallel(model, topology.mesh["tp"])
+        apply_tensor_parallel(model, topology.submesh("tp"))
     apply_activation_checkpointing(
         model, plan.activation_checkpointing, plan.checkpoint_every_n_blocks
     )
@@ -71,7 +73,7 @@ def parallelize(model: nn.Module, topology: Topology, plan: BuildPlan) -> None:
         )
 
 
-def build_model(plan: BuildPlan, topology: Topology) -> nn.Module:
+def build_model(plan: BuildPlan, topology: Topology) -> Transformer:
     """The initialised, parallelised model of this rank.
 
     One process: `models.build` on the device, then activation checkpointing and compile, as
@@ -110,7 +112,7 @@ def build_pipelined_model(plan: BuildPlan, topology: Topology, loss_fn: LossFn) 
 
 @torch.no_grad()
 def load_single_process_weights(
-    model: nn.Module, model_cfg: TransformerConfig, topology: Topology
+    model: Transformer, model_cfg: TransformerConfig, topology: Topology
 ) -> None:
     """Fill a materialised parallel `model` with the weights a single process would draw.
 
@@ -122,11 +124,12 @@ def load_single_process_weights(
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
-    if getattr(model, "rope_cos", None) is not None:
+    rope_cos, rope_sin = model.rope_cos, model.rope_sin  # None for gpt
+    if isinstance(rope_cos, torch.Tensor) and isinstance(rope_sin, torch.Tensor):
         m = model_cfg
         cos, sin = rope_tables(m.head_dim, m.max_seq_len, m.rope_theta, device=topology.device)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
+        rope_cos.copy_(cos)
+        rope_sin.copy_(sin)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,9 +137,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     A collective: every rank must call it. Keys are the single-process state-dict keys.
     """
-    return get_model_state_dict(
+    state = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    # torch types the values as any state-dict value; a model's are all tensors.
+    return cast(dict[str, torch.Tensor], state)
 
 
 def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch.Tensor]:
@@ -151,19 +156,23 @@ def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch
         return model.state_dict()
     if topology.dims.pp == 1:
         return full_state_dict(model)
+    if not isinstance(model, nn.ModuleList):
+        raise TypeError(
+            f"under pipeline parallelism gathered_state_dict takes the pipeline's model_parts "
+            f"(an nn.ModuleList), not a {type(model).__name__}"
+        )
     # Full values on every rank of the stage's tp/dp group (not only global rank 0, which
     # holds none of the other stages).
     options = StateDictOptions(full_state_dict=True)
     stage_state: dict[str, torch.Tensor] = {}
     for part in model:
-        part_state = get_model_state_dict(part, options=options)
+        part_state = cast(dict[str, torch.Tensor], get_model_state_dict(part, options=options))
         stage_state.update({k: v.detach().cpu() for k, v in part_state.items()})
     if topology.dp_rank != 0 or topology.tp_rank != 0:
         return {}
-    stages: list[dict[str, torch.Tensor]] | None = (
-        [{} for _ in range(topology.dims.pp)] if topology.is_rank0 else None
-    )
-    dist.gather_object(stage_state, stages, group=topology.group("pp"), group_dst=0)
+    stages: list[dict[str, torch.Tensor]] = [{} for _ in range(topology.dims.pp)]
+    dist.gather_object(stage_state, stages if topology.is_rank0 else None,
+                       group=topology.group("pp"), group_dst=0)
     if not topology.is_rank0:
         return {}
     return {k: v for state in stages for k, v in state.items()}

@@ -195,7 +195,7 @@ def build_pipeline(
     loss_fn: LossFn,
     device: torch.device | str,
     layers_per_stage: Sequence[int] | None = None,
-    prepare_stage: Callable[[nn.Module], None] | None = None,
+    prepare_stage: Callable[[Transformer], None] | None = None,
 ) -> Pipeline:
     """Cut `model` into this rank's stages and build `schedule` over them (the one place a
     `Pipeline` is made).
@@ -311,8 +311,10 @@ def pipeline_eval(
             losses: list[torch.Tensor] = []
             device = pipeline.device
             args = (torch.cat([x for x, _ in group]).to(device),) if pipeline.is_first else ()
-            targets = torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
-            pipeline.schedule.eval(*args, target=targets, losses=losses)
+            group_targets = (
+                torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
+            )
+            pipeline.schedule.eval(*args, target=group_targets, losses=losses)
             if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)
                 total += torch.stack([full_value(loss).float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)

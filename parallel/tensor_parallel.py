@@ -46,6 +46,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from scaleforge.models.transformer import Transformer
+
 
 def block_plan(family: str) -> dict[str, ParallelStyle]:
     """The TP/SP plan of one transformer block, module path -> style."""
@@ -71,14 +73,14 @@ def block_plan(family: str) -> dict[str, ParallelStyle]:
     return plan
 
 
-def outer_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def outer_plan(model: Transformer) -> dict[str, ParallelStyle]:
     """The plan of the modules around the blocks that this model (or pipeline stage) owns."""
     plan: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:
         plan["tok_embeddings"] = RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
         )
-    if getattr(model, "pos_embeddings", None) is not None and model.tok_embeddings is not None:
+    if model.pos_embeddings is not None and model.tok_embeddings is not None:
         plan["pos_embeddings"] = RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Shard(0), use_local_output=False
         )
@@ -91,18 +93,15 @@ def outer_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     """Shard `model` (a Transformer or a pipeline stage of one) over `tp_mesh` in place.
 
     Every parameter becomes a DTensor on `tp_mesh`; the model's output is a DTensor of
     logits sharded on the vocabulary (compute the loss under `loss_parallel()`), or the
     hidden states sharded on the sequence for a stage without the head.
     """
-    tied = (
-        model.cfg.tie_embeddings and model.tok_embeddings is not None and model.output is not None
-    )
     parallelize_module(model, tp_mesh, outer_plan(model))
-    if tied:
+    if model.cfg.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight
     plan = block_plan(model.cfg.family)
     for block in model.layers.values():
@@ -115,7 +114,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
 
 def _sequence_shard_to_dtensor(
     tp_mesh: DeviceMesh, module: nn.Module, args: tuple[torch.Tensor, ...]
-) -> tuple[DTensor, ...]:
+) -> tuple[torch.Tensor, ...]:
     """Hidden states (B, T/t, d) from the previous stage -> DTensor (B, T, d) Shard(1)."""
     return (DTensor.from_local(args[0], tp_mesh, [Shard(1)]), *args[1:])
 

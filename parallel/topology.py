@@ -28,6 +28,7 @@ from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 
 if TYPE_CHECKING:
+    from torch._C._distributed_c10d import Backend as C10dBackend
     from torch.distributed.device_mesh import DeviceMesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -172,9 +173,23 @@ class Topology:
         """This rank's coordinates for log lines, e.g. '[pp0 dp1 tp0]'."""
         return f"[pp{self.pp_rank} dp{self.dp_rank} tp{self.tp_rank}]"
 
+    def submesh(self, dims: str | tuple[str, ...]) -> DeviceMesh:
+        """The mesh along `dims` (e.g. "tp", or ("dp_replicate", "dp_shard")); distributed
+        runs only."""
+        return self._distributed_mesh()[dims]
+
     def group(self, dim: str) -> dist.ProcessGroup:
-        """The process group along mesh dim `dim` ("pp", "dp_replicate", "dp_shard", "tp")."""
-        return self.mesh.get_group(dim)
+        """The process group along mesh dim `dim` ("pp", "dp_replicate", "dp_shard", "tp");
+        distributed runs only."""
+        return self._distributed_mesh().get_group(dim)
+
+    def _distributed_mesh(self) -> DeviceMesh:
+        if self.mesh is None:
+            raise RuntimeError(
+                "a single-process topology has no device mesh or process groups; ask for "
+                "them only along a mesh dim larger than one"
+            )
+        return self.mesh
 
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a per-replica scalar over all data-parallel ranks (for logging)."""
@@ -219,10 +234,11 @@ class Topology:
         if not self.is_distributed:
             return task()
         first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        result, error = None, None
+        results: list[T] = []  # the first runner's result, once it has one
+        error = None
         if first:
             try:
-                result = task()
+                results.append(task())
             except ConfigError as raised:
                 error = str(raised)
         errors: list[str | None] = [None] * dist.get_world_size()
@@ -230,7 +246,7 @@ class Topology:
         reported = next((e for e in errors if e is not None), None)
         if reported is not None:
             raise ConfigError(reported)
-        return result if first else task()
+        return results[0] if first else task()
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         """Wraps the loss and its backward: vocab-parallel cross-entropy when tp > 1."""
@@ -320,7 +336,9 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
 
     # The mesh's groups take their timeout from these options (new groups would otherwise
     # get torch's default, 30 minutes for gloo, whatever init_process_group was given).
-    options = {name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS}
+    options: dict[int | str, str | C10dBackend.Options | tuple[str, C10dBackend.Options]] = {
+        name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS
+    }
     mesh = init_device_mesh(
         torch_device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
     )
@@ -344,9 +362,11 @@ def _torchrun_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"scaleforge/attempt_{attempt}/", store)
 
 
-def _group_options(backend: str, timeout: datetime.timedelta) -> Any:
+def _group_options(backend: str, timeout: datetime.timedelta) -> C10dBackend.Options:
     """Process-group options of `backend` carrying the collective `timeout`."""
+    # torch's stubs call gloo's options class `Options`; at run time that name is the base
+    # Backend.Options and gloo's own is `_Options`.
     options = (dist.ProcessGroupNCCL.Options() if backend == "nccl"
-               else dist.ProcessGroupGloo._Options())
+               else dist.ProcessGroupGloo._Options())  # type: ignore[attr-defined]
     options._timeout = timeout
     return options

@@ -33,8 +33,8 @@ def group_budgets(rows: list[dict], gap_dex: float = 0.1,
         return [(float(10 ** k), np.flatnonzero(close & (nearest == j)))
                 for j, k in enumerate(known) if np.any(close & (nearest == j))]
     if all(isinstance(row.get("budget"), float) for row in rows):
-        budgets = np.array([row["budget"] for row in rows])
-        return [(float(b), np.flatnonzero(budgets == b)) for b in np.unique(budgets)]
+        planned = np.array([row["budget"] for row in rows])
+        return [(float(b), np.flatnonzero(planned == b)) for b in np.unique(planned)]
     flops = compute(rows)
     order = np.argsort(flops)
     log_c = np.log10(flops[order])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +28,15 @@ from scaleforge.scaling.table import is_finite_row
 
 LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
 BAND_BUDGETS = np.geomspace(1e9, 1e27, 73)  # where the N_opt, D_opt bands are tabulated
+# [(budget in FLOPs, indices of its runs)], as group_budgets returns them
+Budgets = list[tuple[float, np.ndarray]]
+
+
+class IsoflopFitter(Protocol):
+    """Approach 1 or 2: budgets, N, D, loss and run names -> {a, log_kN, b, log_kD, minima}."""
+
+    def __call__(self, budgets: Budgets, N: np.ndarray, D: np.ndarray, L: np.ndarray,
+                 names: list[str]) -> dict: ...
 
 
 def clean_rows(rows: list[dict], loss_column: str) -> list[dict]:
@@ -63,7 +73,7 @@ def _band(curves: list[np.ndarray]) -> dict:
     return {"low": low.tolist(), "high": high.tolist()}
 
 
-def _resample_within(budgets, rng) -> tuple[np.ndarray, list]:
+def _resample_within(budgets: Budgets, rng: np.random.Generator) -> tuple[np.ndarray, Budgets]:
     """Bootstrap indices drawn within each budget, and the budgets over the new indices."""
     picks, regrouped, start = [], [], 0
     for budget, index in budgets:
@@ -74,56 +84,60 @@ def _resample_within(budgets, rng) -> tuple[np.ndarray, list]:
     return np.concatenate(picks), regrouped
 
 
-def _isoflop_approach(fitter, budgets, N, D, L, names, bootstrap, rng) -> dict:
+def _isoflop_approach(fitter: IsoflopFitter, budgets: Budgets, N: np.ndarray, D: np.ndarray,
+                      L: np.ndarray, names: list[str], bootstrap: int,
+                      rng: np.random.Generator) -> dict:
     """Fit approach 1 or 2 (`fitter`), then its bootstrap: intervals on a, b and bands."""
     point = fitter(budgets, N, D, L, names)
-    samples = {"a": [], "b": [], "N": [], "D": []}
+    exponents: dict[str, list[float]] = {"a": [], "b": []}
+    bands: dict[str, list[np.ndarray]] = {"N": [], "D": []}
     for _ in range(bootstrap):
         pick, regrouped = _resample_within(budgets, rng)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if fitter is fit_approach2:
-                    fitted = fitter(regrouped, N[pick], D[pick], L[pick],
-                                    [names[i] for i in pick], quiet=True)
+                    fitted = fit_approach2(regrouped, N[pick], D[pick], L[pick],
+                                           [names[i] for i in pick], quiet=True)
                 else:
                     fitted = fitter(regrouped, N[pick], D[pick], L[pick], [names[i] for i in pick])
         except (ConfigError, np.linalg.LinAlgError):
             continue  # a resample whose budgets all lack a minimum says nothing
-        samples["a"].append(fitted["a"])
-        samples["b"].append(fitted["b"])
-        samples["N"].append(np.exp(fitted["log_kN"]) * BAND_BUDGETS ** fitted["a"])
-        samples["D"].append(np.exp(fitted["log_kD"]) * BAND_BUDGETS ** fitted["b"])
+        exponents["a"].append(fitted["a"])
+        exponents["b"].append(fitted["b"])
+        bands["N"].append(np.exp(fitted["log_kN"]) * BAND_BUDGETS ** fitted["a"])
+        bands["D"].append(np.exp(fitted["log_kD"]) * BAND_BUDGETS ** fitted["b"])
     return {
-        "a": _interval(samples["a"], point["a"]), "b": _interval(samples["b"], point["b"]),
+        "a": _interval(exponents["a"], point["a"]), "b": _interval(exponents["b"], point["b"]),
         "log_kN": point["log_kN"], "log_kD": point["log_kD"], "minima": point["minima"],
-        "bootstrap": len(samples["a"]),
-        "band": {"C": BAND_BUDGETS.tolist(), "N": _band(samples["N"]), "D": _band(samples["D"])},
+        "bootstrap": len(exponents["a"]),
+        "band": {"C": BAND_BUDGETS.tolist(), "N": _band(bands["N"]), "D": _band(bands["D"])},
     }
 
 
-def _approach3(N, D, L, bootstrap, rng) -> dict:
+def _approach3(N: np.ndarray, D: np.ndarray, L: np.ndarray, bootstrap: int,
+               rng: np.random.Generator) -> dict:
     point = fit_law(N, D, L)
-    samples = {name: [] for name in LAW_PARAMS}
-    samples.update(a=[], b=[], N=[], D=[])
+    values: dict[str, list[float]] = {name: [] for name in (*LAW_PARAMS, "a", "b")}
+    bands: dict[str, list[np.ndarray]] = {"N": [], "D": []}
     start = np.array([point["theta"]])
     for _ in range(bootstrap):
         pick = rng.integers(0, len(N), len(N))
         fitted = fit_law(N[pick], D[pick], L[pick], starts=0, extra_starts=start)
         for name in LAW_PARAMS:
-            samples[name].append(fitted[name])
+            values[name].append(fitted[name])
         a, b = optimal_exponents(fitted["alpha"], fitted["beta"])
-        samples["a"].append(a)
-        samples["b"].append(b)
+        values["a"].append(a)
+        values["b"].append(b)
         n_opt, d_opt = law_optimum(fitted, BAND_BUDGETS)
-        samples["N"].append(n_opt)
-        samples["D"].append(d_opt)
+        bands["N"].append(n_opt)
+        bands["D"].append(d_opt)
     a, b = optimal_exponents(point["alpha"], point["beta"])
     return {
-        "params": {name: _interval(samples[name], point[name]) for name in LAW_PARAMS},
-        "a": _interval(samples["a"], a), "b": _interval(samples["b"], b),
+        "params": {name: _interval(values[name], point[name]) for name in LAW_PARAMS},
+        "a": _interval(values["a"], a), "b": _interval(values["b"], b),
         "huber_objective": point["objective"], "bootstrap": bootstrap,
-        "band": {"C": BAND_BUDGETS.tolist(), "N": _band(samples["N"]), "D": _band(samples["D"])},
+        "band": {"C": BAND_BUDGETS.tolist(), "N": _band(bands["N"]), "D": _band(bands["D"])},
     }
 
 
@@ -140,17 +154,20 @@ def fit_table(rows: list[dict], loss_column: str = "loss", bootstrap: int = 200,
     D = np.array([row["D"] for row in rows])
     L = np.array([row[loss_column] for row in rows])
     names = [str(row.get("run", f"row {i}")) for i, row in enumerate(rows)]
-    budgets = group_budgets(rows, budget_tolerance_dex, budgets)
+    grouped = group_budgets(rows, budget_tolerance_dex, budgets)
     rng = np.random.default_rng(seed)
-    result = {
+    result: dict[str, Any] = {
         "n_runs": len(rows), "loss_column": loss_column,
-        "budgets": [budget for budget, _ in budgets],
+        "budgets": [budget for budget, _ in grouped],
         "budget_tolerance_dex": budget_tolerance_dex,
         "law": "L(N, D) = E + A / N^alpha + B / D^beta; compute-optimal under C = 6 N D",
     }
-    for name, fitter in (("approach1", fit_approach1), ("approach2", fit_approach2)):
+    fitters: tuple[tuple[str, IsoflopFitter], ...] = (
+        ("approach1", fit_approach1), ("approach2", fit_approach2)
+    )
+    for name, fitter in fitters:
         try:
-            result[name] = _isoflop_approach(fitter, budgets, N, D, L, names, bootstrap, rng)
+            result[name] = _isoflop_approach(fitter, grouped, N, D, L, names, bootstrap, rng)
         except ConfigError as error:
             warnings.warn(f"{name} skipped: {error}", SweepWarning, stacklevel=2)
     result["approach3"] = _approach3(N, D, L, bootstrap, rng)

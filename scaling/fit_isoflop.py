@@ -56,7 +56,8 @@ def isoflop_minima(budgets: list[tuple[float, np.ndarray]], N: np.ndarray, D: np
     return out
 
 
-def fit_approach2(budgets, N, D, L, names, quiet: bool = False) -> dict:
+def fit_approach2(budgets: list[tuple[float, np.ndarray]], N: np.ndarray, D: np.ndarray,
+                  L: np.ndarray, names: list[str], quiet: bool = False) -> dict:
     """Approach 2's minima and power laws: {a, log_kN, b, log_kD, minima}. Raises
     ConfigError when fewer than 2 budgets give a minimum."""
     minima = isoflop_minima(budgets, N, D, L, names, quiet)

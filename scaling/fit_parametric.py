@@ -70,7 +70,8 @@ def grid_points() -> np.ndarray:
     return np.array(list(itertools.product(*(GRID[name] for name in PARAM_ORDER))))
 
 
-def _grid_scores(points: np.ndarray, log_n, log_d, log_loss, delta) -> np.ndarray:
+def _grid_scores(points: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
+                 log_loss: np.ndarray, delta: float) -> np.ndarray:
     a, b, e, alpha, beta = (points[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(points),
                                                                                len(log_n)))])
@@ -95,6 +96,8 @@ def fit_law(N: np.ndarray, D: np.ndarray, L: np.ndarray, starts: int = 8,
                           options={"maxiter": 10000, "ftol": 1e-15, "gtol": 1e-12})
         if best is None or result.fun < best.fun:
             best = result
+    if best is None:
+        raise ValueError("fit_law needs a start: starts > 0 or extra_starts")
     a, b, e, alpha, beta = best.x
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
             "alpha": float(alpha), "beta": float(beta), "objective": float(best.fun),

@@ -11,10 +11,14 @@ Approaches 1 and 2 give power laws N_opt = k_N C^a and D_opt = k_D C^b directly.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import numpy as np
 
 from scaleforge.errors import ConfigError
+
+# A budget in FLOPs, or an array of them (the optimum is computed elementwise).
+Compute = TypeVar("Compute", float, np.ndarray)
 
 
 def loss(params: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray | float:
@@ -28,8 +32,9 @@ def optimal_exponents(alpha: float, beta: float) -> tuple[float, float]:
     return beta / (alpha + beta), alpha / (alpha + beta)
 
 
-def law_optimum(params: dict, C: float) -> tuple[float, float]:
-    """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = C (FLOPs)."""
+def law_optimum(params: dict, C: Compute) -> tuple[Compute, Compute]:
+    """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = C (FLOPs); elementwise for an
+    array of budgets."""
     alpha, beta = params["alpha"], params["beta"]
     a, b = optimal_exponents(alpha, beta)
     G = (alpha * params["A"] / (beta * params["B"])) ** (1 / (alpha + beta))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.scaling.flops import model_size
 from scaleforge.scaling.shape import shape_for_params, shaped
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 TOKENS_PER_PARAM = 20.0
 
@@ -47,6 +51,17 @@ class PlannedRun:
     warmup_steps: int
     eval_every: int
     log_every: int
+
+
+class GridOptions(TypedDict, total=False):
+    """`plan_budget`'s keyword settings, as `plan_sweep` passes them on."""
+
+    spread: float
+    aspect_ratio: float
+    warmup_fraction: float
+    min_steps: int
+    evals_per_run: int
+    tokens_per_param: float
 
 
 def predicted_optimal_params(budget: float, tokens_per_param: float = TOKENS_PER_PARAM) -> float:
@@ -110,7 +125,7 @@ def plan_budget(
         tokens = steps * batch_tokens
         runs.append(PlannedRun(
             name=name, budget=budget, n_layers=model.n_layers, d_model=model.d_model,
-            n_heads=model.n_heads, ffn_hidden=model.ffn_hidden, N=size.non_embedding_params,
+            n_heads=model.n_heads, ffn_hidden=model.mlp_hidden, N=size.non_embedding_params,
             N_total=size.params, D=tokens,
             C=size.flops_per_token * tokens, flops_per_token=size.flops_per_token,
             max_steps=steps, warmup_steps=max(1, round(warmup_fraction * steps)),
@@ -119,8 +134,8 @@ def plan_budget(
     return runs
 
 
-def plan_sweep(budgets: list[float], points_per_budget: int, base: Config, **options) -> list[
-        PlannedRun]:
+def plan_sweep(budgets: list[float], points_per_budget: int, base: Config,
+               **options: Unpack[GridOptions]) -> list[PlannedRun]:
     """The IsoFLOP grids of every budget in `budgets` (FLOPs), in order; `options` as
     `plan_budget`'s keywords."""
     if not budgets:

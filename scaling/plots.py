@@ -107,7 +107,7 @@ def plot_contours(fit: dict, N: np.ndarray, D: np.ndarray, L: np.ndarray, path: 
                           cmap="viridis", linewidths=0.8)
     ax.clabel(contours, fontsize=6, fmt="%.2f")
     scatter = ax.scatter(N, D, c=L, cmap="viridis", edgecolor="black", s=22, zorder=3,
-                         vmin=contours.levels.min(), vmax=contours.levels.max())
+                         vmin=min(contours.levels), vmax=max(contours.levels))
     C = np.geomspace(6 * N.min() * D.min(), 6 * N.max() * D.max(), 50)
     frontier_n, frontier_d = law_optimum(params, C)
     ax.plot(frontier_n, frontier_d, color="tab:red", lw=1.5, label="compute-optimal frontier")

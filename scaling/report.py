@@ -6,10 +6,12 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from scaleforge.core.metrics import wandb_mode
+from scaleforge.errors import ConfigError
 from scaleforge.scaling.budgets import group_budgets
 from scaleforge.scaling.fit import LAW_PARAMS, clean_rows
 from scaleforge.scaling.law import optimal_allocation
@@ -97,19 +99,25 @@ def write_report(fit: dict, rows: list[dict], out: Path, budgets: list[float],
     (out / "report.md").write_text("\n".join(markdown))
     (out / "report.html").write_text("".join(page) + "</body></html>\n")
     written = plots + [out / "report.md", out / "report.html"]
-    mode = wandb_mode(wandb)
-    if mode != "disabled":
-        _log_to_wandb(out, mode, wandb_project, tables, plots, rows)
+    match wandb_mode(wandb):
+        case "disabled":
+            pass
+        case "online" | "offline" | "shared" as mode:
+            _log_to_wandb(out, mode, wandb_project, tables, plots, rows)
+        case unknown:
+            raise ConfigError(f"wandb={unknown!r} is not one of auto, online, offline, disabled")
     return written
 
 
-def _log_to_wandb(out: Path, mode: str, project: str, tables: dict, plots: list[Path],
-                  rows: list[dict]) -> None:
+def _log_to_wandb(out: Path, mode: Literal["online", "offline", "shared"], project: str,
+                  tables: dict, plots: list[Path], rows: list[dict]) -> None:
     import wandb
 
     run = wandb.init(project=project, dir=str(out), mode=mode, job_type="scaling-report")
-    logged = {key: wandb.Table(columns=columns, data=[[str(c) for c in row] for row in data])
-              for key, (columns, data) in tables.items()}
+    logged: dict[str, wandb.Table | wandb.Image] = {
+        key: wandb.Table(columns=columns, data=[[str(c) for c in row] for row in data])
+        for key, (columns, data) in tables.items()
+    }
     columns = list(dict.fromkeys(key for row in rows for key in row))
     logged["runs"] = wandb.Table(columns=columns,
                                  data=[[row.get(c) for c in columns] for row in rows])
