@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.flops import peak_flops, training_flops_per_token
@@ -41,7 +42,8 @@ def _default_overrides() -> list[str]:
             "data.seq_len=256"]
 
 
-def baseline_step_fn(model, batch, precision: str, lr: float, grad_clip: float) -> Callable:
+def baseline_step_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], precision: str,
+                     lr: float, grad_clip: float) -> Callable:
     """A nanoGPT-style training step on `model` for one fixed `batch`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.1)

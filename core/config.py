@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from scaleforge.core.precision import check_precision_device
 from scaleforge.core.preemption import parse_signals
@@ -198,8 +198,9 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def to_config(cfg: DictConfig | Config) -> Config:
-    """Resolve a Hydra DictConfig into the typed dataclass tree."""
+def to_config(cfg: DictConfig | ListConfig | Config) -> Config:
+    """Resolve a Hydra DictConfig into the typed dataclass tree (TypeError for anything that
+    does not resolve to a Config, e.g. a ListConfig)."""
     if isinstance(cfg, Config):
         return cfg
     config = OmegaConf.to_object(cfg)

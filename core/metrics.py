@@ -9,12 +9,13 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from tqdm import tqdm
 
 from scaleforge.core.config import LoggingConfig
+from scaleforge.errors import ConfigError
 
 NONFINITE_STRINGS = ("nan", "inf", "-inf")  # how `to_json` writes non-finite floats
 
@@ -26,10 +27,20 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def wandb_mode(requested: str) -> str:
-    """auto -> online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+
+
+def wandb_mode(requested: str, setting: str = "logging.wandb") -> WandbMode:
+    """The W&B mode to run in: auto -> online when W&B credentials exist (WANDB_API_KEY or
+    ~/.netrc), else offline; another mode as it is. ConfigError naming `setting` for an
+    unknown one."""
     if requested != "auto":
-        return requested
+        for mode in get_args(WandbMode):
+            if requested == mode:
+                return mode
+        raise ConfigError(
+            f"{setting}={requested!r} is not one of auto, {', '.join(get_args(WandbMode))}"
+        )
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:

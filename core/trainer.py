@@ -48,7 +48,7 @@ from scaleforge.core.metrics import MetricsLogger, peak_memory_gb
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision
 from scaleforge.core.preemption import PreemptionWatch
-from scaleforge.data_pipeline.loader import build_loaders
+from scaleforge.data_pipeline.loader import ValidationSource, build_loaders
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
 from scaleforge.parallel.dtensor import full_value
@@ -62,7 +62,13 @@ from scaleforge.parallel.pipeline import pipeline_eval, pipeline_step
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import Topology, init_topology
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (inputs, targets), each (micro_batch_size, seq_len) int64; more tensors after them are ignored.
+Batch = tuple[torch.Tensor, ...]
+
+
+def inputs_and_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) of a micro-batch, without any tensors that follow them."""
+    return batch[0], batch[1]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -92,13 +98,14 @@ class Trainer:
         cfg: Config,
         run_dir: Path,
         world_size: int = 1,
-        data: tuple[Iterator[Batch], object] | None = None,
+        data: tuple[Iterator[Batch], ValidationSource | None] | None = None,
         topology: Topology | None = None,
     ):
-        """`data` = (training micro-batch iterator, validation loader with `.batches(n)`) of
-        this rank's data-parallel replica; by default both come from `cfg.data` via
-        `data_pipeline.build_loaders`. `topology` (made by `start_topology`, which validated
-        `cfg`) defaults to `start_topology(cfg, world_size)`."""
+        """`data` = (training micro-batch iterator, validation loader with `.batches(n)`, or
+        None for a trainer that never evaluates) of this rank's data-parallel replica; by
+        default both come from `cfg.data` via `data_pipeline.build_loaders`. `topology` (made
+        by `start_topology`, which validated `cfg`) defaults to `start_topology(cfg,
+        world_size)`."""
         self.topology = topology or start_topology(cfg, world_size)
         self.cfg = cfg
         self.run_dir = Path(self.topology.broadcast_from_rank0(str(run_dir)))
@@ -167,6 +174,13 @@ class Trainer:
         background; the directory appears, complete, when it is done."""
         return self.checkpointer.save(self.step)
 
+    @property
+    def step_signals(self) -> StepSignals:
+        """What every rank agreed on in the last `train_step` (see `agree_on_step`)."""
+        if self.last_step_signals is None:
+            raise RuntimeError("no training step has been taken yet")
+        return self.last_step_signals
+
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `self.micro_batches` micro-batches from `batches`.
 
@@ -210,14 +224,15 @@ class Trainer:
         replica reads the same micro-batches).
         """
         if self.pipeline is not None:
-            micro_batches = [next(batches) for _ in range(self.micro_batches)]
+            micro_batches = [inputs_and_targets(next(batches)) for _ in range(self.micro_batches)]
             # The loss context covers the schedule's backward passes too (loss_parallel).
             with self.precision.autocast(), self.topology.loss_context():
                 return pipeline_step(self.pipeline, micro_batches)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
         for index in range(self.micro_batches):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
+            inputs, targets = (t.to(self.device, non_blocking=True)
+                               for t in inputs_and_targets(next(batches)))
             set_gradient_sync(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
                 logits = self.model(inputs)
@@ -232,6 +247,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over the first `trainer.eval_batches` validation micro-batches
         (shared out over data-parallel ranks; the same number as in one process)."""
+        if self.val_loader is None:
+            raise RuntimeError("this Trainer was given no validation data to evaluate on")
         self.model.eval()
         dp_size, dp_rank = self.topology.dp_size, self.topology.dp_rank
         if self.pipeline is not None:
@@ -281,12 +298,12 @@ class Trainer:
         if self.resumed_from is not None:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
             logger.advance(self.step)
-            record = {"step": self.step}
+            record: dict[str, float | None] = {"step": self.step}
         else:
             if self.initialised_from is not None:
                 logger.message(f"weights from {self.initialised_from}")
-            record = {"step": 0, "val_loss": self.evaluate()}
-            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            val_loss = self.evaluate()
+            record = {"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
             logger.log(record)
 
         every = self.cfg.checkpoint.every
@@ -298,7 +315,7 @@ class Trainer:
             logger.advance()
             events = self._step_events(logger)
             # A signal during the last step changes nothing: the run ends normally.
-            preempted = self.last_step_signals.preemption_requested and self.step < cfg.max_steps
+            preempted = self.step_signals.preemption_requested and self.step < cfg.max_steps
             self.checkpointer.poll()
             if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
                 self.save_checkpoint()
@@ -324,8 +341,8 @@ class Trainer:
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
             if is_eval:
-                record["val_loss"] = self.evaluate()
-                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                val_loss = self.evaluate()
+                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
             logger.log(record | events)
             if preempted:
                 return self._stop_for_preemption(logger, record, own_logger)
@@ -359,7 +376,7 @@ class Trainer:
                 f"{guard.max_skipped_steps} stops the run)"
             )
             events["skipped"] = True
-        loss = self.last_step_signals.mean_loss
+        loss = self.step_signals.mean_loss
         mean = self.spike_detector.mean
         if self.spike_detector.update(loss):
             logger.message(
@@ -410,7 +427,7 @@ class Trainer:
         dims, p = self.topology.dims, self.cfg.parallel
         line = f"parallel: {self.topology.describe()} | per data-parallel rank " \
                f"{self.micro_batches} micro-batches"
-        if dims.pp > 1:
+        if self.pipeline is not None:
             bubble = theoretical_bubble_fraction(
                 p.pp_schedule, dims.pp, self.micro_batches, p.pp_stages_per_rank
             )

@@ -20,12 +20,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from scaleforge.core.config import Config
 from scaleforge.errors import ConfigError, exit_on_config_error
-from scaleforge.launch.key_value import required, run_subcommand
+from scaleforge.launch.key_value import Handlers, required, run_subcommand
 from scaleforge.models.config import TransformerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,7 +66,7 @@ def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return load_checkpoint_config(ckpt), state
 
 
-def hf_conversion():
+def hf_conversion() -> ModuleType:
     """scaleforge.models.hf, or a ConfigError saying how to install `transformers`."""
     try:
         from scaleforge.models import hf
@@ -134,7 +135,7 @@ def _override_value(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-_HANDLERS = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf)}
+_HANDLERS: Handlers = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf)}
 
 
 def dispatch(argv: list[str]) -> None:

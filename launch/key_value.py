@@ -13,10 +13,10 @@ settings are read as YAML by `OmegaConf.from_dotlist` (`[a,b]` lists, `1e12` flo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, field, fields
 from importlib import resources
-from typing import Any, TypeVar, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +24,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaleforge.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
+# A subcommand's name -> (its settings dataclass, the function that takes the parsed settings).
+Handlers = dict[str, tuple[type["DataclassInstance"], Callable[[Any], object]]]
 
 _REQUIRED = "required"  # field metadata: how to write the value in the error if it is missing
 _PRESET = "preset"  # field metadata: the configs/ directory of the YAML presets it names
@@ -73,7 +78,10 @@ def parse_settings(schema: type[T], arguments: list[str], command: str) -> T:
                and (OmegaConf.is_missing(config, f.name) or config[f.name] in ("", None, []))]
     if missing:
         raise ConfigError(f"{command} needs {_listed(_wanted(f) for f in missing)}")
-    return OmegaConf.to_object(config)
+    settings = OmegaConf.to_object(config)
+    if not isinstance(settings, schema):
+        raise TypeError(f"{command}: the settings did not resolve to {schema.__name__}")
+    return settings
 
 
 def _not_a_setting(argument: str, key: str | None, declared: dict[str, Field]) -> str:
@@ -106,9 +114,12 @@ def _merge_preset(config: DictConfig, directory: str, key: str, name: str,
     if unknown:
         raise ConfigError(f"{where}: {unknown[0]} is not a setting of {command}")
     try:
-        return OmegaConf.merge(config, values)
+        merged = OmegaConf.merge(config, values)
     except OmegaConfBaseException as error:
         raise ConfigError(f"{where}: {error.full_key}: {error.msg}") from None
+    if not isinstance(merged, DictConfig):
+        raise ConfigError(f"{where} must hold key: value settings, not a list")
+    return merged
 
 
 def _described(kind: Any) -> str:
@@ -133,13 +144,12 @@ def _wanted(declared: Field) -> str:
     return f"{declared.name}={declared.metadata.get(_REQUIRED, '...')}"
 
 
-def _listed(items) -> str:
+def _listed(items: Iterable[str]) -> str:
     items = list(items)
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def run_subcommand(program: str, handlers: dict[str, tuple[type, Callable[[Any], Any]]],
-                   argv: list[str]) -> None:
+def run_subcommand(program: str, handlers: Handlers, argv: list[str]) -> None:
     """Run `program`'s subcommand `argv[0]`: `handlers` maps its name to (settings
     dataclass, function); the function gets the settings parsed from `argv[1:]`."""
     if not argv or argv[0] not in handlers:

@@ -14,11 +14,13 @@ shards with `sf-train data=shards data.path=shards/web`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from scaleforge.data_pipeline import shards
 from scaleforge.errors import exit_on_config_error
-from scaleforge.launch.key_value import required, run_subcommand
+from scaleforge.launch.key_value import Handlers, required, run_subcommand
 
 
 @dataclass
@@ -40,7 +42,7 @@ def train_tokenizer(job: TokenizerJob) -> None:
     from scaleforge.data_pipeline.sources import read_documents, resolve_inputs
     from scaleforge.data_pipeline.tokenizer import Tokenizer, train_sentencepiece
 
-    def sample():
+    def sample() -> Iterator[str]:
         read = 0
         for unit in resolve_inputs(job.input):
             for document in read_documents(unit, job.text_field):
@@ -49,7 +51,7 @@ def train_tokenizer(job: TokenizerJob) -> None:
                 if read >= job.sample_bytes:
                     return
 
-    path = train_sentencepiece(sample(), job.vocab_size, job.out, job.model_type)
+    path = train_sentencepiece(sample(), job.vocab_size, Path(job.out), job.model_type)
     tokenizer = Tokenizer.load(path)
     print(f"tokenizer: {path} ({tokenizer.vocab_size} ids, sha256 {tokenizer.hash[:12]})")
 
@@ -63,7 +65,7 @@ def write_shards(job: shards.ShardsJob) -> None:
               f"{len(summary['shards'])} shards")
 
 
-_HANDLERS = {
+_HANDLERS: Handlers = {
     "tokenizer": (TokenizerJob, train_tokenizer), "shards": (shards.ShardsJob, write_shards),
 }
 

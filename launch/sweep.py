@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleforge.errors import ConfigError, exit_on_config_error
-from scaleforge.launch.key_value import preset, required, run_subcommand
+from scaleforge.launch.key_value import Handlers, preset, required, run_subcommand
 
 
 @dataclass
@@ -236,7 +236,7 @@ def report(settings: ReportSettings) -> None:
         print(f"report -> {path}")
 
 
-_HANDLERS = {
+_HANDLERS: Handlers = {
     "plan": (PlanSettings, plan), "run": (PlanSettings, run),
     "collect": (CollectSettings, collect), "fit": (FitSettings, fit),
     "predict": (PredictSettings, predict), "report": (ReportSettings, report),

@@ -8,10 +8,13 @@ import torch
 
 from scaleforge.errors import ConfigError
 
+# A tensor, or its shape (torch.Size or a tuple of ints, as a checkpoint's metadata gives).
+TensorOrShape = torch.Tensor | torch.Size | tuple[int, ...]
+
 
 def check_state_dict_shapes(
-    expected: Mapping[str, torch.Tensor | torch.Size],
-    got: Mapping[str, torch.Tensor | torch.Size],
+    expected: Mapping[str, TensorOrShape],
+    got: Mapping[str, TensorOrShape],
     where: str,
     allow_unexpected: bool = False,
 ) -> None:
@@ -44,5 +47,5 @@ def check_state_dict_shapes(
         )
 
 
-def _shape(value: torch.Tensor | torch.Size) -> tuple[int, ...]:
+def _shape(value: TensorOrShape) -> tuple[int, ...]:
     return tuple(value.shape if isinstance(value, torch.Tensor) else value)

@@ -126,18 +126,24 @@ class Transformer(nn.Module):
     without `norm` and `output` the hidden states are returned.
     """
 
+    # RoPE tables (max_seq_len, head_dim); None for the gpt family (learned positions).
+    rope_cos: torch.Tensor | None
+    rope_sin: torch.Tensor | None
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_embeddings: nn.Embedding | None = embeddings
         self.pos_embeddings = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt" else None
         )
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
-        self.norm = make_norm(cfg)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm: nn.Module | None = make_norm(cfg)
+        output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output: nn.Linear | None = output
         if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            output.weight = embeddings.weight
         # Derived from the config, so not saved in checkpoints (persistent=False).
         cos, sin = (None, None) if cfg.family == "gpt" else self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
@@ -163,7 +169,8 @@ class Transformer(nn.Module):
             )
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(torch.arange(T, device=h.device))
-        rope = None if self.rope_cos is None else (self.rope_cos[:T], self.rope_sin[:T])
+        rope = (None if self.rope_cos is None or self.rope_sin is None
+                else (self.rope_cos[:T], self.rope_sin[:T]))
         for layer in self.layers.values():
             h = layer(h, rope)
         if self.norm is not None:
@@ -179,15 +186,15 @@ class Transformer(nn.Module):
         tables recomputed. Draws from torch's global RNG in module order.
         """
         cfg = self.cfg
-        tied = (
-            cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None
-        )
-        if tied:
+        output, embeddings = self.output, self.tok_embeddings
+        tied = False
+        if cfg.tie_embeddings and output is not None and embeddings is not None:
             # to_empty gives each module its own fresh tensor, which unties the two.
-            self.output.weight = self.tok_embeddings.weight
+            output.weight = embeddings.weight
+            tied = True
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():
-            if tied and module is self.output:
+            if tied and module is output:
                 continue  # its weight is the token embedding, drawn already
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = residual_std if name.endswith(RESIDUAL_PROJECTIONS) else cfg.init_std
@@ -196,7 +203,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        if self.rope_cos is not None:
+        if self.rope_cos is not None and self.rope_sin is not None:
             cos, sin = self._rope_tables(device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)

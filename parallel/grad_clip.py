@@ -29,7 +29,7 @@ def clip_grad_norm(
     Without DTensor gradients and pipeline stages this is `nn.utils.clip_grad_norm_`.
     """
     parameters = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in parameters]
+    grads = [grad for p in parameters if (grad := p.grad) is not None]
     if pp_group is None and not any(isinstance(g, DTensor) for g in grads):
         return nn.utils.clip_grad_norm_(parameters, max_norm)
     # DTensor ops take one mesh at a time, so the norms and the scaling run per mesh.
@@ -39,7 +39,9 @@ def clip_grad_norm(
         by_mesh.setdefault(mesh, []).append(param)
     squared = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for group in by_mesh.values():
-        norm = nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+        norm = nn.utils.get_total_norm(
+            [grad for p in group if (grad := p.grad) is not None], norm_type=2.0
+        )
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squared = squared + norm.float() ** 2

@@ -214,7 +214,7 @@ class Topology:
             dist.all_reduce(total)
         return total
 
-    def broadcast_from_rank0(self, value: Any) -> Any:
+    def broadcast_from_rank0(self, value: T) -> T:
         """Rank 0's `value` on every rank (e.g. the run directory, whose timestamp may differ)."""
         if not self.is_distributed:
             return value

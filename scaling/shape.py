@@ -88,7 +88,7 @@ def shape_for_params(
             if abs(num_params(cfg, embeddings=False) / target - 1) > tolerance:
                 continue
             score = (abs(math.log(d_model / n_layers / aspect_ratio))
-                     + abs(math.log(cfg.ffn_hidden / (LLAMA_FFN_RATIO * d_model))))
+                     + abs(math.log(cfg.mlp_hidden / (LLAMA_FFN_RATIO * d_model))))
             if best is None or score < best[0]:
                 best = (score, cfg)
     if best is None:
