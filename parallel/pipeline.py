@@ -18,7 +18,8 @@ divides by the micro-batch count itself, so each micro-batch's backward is seede
 same 1/m as in one process (torch's default, scale_grads=True, would instead divide the
 summed gradients once at the end: equal in exact arithmetic, different in rounding).
 
-Use from a training loop (every pp rank passes the same micro-batches):
+Use from a training loop (every pp rank passes the same micro-batches; the rules, checked
+before start, and the theoretical bubble are in parallel/pipeline_schedules.py):
     validate_pipeline(cfg.model, pp, schedule, stages_per_rank, micro_batches)  # at start
     pipe = build_pipeline(model, pp_mesh, schedule, stages_per_rank, micro_batches,
                           cross_entropy, device)
