@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, micro_config, synthetic_data
 
+from micro_runs import micro_config, synthetic_data
+from run_metrics import logged_losses
 from scaleforge.core.checkpoint import (
     COMPLETE,
     complete_checkpoints,
@@ -108,7 +109,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, mo
         import torch.distributed.checkpoint.filesystem as filesystem
         import scaleforge.core.checkpoint as checkpoint
         from scaleforge.core.trainer import Trainer
-        from conftest import logged_losses, micro_config, synthetic_data
+        from micro_runs import micro_config, synthetic_data
         real_save, real_write, saves, items = checkpoint.dcp.save, filesystem._write_item, [], []
         def counting_save(*args, **kwargs):
             saves.append(1)
