@@ -20,6 +20,7 @@ and the evaluation forward; optimizer, clipping and logging are the same.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -76,9 +77,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def start_topology(cfg: Config, world_size: int = 1) -> Topology:
+def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
     """Validate `cfg` for `world_size` processes (every rule, once) and start this process's
-    part of the layout: torch.distributed and the DeviceMesh when world_size > 1."""
+    part of the layout: torch.distributed and the DeviceMesh when world_size > 1.
+
+    `world_size` defaults to $WORLD_SIZE (torchrun sets it; 1 when run alone)."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     return init_topology(cfg.parallel, validate(cfg, world_size), cfg.trainer.device)
 
 

@@ -1,11 +1,11 @@
-"""Shared fixtures: small configs and data that make a real training run take seconds."""
+"""Shared fixtures: a small corpus, a tokenizer and shards made from it, and the real
+(stdlib) corpus's settings. Helper functions live in their own modules (micro_runs,
+run_metrics, layout_runs, distributed, commands), which tests import directly."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-from pathlib import Path
 
 # One CPU kernel family on every x86 machine, set before torch loads (spawned ranks and
 # subprocesses inherit it): AVX-512 kernels round fp32 sums in another order than AVX2 ones,
@@ -15,54 +15,7 @@ from pathlib import Path
 if platform.machine().lower() in ("x86_64", "amd64"):
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
-import numpy as np
 import pytest
-
-from scaleforge.core.config import Config, compose, to_config
-from scaleforge.data_pipeline.loader import TokenWindows, TrainBatches, ValBatches
-
-
-def micro_config(run_dir, *overrides: str) -> Config:
-    """llama_micro on CPU in fp32 with W&B off; `overrides` as on the command line."""
-    base = [
-        "model=llama_micro",
-        "data.vocab_size=512",
-        "data.seq_len=64",
-        "trainer.micro_batch_size=4",
-        "trainer.global_batch_tokens=512",
-        "trainer.precision=fp32",
-        "trainer.device=cpu",
-        "trainer.max_steps=5",
-        "trainer.log_every=1",
-        "trainer.eval_every=5",
-        "trainer.eval_batches=2",
-        "optim.warmup_steps=2",
-        "optim.lr=1e-3",
-        "logging.wandb=disabled",
-        "logging.progress_bar=false",
-        f"run_dir={run_dir}",
-    ]
-    return to_config(compose(base + list(overrides)))
-
-
-def metrics_records(run_dir) -> list[dict]:
-    """The records of a run's metrics.jsonl, in order."""
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def logged_losses(run_dir) -> dict[int, float]:
-    """step -> training loss of every logged step of a run."""
-    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
-
-
-def synthetic_data(cfg: Config, num_windows: int = 64, seed: int = 0):
-    """(train batches, val batches) over a random token stream shaped for `cfg`."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.data.vocab_size, num_windows * cfg.data.seq_len + 1)
-    windows = TokenWindows(tokens.astype(np.uint16), cfg.data.seq_len)
-    train = TrainBatches(windows, cfg.trainer.micro_batch_size, cfg.data.seed)
-    return train, ValBatches(windows, cfg.trainer.micro_batch_size)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, micro_config, synthetic_data
 
+from micro_runs import micro_config, synthetic_data
+from run_metrics import logged_losses
 from scaleforge.core.checkpoint.paths import COMPLETE, complete_checkpoints, latest_checkpoint
 from scaleforge.core.checkpoint.safe_load import read_metadata
 from scaleforge.core.checkpoint.weights import load_model_checkpoint, save_model_checkpoint
@@ -103,7 +104,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, mo
         import torch.distributed.checkpoint.filesystem as filesystem
         import scaleforge.core.checkpoint.atomic_write as checkpoint
         from scaleforge.core.trainer import Trainer
-        from conftest import logged_losses, micro_config, synthetic_data
+        from micro_runs import micro_config, synthetic_data
         real_save, real_write, saves, items = checkpoint.dcp.save, filesystem._write_item, [], []
         def counting_save(*args, **kwargs):
             saves.append(1)

@@ -13,17 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, micro_config
-from parallel_harness import dp_data, fit_layout, run_layout, train_and_record
-from test_parallel_layouts import (
+
+from layout_runs import (
     COMMON,
     GPT_MICRO,
     LOSS_RTOL,
     PIPELINE_MODEL,
     WEIGHT_ATOL,
     WEIGHT_RTOL,
+    fit_layout,
+    run_layout,
+    train_and_record,
 )
-
+from micro_runs import micro_config, synthetic_data
+from run_metrics import logged_losses
 from scaleforge.core.checkpoint.paths import complete_checkpoints, is_complete, read_info, step_dir
 from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.core.trainer import Trainer
@@ -37,12 +40,11 @@ def _config(tmp_path: Path, name: str, *overrides: str) -> Config:
     return micro_config(tmp_path / name, *COMMON, *overrides)
 
 
-def _run(cfg: Config, world_size: int, tmp_path: Path, steps: int,
-         save_at: tuple[int, ...] = ()) -> dict:
+def _run(cfg: Config, world_size: int, steps: int, save_at: tuple[int, ...] = ()) -> dict:
     """train_and_record in this process (world size 1) or in spawned ranks."""
     if world_size == 1:
         return train_and_record(cfg, Path(cfg.run_dir), steps, 1, save_at=save_at)
-    return run_layout(cfg, world_size, tmp_path, steps, save_at=save_at)
+    return run_layout(cfg, world_size, steps, save_at=save_at)
 
 
 def _relative_loss_difference(losses: list[float], expected: list[float]) -> float:
@@ -80,15 +82,15 @@ def _saved_checkpoint(run_dir: Path, step: int, layout: dict[str, int]) -> Path:
 
 
 def test_dp_shard2_checkpoint_resumes_in_one_process_with_its_optimizer_state(tmp_path):
-    reference = _run(_config(tmp_path, "reference"), 1, tmp_path, STEPS)
-    saved = _run(_config(tmp_path, "saved", "parallel.dp_shard=2"), 2, tmp_path, STOP,
+    reference = _run(_config(tmp_path, "reference"), 1, STEPS)
+    saved = _run(_config(tmp_path, "saved", "parallel.dp_shard=2"), 2, STOP,
                  save_at=(STOP,))
     torch.testing.assert_close(torch.tensor(saved["losses"]),
                                torch.tensor(reference["losses"][:STOP]), rtol=LOSS_RTOL, atol=0)
     checkpoint = _saved_checkpoint(tmp_path / "saved", STOP, {"dp_shard": 2})
 
     resume = f"trainer.resume={checkpoint}"
-    resumed = _run(_config(tmp_path, "resumed", resume), 1, tmp_path, STEPS - STOP)
+    resumed = _run(_config(tmp_path, "resumed", resume), 1, STEPS - STOP)
     worst = _assert_continues(resumed, reference, STOP)
 
     # Control: the same reload without AdamW's moments and step count visibly diverges, so
@@ -121,15 +123,15 @@ RESHARDS = {
 @pytest.mark.parametrize("name", list(RESHARDS))
 def test_checkpoint_resharded_to_another_layout_trains_like_one_process(tmp_path, name):
     model, saving, saving_world, saved_layout, resuming, resuming_world, mesh = RESHARDS[name]
-    reference = _run(_config(tmp_path, "reference", *model), 1, tmp_path, STEPS)
-    saved = _run(_config(tmp_path, "saved", *model, *saving), saving_world, tmp_path, STOP,
+    reference = _run(_config(tmp_path, "reference", *model), 1, STEPS)
+    saved = _run(_config(tmp_path, "saved", *model, *saving), saving_world, STOP,
                  save_at=(STOP,))
     torch.testing.assert_close(torch.tensor(saved["losses"]),
                                torch.tensor(reference["losses"][:STOP]), rtol=LOSS_RTOL, atol=0)
     checkpoint = _saved_checkpoint(tmp_path / "saved", STOP, saved_layout)
     resumed = _run(_config(tmp_path, "resumed", *model, *resuming,
                            f"trainer.resume={checkpoint}"),
-                   resuming_world, tmp_path, STEPS - STOP)
+                   resuming_world, STEPS - STOP)
     if mesh is not None:  # the resumed run really ran sharded
         assert resumed["placements"]
         assert {shape for shape, _ in resumed["placements"].values()} == {mesh}
@@ -141,7 +143,7 @@ def test_dp_shard2_resumes_bitwise_mid_epoch_and_on_an_epoch_boundary(tmp_path):
     cfg = _config(tmp_path, "uninterrupted", "parallel.dp_shard=2")
     micro_batches = micro_batches_per_step(cfg, dp_size=2)
     assert micro_batches > 1  # gradient accumulation
-    train, _ = dp_data(cfg, dp_rank=0, dp_size=2)
+    train, _ = synthetic_data(cfg, dp_rank=0, dp_size=2)
     samples_per_step = 2 * cfg.trainer.micro_batch_size * micro_batches
     assert len(train.samples) % samples_per_step == 0
     epoch_steps = len(train.samples) // samples_per_step
@@ -149,15 +151,13 @@ def test_dp_shard2_resumes_bitwise_mid_epoch_and_on_an_epoch_boundary(tmp_path):
     total = epoch_steps + 2
     overrides = ["parallel.dp_shard=2", f"trainer.max_steps={total}", "checkpoint.keep=0"]
 
-    uninterrupted = run_layout(_config(tmp_path, "uninterrupted", *overrides), 2, tmp_path,
-                               total)
-    saved = run_layout(_config(tmp_path, "saved", *overrides), 2, tmp_path, epoch_steps,
-                       save_at=stops)
+    uninterrupted = run_layout(_config(tmp_path, "uninterrupted", *overrides), 2, total)
+    saved = run_layout(_config(tmp_path, "saved", *overrides), 2, epoch_steps, save_at=stops)
     assert saved["losses"] == uninterrupted["losses"][:epoch_steps]  # saving changes nothing
     for stop in stops:
         checkpoint = _saved_checkpoint(tmp_path / "saved", stop, {"dp_shard": 2})
         resumed = run_layout(_config(tmp_path, f"resumed{stop}", *overrides,
-                                     f"trainer.resume={checkpoint}"), 2, tmp_path, total - stop)
+                                     f"trainer.resume={checkpoint}"), 2, total - stop)
         assert resumed["start_step"] == stop
         assert resumed["losses"] == uninterrupted["losses"][stop:], stop
         for name, tensor in uninterrupted["final"].items():
@@ -186,16 +186,15 @@ def test_resume_with_other_loader_workers_continues_bitwise(tmp_path, stdlib_ove
 def test_async_checkpoint_resumes_like_a_sync_one_in_one_process(tmp_path):
     # Each run saves at STOP and trains on while an async write may still be in flight, so a
     # checkpoint that was not a copy of the state at STOP would resume differently.
-    reference = _run(_config(tmp_path, "reference"), 1, tmp_path, STEPS)
+    reference = _run(_config(tmp_path, "reference"), 1, STEPS)
     resumed = {}
     for mode in ("sync", "async"):
         async_save = f"checkpoint.async_save={mode == 'async'}"
-        saved = _run(_config(tmp_path, f"saved_{mode}", async_save), 1, tmp_path, STEPS,
-                     save_at=(STOP,))
+        saved = _run(_config(tmp_path, f"saved_{mode}", async_save), 1, STEPS, save_at=(STOP,))
         assert saved["losses"] == reference["losses"]
         checkpoint = _saved_checkpoint(tmp_path / f"saved_{mode}", STOP, {})
         resumed[mode] = _run(_config(tmp_path, f"resumed_{mode}", f"trainer.resume={checkpoint}"),
-                             1, tmp_path, STEPS - STOP)
+                             1, STEPS - STOP)
         assert resumed[mode]["losses"] == reference["losses"][STOP:], mode
     for name, tensor in resumed["sync"]["final"].items():
         assert torch.equal(resumed["async"]["final"][name], tensor), name
@@ -208,11 +207,10 @@ def test_fit_with_async_checkpoints_under_dp_shard2_resumes_bitwise(tmp_path):
     # resumes the run's step-4 checkpoint and logs the same last two losses.
     overrides = ["parallel.dp_shard=2", "checkpoint.async_save=true", "checkpoint.every=2",
                  "checkpoint.keep=0", "trainer.max_steps=6"]
-    fit_layout(_config(tmp_path, "first", *overrides), 2, tmp_path)
+    fit_layout(_config(tmp_path, "first", *overrides), 2)
     assert [step for step, _ in complete_checkpoints(tmp_path / "first")] == [2, 4, 6]
     checkpoint = _saved_checkpoint(tmp_path / "first", 4, {"dp_shard": 2})
-    fit_layout(_config(tmp_path, "second", *overrides, f"trainer.resume={checkpoint}"), 2,
-               tmp_path)
+    fit_layout(_config(tmp_path, "second", *overrides, f"trainer.resume={checkpoint}"), 2)
     uninterrupted = logged_losses(tmp_path / "first")
     resumed = logged_losses(tmp_path / "second")
     assert sorted(resumed) == [5, 6]
@@ -222,15 +220,14 @@ def test_fit_with_async_checkpoints_under_dp_shard2_resumes_bitwise(tmp_path):
 def test_async_checkpoint_of_dp_shard2_resumes_bitwise(tmp_path):
     # The saving run trains on while the write is in flight; it must still train like one
     # process, and the resumed run must repeat its last steps exactly.
-    reference = _run(_config(tmp_path, "reference"), 1, tmp_path, STEPS)
+    reference = _run(_config(tmp_path, "reference"), 1, STEPS)
     overrides = ["parallel.dp_shard=2", "checkpoint.async_save=true"]
-    saved = run_layout(_config(tmp_path, "saved", *overrides), 2, tmp_path, STEPS,
-                       save_at=(STOP,))
+    saved = run_layout(_config(tmp_path, "saved", *overrides), 2, STEPS, save_at=(STOP,))
     torch.testing.assert_close(torch.tensor(saved["losses"]), torch.tensor(reference["losses"]),
                                rtol=LOSS_RTOL, atol=0)
     checkpoint = _saved_checkpoint(tmp_path / "saved", STOP, {"dp_shard": 2})
     resumed = run_layout(_config(tmp_path, "resumed", *overrides, f"trainer.resume={checkpoint}"),
-                         2, tmp_path, STEPS - STOP)
+                         2, STEPS - STOP)
     assert resumed["losses"] == saved["losses"][STOP:]
     for name, tensor in saved["final"].items():
         assert torch.equal(resumed["final"][name], tensor), name

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import metrics_records
 
-BIN = Path(sys.executable).parent
-
-
-def _run(tool: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / tool), *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+from commands import run_tool
+from run_metrics import metrics_records
 
 
 def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, stdlib_overrides):
-    result = _run(
+    result = run_tool(
         "sf-train", "+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
         "trainer.max_steps=4", "trainer.global_batch_tokens=8192", "trainer.eval_every=2",
         "trainer.log_every=1", "optim.warmup_steps=1", "logging.wandb=offline",
@@ -45,7 +36,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, stdlib_overrides):
 )
 def test_bad_input_stops_before_training_with_one_line(tmp_path, stdlib_overrides, overrides,
                                                        named):
-    result = _run("sf-train", *stdlib_overrides, *overrides, "logging.wandb=disabled",
+    result = run_tool("sf-train", *stdlib_overrides, *overrides, "logging.wandb=disabled",
                   f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and named in result.stderr
@@ -58,14 +49,14 @@ def test_empty_corpus_is_rejected(tmp_path):
     corpus.mkdir()
     for name in ("a.txt", "b.txt"):
         (corpus / name).write_text("")
-    result = _run("sf-preprocess", "prepare", f"data.corpus={corpus}/*.txt",
+    result = run_tool("sf-preprocess", "prepare", f"data.corpus={corpus}/*.txt",
                   f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert result.returncode == 2 and "data.corpus" in result.stderr
     assert "empty" in result.stderr
 
 
 def test_preprocess_prepares_data_that_training_reuses(tmp_path, stdlib_overrides):
-    result = _run("sf-preprocess", "prepare", *stdlib_overrides, "data.vocab_size=1024",
+    result = run_tool("sf-preprocess", "prepare", *stdlib_overrides, "data.vocab_size=1024",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shards: " in result.stdout
@@ -74,16 +65,16 @@ def test_preprocess_prepares_data_that_training_reuses(tmp_path, stdlib_override
 
 def test_preprocess_tokenizer_then_shards_then_train_on_them(tmp_path, jsonl_corpus):
     tokenizer, shards = tmp_path / "tok", tmp_path / "shards"
-    result = _run("sf-preprocess", "tokenizer", f"input={jsonl_corpus}", "vocab_size=512",
+    result = run_tool("sf-preprocess", "tokenizer", f"input={jsonl_corpus}", "vocab_size=512",
                   f"out={tokenizer}", "model_type=unigram", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "512 ids" in result.stdout
-    result = _run("sf-preprocess", "shards", f"input={jsonl_corpus}", f"tokenizer={tokenizer}",
+    result = run_tool("sf-preprocess", "shards", f"input={jsonl_corpus}", f"tokenizer={tokenizer}",
                   f"out={shards}", "workers=2", "val_fraction=0.2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "docs/s" in result.stderr and "tok/s" in result.stderr  # the progress bar
     assert (shards / "manifest.json").is_file()
-    result = _run(
+    result = run_tool(
         "sf-train", "data=shards", f"data.path={shards}", "data.vocab_size=512", "data.seq_len=64",
         "data.num_workers=2", "model=llama_micro", "trainer.max_steps=2",
         "trainer.global_batch_tokens=512", "trainer.micro_batch_size=4", "trainer.device=cpu",
@@ -104,6 +95,6 @@ def test_preprocess_tokenizer_then_shards_then_train_on_them(tmp_path, jsonl_cor
     ],
 )
 def test_preprocess_bad_arguments_name_the_key(tmp_path, arguments, named):
-    result = _run("sf-preprocess", *arguments, cwd=tmp_path)
+    result = run_tool("sf-preprocess", *arguments, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert named in result.stderr and "Traceback" not in result.stderr

@@ -9,16 +9,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from parallel_harness import free_port
 
+from commands import free_port, one_thread_env, run_tool, start_tool
 from scaleforge.core.checkpoint.paths import complete_checkpoints
 
-BIN = Path(sys.executable).parent
 RUN = [
     "model=llama_micro",
     "data.vocab_size=512",
@@ -34,10 +32,6 @@ RUN = [
     "logging.progress_bar=false",
     "trainer.resume=auto",
 ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -64,35 +58,25 @@ def _complete_checkpoints(run_dir: Path) -> list[int]:
     return [step for step, _ in complete_checkpoints(run_dir)]
 
 
-def _sf_train(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches_an_uninterrupted_run(
     tmp_path, stdlib_overrides
 ):
     steps = 30
-    command = [
-        str(BIN / "sf-train"),
+    overrides = [
         *RUN,
         *stdlib_overrides,
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={steps}",
     ]
     reference = tmp_path / "reference"
-    done = _sf_train([*command, f"run_dir={reference}"], tmp_path)
+    done = run_tool("sf-train", *overrides, f"run_dir={reference}", cwd=tmp_path,
+                    env=one_thread_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [*command, f"run_dir={run_dir}"],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_tool("sf-train", *overrides, f"run_dir={run_dir}", cwd=tmp_path,
+                         env=one_thread_env())
     _wait_for_step(process, run_dir, 3, timeout=300)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -106,7 +90,8 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches_an_uninterrupted_
     ) in stdout
     assert not (run_dir / "scaling.json").exists()  # the run is not finished
 
-    resumed = _sf_train([*command, f"run_dir={run_dir}"], tmp_path)
+    resumed = run_tool("sf-train", *overrides, f"run_dir={run_dir}", cwd=tmp_path,
+                       env=one_thread_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped}'}" in resumed.stdout
     records = _records(run_dir)
@@ -135,27 +120,22 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int:
 
 
 def _torchrun(run_dir: Path, overrides: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            str(BIN / "torchrun"),
-            "--nproc-per-node",
-            "2",
-            "--max-restarts",
-            "1",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{free_port()}",
-            "-m",
-            "scaleforge.launch.train",
-            *overrides,
-            f"run_dir={run_dir}",
-        ],
+    return start_tool(
+        "torchrun",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "-m",
+        "scaleforge.launch.train",
+        *overrides,
+        f"run_dir={run_dir}",
         cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        env=one_thread_env(),
     )
 
 
@@ -213,29 +193,24 @@ def test_sigterm_to_torchrun_stops_every_worker_after_one_step_with_a_checkpoint
     tmp_path, stdlib_overrides
 ):
     run_dir = tmp_path / "run"
-    job = subprocess.Popen(
-        [
-            str(BIN / "torchrun"),
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{free_port()}",
-            "-m",
-            "scaleforge.launch.train",
-            *RUN,
-            *stdlib_overrides,
-            "parallel.dp_shard=2",
-            "trainer.max_steps=200",
-            "trainer.eval_every=200",
-            f"run_dir={run_dir}",
-        ],
+    job = start_tool(
+        "torchrun",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "-m",
+        "scaleforge.launch.train",
+        *RUN,
+        *stdlib_overrides,
+        "parallel.dp_shard=2",
+        "trainer.max_steps=200",
+        "trainer.eval_every=200",
+        f"run_dir={run_dir}",
         cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        env=one_thread_env(),
     )
     _wait_for_step(job, run_dir, 3, timeout=300)
     job.send_signal(signal.SIGTERM)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import metrics_records, micro_config, synthetic_data
-from parallel_harness import dp_data, spawn
 
+from distributed import run_distributed_test
+from micro_runs import micro_config, synthetic_data
+from run_metrics import metrics_records
 from scaleforge.core.config import validate
 from scaleforge.core.health import LossSpikeDetector
 from scaleforge.core.lr_schedule import lr_factor
@@ -293,10 +293,11 @@ def test_handlers_are_installed_only_in_the_main_thread_and_restored():
     assert signal.getsignal(signal.SIGUSR2) == before
 
 
-def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
-    """Rank 1 alone sees a NaN loss at step 2 and a SIGUSR1 during step 4."""
-    topology = start_topology(cfg, world_size)
-    train, val = dp_data(cfg, topology.dp_rank, topology.dp_size)
+def _faults_on_rank_one(cfg, run_dir: Path) -> None:
+    """Rank 1 alone sees a NaN loss at step 2 and a SIGUSR1 during step 4; every rank must
+    skip the NaN step's update and stop after step 4."""
+    topology = start_topology(cfg)
+    train, val = synthetic_data(cfg, dp_rank=topology.dp_rank, dp_size=topology.dp_size)
 
     def signal_rank_one(count: int) -> None:
         if topology.rank == 1 and count == 4 * trainer.micro_batches:
@@ -305,7 +306,7 @@ def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
     trainer = Trainer(
         cfg,
         run_dir,
-        world_size,
+        topology.world_size,
         data=(CountingBatches(train, signal_rank_one), val),
         topology=topology,
     )
@@ -329,19 +330,13 @@ def _faults_on_rank_one(world_size: int, cfg, run_dir: Path) -> dict:
         trainer.fit()
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    outcome = {
-        "skipped": skipped,
-        "unchanged": unchanged,
-        "saved_at": saved_at,
-        "step": trainer.step,
-        "preempted": trainer.preempted,
-    }
-    outcomes: list[dict] = [{}] * world_size
-    dist.all_gather_object(outcomes, outcome)
-    return {
-        "outcomes": outcomes,
-        "records": metrics_records(run_dir) if topology.is_rank0 else None,
-    }
+    rank = topology.rank
+    assert skipped == "loss", f"rank {rank} did not skip rank 1's NaN step"
+    assert unchanged, f"rank {rank} applied the update of a NaN step"
+    # fit started at step 2; rank 1's signal came during step 4, every rank stopped there
+    assert saved_at == [4] and trainer.step == 4 and trainer.preempted
+    if topology.is_rank0:
+        assert [r["step"] for r in metrics_records(run_dir)] == [0, 4]
 
 
 def test_nan_loss_and_signal_on_one_rank_skip_and_stop_every_rank_at_the_same_step(tmp_path):
@@ -353,13 +348,7 @@ def test_nan_loss_and_signal_on_one_rank_skip_and_stop_every_rank_at_the_same_st
         "trainer.log_every=8",
         "parallel.timeout_s=60",
     )
-    result = spawn(_faults_on_rank_one, 2, tmp_path, cfg, tmp_path / "run")
-    for rank, outcome in enumerate(result["outcomes"]):
-        assert outcome["skipped"] == "loss", f"rank {rank} did not skip rank 1's NaN step"
-        assert outcome["unchanged"], f"rank {rank} applied the update of a NaN step"
-        # fit started at step 2; rank 1's signal came during step 4, every rank stopped there
-        assert outcome["saved_at"] == [4] and outcome["step"] == 4 and outcome["preempted"]
-    assert [r["step"] for r in result["records"]] == [0, 4]
+    run_distributed_test(_faults_on_rank_one, world_size=2, func_args=(cfg, tmp_path / "run"))
 
 
 def test_a_diverged_run_ends_with_one_error_line_and_status_3(capsys):

@@ -10,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
-from conftest import micro_config, synthetic_data  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
@@ -19,6 +18,7 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
+from micro_runs import micro_config, synthetic_data  # noqa: E402
 from scaleforge.errors import ConfigError  # noqa: E402
 from scaleforge.launch import convert  # noqa: E402
 from scaleforge.models import TransformerConfig, build  # noqa: E402

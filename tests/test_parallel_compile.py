@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import micro_config, synthetic_data
 
+from micro_runs import micro_config, synthetic_data
 from scaleforge.core.trainer import Trainer
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from conftest import micro_config
-from parallel_harness import spawn
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
+from distributed import run_distributed_test
+from micro_runs import micro_config
 from scaleforge.core.config import build_plan
 from scaleforge.core.trainer import cross_entropy, start_topology
 from scaleforge.models import build
@@ -17,8 +17,8 @@ from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import build_model
 
 
-def _sequence_parallel_norm_grads(world_size: int, cfg) -> dict:
-    topology = start_topology(cfg, world_size)
+def _check_sequence_parallel_norm_grads(cfg) -> None:
+    topology = start_topology(cfg)
     torch.manual_seed(0)
     reference = build(cfg.model)
     torch.manual_seed(0)
@@ -44,20 +44,6 @@ def _sequence_parallel_norm_grads(world_size: int, cfg) -> dict:
             "reduced": _gather(reduced, topology),
             "expected": expected[name].grad,
         }
-    return result
-
-
-def _gather(tensor: torch.Tensor, topology) -> list[torch.Tensor]:
-    gathered = [torch.empty_like(tensor) for _ in range(topology.dims.tp)]
-    dist.all_gather(gathered, tensor.contiguous(), group=topology.group("tp"))
-    return gathered
-
-
-def test_sequence_parallel_norm_weight_grads_are_reduced_over_tp(tmp_path):
-    """Each tp rank normalises only its half of the sequence; its norm-weight gradient must
-    still equal the single-process gradient over the whole sequence, on every rank."""
-    cfg = micro_config(tmp_path, "parallel.tp=2")
-    result = spawn(_sequence_parallel_norm_grads, 2, tmp_path, cfg)
     assert set(result) == {"layers.0.attention_norm.weight", "layers.0.ffn_norm.weight",
                            "layers.1.attention_norm.weight", "layers.1.ffn_norm.weight",
                            "norm.weight"}
@@ -71,8 +57,21 @@ def test_sequence_parallel_norm_weight_grads_are_reduced_over_tp(tmp_path):
             torch.testing.assert_close(reduced, expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _clip_across_meshes_and_stages(world_size: int, cfg) -> dict:
-    topology = start_topology(cfg, world_size)
+def _gather(tensor: torch.Tensor, topology) -> list[torch.Tensor]:
+    gathered = [torch.empty_like(tensor) for _ in range(topology.dims.tp)]
+    dist.all_gather(gathered, tensor.contiguous(), group=topology.group("tp"))
+    return gathered
+
+
+def test_sequence_parallel_norm_weight_grads_are_reduced_over_tp(tmp_path):
+    """Each tp rank normalises only its half of the sequence; its norm-weight gradient must
+    still equal the single-process gradient over the whole sequence, on every rank."""
+    cfg = micro_config(tmp_path, "parallel.tp=2")
+    run_distributed_test(_check_sequence_parallel_norm_grads, world_size=2, func_args=(cfg,))
+
+
+def _check_clip_across_meshes(cfg) -> None:
+    topology = start_topology(cfg)
     generator = torch.Generator().manual_seed(0)
     full = [torch.randn(8, 4, generator=generator), torch.randn(6, generator=generator)]
     meshes = [(topology.mesh["dp_shard"], [Shard(0)]),
@@ -84,32 +83,30 @@ def _clip_across_meshes_and_stages(world_size: int, cfg) -> dict:
         params.append(param)
     norm = clip_grad_norm(params, max_norm=0.5)
     clipped = [p.grad.full_tensor() for p in params]
-    return {"norm": norm, "clipped": clipped, "full": full}
+    g1, g2 = full
+    expected = torch.sqrt(g1.square().sum() + g2.square().sum())
+    torch.testing.assert_close(norm, expected)
+    scale = 0.5 / (expected + 1e-6)
+    torch.testing.assert_close(clipped[0], g1 * scale)
+    torch.testing.assert_close(clipped[1], g2 * scale)
 
 
 def test_clip_grad_norm_is_global_across_meshes(tmp_path):
     cfg = micro_config(tmp_path, "parallel.dp_shard=2")
-    result = spawn(_clip_across_meshes_and_stages, 2, tmp_path, cfg)
-    g1, g2 = result["full"][0], result["full"][1]
-    expected = torch.sqrt(g1.square().sum() + g2.square().sum())
-    torch.testing.assert_close(result["norm"], expected)
-    scale = 0.5 / (expected + 1e-6)
-    torch.testing.assert_close(result["clipped"][0], g1 * scale)
-    torch.testing.assert_close(result["clipped"][1], g2 * scale)
+    run_distributed_test(_check_clip_across_meshes, world_size=2, func_args=(cfg,))
 
 
-def _clip_across_pipeline_stages(world_size: int, cfg) -> dict:
-    topology = start_topology(cfg, world_size)
+def _check_clip_across_pipeline_stages(cfg) -> None:
+    topology = start_topology(cfg)
     grad = torch.full((4,), float(topology.pp_rank + 1))  # stage r holds its own parameter
     param = nn.Parameter(torch.zeros(4))
     param.grad = grad.clone()
     norm = clip_grad_norm([param], max_norm=1.0, pp_group=topology.pp_group)
-    return {"norm": norm, "grad": param.grad}
+    expected = torch.tensor(4 * 1.0 + 4 * 4.0).sqrt()  # stages hold 1s and 2s
+    torch.testing.assert_close(norm, expected)
+    torch.testing.assert_close(param.grad, grad / (expected + 1e-6))
 
 
 def test_clip_grad_norm_sums_over_pipeline_stages(tmp_path):
     cfg = micro_config(tmp_path, "parallel.pp=2")
-    result = spawn(_clip_across_pipeline_stages, 2, tmp_path, cfg)
-    expected = torch.tensor(4 * 1.0 + 4 * 4.0).sqrt()  # stages hold 1s and 2s
-    torch.testing.assert_close(result["norm"], expected)
-    torch.testing.assert_close(result["grad"], torch.ones(4) / (expected + 1e-6))
+    run_distributed_test(_check_clip_across_pipeline_stages, world_size=2, func_args=(cfg,))

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics_records
-from parallel_harness import free_port
 
-BIN = Path(sys.executable).parent
+from commands import free_port, one_thread_env, run_tool, start_tool
+from run_metrics import metrics_records
+
 TRAIN = ["-m", "scaleforge.launch.train"]
 SMALL_RUN = [
     "model=llama_micro", "data.vocab_size=512", "data.seq_len=64", "trainer.micro_batch_size=2",
@@ -24,13 +23,8 @@ SMALL_RUN = [
 ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def _torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "torchrun"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+    return run_tool("torchrun", *args, cwd=cwd, timeout=timeout, env=one_thread_env())
 
 
 def _check_run(run_dir: Path, steps: int) -> None:
@@ -68,12 +62,11 @@ def test_torchrun_pp2_trains_end_to_end_and_gathers_every_stage(tmp_path, stdlib
 def test_two_nodes_meet_through_c10d_rendezvous_and_train_together(tmp_path, stdlib_overrides):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [
-        subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(rank),
-             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"127.0.0.1:{port}", "--rdzv-id", "two-node-test", *TRAIN, *SMALL_RUN,
-             *stdlib_overrides, "parallel.dp_shard=2", f"run_dir={run_dir}"],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        start_tool(
+            "torchrun", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+            "two-node-test", *TRAIN, *SMALL_RUN, *stdlib_overrides, "parallel.dp_shard=2",
+            f"run_dir={run_dir}", cwd=tmp_path, env=one_thread_env(),
         )
         for rank in (0, 1)
     ]

@@ -14,21 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_config
-from parallel_harness import run_layout, train_and_record
+
+from layout_runs import (
+    COMMON,
+    GPT_MICRO,
+    LOSS_RTOL,
+    PIPELINE_MODEL,
+    WEIGHT_ATOL,
+    WEIGHT_RTOL,
+    run_layout,
+    train_and_record,
+)
+from micro_runs import micro_config
 
 STEPS = 5
-# Two micro-batches of 2 sequences per data-parallel rank at dp=2, one at dp=4.
-COMMON = ["trainer.micro_batch_size=2", "optim.grad_clip=0.3"]
-GPT_MICRO = ["model=gpt_tiny", "model.n_layers=2", "model.d_model=64", "model.vocab_size=512",
-             "model.max_seq_len=64"]
-# fp32: per-step losses within 1e-5 relative; final weights within rtol 1e-5 and atol 2e-5,
-# i.e. 2% of the learning rate. Adam moves every weight by about lr per step whatever the
-# gradient's size, so an entry whose gradient is at float-noise level (the key bias's true
-# gradient is exactly zero: softmax ignores it) can take a visibly different step under a
-# re-associated sum; the single-process gradient-accumulation test allows 1e-5 for the same
-# reason. Measured on 2026-11-23: at most 1.1e-5 (gpt tp2), 8.4e-6 (llama tp2).
-LOSS_RTOL, WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-5, 2e-5
 
 
 def _reference(tmp_path: Path, *overrides: str) -> dict:
@@ -116,7 +115,7 @@ NUM_PARAMS_LLAMA_MICRO = 3 + 2 * 9  # embedding, final norm, head; 9 per block
 def test_layout_matches_single_process_in_fp32(tmp_path, layout):
     overrides, world_size, mesh_shape, placements = LAYOUTS[layout]
     cfg = micro_config(tmp_path / "run", *COMMON, *overrides)
-    result = run_layout(cfg, world_size, tmp_path, STEPS)
+    result = run_layout(cfg, world_size, STEPS)
     _check_layout(result["placements"], mesh_shape, placements, NUM_PARAMS_LLAMA_MICRO)
     worst = _compare(result, _reference(tmp_path), LOSS_RTOL, (WEIGHT_RTOL, WEIGHT_ATOL))
     print(f"{layout}: max relative loss difference {worst:.2e}")
@@ -125,7 +124,7 @@ def test_layout_matches_single_process_in_fp32(tmp_path, layout):
 def test_gpt_with_tied_embeddings_and_positions_under_tp2_matches_single_process(tmp_path):
     cfg = micro_config(tmp_path / "run", *COMMON, *GPT_MICRO, "parallel.tp=2")
     assert cfg.model.tie_embeddings
-    result = run_layout(cfg, 2, tmp_path, STEPS)
+    result = run_layout(cfg, 2, STEPS)
     # token + position embeddings, final LayerNorm (2), 16 per block; the head is tied.
     _check_layout(result["placements"], (2,), {
         "tok_embeddings.weight": "(Shard(dim=0),)",
@@ -159,7 +158,7 @@ BF16_LAYOUTS = {
 def test_bf16_layout_stays_close_to_single_process_bf16(tmp_path, layout):
     overrides, world_size, mesh_shape = BF16_LAYOUTS[layout]
     cfg = micro_config(tmp_path / "run", *COMMON, "trainer.precision=bf16", *overrides)
-    result = run_layout(cfg, world_size, tmp_path, STEPS)
+    result = run_layout(cfg, world_size, STEPS)
     assert result["autocast"] == "fp32"  # FSDP's policy casts, not autocast
     _check_layout(result["placements"], mesh_shape, {}, NUM_PARAMS_LLAMA_MICRO)
     reference = _reference(tmp_path, "trainer.precision=bf16")
@@ -168,10 +167,6 @@ def test_bf16_layout_stays_close_to_single_process_bf16(tmp_path, layout):
     print(f"bf16 {layout}: max relative loss difference {worst:.2e}")
 
 
-# Pipeline layouts through the Trainer: llama_micro with 4 layers (2 stages of 2 layers, or
-# 4 of one with 2 stages per rank), 4 micro-batches per step at dp 1 (2 at dp 2), and 4
-# evaluation batches (whole schedule rounds on every data-parallel rank).
-PIPELINE_MODEL = ["model.n_layers=4", "trainer.eval_batches=4"]
 PIPELINE_LAYOUTS = {
     "pp2_1F1B": (["parallel.pp=2"], 2, [[0], [1]]),
     "pp2_Interleaved1F1B": (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
@@ -207,7 +202,7 @@ PIPELINE_LAYOUTS = {
 def test_pipeline_layout_trains_like_single_process_in_fp32(tmp_path, layout):
     overrides, world_size, stage_ids = PIPELINE_LAYOUTS[layout]
     cfg = micro_config(tmp_path / "run", *COMMON, *PIPELINE_MODEL, *overrides)
-    result = run_layout(cfg, world_size, tmp_path, STEPS)
+    result = run_layout(cfg, world_size, STEPS)
     # The stages asked for ran on the ranks expected: no fallback to a single stage.
     assert result["stage_ids"] == stage_ids
     # Rank 0's stage (embedding, layers 0-1) is sharded over dp by FSDP, or over tp;
@@ -237,7 +232,7 @@ def test_bf16_pp2_stays_close_to_single_process_bf16(tmp_path):
     # reduction order (measured: losses within 1e-7 relative, weights within 6e-6).
     overrides = [*PIPELINE_MODEL, "trainer.precision=bf16"]
     cfg = micro_config(tmp_path / "run", *COMMON, *overrides, "parallel.pp=2")
-    result = run_layout(cfg, 2, tmp_path, STEPS)
+    result = run_layout(cfg, 2, STEPS)
     assert result["autocast"] == "bf16" and result["stage_ids"] == [[0], [1]]
     reference = _reference(tmp_path, *overrides)
     worst = _compare(result, reference, BF16_LOSS_RTOL, update_rtol=BF16_UPDATE_RTOL,

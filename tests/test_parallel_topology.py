@@ -4,8 +4,9 @@ processes (the bubble formula is tested with the pipeline, tests/test_pipeline.p
 from __future__ import annotations
 
 import pytest
-from conftest import micro_config
 
+from distributed import run_distributed_test
+from micro_runs import micro_config
 from scaleforge.core.config import validate
 from scaleforge.core.trainer import start_topology
 from scaleforge.errors import ConfigError
@@ -81,30 +82,29 @@ def test_single_process_topology_starts_no_process_group(tmp_path):
     assert topology.broadcast_from_rank0("runs/x") == "runs/x"
 
 
-def _hang_in_tp_group(world_size: int, cfg) -> str:
+def _hang_in_tp_group(cfg) -> None:
     import time
 
     import torch
     import torch.distributed as dist
 
-    topology = start_topology(cfg, world_size)
+    topology = start_topology(cfg)
     if topology.rank == 1:
         time.sleep(3 * cfg.parallel.timeout_s)  # never joins the collective
-        return ""
+        return
     try:
         with topology.errors_labelled():
             dist.all_reduce(torch.ones(1), group=topology.group("tp"))
     except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
-def test_collective_timeout_from_config_becomes_an_error_naming_the_rank(tmp_path):
-    from parallel_harness import spawn
-
-    cfg = micro_config(tmp_path, "parallel.tp=2", "parallel.timeout_s=2")
-    message = spawn(_hang_in_tp_group, 2, tmp_path, cfg)
+        message = f"{type(error).__name__}: {error}"
+    else:
+        message = "no error"
     # Rank 1 never joins: rank 0's all-reduce fails after parallel.timeout_s (2 s, not
     # torch's 30-minute default) and the error names the rank, its coordinates and groups.
     assert "rank 0 [pp0 dp0 tp0] (tp group [0, 1]): " in message, message
     assert "Timed out waiting 2000ms" in message, message
+
+
+def test_collective_timeout_from_config_becomes_an_error_naming_the_rank(tmp_path):
+    cfg = micro_config(tmp_path, "parallel.tp=2", "parallel.timeout_s=2")
+    run_distributed_test(_hang_in_tp_group, world_size=2, func_args=(cfg,))

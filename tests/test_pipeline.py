@@ -4,18 +4,16 @@ schedule compared step by step with the single-process trainer (the numerics con
 from __future__ import annotations
 
 import itertools
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import micro_config, synthetic_data
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import schedules as torch_schedules
 
+from distributed import run_distributed_test
+from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import build_optimizer
@@ -127,26 +125,16 @@ def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dic
     }
 
 
-def _worker(rank: int, world_size: int, init_file: str, cases: list, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=120))
-    try:
-        results = {}
-        for name, cfg, schedule, stages_per_rank, batches, *layers in cases:
-            results[name] = _train_pipelined(cfg, schedule, stages_per_rank, batches, *layers)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _train_cases(cases: list) -> dict[str, dict]:
+    """name -> this rank's `_train_pipelined` record, for every case."""
+    return {name: _train_pipelined(cfg, schedule, stages_per_rank, batches, *layers)
+            for name, cfg, schedule, stages_per_rank, batches, *layers in cases}
 
 
-def _run_job(world_size: int, cases: list, tmp: Path) -> list[dict]:
+def _run_job(world_size: int, cases: list) -> list[dict]:
     """Run `cases` [(name, cfg, schedule, stages_per_rank, batches[, layers_per_stage])] in
-    one gloo job."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(world_size, str(tmp / "init"), cases, str(tmp)),
-             nprocs=world_size, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world_size)]
+    one gloo job; every rank's records, in rank order."""
+    return run_distributed_test(_train_cases, world_size=world_size, func_args=(cases,))
 
 
 def _relative(a: float, b: float) -> float:
@@ -186,7 +174,7 @@ def pp2_runs(tmp_path_factory):
     cases = [(f"llama-{s}", llama, s, v, data["llama"]) for s, v in SCHEDULE_CASES]
     cases += [(f"gpt-{s}", gpt, s, v, data["gpt"]) for s, v in PP2_TIED_CASES]
     cases.append(("llama-1F1B-uneven", llama, "1F1B", 1, data["llama"], [1, 3]))
-    ranks = _run_job(2, cases, tmp)
+    ranks = _run_job(2, cases)
     references = {
         "llama": _single_process(llama, data["llama"], tmp / "ref_llama"),
         "gpt": _single_process(gpt, data["gpt"], tmp / "ref_gpt"),
@@ -265,7 +253,7 @@ def test_pp4_matches_single_process(tmp_path):
     cfg = micro_config(tmp_path / "ref", *_overrides(8, 8, "llama"))
     batches = _micro_batches(cfg)
     cases = [(s, cfg, s, v, batches) for s, v in SCHEDULE_CASES]
-    ranks = _run_job(4, cases, tmp_path)
+    ranks = _run_job(4, cases)
     reference = _single_process(cfg, batches, tmp_path / "ref")
     for name, *_ in cases:
         loss_diff, weight_diff = _assert_matches(ranks, name, reference)

@@ -270,8 +270,9 @@ def test_shards_do_not_depend_on_the_number_of_workers(shard_dir, jsonl_corpus, 
 def test_killed_sf_preprocess_resumes_to_the_same_files(tmp_path, texts, tokenizer_dir):
     import signal
     import subprocess
-    import sys
     import time
+
+    from commands import BIN, run_tool
 
     for part in range(40):
         (tmp_path / f"part{part:02d}.jsonl").write_text(
@@ -279,15 +280,14 @@ def test_killed_sf_preprocess_resumes_to_the_same_files(tmp_path, texts, tokeniz
     reference = write_shards(job(str(tmp_path / "*.jsonl"), tokenizer_dir, tmp_path / "ref",
                                  unit_bytes=1))
     out = tmp_path / "out"
-    command = [str(Path(sys.executable).parent / "sf-preprocess"), "shards",
-               f"input={tmp_path / '*.jsonl'}", f"tokenizer={tokenizer_dir}", f"out={out}",
-               "workers=1", "val_fraction=0.1", "unit_bytes=1", "progress=false"]
-    process = subprocess.Popen(command)
+    arguments = ["shards", f"input={tmp_path / '*.jsonl'}", f"tokenizer={tokenizer_dir}",
+                 f"out={out}", "workers=1", "val_fraction=0.1", "unit_bytes=1", "progress=false"]
+    process = subprocess.Popen([str(BIN / "sf-preprocess"), *arguments])
     while not (out / ".partial" / "00003.json").exists() and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "manifest.json").exists()
-    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert run_tool("sf-preprocess", *arguments, cwd=tmp_path).returncode == 0
     resumed = load_manifest(out)
     assert resumed["splits"] == reference["splits"]

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from commands import run_tool
 from scaleforge.errors import ConfigError
 from scaleforge.launch.sweep import dispatch
 from scaleforge.scaling.collect import SweepWarning, collect
 
-BIN = Path(sys.executable).parent
 CHINCHILLA = Path(__file__).parent / "data" / "chinchilla_epoch_2024.csv"
 HOFFMANN_BUDGETS = "[6e18,1e19,3e19,6e19,1e20,3e20,6e20,1e21,3e21]"
-
-
-def _run(tool: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / tool), *arguments], cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
 
 
 def _fake_run(root: Path, name: str, loss: float | str | None) -> None:
@@ -56,7 +49,7 @@ def test_collect_of_a_sweep_without_finished_runs_is_an_error(tmp_path):
 
 
 def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
-    fit = _run("sf-sweep", "fit", f"table={CHINCHILLA}", f"out={tmp_path / 'fit'}",
+    fit = run_tool("sf-sweep", "fit", f"table={CHINCHILLA}", f"out={tmp_path / 'fit'}",
                "bootstrap=3", "exclude_column=excluded_by_epoch", f"budgets={HOFFMANN_BUDGETS}",
                "budget_tolerance_dex=0.05", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -69,14 +62,14 @@ def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
         assert {"value", "low", "high"} <= set(result[approach]["a"])
         assert {"value", "low", "high"} <= set(result[approach]["b"])
 
-    predict = _run("sf-sweep", "predict", f"fit={tmp_path / 'fit' / 'fit.json'}", "N=70e9",
+    predict = run_tool("sf-sweep", "predict", f"fit={tmp_path / 'fit' / 'fit.json'}", "N=70e9",
                    "D=1.4e12", cwd=tmp_path)
     assert predict.returncode == 0, predict.stderr
     expected = (law["E"]["value"] + law["A"]["value"] / 70e9 ** law["alpha"]["value"]
                 + law["B"]["value"] / 1.4e12 ** law["beta"]["value"])
     assert float(predict.stdout) == pytest.approx(expected, rel=1e-5)
 
-    report = _run("sf-sweep", "report", f"fit={tmp_path / 'fit' / 'fit.json'}",
+    report = run_tool("sf-sweep", "report", f"fit={tmp_path / 'fit' / 'fit.json'}",
                   f"table={CHINCHILLA}", f"out={tmp_path / 'report'}", "budgets=[5.76e23]",
                   "wandb=offline", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -106,7 +99,7 @@ def test_bad_arguments_are_config_errors_naming_them(tmp_path, monkeypatch, argu
 
 
 def test_a_bad_argument_stops_sf_sweep_with_one_line(tmp_path):
-    result = _run("sf-sweep", "fit", "tabel=x.csv", cwd=tmp_path)
+    result = run_tool("sf-sweep", "fit", "tabel=x.csv", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "tabel=x.csv" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -114,7 +107,7 @@ def test_a_bad_argument_stops_sf_sweep_with_one_line(tmp_path):
 
 def test_multirun_jobs_each_get_their_own_run_dir_and_record(tmp_path, stdlib_overrides):
     sweep = tmp_path / "sweep"
-    result = _run(
+    result = run_tool(
         "sf-train", "--multirun", "model=llama_micro", *stdlib_overrides, "data.vocab_size=512",
         "data.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_tokens=256",
         "trainer.max_steps=2,3", "trainer.eval_every=1", "trainer.log_every=1",
@@ -136,7 +129,7 @@ def test_cpu_demo_sweep_runs_end_to_end_on_a_reduced_grid(tmp_path, stdlib_overr
     overrides = ",".join([*stdlib_overrides, "data.vocab_size=512", "model.vocab_size=512",
                           "data.seq_len=64", "trainer.micro_batch_size=16",
                           "trainer.global_batch_tokens=1024"])
-    result = _run("sf-sweep", "run", "plan=chinchilla_cpu", "budgets=[1.2e11,3e11]",
+    result = run_tool("sf-sweep", "run", "plan=chinchilla_cpu", "budgets=[1.2e11,3e11]",
                   "points_per_budget=3", "spread=1.5", "tokens_per_param=20", "bootstrap=5",
                   "wandb=offline",
                   f"overrides=[{overrides}]", f"out={tmp_path / 'sweep'}", cwd=tmp_path)

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import metrics_records, micro_config, synthetic_data
 
+from micro_runs import micro_config, synthetic_data
+from run_metrics import metrics_records
 from scaleforge.core.trainer import Trainer, cross_entropy
 from scaleforge.models import build
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing

@@ -1,0 +1,44 @@
+"""The run most tests train: llama_micro on CPU in fp32, on a synthetic token stream, so a
+real training run takes seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scaleforge.core.config import Config, compose, to_config
+from scaleforge.data_pipeline.loader import TokenWindows, TrainBatches, ValBatches
+
+
+def micro_config(run_dir, *overrides: str) -> Config:
+    """llama_micro on CPU in fp32 with W&B off; `overrides` as on the command line."""
+    base = [
+        "model=llama_micro",
+        "data.vocab_size=512",
+        "data.seq_len=64",
+        "trainer.micro_batch_size=4",
+        "trainer.global_batch_tokens=512",
+        "trainer.precision=fp32",
+        "trainer.device=cpu",
+        "trainer.max_steps=5",
+        "trainer.log_every=1",
+        "trainer.eval_every=5",
+        "trainer.eval_batches=2",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+        "logging.wandb=disabled",
+        "logging.progress_bar=false",
+        f"run_dir={run_dir}",
+    ]
+    return to_config(compose(base + list(overrides)))
+
+
+def synthetic_data(cfg: Config, num_windows: int = 64, seed: int = 0, dp_rank: int = 0,
+                   dp_size: int = 1) -> tuple[TrainBatches, ValBatches]:
+    """(train batches, val batches) of data-parallel rank `dp_rank` of `dp_size` over a
+    random token stream shaped for `cfg`; every rank's stream is the same."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.data.vocab_size, num_windows * cfg.data.seq_len + 1)
+    windows = TokenWindows(tokens.astype(np.uint16), cfg.data.seq_len)
+    mbs = cfg.trainer.micro_batch_size
+    train = TrainBatches(windows, mbs, cfg.data.seed, dp_rank, dp_size)
+    return train, ValBatches(windows, mbs, dp_rank, dp_size)
