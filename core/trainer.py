@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ from scaleforge.core.metrics import MetricsLogger, peak_memory_gb
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision
 from scaleforge.core.preemption import PreemptionWatch
-from scaleforge.data_pipeline.loader import ValidationSource, build_loaders
+from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
 from scaleforge.parallel.dtensor import full_value
@@ -65,6 +66,15 @@ from scaleforge.parallel.topology import Topology, init_topology
 
 # (inputs, targets), each (micro_batch_size, seq_len) int64; more tensors after them are ignored.
 Batch = tuple[torch.Tensor, ...]
+
+
+class ValidationSource(Protocol):
+    """What the trainer evaluates on (data_pipeline's ValBatches, StreamingBatches): the
+    same first `num_batches` micro-batches every call."""
+
+    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's first `num_batches` (inputs, targets) micro-batches."""
+        ...
 
 
 def inputs_and_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -322,14 +322,6 @@ class PreparedData(NamedTuple):
 
     directories: tuple[Path, ...]
     vocab_size: int
-
-
-class ValidationSource(Protocol):
-    """What the trainer evaluates on: the same first `num_batches` micro-batches every call."""
-
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's first `num_batches` (inputs, targets) micro-batches."""
-        ...
 
 
 class Loaders(NamedTuple):

@@ -23,13 +23,12 @@ from scaleforge.errors import ConfigError  # noqa: E402
 from scaleforge.launch import convert  # noqa: E402
 from scaleforge.models import TransformerConfig, build  # noqa: E402
 from scaleforge.models.hf import (  # noqa: E402
-    from_hf_config,
     from_hf_state_dict,
     load_hf,
-    to_hf_config,
     to_hf_model,
     to_hf_state_dict,
 )
+from scaleforge.models.hf_config import from_hf_config, to_hf_config  # noqa: E402
 from scaleforge.models.state_dict import check_state_dict_shapes  # noqa: E402
 
 VOCAB, SEQ = 128, 32
