@@ -119,13 +119,15 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun {torchrun_pid}")
 
 
-def _torchrun(run_dir: Path, overrides: list[str], cwd: Path) -> subprocess.Popen:
+def _torchrun(run_dir: Path, overrides: list[str], cwd: Path,
+              max_restarts: int = 1) -> subprocess.Popen:
+    """Two sf-train workers under torchrun (restarted up to `max_restarts` times)."""
     return start_tool(
         "torchrun",
         "--nproc-per-node",
         "2",
         "--max-restarts",
-        "1",
+        str(max_restarts),
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
@@ -193,25 +195,9 @@ def test_sigterm_to_torchrun_stops_every_worker_after_one_step_with_a_checkpoint
     tmp_path, stdlib_overrides
 ):
     run_dir = tmp_path / "run"
-    job = start_tool(
-        "torchrun",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "-m",
-        "scaleforge.launch.train",
-        *RUN,
-        *stdlib_overrides,
-        "parallel.dp_shard=2",
-        "trainer.max_steps=200",
-        "trainer.eval_every=200",
-        f"run_dir={run_dir}",
-        cwd=tmp_path,
-        env=one_thread_env(),
-    )
+    overrides = [*RUN, *stdlib_overrides, "parallel.dp_shard=2", "trainer.max_steps=200",
+                 "trainer.eval_every=200"]
+    job = _torchrun(run_dir, overrides, tmp_path, max_restarts=0)
     _wait_for_step(job, run_dir, 3, timeout=300)
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=120)
