@@ -29,7 +29,6 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -38,18 +37,19 @@ from scaleforge.core.checkpoint.paths import choose_resume
 from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
 from scaleforge.core.checkpoint.weights import load_model_weights
 from scaleforge.core.config import Config, build_plan, validate
-from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.health import (
     LossSpikeDetector,
     NonFiniteGuard,
     StepSignals,
     agree_on_step,
 )
+from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
-from scaleforge.core.metrics import MetricsLogger, peak_memory_gb
+from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision
 from scaleforge.core.preemption import PreemptionWatch
+from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
@@ -80,11 +80,6 @@ class ValidationSource(Protocol):
 def inputs_and_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The (inputs, targets) of a micro-batch, without any tensors that follow them."""
     return batch[0], batch[1]
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
@@ -151,8 +146,9 @@ class Trainer:
         self.model = (self.pipeline.model_parts if self.pipeline
                       else build_model(plan, self.topology))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = peak_flops(self.device, cfg.trainer.precision)
+        self.throughput = ThroughputMeter(cfg.model, cfg.data.seq_len,
+                                          cfg.trainer.global_batch_tokens, self.device,
+                                          cfg.trainer.precision)
         self.step = 0
         self.nonfinite_guard = NonFiniteGuard(cfg.trainer, cfg.optim.lr, cfg.optim.grad_clip)
         self.spike_detector = LossSpikeDetector(cfg.trainer.spike_zscore,
@@ -321,11 +317,11 @@ class Trainer:
             logger.log(record)
 
         every = self.cfg.checkpoint.every
-        start = interval_start = time.perf_counter()
-        start_step, interval_steps = self.step, 0
+        start, start_step = time.perf_counter(), self.step
+        self.throughput.restart()
         while self.step < cfg.max_steps:
             loss, grad_norm = self.train_step(self.train_batches)
-            interval_steps += 1
+            self.throughput.step()
             logger.advance()
             events = self._step_events(logger)
             # A signal during the last step changes nothing: the run ends normally.
@@ -336,21 +332,15 @@ class Trainer:
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             if not (self.step % cfg.log_every == 0 or is_eval or events or preempted):
                 continue
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            speed = self.throughput.read()
             now = time.perf_counter()
-            tokens_per_s = interval_steps * tokens_per_step / (now - interval_start)
             record = {
                 "step": self.step,
                 "loss": self.topology.mean_over_dp(loss).item(),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
                 "tokens": self.step * tokens_per_step,
-                "tokens_per_s": tokens_per_s,
-                "tflops": tokens_per_s * self.flops_per_token / 1e12,
-                "mfu": (tokens_per_s * self.flops_per_token / self.peak_flops
-                        if self.peak_flops else None),
-                "memory_gb": peak_memory_gb(self.device),
+                **speed,
                 "elapsed_s": now - start,
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
@@ -360,7 +350,7 @@ class Trainer:
             logger.log(record | events)
             if preempted:
                 return self._stop_for_preemption(logger, record, own_logger)
-            interval_start, interval_steps = time.perf_counter(), 0
+            self.throughput.restart()
         if self.cfg.checkpoint.at_end or every:
             path = self.save_checkpoint()
             self.checkpointer.wait()
@@ -433,7 +423,7 @@ class Trainer:
             f"({non_embedding / 1e6:.2f}M non-embedding) | device {self.device} | precision "
             f"{cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/step = "
             f"{self.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
-            f"{cfg.data.seq_len} | {self.flops_per_token / 1e6:.1f} MFLOP/token | "
+            f"{cfg.data.seq_len} | {self.throughput.flops_per_token / 1e6:.1f} MFLOP/token | "
             f"run dir {self.run_dir}"
         )
 

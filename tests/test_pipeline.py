@@ -15,9 +15,10 @@ from torch.distributed.pipelining import schedules as torch_schedules
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config, micro_batches_per_step
+from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import build_optimizer
-from scaleforge.core.trainer import Trainer, cross_entropy, seed_everything
+from scaleforge.core.trainer import Trainer, seed_everything
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig

@@ -10,7 +10,8 @@ import torch
 
 from micro_runs import micro_config, synthetic_data
 from run_metrics import metrics_records
-from scaleforge.core.trainer import Trainer, cross_entropy
+from scaleforge.core.loss import cross_entropy
+from scaleforge.core.trainer import Trainer
 from scaleforge.models import build
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 
