@@ -21,13 +21,8 @@ import numpy as np
 import torch
 
 from scaleforge.data_pipeline.config import DataConfig
-from scaleforge.data_pipeline.loader import (
-    BlendedSamples,
-    TokenStream,
-    TokenWindows,
-    TrainBatches,
-    build_loaders,
-)
+from scaleforge.data_pipeline.loader import TrainBatches, build_loaders
+from scaleforge.data_pipeline.samples import BlendedSamples, TokenStream, TokenWindows
 
 
 def tokens_per_second(batches: Iterator[tuple[torch.Tensor, ...]], num_batches: int) -> float:

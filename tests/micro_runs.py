@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from scaleforge.core.config import Config, compose, to_config
-from scaleforge.data_pipeline.loader import TokenWindows, TrainBatches, ValBatches
+from scaleforge.data_pipeline.loader import TrainBatches, ValBatches
+from scaleforge.data_pipeline.samples import TokenWindows
 
 
 def micro_config(run_dir, *overrides: str) -> Config:

@@ -13,16 +13,14 @@ import torch
 from scaleforge.data_pipeline import prepare as prepare_module
 from scaleforge.data_pipeline.config import BlendSourceConfig, DataConfig
 from scaleforge.data_pipeline.corpus import find_documents
-from scaleforge.data_pipeline.loader import (
+from scaleforge.data_pipeline.loader import TrainBatches, ValBatches, build_loaders
+from scaleforge.data_pipeline.prepare import prepare
+from scaleforge.data_pipeline.samples import (
     BlendedSamples,
     TokenStream,
     TokenWindows,
-    TrainBatches,
-    ValBatches,
-    build_loaders,
     document_ids,
 )
-from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
