@@ -132,7 +132,7 @@ class Trainer:
             loaders = self.topology.local_rank0_first(
                 lambda: build_loaders(
                     cfg.data, cfg.trainer.micro_batch_size, self.topology.dp_rank,
-                    self.topology.dp_size,
+                    self.topology.dp_size, accelerator=self.device.type == "cuda",
                 )
             )
             data = (iter(loaders.train), loaders.val)

@@ -48,7 +48,10 @@ class DataConfig:
     dataset: str | None = None
     tokenizer: str | None = None
     text_field: str = "text"
-    num_workers: int = 0
+    # DataLoader worker processes preparing training batches ahead; -1 (auto): one when
+    # training on CUDA (batches are ready while the GPU computes), none on CPU (a worker
+    # would compete with the ranks for the cores).
+    num_workers: int = -1
     verify_shards: bool = True
 
     def check(self, prefix: str = "data") -> None:
@@ -57,9 +60,20 @@ class DataConfig:
             raise ConfigError(
                 f"{prefix}.mode={self.mode!r} is not one of {', '.join(DATA_MODES)}"
             )
+        if self.num_workers < -1:
+            raise ConfigError(
+                f"{prefix}.num_workers={self.num_workers} must be -1 (auto) or at least 0"
+            )
         if self.seq_len <= 0:
             raise ConfigError(f"{prefix}.seq_len={self.seq_len} must be positive")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"{prefix}.val_fraction={self.val_fraction} must lie strictly between 0 and 1"
             )
+
+    def workers(self, accelerator: bool) -> int:
+        """DataLoader workers for the training batches: `num_workers`, with auto (-1)
+        resolved to 1 when batches go to an accelerator and 0 when training on CPU."""
+        if self.num_workers == -1:
+            return 1 if accelerator else 0
+        return self.num_workers

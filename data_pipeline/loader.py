@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer, open_split
+from scaleforge.data_pipeline.pack import pin_batch
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.samples import (
     BlendedSamples,
@@ -69,8 +70,10 @@ class TrainBatches:
     Yields (inputs, targets), int64 tensors of shape (micro_batch_size, seq_len), plus
     document ids of the same shape (see document_ids) when `eos_id` is given. `num_workers`
     DataLoader processes prepare batches ahead; the batches are the same for any number.
-    state_dict() is the same on every rank and counts the group's samples, so a run may
-    resume with another number of workers or another dp_size.
+    With `pin_memory` (training on CUDA) every batch comes in page-locked memory, so the
+    trainer's copy to the GPU does not wait for it. state_dict() is the same on every rank
+    and counts the group's samples, so a run may resume with another number of workers or
+    another dp_size.
     """
 
     # state_dict() is the data-parallel group's position, so any rank's resumes every rank.
@@ -85,6 +88,7 @@ class TrainBatches:
         dp_size: int = 1,
         num_workers: int = 0,
         eos_id: int | None = None,
+        pin_memory: bool = False,
     ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
@@ -101,6 +105,7 @@ class TrainBatches:
         self.dp_size = dp_size
         self.num_workers = num_workers
         self.eos_id = eos_id
+        self.pin_memory = pin_memory
         self.step = 0  # this rank's micro-batches consumed so far
         self._batches: Iterator | None = None
 
@@ -140,9 +145,9 @@ class TrainBatches:
         stream = _RankStream(self.samples, self.micro_batch_size, self.dp_rank, self.dp_size,
                              self.step, self.eos_id)
         if self.num_workers == 0:
-            return iter(stream)
+            return map(pin_batch, stream) if self.pin_memory else iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=False))
+                               pin_memory=self.pin_memory, persistent_workers=False))
 
 
 class ValBatches:
@@ -185,14 +190,18 @@ class Loaders(NamedTuple):
 
 
 def build_loaders(
-    data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+    data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+    accelerator: bool = False,
 ) -> Loaders:
     """The trainer's entry point: the training and validation micro-batch sources of data-
     parallel rank `dp_rank` of `dp_size` for `data_cfg` (any mode), the tokenizer and what
     was read. Shuffling is seeded by data_cfg.seed.
+
+    `accelerator`: the batches go to a GPU, so training batches are pinned (their copies
+    run asynchronously) and data.num_workers=-1 means one worker (`DataConfig.workers`).
     """
     if data_cfg.mode == "streaming":
-        return _streaming_loaders(data_cfg, micro_batch_size, dp_rank, dp_size)
+        return _streaming_loaders(data_cfg, micro_batch_size, dp_rank, dp_size, accelerator)
     sources = _shard_sources(data_cfg)
     directories = tuple(directory for directory, _ in sources)
     opened = [_open_shards(directory, data_cfg) for directory in directories]
@@ -216,7 +225,7 @@ def build_loaders(
     _check_training_size(data_cfg, len(train), micro_batch_size * dp_size)
     return Loaders(
         train=TrainBatches(train, micro_batch_size, data_cfg.seed, dp_rank, dp_size,
-                           num_workers=data_cfg.num_workers),
+                           num_workers=data_cfg.workers(accelerator), pin_memory=accelerator),
         val=ValBatches(val, micro_batch_size, dp_rank, dp_size),
         tokenizer=tokenizer,
         prepared=PreparedData(directories, tokenizer.vocab_size),
@@ -251,7 +260,7 @@ def _open_shards(
 
 
 def _streaming_loaders(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int,
-                       dp_size: int) -> Loaders:
+                       dp_size: int, accelerator: bool) -> Loaders:
     if not data_cfg.dataset or not data_cfg.tokenizer:
         raise ConfigError(
             "data.mode=streaming needs data.dataset (hub name, save_to_disk directory or a "
@@ -265,7 +274,8 @@ def _streaming_loaders(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int
     def batches(split: str) -> StreamingBatches:
         return StreamingBatches(open_streaming_dataset(dataset), tokenizer,
                                 data_cfg.text_field, data_cfg.seq_len, micro_batch_size,
-                                data_cfg.val_fraction, split, dp_rank, dp_size)
+                                data_cfg.val_fraction, split, dp_rank, dp_size,
+                                pin_memory=accelerator and split == "train")
 
     return Loaders(batches("train"), batches("val"), tokenizer,
                    PreparedData((), tokenizer.vocab_size))

@@ -21,3 +21,10 @@ def pack_windows(windows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
         targets_view[row] = window[1:]
     return inputs, targets
 
+
+def pin_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`batch` copied into page-locked host memory, so that its copy to the GPU
+    (`.to(device, non_blocking=True)`) is queued on the stream instead of waiting for it.
+    Needs an accelerator (CUDA)."""
+    return tuple(tensor.pin_memory() for tensor in batch)
+

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from scaleforge.data_pipeline.pack import pack_windows
+from scaleforge.data_pipeline.pack import pack_windows, pin_batch
 from scaleforge.data_pipeline.sources import read_hf_rows
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import Tokenizer
@@ -40,7 +40,7 @@ class StreamingBatches:
 
     def __init__(self, dataset: IterableDataset, tokenizer: Tokenizer, text_field: str,
                  seq_len: int, micro_batch_size: int, val_fraction: float, split: str = "train",
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, pin_memory: bool = False):
         from datasets.distributed import split_dataset_by_node
 
         self.dataset = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_size)
@@ -50,6 +50,7 @@ class StreamingBatches:
         self.micro_batch_size = micro_batch_size
         self.val_fraction = val_fraction
         self.split = split
+        self.pin_memory = pin_memory  # training batches in page-locked memory (for CUDA)
         self.epoch = 0
         self.rows = 0  # rows of this epoch read so far
         self.carry: list[int] = []  # tokens read but not yet emitted as a whole window
@@ -61,7 +62,12 @@ class StreamingBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._windows is None:
             self._windows = self._endless_windows()
-        return pack_windows([next(self._windows) for _ in range(self.micro_batch_size)])
+        inputs, targets = pack_windows(
+            [next(self._windows) for _ in range(self.micro_batch_size)]
+        )
+        if self.pin_memory:
+            inputs, targets = pin_batch((inputs, targets))
+        return inputs, targets
 
     def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first `num_batches` micro-batches of one pass, repeating it when it is short;

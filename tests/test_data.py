@@ -182,6 +182,46 @@ def test_resume_after_k_steps_yields_the_identical_batches_also_with_other_worke
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+def test_num_workers_auto_is_one_worker_on_an_accelerator_and_none_on_cpu():
+    assert DataConfig().num_workers == -1
+    assert DataConfig().workers(accelerator=True) == 1
+    assert DataConfig().workers(accelerator=False) == 0
+    assert DataConfig(num_workers=3).workers(accelerator=False) == 3
+    with pytest.raises(ConfigError, match=r"data.num_workers=-2 must be -1 \(auto\)"):
+        DataConfig(num_workers=-2).check()
+
+
+def _fake_pin(pinned: list[torch.Tensor]):
+    """A stand-in for Tensor.pin_memory (which needs CUDA): records and returns a copy."""
+    def pin_memory(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        pinned.append(tensor)
+        return tensor.clone()
+    return pin_memory
+
+
+def test_training_batches_for_an_accelerator_are_pinned_and_unchanged(shard_dir, jsonl_corpus,
+                                                                       tokenizer_dir, monkeypatch):
+    plain = build_loaders(shards_cfg(shard_dir), micro_batch_size=2).train
+    assert not plain.pin_memory and plain.num_workers == 0  # auto on CPU
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", _fake_pin(pinned))
+    train = build_loaders(shards_cfg(shard_dir), micro_batch_size=2, accelerator=True).train
+    assert train.pin_memory and train.num_workers == 1
+    # Without workers the loader pins in the training process itself.
+    direct = TrainBatches(train.samples, 2, 3, pin_memory=True)
+    reference = TrainBatches(train.samples, 2, 3)
+    for _ in range(3):
+        got, want = next(direct), next(reference)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(pinned) == 3 * 2  # inputs and targets of each batch
+    streaming = DataConfig(mode="streaming", dataset=jsonl_corpus, tokenizer=tokenizer_dir,
+                           vocab_size=VOCAB, seq_len=32, val_fraction=0.1)
+    train_stream, val_stream, _, _ = build_loaders(streaming, 2, accelerator=True)
+    assert train_stream.pin_memory and not val_stream.pin_memory
+    next(train_stream)
+    assert len(pinned) == 3 * 2 + 2
+
+
 def test_resume_with_another_dp_size_continues_the_same_sample_stream():
     windows = windows_over_range(40)
     two = [TrainBatches(windows, 2, 5, rank, 2) for rank in range(2)]
