@@ -91,7 +91,12 @@ class TrainerConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    deterministic: bool = True
+    # Deterministic kernels (core/precision.py set_numerics): null (auto) = true on CPU
+    # (bitwise repeatable), false on CUDA; true on CUDA is strict (slower; an op without a
+    # deterministic kernel raises).
+    deterministic: bool | None = None
+    # CUDA float32 matmuls on TF32 tensor cores; false for strict IEEE fp32.
+    tf32: bool = True
     save_final_weights: bool = True
     # torch.compile each transformer block (after activation checkpointing, before FSDP).
     compile: bool = False

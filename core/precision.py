@@ -1,11 +1,18 @@
 """Mixed precision: fp32 master weights always; bf16 or fp16 compute through autocast.
 
 fp16 needs dynamic loss scaling (torch.amp.GradScaler) and CUDA; bf16 needs neither.
+
+Also how float32 matmuls and nondeterministic kernels run (`set_numerics`): on CUDA, fp32
+matmuls use TF32 tensor cores unless `trainer.tf32=false` (the fp32 compute of
+precision=fp32 at 494 instead of 67 TFLOP/s on an H100), and deterministic kernels are
+opt-in (`trainer.deterministic`), since they cost speed there; on CPU runs are bitwise
+repeatable by default and TF32 does not apply.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -47,3 +54,50 @@ def build_precision(name: str, device: torch.device) -> Precision:
 
     scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
     return Precision(name, autocast, scaler)
+
+
+def resolve_deterministic(setting: bool | None, device: torch.device) -> bool:
+    """The `trainer.deterministic` setting: None (auto) is true on CPU (bitwise repeatable
+    runs, what the tests compare) and false on CUDA (where deterministic kernels are slower)."""
+    return device.type == "cpu" if setting is None else setting
+
+
+def set_numerics(deterministic: bool | None, tf32: bool, device: torch.device) -> None:
+    """Configure this process's kernels for a run on `device` (call before building the model).
+
+    deterministic (resolved by `resolve_deterministic`): torch's deterministic algorithms in
+    strict mode, so an op without a deterministic kernel raises instead of warning. On CUDA
+    also cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8, unless set; it must be in
+    place before the first matmul), and SDPA then takes its deterministic flash or
+    memory-efficient backward and never cuDNN attention (torch's randomness notes); torch's
+    NaN-filling of every torch.empty (fill_uninitialized_memory, a debugging aid that also
+    fills FSDP's buffers) is turned off there. Off: torch's default kernels.
+    tf32: float32 matmuls and convolutions on CUDA run on TF32 tensor cores (10-bit
+    mantissa, fp32 range); false for strict IEEE fp32. Nothing changes on CPU.
+    """
+    deterministic = resolve_deterministic(deterministic, device)
+    if device.type == "cuda":
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        _set_cuda_tf32(tf32)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def _set_cuda_tf32(enabled: bool) -> None:
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 raises
+        precision = "tf32" if enabled else "ieee"
+        matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision  # type: ignore[attr-defined]
+    else:
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA float32 matmuls run on TF32 tensor cores (which peak FLOP/s applies)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return bool(matmul.fp32_precision == "tf32")
+    return bool(matmul.allow_tf32)

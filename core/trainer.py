@@ -47,7 +47,7 @@ from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
-from scaleforge.core.precision import build_precision
+from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
@@ -91,11 +91,12 @@ def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
     return init_topology(cfg.parallel, validate(cfg, world_size), cfg.trainer.device)
 
 
-def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
-    """Seed torch's generators; on CPU also force deterministic kernels (bitwise repeatable)."""
+def seed_everything(seed: int, deterministic: bool | None, device: torch.device,
+                    tf32: bool = True) -> None:
+    """Seed torch's generators and set the kernels' numerics for `device`
+    (`core.precision.set_numerics`: deterministic by default on CPU, TF32 matmuls on CUDA)."""
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    set_numerics(deterministic, tf32, device)
 
 
 class Trainer:
@@ -138,7 +139,8 @@ class Trainer:
             data = (iter(loaders.train), loaders.val)
         self.train_batches, self.val_loader = data
 
-        seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device)
+        seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device,
+                        cfg.trainer.tf32)
         self.pipeline = (
             build_pipelined_model(plan, self.topology, cross_entropy)
             if self.topology.dims.pp > 1 else None
