@@ -36,6 +36,7 @@ from scaleforge.parallel.activation_checkpoint import apply_activation_checkpoin
 from scaleforge.parallel.compile import apply_compile
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.data_parallel import apply_data_parallel
+from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
@@ -146,11 +147,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch.Tensor]:
     """The model's full weights with single-process keys: the plain state dict in one
-    process; gathered to CPU on rank 0 (empty elsewhere) when distributed. Collective.
+    process; on CPU on rank 0 (empty elsewhere) when distributed. Collective.
 
-    Under pipeline parallelism `model` is the pipeline's `model_parts`: each stage is
-    gathered over its tp/dp ranks, then the stages are collected on rank 0 over the pp
-    group of rank 0 (the ranks at tp 0, dp 0).
+    Tensor by tensor, so no GPU ever holds more than its shards plus one full tensor: torch's
+    full state dict (`full_state_dict`) without pipeline parallelism. Under pipeline
+    parallelism `model` is the pipeline's `model_parts`: the pp stages take turns; each
+    tensor of a stage is gathered over the stage's tp/dp ranks, and its rank at tp 0, dp 0
+    sends it to rank 0 over rank 0's pp group (the ranks at tp 0, dp 0), where it goes to
+    CPU. Only tensor names, shapes and dtypes travel as Python objects.
     """
     if not topology.is_distributed:
         return model.state_dict()
@@ -161,18 +165,26 @@ def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch
             f"under pipeline parallelism gathered_state_dict takes the pipeline's model_parts "
             f"(an nn.ModuleList), not a {type(model).__name__}"
         )
-    # Full values on every rank of the stage's tp/dp group (not only global rank 0, which
-    # holds none of the other stages).
-    options = StateDictOptions(full_state_dict=True)
-    stage_state: dict[str, torch.Tensor] = {}
+    local: dict[str, torch.Tensor] = {}
     for part in model:
-        part_state = cast(dict[str, torch.Tensor], get_model_state_dict(part, options=options))
-        stage_state.update({k: v.detach().cpu() for k, v in part_state.items()})
-    if topology.dp_rank != 0 or topology.tp_rank != 0:
-        return {}
-    stages: list[dict[str, torch.Tensor]] = [{} for _ in range(topology.dims.pp)]
-    dist.gather_object(stage_state, stages if topology.is_rank0 else None,
-                       group=topology.group("pp"), group_dst=0)
-    if not topology.is_rank0:
-        return {}
-    return {k: v for state in stages for k, v in state.items()}
+        local.update(part.state_dict())
+    group, device = topology.group("pp"), topology.device
+    layouts: list[list[tuple[str, torch.Size, torch.dtype]]] = [[] for _ in range(topology.dims.pp)]
+    dist.all_gather_object(layouts, [(k, v.shape, v.dtype) for k, v in local.items()],
+                           group=group)
+    sender = topology.dp_rank == 0 and topology.tp_rank == 0
+    gathered: dict[str, torch.Tensor] = {}
+    for stage_rank, layout in enumerate(layouts):
+        for key, shape, dtype in layout:
+            if stage_rank == topology.pp_rank:
+                value = full_value(local[key].detach())  # over this stage's tp/dp ranks
+                if topology.is_rank0:
+                    gathered[key] = value.cpu()
+                elif sender:
+                    dist.send(value.contiguous(), group=group, group_dst=0)
+                del value
+            elif topology.is_rank0:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(buffer, group=group, group_src=stage_rank)
+                gathered[key] = buffer.cpu()
+    return gathered
