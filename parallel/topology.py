@@ -214,6 +214,14 @@ class Topology:
             dist.all_reduce(total)
         return total
 
+    def max_over_world(self, value: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of a tensor over every rank (one all-reduce on the
+        default group; `value` on this rank's device); the value itself in one process."""
+        result = value.detach().clone()
+        if self.is_distributed:
+            dist.all_reduce(result, op=dist.ReduceOp.MAX)
+        return result
+
     def broadcast_from_rank0(self, value: T) -> T:
         """Rank 0's `value` on every rank (e.g. the run directory, whose timestamp may differ)."""
         if not self.is_distributed:
