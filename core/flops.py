@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from scaleforge.core.precision import tf32_enabled
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import attention_params, mlp_params
 
@@ -94,5 +95,4 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     the tf32 rate when float32 matmuls may use TF32), or None when unknown (always on CPU)."""
     if device.type != "cuda":
         return None
-    tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
-    return peak_flops_by_name(torch.cuda.get_device_name(device), precision, tf32)
+    return peak_flops_by_name(torch.cuda.get_device_name(device), precision, tf32_enabled())
