@@ -25,7 +25,12 @@ from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline_schedules import validate_pipeline
-from scaleforge.parallel.topology import ParallelDims, check_layout, resolve_device
+from scaleforge.parallel.topology import (
+    ParallelDims,
+    check_backend,
+    check_layout,
+    resolve_device,
+)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
@@ -317,7 +322,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
             f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
             "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
         )
-    check_precision_device(t.precision, resolve_device(t.device))
+    device = resolve_device(t.device)
+    check_precision_device(t.precision, device)
+    if dims.world_size > 1:
+        check_backend(cfg.parallel.backend, device)
     return dims
 
 

@@ -198,7 +198,8 @@ class Trainer:
 
         Returns (this replica's mean loss, global grad norm before clipping) as device
         tensors. Before the update, `agree_on_step` runs one all-reduce of three floats over
-        the world and one host sync (also in one process), stored in
+        the world and the step's only device-to-host read (`core.health.read_on_host`, also
+        in one process; nothing else here waits for the device), stored in
         `self.last_step_signals`: with a non-finite loss or grad norm the update is skipped
         (`self.skipped` names the value; weights and optimizer state unchanged, the step and
         its data still count) or TrainingDivergedError is raised (`trainer.on_nonfinite`).

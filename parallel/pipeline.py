@@ -255,28 +255,30 @@ def _sequential_forward_loss(
 ) -> torch.Tensor:
     """Loss of one micro-batch (B, T) pushed through the stages one after the other with
     blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32,
-    their shape first (under tensor parallelism a stage sends its sequence shard)."""
+    their shape first (under tensor parallelism a stage sends its sequence shard). Every
+    tensor sent or received lives on `pipeline.device`: an NCCL group has no CPU backend."""
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
     num_stages = len(owner)
+    device = pipeline.device
     hidden = None
-    loss = torch.zeros((), dtype=torch.float32, device=pipeline.device)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
     for stage in range(num_stages):
         if owner[stage] != me:
             continue
         if stage == 0:
-            hidden = inputs.to(pipeline.device)
+            hidden = inputs.to(device)
         elif owner[stage - 1] != me:
-            shape = torch.empty(3, dtype=torch.int64)
+            shape = torch.empty(3, dtype=torch.int64, device=device)
             dist.recv(shape, group=pipeline.group, group_src=owner[stage - 1])
-            hidden = torch.empty(*shape.tolist(), device=pipeline.device)
+            hidden = torch.empty(*shape.tolist(), device=device)
             dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
         hidden = modules[stage](hidden)
         if stage == num_stages - 1:
-            loss = full_value(pipeline.loss_fn(hidden, targets.to(pipeline.device))).float()
+            loss = full_value(pipeline.loss_fn(hidden, targets.to(device))).float()
         elif owner[stage + 1] != me:
-            dist.send(torch.tensor(hidden.shape, dtype=torch.int64), group=pipeline.group,
-                      group_dst=owner[stage + 1])
+            dist.send(torch.tensor(hidden.shape, dtype=torch.int64, device=device),
+                      group=pipeline.group, group_dst=owner[stage + 1])
             dist.send(hidden.float().contiguous(), group=pipeline.group,
                       group_dst=owner[stage + 1])
     return loss
