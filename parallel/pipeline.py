@@ -220,6 +220,12 @@ def build_pipeline(
     return Pipeline(stages, schedule, group, micro_batches, loss_fn, torch.device(device))
 
 
+def _on_device(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`tensors` concatenated along dim 0 on `device`; each is copied with non_blocking, so
+    pinned batches (the loaders pin them on CUDA) do not wait for the device."""
+    return torch.cat([t.to(device, non_blocking=True) for t in tensors])
+
+
 def pipeline_step(
     pipeline: Pipeline, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
@@ -237,8 +243,8 @@ def pipeline_step(
         )
     device = pipeline.device
     # The schedule re-splits the concatenation along dim 0 into exactly these micro-batches.
-    inputs = torch.cat([x for x, _ in micro_batches]).to(device) if pipeline.is_first else None
-    targets = torch.cat([y for _, y in micro_batches]).to(device) if pipeline.is_last else None
+    inputs = _on_device([x for x, _ in micro_batches], device) if pipeline.is_first else None
+    targets = _on_device([y for _, y in micro_batches], device) if pipeline.is_last else None
     losses: list[torch.Tensor] = []
     args = (inputs,) if inputs is not None else ()
     pipeline.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
@@ -313,9 +319,9 @@ def pipeline_eval(
             group = micro_batches[start:start + m]
             losses: list[torch.Tensor] = []
             device = pipeline.device
-            args = (torch.cat([x for x, _ in group]).to(device),) if pipeline.is_first else ()
+            args = (_on_device([x for x, _ in group], device),) if pipeline.is_first else ()
             group_targets = (
-                torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
+                _on_device([y for _, y in group], device) if pipeline.is_last else None
             )
             pipeline.schedule.eval(*args, target=group_targets, losses=losses)
             if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)
