@@ -52,7 +52,7 @@ from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.models import count_parameters, num_params
-from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
+from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
     build_model,
@@ -226,12 +226,13 @@ class Trainer:
         """Forward and backward over this step's micro-batches, accumulating gradients.
 
         Returns the sum over micro-batches of loss / micro_batches (this replica's mean loss,
-        a plain device tensor). Data-parallel gradient reduction runs with the last
-        micro-batch's backward. The logits are handed straight to the loss, which keeps them
-        as the buffer of their gradient until backward (core/loss.py). Under pipeline
-        parallelism the schedule runs the step's micro-batches through this rank's stages
-        instead (same contract: gradients accumulated, mean loss out on every pp rank; every
-        pp rank of a data-parallel replica reads the same micro-batches).
+        a plain device tensor). Under FSDP every micro-batch's backward reduce-scatters its
+        gradients, which accumulate sharded; the all-reduce across dp_replicate runs with the
+        last (parallel/data_parallel.py). The logits are handed straight to the loss, which
+        keeps them as the buffer of their gradient until backward (core/loss.py). Under
+        pipeline parallelism the schedule runs the step's micro-batches through this rank's
+        stages instead (same contract: gradients accumulated, mean loss out on every pp
+        rank; every pp rank of a data-parallel replica reads the same micro-batches).
         """
         if self.pipeline is not None:
             micro_batches = [inputs_and_targets(next(batches)) for _ in range(self.micro_batches)]
@@ -242,7 +243,7 @@ class Trainer:
         for index in range(self.micro_batches):
             inputs, targets = (t.to(self.device, non_blocking=True)
                                for t in inputs_and_targets(next(batches)))
-            set_gradient_sync(self.model, index == self.micro_batches - 1)
+            set_gradient_reduction(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
                 loss = cross_entropy(self.model(inputs), targets) / self.micro_batches
             (scaler.scale(loss) if scaler else loss).backward()
