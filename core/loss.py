@@ -145,9 +145,13 @@ def _token_statistics(
     )
     chunks = [slice(start, start + chunk) for start in range(0, n, chunk)]
     for rows in chunks:
-        maxes[rows], target_logits[rows] = _chunk_max_and_target(local[rows], local_targets[rows])
         if group is None:
-            sums[rows] = _chunk_sum_exp(local[rows], maxes[rows])
+            maxes[rows], sums[rows], target_logits[rows] = _chunk_statistics(
+                local[rows], local_targets[rows]
+            )
+        else:
+            maxes[rows], target_logits[rows] = _chunk_max_and_target(local[rows],
+                                                                     local_targets[rows])
     if group is not None:
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
         for rows in chunks:
@@ -156,6 +160,17 @@ def _token_statistics(
 
 
 # One chunk per function call: its fp32 copy is freed on return, before the next is made.
+def _chunk_statistics(
+    logits: torch.Tensor, local_targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, sum of exp(logit - max), logit at `local_targets`) per row of `logits`
+    (n, V), in fp32, from one fp32 copy."""
+    x = logits.to(torch.float32, copy=True)
+    maxes = x.amax(dim=1)
+    target_logits = x.gather(1, local_targets[:, None]).squeeze(1)
+    return maxes, x.sub_(maxes[:, None]).exp_().sum(dim=1), target_logits
+
+
 def _chunk_max_and_target(
     logits: torch.Tensor, local_targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
