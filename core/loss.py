@@ -2,9 +2,9 @@
 
 `F.cross_entropy(logits.float())` on the logits of N = B*T tokens over a vocabulary of V
 keeps an fp32 copy of them, saves their fp32 log-softmax for backward and builds an fp32
-gradient there: up to 12 bytes per logit on top of the logits' own 2 (bf16), about 55 GB
-at 8 x 4096 tokens and a 128k vocabulary. `cross_entropy` holds the logits and one chunk's
-fp32 working set (CHUNK_ELEMENTS floats, a few copies) instead:
+gradient there: about 12 bytes per logit in all, 6 times the bf16 logits, 51 GB at 8 x 4096
+tokens and a 128k vocabulary (bench/RESULTS.md). `cross_entropy` holds the logits and one
+chunk of them in fp32 (CHUNK_ELEMENTS floats) instead:
 
 - forward goes over `chunk_tokens` tokens at a time: it upcasts the chunk to fp32 and keeps
   three floats per token (max logit, sum of exp(logit - max), target logit); a token's
