@@ -269,14 +269,6 @@ class Topology:
             raise ConfigError(reported)
         return results[0] if first else task()
 
-    def loss_context(self) -> contextlib.AbstractContextManager:
-        """Wraps the loss and its backward: vocab-parallel cross-entropy when tp > 1."""
-        if self.dims.tp > 1:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
-
     def describe(self) -> str:
         """The layout and mesh order, for the start-of-run log line."""
         backend = dist.get_backend() if self.is_distributed else "none"
