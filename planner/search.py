@@ -283,13 +283,13 @@ def plan_layouts(cfg: Config, gpus: int, gpu: GpuSpec, gpus_per_node: int,
 def overflow_reason(memory: Memory, usable: float) -> str:
     """What overflows `usable` bytes, e.g. 'activations 96 GB > 41 GB left'."""
     if memory.state > usable:
-        return f"parameters, gradients and optimizer state {memory.state / GB:.0f} GB > " \
-               f"{usable / GB:.0f} GB"
+        return f"parameters, gradients and optimizer state {memory.state / GB:.1f} GB > " \
+               f"{usable / GB:.1f} GB"
     if memory.state + memory.buffers > usable:
-        return f"FSDP's gathered weights and gradients {memory.buffers / GB:.0f} GB > " \
-               f"{(usable - memory.state) / GB:.0f} GB left"
-    return f"activations {memory.activations / GB:.0f} GB > " \
-           f"{(usable - memory.state - memory.buffers) / GB:.0f} GB left"
+        return f"FSDP's gathered weights and gradients {memory.buffers / GB:.1f} GB > " \
+               f"{(usable - memory.state) / GB:.1f} GB left"
+    return f"activations {memory.activations / GB:.1f} GB > " \
+           f"{(usable - memory.state - memory.buffers) / GB:.1f} GB left"
 
 
 _KNOBS = ("tp", "pipeline", "dp_shard", "checkpointing", "micro_batch_size")

@@ -68,9 +68,22 @@ class RankState:
     tensors: int
 
     @classmethod
-    def of(cls, params_bytes: int, tensors: int) -> RankState:
-        return cls(params_bytes, params_bytes, 2 * params_bytes + ADAM_STEP_BYTES * tensors,
-                   tensors)
+    def of(cls, params_bytes: int, tensors: int, grads_bytes: int | None = None) -> RankState:
+        grads = params_bytes if grads_bytes is None else grads_bytes
+        return cls(params_bytes, grads, 2 * params_bytes + ADAM_STEP_BYTES * tensors, tensors)
+
+
+def replicated_gradient_elements(name: str, local_elements: int, dims: ParallelDims) -> int:
+    """Elements of parameter `name`'s gradient (a full-model name, or a pipeline part's
+    prefixed one) on a rank holding `local_elements` of it.
+
+    Its shard's, except one case measured in torch 2.13 (bench/plan_memory.py): under
+    tensor parallelism without data parallelism the vocabulary-parallel embedding's
+    backward leaves a Replicate gradient of the whole table on every tp rank (FSDP, when
+    present, reduce-scatters it to the shard)."""
+    if name.endswith("tok_embeddings.weight") and dims.tp > 1 and dims.dp_size == 1:
+        return local_elements * dims.tp
+    return local_elements
 
 
 @dataclass(frozen=True)
@@ -84,17 +97,21 @@ class GatheredElements:
     ends: int
 
 
-def state_of_parameters(params: Iterator[nn.Parameter] | list[nn.Parameter]) -> RankState:
-    """RankState of a built model's parameters (each once; DTensors by their local shard):
-    how the dry run counts the trainer's own model."""
+def state_of_parameters(named_params: Iterator[tuple[str, nn.Parameter]],
+                        dims: ParallelDims) -> RankState:
+    """RankState of a built model's parameters (each once; DTensors by their local shard)
+    under layout `dims`: how the dry run counts the trainer's own model."""
     seen: set[int] = set()
-    params_bytes = tensors = 0
-    for param in params:
+    params_bytes = grads_bytes = tensors = 0
+    for name, param in named_params:
         if id(param) not in seen:
             seen.add(id(param))
-            params_bytes += local_bytes(param)
+            local = param.to_local() if isinstance(param, DTensor) else param
+            params_bytes += local.numel() * local.element_size()
+            grads_bytes += local.element_size() * replicated_gradient_elements(
+                name, local.numel(), dims)
             tensors += 1
-    return RankState.of(params_bytes, tensors)
+    return RankState.of(params_bytes, tensors, grads_bytes)
 
 
 def _shard(param: nn.Parameter) -> ParamShard:
@@ -176,7 +193,7 @@ class ShardProbe:
             ranges = stage_layer_ranges(self.cfg.model.n_layers, num_stages, layers_per_stage)
         blocks = sum(len(ranges[stage]) for stage in owned)
         first, last = 0 in owned, len(ranges) - 1 in owned
-        params = tensors = total = block = ends = 0
+        params = grads = tensors = total = block = ends = 0
         for name, shard in shards.items():
             if name.startswith("layers."):
                 count = blocks
@@ -186,9 +203,11 @@ class ShardProbe:
                             else last)
                 ends += count * shard.tp_local_elements
             params += count * shard.local_elements * shard.element_bytes
+            grads += count * shard.element_bytes * replicated_gradient_elements(
+                name, shard.local_elements, dims)
             total += count * shard.tp_local_elements
             tensors += count
-        return RankState.of(params, tensors), GatheredElements(total, block, ends)
+        return RankState.of(params, tensors, grads), GatheredElements(total, block, ends)
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
