@@ -4,6 +4,6 @@
 the same pieces: the bytes of parameters, gradients and optimizer state counted from the
 trainer's own sharded model (built on the meta device; planner/shards.py), the activation
 estimate (planner/activations.py), the communication buffers (planner/buffers.py), the
-step-time model (planner/step_time.py) over a GPU table (planner/hardware.py), and the
-enumeration of layouts (planner/search.py).
+step-time model (planner/step_time.py) over a GPU table (planner/hardware.py), the
+enumeration of layouts (planner/search.py) and sf-plan's table (planner/table.py).
 """

@@ -4,7 +4,9 @@ memory, stop before step 1.
 `sf-train` constructs the Trainer as for training (layout and process groups, model shards,
 optimizer, data loaders, checkpoint resume) and then calls `report_dry_run` instead of
 `fit`: no training step, no evaluation, no checkpoint. Each rank counts its own parameters
-(DTensors by their local shard), the gradients they will get (the same shapes and dtype),
+(DTensors by their local shard), the gradients they will get (the same shapes and dtype,
+but for the whole-table embedding gradient under tp without FSDP:
+`planner.shards.replicated_gradient_elements`),
 the AdamW state the first step will allocate (exp_avg and exp_avg_sq like the parameter,
 and a 4-byte step per parameter: `planner.shards.state_of_parameters`, the count sf-plan
 uses), and the activation estimate of `planner.search.rank_activation_bytes` (sf-plan's

@@ -59,8 +59,9 @@ class ParamShard:
 @dataclass(frozen=True)
 class RankState:
     """A rank's optimizer-side memory in bytes: parameters, gradients (the same shapes and
-    dtype: fp32 master weights) and AdamW state (exp_avg and exp_avg_sq in the parameter's
-    dtype, plus a 4-byte step per parameter tensor), and its parameter tensor count."""
+    dtype, fp32 master weights, but see `replicated_gradient_elements`) and AdamW state
+    (exp_avg and exp_avg_sq in the parameter's dtype, plus a 4-byte step per parameter
+    tensor), and its parameter tensor count."""
 
     params: int
     grads: int
