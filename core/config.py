@@ -25,7 +25,12 @@ from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline_schedules import validate_pipeline
-from scaleforge.parallel.topology import ParallelDims, check_layout, resolve_device
+from scaleforge.parallel.topology import (
+    ParallelDims,
+    check_backend,
+    check_layout,
+    resolve_device,
+)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
@@ -257,6 +262,15 @@ def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batche
             "gradients) over each block, which selective checkpointing forbids; use "
             "trainer.activation_checkpointing=full or none, or GPipe, 1F1B or Interleaved1F1B"
         )
+    if cfg.model.tie_embeddings and (tp > 1 or dp_size > 1):
+        # Each stage is sharded on its own, so the two stages' copies of the tied weight
+        # would become two separate shards, updated apart.
+        raise ConfigError(
+            f"model.tie_embeddings=true with parallel.pp={pp} and tensor or data parallelism "
+            f"(tp={tp}, {dp_size} data-parallel ranks): rank 0's first and last stages are "
+            "sharded separately and would hold two diverging copies of the tied weight; set "
+            "model.tie_embeddings=false, or run the pipeline without tp and dp"
+        )
     dp_shard = cfg.parallel.dp_shard if cfg.parallel.dp_shard != -1 else dp_size
     if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward and dp_shard > 1
             and p.fsdp_reshard_after_forward):
@@ -311,7 +325,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
             f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
             "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
         )
-    check_precision_device(t.precision, resolve_device(t.device))
+    device = resolve_device(t.device)
+    check_precision_device(t.precision, device)
+    if dims.world_size > 1:
+        check_backend(cfg.parallel.backend, device)
     return dims
 
 

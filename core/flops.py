@@ -2,12 +2,18 @@
 
 Counts are for matrix multiplies only (norms, activations and softmax are a rounding
 error at these shapes). A multiply-accumulate is 2 FLOPs; backward costs twice forward.
+Attention is counted causal by default (the work a causal kernel does, which our `mfu`
+uses); `causal=False` counts every key, the convention of torchtitan, Megatron and PaLM
+(our `mfu_full_attention`), which reads higher by the attention term.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+from scaleforge.core.precision import tf32_enabled
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import attention_params, mlp_params
 
@@ -35,27 +41,58 @@ def training_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool 
     return 3 * forward
 
 
-# Dense (no sparsity) peak FLOP/s by compute dtype, from the vendors' data sheets.
-_PEAK_FLOPS = {
-    # name fragment: (bf16/fp16 tensor core, tf32 tensor core, plain fp32)
-    "H200": (989e12, 494e12, 67e12),
-    "H100 PCIe": (756e12, 378e12, 51e12),
-    "H100": (989e12, 494e12, 67e12),
-    "A100": (312e12, 156e12, 19.5e12),
-    "L40S": (362e12, 183e12, 91.6e12),
-    "L4": (121e12, 60e12, 30.3e12),
-    "A10": (125e12, 62.5e12, 31.2e12),
+# Dense (no 2:4 sparsity) peak FLOP/s of one GPU: (bf16/fp16 tensor core, tf32 tensor core,
+# plain fp32), keyed by the words of `torch.cuda.get_device_name` that identify the part.
+# From NVIDIA's data sheets; where a sheet prints only the sparse figure (marked * there:
+# H100, H200, H800, B200) the dense one is half of it. Sources:
+#   H100 SXM/PCIe/NVL: nvidia.com/en-us/data-center/h100 (NVL: 1,671* bf16, 835* tf32, 60 fp32)
+#   H200 SXM/NVL: nvidia.com/en-us/data-center/h200 (NVL as H100 NVL); GH200: the data sheet's
+#   GPU is the H100/H200 SXM part, same tensor figures; H800: the H100's compute (SXM, PCIe)
+#   with NVLink cut; A100 (SXM and PCIe, 40 and 80 GB alike), A10, L4, L40, L40S: their data
+#   sheets' dense columns; B200: HGX B200 (4.5* PF bf16, 2.2* PF tf32, 75 TF fp32), GB200:
+#   GB200 NVL72 per GPU (5*, 2.5*, 80); A10G (an AWS part, no NVIDIA sheet): AWS's figures as
+#   compared in baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference.
+_PEAK_FLOPS: dict[tuple[str, ...], tuple[float, float, float]] = {
+    ("H100",): (989e12, 494e12, 67e12),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
+    ("H100", "PCIE"): (756e12, 378e12, 51e12),
+    ("H100", "NVL"): (835.5e12, 417.5e12, 60e12),
+    ("H200",): (989e12, 494e12, 67e12),  # SXM
+    ("H200", "NVL"): (835.5e12, 417.5e12, 60e12),
+    ("GH200",): (989e12, 494e12, 67e12),
+    ("H800",): (989e12, 494e12, 67e12),  # SXM
+    ("H800", "PCIE"): (756e12, 378e12, 51e12),
+    ("A100",): (312e12, 156e12, 19.5e12),
+    ("A10",): (125e12, 62.5e12, 31.2e12),
+    ("A10G",): (70e12, 35e12, 31.2e12),
+    ("L4",): (121e12, 60e12, 30.3e12),
+    ("L40",): (181e12, 90.5e12, 90.5e12),
+    ("L40S",): (362e12, 183e12, 91.6e12),
+    ("B200",): (2250e12, 1100e12, 75e12),
+    ("GB200",): (2500e12, 1250e12, 80e12),
 }
 
 
+def peak_flops_by_name(device_name: str, precision: str, tf32: bool) -> float | None:
+    """Dense peak FLOP/s of the GPU called `device_name` (as `torch.cuda.get_device_name`
+    gives it) for `precision` (bf16 and fp16: the half-precision tensor cores; fp32: the tf32
+    tensor cores when `tf32`, else plain fp32), or None for a GPU not in the table.
+
+    The name is split into words (letters and digits, case ignored) and the entry whose
+    words all occur in it with the most words wins: "NVIDIA H100 NVL" is the NVL part, not
+    the SXM one, and "L40" never matches "NVIDIA L40S" nor "A10" "NVIDIA A100-SXM4-80GB"."""
+    words = set(re.findall(r"[A-Z0-9]+", device_name.upper()))
+    matches = [key for key in _PEAK_FLOPS if words.issuperset(key)]
+    if not matches:
+        return None
+    half, tf32_peak, fp32 = _PEAK_FLOPS[max(matches, key=len)]
+    if precision in ("bf16", "fp16"):
+        return half
+    return tf32_peak if tf32 else fp32
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of `device` for `precision`, or None when unknown (always on CPU)."""
+    """Dense peak FLOP/s of one `device` for `precision` (`peak_flops_by_name`; fp32 counts
+    the tf32 rate when float32 matmuls may use TF32), or None when unknown (always on CPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, (half, tf32, fp32) in _PEAK_FLOPS.items():
-        if fragment in name:
-            if precision in ("bf16", "fp16"):
-                return half
-            return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
-    return None
+    return peak_flops_by_name(torch.cuda.get_device_name(device), precision, tf32_enabled())

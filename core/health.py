@@ -3,10 +3,15 @@ loss-spike detector that only reports.
 
 Every step the trainer reduces one small tensor over the world (`agree_on_step`): this
 replica's loss, whether it is finite, and whether this process received a preemption
-signal. That reduction is the step's only added host sync; its result is identical on
-every rank, so every decision taken from it (skip the update, stop, log a spike, stop for
-preemption) is taken at the same step by all ranks and no rank is left waiting in a
-collective.
+signal. Its result is identical on every rank, so every decision taken from it (skip the
+update, stop, log a spike, stop for preemption) is taken at the same step by all ranks and
+no rank is left waiting in a collective.
+
+Host syncs: reading that result (`read_on_host`) is the only device-to-host read of a
+training step, and the step's only wait for the device. Everything else the step computes
+(losses, the grad norm, the clip coefficient, the optimizer update) stays queued on the
+device; the loss and grad norm reach the host only on the steps that log them.
+tests/test_host_syncs.py counts the reads.
 """
 
 from __future__ import annotations
@@ -41,11 +46,18 @@ class StepSignals:
     preemption_requested: bool
 
 
+def read_on_host(values: torch.Tensor) -> list[float]:
+    """The entries of the 1-D tensor `values` as Python floats: the training step's one
+    device-to-host read (it waits for the device to finish the step's queued work). Every
+    per-step decision on the host is taken from what passes here."""
+    return values.tolist()
+
+
 def agree_on_step(
     topology: Topology, loss: torch.Tensor, grad_norm: torch.Tensor, preemption_requested: bool
 ) -> StepSignals:
     """Reduce this rank's step outcome over the world: one all-reduce (SUM) of 3 floats,
-    then one device-to-host copy, also in a single process.
+    then the step's one device-to-host read (`read_on_host`), also in a single process.
 
     `loss` is this replica's mean loss (a scalar tensor, equal on the tp and pp ranks of a
     replica), `grad_norm` the global norm from `parallel.grad_clip.clip_grad_norm`. The sum
@@ -53,22 +65,18 @@ def agree_on_step(
     also carries the loss, which the spike detector reads every step.
     """
     loss = loss.detach().float().reshape(())
-    local = torch.stack(
-        [
-            loss,
-            (~torch.isfinite(loss)).float(),
-            torch.tensor(float(preemption_requested), device=loss.device),
-        ]
-    )
+    # Filled on the device: torch.tensor(flag, device=...) would copy from the host, which
+    # on CUDA waits for the stream.
+    preempted_flag = torch.full((), float(preemption_requested), device=loss.device)
+    local = torch.stack([loss, (~torch.isfinite(loss)).float(), preempted_flag])
     total = topology.sum_over_world(local)
     # clip_grad_norm returns a CPU zero when no parameter has a gradient.
     norm = grad_norm.detach().float().reshape(1).to(total.device)
-    values = torch.cat([total, norm]).tolist()
-    loss_sum, nonfinite_losses, preempted, norm = values
+    loss_sum, nonfinite_losses, preempted, norm_value = read_on_host(torch.cat([total, norm]))
     return StepSignals(
         mean_loss=loss_sum / topology.world_size,
         loss_finite=nonfinite_losses == 0,
-        grad_norm_finite=math.isfinite(norm),
+        grad_norm_finite=math.isfinite(norm_value),
         preemption_requested=preempted > 0,
     )
 

@@ -1,4 +1,5 @@
-"""Metric sinks, written by rank 0 only: console (with a progress bar), JSONL and W&B."""
+"""Metric sinks, written by rank 0 only: console (with a progress bar), JSONL and W&B; and
+this process's peak-memory readings, which the records carry."""
 
 from __future__ import annotations
 
@@ -21,10 +22,28 @@ NONFINITE_STRINGS = ("nan", "inf", "-inf")  # how `to_json` writes non-finite fl
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated CUDA memory on `device`, or the process's peak RSS on CPU, in GiB."""
+    """This process's peak memory in GiB: on CUDA the most memory `device` had allocated to
+    tensors since the last `reset_peak_memory` (or the start); on CPU the process's peak
+    resident set size since it started, which cannot be reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def peak_reserved_memory_gb(device: torch.device) -> float | None:
+    """The most memory CUDA's caching allocator held on `device` (tensors and its cache)
+    since the last `reset_peak_memory` (or the start), in GiB; None on CPU, which has no
+    allocator cache."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the peaks of `peak_memory_gb` and `peak_reserved_memory_gb` from the memory
+    in use now (CUDA); nothing on CPU, where the kernel keeps one peak RSS per process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 WandbMode = Literal["online", "offline", "disabled", "shared"]
@@ -56,7 +75,7 @@ def _format(record: dict[str, Any]) -> str:
     formats = {
         "loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}",
         "grad_norm": "gnorm {:.3f}", "tokens_per_s": "{:,.0f} tok/s",
-        "tflops": "{:.2f} TFLOP/s", "mfu": "MFU {:.1%}", "memory_gb": "mem {:.2f} GiB",
+        "tflops": "{:.2f} TFLOP/s/GPU", "mfu": "MFU {:.1%}", "memory_gb": "mem {:.2f} GiB",
         "eta_s": "eta {}",
     }
     for key, fmt in formats.items():

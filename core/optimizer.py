@@ -1,4 +1,13 @@
-"""AdamW with weight decay on matrices only, using torch's fused or foreach kernels."""
+"""AdamW with weight decay on matrices only, using torch's fused or foreach kernels.
+
+Host syncs (torch 2.13): no implementation reads the device in `step`. `fused` (auto's
+choice on CPU and CUDA) keeps each parameter's `step` counter on its device, and with fp16
+loss scaling GradScaler hands it the on-device inf flag. `foreach` and `for_loop` keep
+`step` on the host and compute the bias corrections there (still no device read), but with
+fp16 loss scaling GradScaler then reads the inf flag on the host (`.item()`) before every
+update; prefer `fused` there. `capturable` (step counters on the device for foreach) is
+only needed for CUDA graphs, which ScaleForge does not capture.
+"""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ class Trainer:
                       else build_model(plan, self.topology))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.throughput = ThroughputMeter(cfg.model, cfg.data.seq_len,
-                                          cfg.trainer.global_batch_tokens, self.device,
+                                          cfg.trainer.global_batch_tokens, self.topology,
                                           cfg.trainer.precision)
         self.step = 0
         self.nonfinite_guard = NonFiniteGuard(cfg.trainer, cfg.optim.lr, cfg.optim.grad_clip)
@@ -198,7 +198,8 @@ class Trainer:
 
         Returns (this replica's mean loss, global grad norm before clipping) as device
         tensors. Before the update, `agree_on_step` runs one all-reduce of three floats over
-        the world and one host sync (also in one process), stored in
+        the world and the step's only device-to-host read (`core.health.read_on_host`, also
+        in one process; nothing else here waits for the device), stored in
         `self.last_step_signals`: with a non-finite loss or grad norm the update is skipped
         (`self.skipped` names the value; weights and optimizer state unchanged, the step and
         its data still count) or TrainingDivergedError is raised (`trainer.on_nonfinite`).
@@ -342,7 +343,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
                 "tokens": self.step * tokens_per_step,
-                **speed,
+                **speed,  # tokens/s, TFLOP/s per GPU and total, MFU, GiB: ThroughputMeter.read
                 "elapsed_s": now - start,
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
@@ -425,7 +426,7 @@ class Trainer:
             f"({non_embedding / 1e6:.2f}M non-embedding) | device {self.device} | precision "
             f"{cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/step = "
             f"{self.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
-            f"{cfg.data.seq_len} | {self.throughput.flops_per_token / 1e6:.1f} MFLOP/token | "
+            f"{cfg.data.seq_len} | {self.throughput.describe()} | "
             f"run dir {self.run_dir}"
         )
 

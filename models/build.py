@@ -9,19 +9,24 @@ import torch
 from omegaconf import DictConfig
 
 from scaleforge.models.config import TransformerConfig, as_transformer_config
+from scaleforge.models.init import init_weights, seed_from_global_rng
 from scaleforge.models.transformer import Transformer
 
 
 def build(
     cfg: TransformerConfig | DictConfig | Mapping[str, Any],
     device: torch.device | str = "cpu",
+    seed: int | None = None,
 ) -> Transformer:
     """Validate `cfg` and return an initialised model on `device`.
 
     The modules are created on the meta device (shapes only), then materialised on `device`
-    with `to_empty` and filled by `init_weights` from torch's global RNG, so a 70B model never
-    passes through CPU memory on its way to a GPU. device="meta" returns the shapes only,
-    for counting parameters or for parallel/ to shard before materialising.
+    with `to_empty` and filled by `models.init.init_weights`, each parameter from its own
+    generator keyed by (`seed`, its name), so a 70B model never passes through CPU memory on
+    its way to a GPU and a sharded start-up can draw the same weights piece by piece. `seed`
+    None takes one draw from torch's global generator (so `torch.manual_seed` before the
+    build fixes the weights). device="meta" returns the shapes only, for counting parameters
+    or for parallel/ to shard before materialising.
     Raises ConfigError naming the first inconsistent `model.*` setting.
     """
     cfg = as_transformer_config(cfg)
@@ -30,5 +35,5 @@ def build(
         model = Transformer(cfg)
     if torch.device(device).type != "meta":
         model.to_empty(device=device)
-        model.init_weights()
+        init_weights(model, seed_from_global_rng() if seed is None else seed)
     return model

@@ -10,8 +10,6 @@ Hugging Face conversion address weights as `layers.<i>.attention.wq` and so on.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -176,34 +174,3 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return h if self.output is None else self.output(h)  # (B, T, vocab_size)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Fill every parameter and buffer in place; call after `to_empty` (see `build`).
-
-        Linear and embedding weights ~ N(0, init_std), residual output projections
-        (`wo`, `w2`) ~ N(0, init_std / sqrt(2 * n_layers)), biases 0, norm weights 1, RoPE
-        tables recomputed. Draws from torch's global RNG in module order.
-        """
-        cfg = self.cfg
-        output, embeddings = self.output, self.tok_embeddings
-        tied = False
-        if cfg.tie_embeddings and output is not None and embeddings is not None:
-            # to_empty gives each module its own fresh tensor, which unties the two.
-            output.weight = embeddings.weight
-            tied = True
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, module in self.named_modules():
-            if tied and module is output:
-                continue  # its weight is the token embedding, drawn already
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = residual_std if name.endswith(RESIDUAL_PROJECTIONS) else cfg.init_std
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        if self.rope_cos is not None and self.rope_sin is not None:
-            cos, sin = self._rope_tables(device=self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)

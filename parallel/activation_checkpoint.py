@@ -2,7 +2,13 @@
 
 full: a wrapped block keeps only its input and recomputes everything in backward.
 selective: a wrapped block keeps the outputs of its matmuls and attention (the expensive
-ops) and recomputes the cheap, memory-hungry rest (norms, activations, rotary, residual adds).
+ops) and of its tensor-parallel collectives, and recomputes the cheap, memory-hungry rest
+(norms, activations, rotary, residual adds). Keeping the collectives' outputs (as
+torchtitan does) keeps backward from repeating forward's communication: under tp the
+all-gathers before the column-parallel matmuls and the reduce-scatters after the
+row-parallel ones run in forward only (DTensor issues them as the `_c10d_functional` ops in
+SAVED_OPS), and backward runs just its own gradient collectives. The price is memory: each
+block keeps its gathered, full-sequence matmul inputs instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from torch.utils.checkpoint import (
 from scaleforge.models.transformer import Transformer
 
 _aten = torch.ops.aten
-_SAVED_OPS = {
+_c10d = torch.ops._c10d_functional
+# What selective checkpointing keeps from forward (every other op is recomputed in backward).
+SAVED_OPS = {
     _aten.mm.default,
     _aten.addmm.default,
     _aten.bmm.default,
@@ -29,13 +37,17 @@ _SAVED_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _c10d.reduce_scatter_tensor.default,
+    _c10d.all_gather_into_tensor.default,
+    _c10d.all_reduce.default,
+    _c10d.all_to_all_single.default,
 }
 
 
 def _save_matmuls(
     ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any, **kwargs: Any
 ) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, every_n_blocks: int = 1) -> None:

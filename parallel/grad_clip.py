@@ -5,6 +5,10 @@ dp_replicate); a DTensor's norm is the norm of the full tensor, so summing squar
 over parameters gives the norm of the whole model's gradient once, however it is sharded.
 Parameters are grouped by mesh (a model may mix meshes) and, under pipeline parallelism,
 each stage holds different parameters, so the squared norm is summed over the pp group.
+
+Nothing here waits for the device: the norm, its all-reduce and the clip coefficient
+(`nn.utils.clip_grads_with_norm_`: min(1, max_norm / (norm + 1e-6)) as a tensor, then
+`_foreach_mul_`) stay queued on it; the caller reads the norm on the host when it needs it.
 """
 
 from __future__ import annotations

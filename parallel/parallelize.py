@@ -1,14 +1,18 @@
 """Composition: build the model on the meta device, apply TP -> activation checkpointing ->
-compile -> FSDP, then materialise it and fill it with the single-process weights.
+compile -> FSDP, then materialise only this rank's shards and fill them with the
+single-process weights.
 
-Weights are drawn once, on rank 0, exactly as a single process draws them (same seed, same
-device, same order), and scattered into the sharded DTensors with
-`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`: so the gathered
-weights of any layout equal the single-process weights bit for bit.
+Sharded start-up (`init_sharded_weights`): every parameter is drawn from its own generator
+keyed by (weight seed, parameter name) (models/init.py), so its values do not depend on
+which rank draws it or in what order. Each rank draws, one at a time and on its device, the
+full value of each parameter it holds a shard of, copies its shard out of it (a local cut,
+no communication) and frees the full value. Peak memory
+at start-up is this rank's shards plus the largest single parameter, no rank ever holds the
+model, and the gathered weights of any layout equal the single-process weights bit for bit.
 
-With pipeline parallelism (`build_pipelined_model`) every rank draws the full model with the
-seed instead (the same draws as one process), cuts its stages, and applies the same
-composition to each stage (split -> TP -> AC -> compile -> FSDP, as torchtitan does).
+With pipeline parallelism (`build_pipelined_model`) the meta model is cut into this rank's
+stages first, then each stage gets the same composition (split -> TP -> AC -> compile ->
+FSDP, as torchtitan does) and is materialised and drawn the same way.
 
 What to build is a `BuildPlan`: the model shape, the layout and the trainer's per-block
 choices (`core.config.build_plan` makes it from the run's config).
@@ -25,12 +29,18 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    set_model_state_dict,
 )
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.rope import rope_tables
+from scaleforge.models.init import (
+    fill_parameter,
+    init_rules,
+    reset_rope_tables,
+    rule_key,
+    seed_from_global_rng,
+)
 from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaleforge.parallel.compile import apply_compile
@@ -78,59 +88,106 @@ def build_model(plan: BuildPlan, topology: Topology) -> Transformer:
     """The initialised, parallelised model of this rank.
 
     One process: `models.build` on the device, then activation checkpointing and compile, as
-    the trainer always did. Several: meta -> `parallelize` -> `to_empty` -> weights from
-    rank 0's single-process initialisation. Call after seeding torch's RNG.
+    the trainer always did. Several: meta -> `parallelize` -> `to_empty` (this rank's shards
+    only) -> `init_sharded_weights`. The weight seed is one draw from torch's global
+    generator, so call after seeding it identically on every rank (`seed_everything`).
     """
     if topology.dims.pp > 1:
         raise ValueError("parallel.pp > 1: build the stages with build_pipelined_model")
+    seed = seed_from_global_rng()
     if not topology.is_distributed:
-        model = build(plan.model, device=topology.device)
+        model = build(plan.model, device=topology.device, seed=seed)
         parallelize(model, topology, plan)
         return model
     model = build(plan.model, device="meta")
     parallelize(model, topology, plan)
     model.to_empty(device=topology.device)
-    load_single_process_weights(model, plan.model, topology)
+    init_sharded_weights(model, seed)
     return model
 
 
 def build_pipelined_model(plan: BuildPlan, topology: Topology, loss_fn: LossFn) -> Pipeline:
     """This rank's pipeline stages, parallelised, and the schedule that runs them.
 
-    The full model is drawn on every rank from the current RNG state (call after seeding),
-    so each stage's weights equal the single-process ones; `build_pipeline` cuts the stages
-    and frees the rest. Each stage then gets tensor parallel, activation checkpointing,
-    compile and FSDP like a whole model. `loss_fn(logits, targets)` is the mean loss of a
-    micro-batch.
+    `build_pipeline` cuts the meta model into this rank's stages; each stage then gets
+    tensor parallel, activation checkpointing, compile and FSDP like a whole model, and only
+    its shards are materialised and drawn (`init_sharded_weights`, with the weight seed of
+    `build_model`: one draw from torch's global generator, so call after seeding). The
+    stage weights equal the single-process ones. `loss_fn(logits, targets)` is the mean
+    loss of a micro-batch.
     """
     p = plan.parallel
-    return build_pipeline(
-        build(plan.model, device=topology.device), topology.group("pp"), p.pp_schedule,
+    seed = seed_from_global_rng()
+    ends: dict[str, Transformer] = {}  # this rank's first and last stage, when it has them
+
+    def prepare_stage(stage: Transformer) -> None:
+        parallelize(stage, topology, plan)
+        stage.to_empty(device=topology.device)
+        init_sharded_weights(stage, seed)
+        ends.update({"first": stage} if stage.tok_embeddings is not None else {})
+        ends.update({"last": stage} if stage.output is not None else {})
+        first, last = ends.get("first"), ends.get("last")
+        if plan.model.tie_embeddings and first and last and first.tok_embeddings and last.output:
+            # A V schedule keeps both ends on rank 0, where to_empty gave each stage its own
+            # copy of the tied weight: share one Parameter again (core.config.validate allows
+            # this only without tp and dp, whose sharding would split the two anyway).
+            last.output.weight = first.tok_embeddings.weight
+
+    pipeline = build_pipeline(
+        build(plan.model, device="meta"), topology.group("pp"), p.pp_schedule,
         p.pp_stages_per_rank, plan.micro_batches, loss_fn, topology.device,
-        p.pp_layers_per_stage, prepare_stage=lambda stage: parallelize(stage, topology, plan),
+        p.pp_layers_per_stage, prepare_stage=prepare_stage,
     )
+    return pipeline
 
 
 @torch.no_grad()
-def load_single_process_weights(
-    model: Transformer, model_cfg: TransformerConfig, topology: Topology
-) -> None:
-    """Fill a materialised parallel `model` with the weights a single process would draw.
+def init_sharded_weights(model: Transformer, seed: int) -> None:
+    """Fill a materialised, parallelised `model` (or pipeline stage) with the weights
+    `models.build(..., seed=seed)` draws in one process, holding at most one full parameter
+    at a time beside the shards (see the module docstring).
 
-    Rank 0 builds the full model on its device from the current RNG state; every rank
-    receives its shards by broadcast. Buffers outside the state dict (RoPE tables) are
-    recomputed from the config.
+    A DTensor parameter's full value is drawn on its device and cut to this rank's shard
+    locally; ones and zeros fill the shard directly. Buffers outside the state dict (RoPE
+    tables) are recomputed from the config.
     """
-    full = build(model_cfg, device=topology.device).state_dict() if topology.is_rank0 else {}
-    set_model_state_dict(
-        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    )
-    rope_cos, rope_sin = model.rope_cos, model.rope_sin  # None for gpt
-    if isinstance(rope_cos, torch.Tensor) and isinstance(rope_sin, torch.Tensor):
-        m = model_cfg
-        cos, sin = rope_tables(m.head_dim, m.max_seq_len, m.rope_theta, device=topology.device)
-        rope_cos.copy_(cos)
-        rope_sin.copy_(sin)
+    cfg = model.cfg
+    rules = init_rules(cfg)
+    for name, param in model.named_parameters():
+        key = rule_key(cfg, name)
+        rule = rules[key]
+        if not isinstance(param, DTensor):
+            fill_parameter(param, rule, seed, key)
+            continue
+        local = param.to_local()
+        if rule.kind != "normal":
+            fill_parameter(local, rule, seed, key)
+            continue
+        full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+        fill_parameter(full, rule, seed, key)
+        local.copy_(_local_piece(full, param))
+        del full
+    reset_rope_tables(model)
+
+
+def _local_piece(full: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's piece of `full`, the full value of DTensor `param`: a view for Shard and
+    Replicate placements (DTensor shards by torch.chunk, mesh dim by mesh dim); other
+    placements (FSDP's strided shard under tensor parallelism) go through
+    `distribute_tensor`'s local cut, which copies the piece."""
+    mesh, piece = param.device_mesh, full
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None, "this rank holds a shard, so it is in the mesh"
+    for mesh_dim, placement in enumerate(param.placements):
+        if type(placement) is Shard:
+            chunks = torch.chunk(piece, mesh.size(mesh_dim), dim=placement.dim)
+            index = coordinate[mesh_dim]
+            piece = (chunks[index] if index < len(chunks)
+                     else piece.narrow(placement.dim, 0, 0))  # torch.chunk made fewer
+        elif not isinstance(placement, Replicate):
+            cut = distribute_tensor(full, mesh, param.placements, src_data_rank=None)
+            return cut.to_local()
+    return piece
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -220,6 +220,12 @@ def build_pipeline(
     return Pipeline(stages, schedule, group, micro_batches, loss_fn, torch.device(device))
 
 
+def _on_device(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`tensors` concatenated along dim 0 on `device`; each is copied with non_blocking, so
+    pinned batches (the loaders pin them on CUDA) do not wait for the device."""
+    return torch.cat([t.to(device, non_blocking=True) for t in tensors])
+
+
 def pipeline_step(
     pipeline: Pipeline, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
@@ -237,8 +243,8 @@ def pipeline_step(
         )
     device = pipeline.device
     # The schedule re-splits the concatenation along dim 0 into exactly these micro-batches.
-    inputs = torch.cat([x for x, _ in micro_batches]).to(device) if pipeline.is_first else None
-    targets = torch.cat([y for _, y in micro_batches]).to(device) if pipeline.is_last else None
+    inputs = _on_device([x for x, _ in micro_batches], device) if pipeline.is_first else None
+    targets = _on_device([y for _, y in micro_batches], device) if pipeline.is_last else None
     losses: list[torch.Tensor] = []
     args = (inputs,) if inputs is not None else ()
     pipeline.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
@@ -255,28 +261,30 @@ def _sequential_forward_loss(
 ) -> torch.Tensor:
     """Loss of one micro-batch (B, T) pushed through the stages one after the other with
     blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32,
-    their shape first (under tensor parallelism a stage sends its sequence shard)."""
+    their shape first (under tensor parallelism a stage sends its sequence shard). Every
+    tensor sent or received lives on `pipeline.device`: an NCCL group has no CPU backend."""
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
     num_stages = len(owner)
+    device = pipeline.device
     hidden = None
-    loss = torch.zeros((), dtype=torch.float32, device=pipeline.device)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
     for stage in range(num_stages):
         if owner[stage] != me:
             continue
         if stage == 0:
-            hidden = inputs.to(pipeline.device)
+            hidden = inputs.to(device)
         elif owner[stage - 1] != me:
-            shape = torch.empty(3, dtype=torch.int64)
+            shape = torch.empty(3, dtype=torch.int64, device=device)
             dist.recv(shape, group=pipeline.group, group_src=owner[stage - 1])
-            hidden = torch.empty(*shape.tolist(), device=pipeline.device)
+            hidden = torch.empty(*shape.tolist(), device=device)
             dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
         hidden = modules[stage](hidden)
         if stage == num_stages - 1:
-            loss = full_value(pipeline.loss_fn(hidden, targets.to(pipeline.device))).float()
+            loss = full_value(pipeline.loss_fn(hidden, targets.to(device))).float()
         elif owner[stage + 1] != me:
-            dist.send(torch.tensor(hidden.shape, dtype=torch.int64), group=pipeline.group,
-                      group_dst=owner[stage + 1])
+            dist.send(torch.tensor(hidden.shape, dtype=torch.int64, device=device),
+                      group=pipeline.group, group_dst=owner[stage + 1])
             dist.send(hidden.float().contiguous(), group=pipeline.group,
                       group_dst=owner[stage + 1])
     return loss
@@ -311,9 +319,9 @@ def pipeline_eval(
             group = micro_batches[start:start + m]
             losses: list[torch.Tensor] = []
             device = pipeline.device
-            args = (torch.cat([x for x, _ in group]).to(device),) if pipeline.is_first else ()
+            args = (_on_device([x for x, _ in group], device),) if pipeline.is_first else ()
             group_targets = (
-                torch.cat([y for _, y in group]).to(device) if pipeline.is_last else None
+                _on_device([y for _, y in group], device) if pipeline.is_last else None
             )
             pipeline.schedule.eval(*args, target=group_targets, losses=losses)
             if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 T = TypeVar("T")
+# How long `local_rank0_first` lets the other ranks wait for a node's local rank 0 (tokenizing
+# a corpus can take hours). A first runner that fails ends the wait at once (its socket
+# closes); this bounds only one that hangs.
+PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,14 @@ class Topology:
             dist.all_reduce(total)
         return total
 
+    def max_over_world(self, value: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of a tensor over every rank (one all-reduce on the
+        default group; `value` on this rank's device); the value itself in one process."""
+        result = value.detach().clone()
+        if self.is_distributed:
+            dist.all_reduce(result, op=dist.ReduceOp.MAX)
+        return result
+
     def broadcast_from_rank0(self, value: T) -> T:
         """Rank 0's `value` on every rank (e.g. the run directory, whose timestamp may differ)."""
         if not self.is_distributed:
@@ -230,19 +242,28 @@ class Topology:
     def local_rank0_first(self, task: Callable[[], T]) -> T:
         """Run `task` on each node's local rank 0 first, then on the other ranks (which then
         find its results, e.g. prepared data, in place). A ConfigError raised by a first
-        runner is raised on every rank, so no rank waits for one that has stopped."""
+        runner is raised on every rank, so no rank waits for one that has stopped.
+
+        The other ranks wait in a collective over a gloo group made for it, with
+        PREPARATION_TIMEOUT: on the training groups the wait would end after
+        `parallel.timeout_s`, and under NCCL its watchdog would kill the job.
+        """
         if not self.is_distributed:
             return task()
         first = int(os.environ.get("LOCAL_RANK", 0)) == 0
         results: list[T] = []  # the first runner's result, once it has one
         error = None
-        if first:
-            try:
-                results.append(task())
-            except ConfigError as raised:
-                error = str(raised)
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+        try:
+            if first:
+                try:
+                    results.append(task())
+                except ConfigError as raised:
+                    error = str(raised)
+            errors: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error, group=group)
+        finally:
+            dist.destroy_process_group(group)
         reported = next((e for e in errors if e is not None), None)
         if reported is not None:
             raise ConfigError(reported)
@@ -299,6 +320,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ConfigError when the `parallel.backend` setting cannot carry the collectives of
+    a run on `device`: nccl off CUDA, gloo on CUDA."""
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(
+            f"parallel.backend=nccl needs CUDA tensors, but this run trains on {device.type} "
+            "(trainer.device); set parallel.backend=auto (gloo off CUDA) or train on GPUs"
+        )
+    if backend == "gloo" and device.type == "cuda":
+        raise ConfigError(
+            "parallel.backend=gloo with trainer.device on CUDA: gloo does not run every "
+            "collective on CUDA tensors (not the pipeline's send/recv, for one) and stages "
+            "the others through host memory, far slower than NCCL; set parallel.backend=auto "
+            "(nccl on CUDA)"
+        )
+
+
 def resolve_device(device: str) -> torch.device:
     """The `trainer.device` setting as a device: `auto` picks CUDA when available (this
     process's current GPU), else CPU."""
@@ -314,9 +352,12 @@ def resolve_device(device: str) -> torch.device:
 def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "auto") -> Topology:
     """Start torch.distributed if needed and build the DeviceMesh of the layout `dims`.
 
-    `dims` is what `check_layout` returned (the layout is not checked again); `device` is the
-    trainer.device setting. With one process nothing is initialised. On CUDA each process
-    takes GPU $LOCAL_RANK.
+    `dims` is what `check_layout` returned (the layout is not checked again; `check_backend`
+    ran in `core.config.validate`); `device` is the trainer.device setting. With one process
+    nothing is initialised. On CUDA each process takes GPU $LOCAL_RANK and binds the default
+    group to it (`device_id`): NCCL then connects at once, so a broken fabric fails here
+    rather than in the first collective, and the mesh's groups split its communicator
+    instead of each connecting anew.
     """
     if dims.world_size == 1:
         return Topology(dims, resolve_device(device), mesh=None)
@@ -327,11 +368,13 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
     timeout = datetime.timedelta(seconds=parallel.timeout_s)
     if not dist.is_initialized():
         store = _torchrun_attempt_store(timeout)
+        device_id = torch_device if torch_device.type == "cuda" else None
         if store is None:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
         else:
             dist.init_process_group(backend=backend, timeout=timeout, store=store,
-                                    rank=int(os.environ["RANK"]), world_size=dims.world_size)
+                                    rank=int(os.environ["RANK"]), world_size=dims.world_size,
+                                    device_id=device_id)
     from torch.distributed.device_mesh import init_device_mesh
 
     # The mesh's groups take their timeout from these options (new groups would otherwise

@@ -102,7 +102,9 @@ def test_dp_shard2_checkpoint_resumes_in_one_process_with_its_optimizer_state(tm
                          for k, v in reference["final"].items())
     print(f"dp_shard2 -> 1: {worst:.2e}; without optimizer state: loss {loss_without:.2e}, "
           f"weights {weight_without:.2e}")
-    assert loss_without > 10 * LOSS_RTOL and weight_without > 10 * WEIGHT_ATOL
+    # _assert_continues checks both, so one clear miss is enough to catch lost state (after
+    # one or two steps the moments move the weights more visibly than the loss).
+    assert loss_without > 10 * LOSS_RTOL or weight_without > 10 * WEIGHT_ATOL
 
 
 # name: (model overrides, saving layout overrides, its world size, its layout as in

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_loss_spike_is_logged_and_changes_no_weight(tmp_path, capsys):
     assert records[2]["loss_spike"] is True and "skipped" not in records[2]
     assert not any(r.get("loss_spike") for r in records[:2] + records[3:])
     out = capsys.readouterr().out
-    assert "warning: step 7: loss spike 15." in out and "running mean 6.25" in out
+    assert re.search(r"warning: step 7: loss spike 15\.\d+ \(running mean 6\.2\d+", out), out
 
 
 def test_preemption_signal_saves_a_checkpoint_and_returns_after_that_step(

@@ -10,6 +10,7 @@ from scaleforge.core.flops import (
     attention_flops_per_token,
     matmul_params,
     peak_flops,
+    peak_flops_by_name,
     training_flops_per_token,
 )
 from scaleforge.models import build
@@ -52,3 +53,36 @@ def test_training_flops_match_torch_flop_counter(cfg):
 
 def test_cpu_has_no_peak_so_no_mfu():
     assert peak_flops(torch.device("cpu"), "bf16") is None
+
+
+@pytest.mark.parametrize(("device_name", "bf16", "tf32", "fp32"), [
+    ("NVIDIA H100 80GB HBM3", 989e12, 494e12, 67e12),  # SXM5
+    ("NVIDIA H100 PCIe", 756e12, 378e12, 51e12),
+    ("NVIDIA H100 NVL", 835.5e12, 417.5e12, 60e12),
+    ("NVIDIA H200", 989e12, 494e12, 67e12),
+    ("NVIDIA H200 NVL", 835.5e12, 417.5e12, 60e12),
+    ("NVIDIA GH200 480GB", 989e12, 494e12, 67e12),
+    ("NVIDIA H800", 989e12, 494e12, 67e12),
+    ("NVIDIA H800 PCIe", 756e12, 378e12, 51e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 156e12, 19.5e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12, 156e12, 19.5e12),
+    ("NVIDIA A100 80GB PCIe", 312e12, 156e12, 19.5e12),
+    ("NVIDIA A10", 125e12, 62.5e12, 31.2e12),
+    ("NVIDIA A10G", 70e12, 35e12, 31.2e12),
+    ("NVIDIA L4", 121e12, 60e12, 30.3e12),
+    ("NVIDIA L40", 181e12, 90.5e12, 90.5e12),
+    ("NVIDIA L40S", 362e12, 183e12, 91.6e12),
+    ("NVIDIA B200", 2250e12, 1100e12, 75e12),
+])
+def test_peak_flops_match_the_whole_device_name(device_name, bf16, tf32, fp32):
+    assert peak_flops_by_name(device_name, "bf16", tf32=False) == bf16
+    assert peak_flops_by_name(device_name, "fp16", tf32=True) == bf16
+    assert peak_flops_by_name(device_name, "fp32", tf32=True) == tf32
+    assert peak_flops_by_name(device_name, "fp32", tf32=False) == fp32
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA RTX A1000", "NVIDIA H20", "NVIDIA A40",
+                                         "Tesla T4", "NVIDIA GeForce RTX 4090"])
+def test_devices_outside_the_table_have_no_peak(device_name):
+    # a known name inside another word does not count: the RTX A1000 is no A100 (nor A10)
+    assert peak_flops_by_name(device_name, "bf16", tf32=False) is None

@@ -1,16 +1,19 @@
-"""Layout validation before any process group exists and the mesh helpers that need no
-processes (the bubble formula is tested with the pipeline, tests/test_pipeline.py)."""
+"""Layout and backend validation before any process group exists, the mesh helpers that need
+no processes (the bubble formula is tested with the pipeline, tests/test_pipeline.py), and
+the waits of a distributed start: collective timeouts and data preparation on local rank 0."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from distributed import run_distributed_test
 from micro_runs import micro_config
 from scaleforge.core.config import validate
 from scaleforge.core.trainer import start_topology
 from scaleforge.errors import ConfigError
-from scaleforge.parallel.topology import MESH_DIMS, check_layout
+from scaleforge.parallel.topology import MESH_DIMS, check_backend, check_layout
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,7 @@ from scaleforge.parallel.topology import MESH_DIMS, check_layout
         (["parallel.dp_shard=-1", "parallel.tp=2"], 3, "parallel.dp_shard=-1"),
         (["parallel.timeout_s=0"], 1, "parallel.timeout_s"),
         (["parallel.dp_shard=2", "trainer.precision=fp16"], 2, "trainer.precision=fp16"),
+        (["parallel.backend=nccl", "parallel.dp_shard=2"], 2, "parallel.backend=nccl"),
     ],
 )
 def test_invalid_layout_is_named_in_one_line(tmp_path, overrides, world_size, named):
@@ -58,6 +62,28 @@ def test_invalid_layout_is_named_in_one_line(tmp_path, overrides, world_size, na
         validate(cfg, world_size)
     message = str(info.value)
     assert named in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "named"),
+    [("nccl", "cpu", "parallel.backend=nccl"), ("gloo", "cuda", "parallel.backend=gloo"),
+     ("auto", "cpu", None), ("auto", "cuda", None), ("gloo", "cpu", None), ("nccl", "cuda", None)],
+)
+def test_backend_must_suit_the_device(backend, device, named):
+    # torch.device("cuda", 0) is only a name: no GPU is needed to check a CUDA run's setting.
+    if named is None:
+        check_backend(backend, torch.device(device, 0))
+        return
+    with pytest.raises(ConfigError, match=named) as info:
+        check_backend(backend, torch.device(device, 0))
+    assert "parallel.backend=auto" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_nccl_on_cpu_stops_before_any_process_group(tmp_path):
+    cfg = micro_config(tmp_path, "parallel.backend=nccl", "parallel.dp_shard=2")
+    with pytest.raises(ConfigError, match="parallel.backend=nccl"):
+        start_topology(cfg, 2)
+    assert not dist.is_initialized()
 
 
 def test_dp_shard_minus_one_takes_the_rest_of_the_world(tmp_path):
@@ -73,8 +99,6 @@ def test_mesh_dims_are_in_megatron_order():
 
 
 def test_single_process_topology_starts_no_process_group(tmp_path):
-    import torch.distributed as dist
-
     topology = start_topology(micro_config(tmp_path), 1)
     assert not topology.is_distributed and not dist.is_initialized()
     assert (topology.dp_rank, topology.dp_size, topology.is_rank0) == (0, 1, True)
@@ -108,3 +132,43 @@ def _hang_in_tp_group(cfg) -> None:
 def test_collective_timeout_from_config_becomes_an_error_naming_the_rank(tmp_path):
     cfg = micro_config(tmp_path, "parallel.tp=2", "parallel.timeout_s=2")
     run_distributed_test(_hang_in_tp_group, world_size=2, func_args=(cfg,))
+
+
+def _prepare_slowly_on_local_rank0(cfg) -> tuple[str, str]:
+    import datetime
+    import os
+    import time
+    from pathlib import Path
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    topology = start_topology(cfg)
+    # As under sf-train, where init_process_group gets parallel.timeout_s (the harness gave
+    # the default group its own, longer one).
+    _set_pg_timeout(datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    first = os.environ["LOCAL_RANK"] == "0"
+    prepared = Path(cfg.run_dir) / "prepared.txt"
+
+    def prepare() -> str:
+        if first:
+            time.sleep(3 * cfg.parallel.timeout_s)  # longer than any collective may wait
+            prepared.write_text("shards")
+        return prepared.read_text()  # the other ranks find local rank 0's result
+
+    found = topology.local_rank0_first(prepare)
+
+    def fail_on_local_rank0() -> None:
+        if first:
+            raise ConfigError("data.path=missing does not exist")
+
+    with pytest.raises(ConfigError) as info:
+        topology.local_rank0_first(fail_on_local_rank0)
+    dist.barrier()  # the training groups still work after the preparation's own groups
+    return found, str(info.value)
+
+
+def test_other_ranks_wait_for_local_rank0_beyond_the_collective_timeout(tmp_path):
+    cfg = micro_config(tmp_path, "parallel.dp_shard=2", "parallel.timeout_s=1")
+    results = run_distributed_test(_prepare_slowly_on_local_rank0, world_size=2,
+                                   func_args=(cfg,))
+    assert results == [("shards", "data.path=missing does not exist")] * 2

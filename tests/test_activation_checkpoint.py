@@ -1,0 +1,87 @@
+"""Selective activation checkpointing keeps the tensor-parallel collectives' outputs, so under
+tp its backward sends no more than a backward without checkpointing (gloo, two ranks)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from distributed import run_distributed_test
+from micro_runs import micro_config, synthetic_data
+from scaleforge.core.config import Config
+from scaleforge.core.loss import cross_entropy
+from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.parallel.activation_checkpoint import SAVED_OPS
+from scaleforge.parallel.topology import Topology
+
+_c10d = torch.ops._c10d_functional
+COLLECTIVES = {
+    _c10d.reduce_scatter_tensor.default,
+    _c10d.all_gather_into_tensor.default,
+    _c10d.all_reduce.default,
+    _c10d.all_to_all_single.default,
+}
+
+
+class CollectiveCount(TorchDispatchMode):
+    """Counts the functional collectives run in its block, by op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func in COLLECTIVES:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_save_list_holds_the_functional_collectives():
+    assert COLLECTIVES <= SAVED_OPS
+
+
+def _collectives_of_one_micro_batch(cfg: Config, topology: Topology) -> dict[str, Any]:
+    """Collectives counted in forward and in backward of one micro-batch under `cfg`, and
+    the loss and this rank's gradient shards."""
+    mode = cfg.trainer.activation_checkpointing
+    trainer = Trainer(cfg, Path(cfg.run_dir) / mode, data=synthetic_data(cfg),
+                      topology=topology)
+    inputs, targets = next(trainer.train_batches)
+    with CollectiveCount() as forward:
+        logits = trainer.model(inputs)
+        with topology.loss_context():
+            loss = cross_entropy(logits, targets)
+    with CollectiveCount() as backward, topology.loss_context():
+        loss.backward()
+    # In parameter order (checkpointing puts its wrapper's prefix into the names).
+    grads = [param.grad.to_local().clone() for param in trainer.model.parameters()]
+    return {"forward": forward.counts, "backward": backward.counts,
+            "loss": loss.full_tensor().item(), "grads": grads}
+
+
+def _compare_modes_in_rank(configs: dict[str, Config]) -> None:
+    topology = start_topology(configs["none"], dist.get_world_size())
+    runs = {mode: _collectives_of_one_micro_batch(cfg, topology)
+            for mode, cfg in configs.items()}
+    none, selective, full = runs["none"], runs["selective"], runs["full"]
+    assert none["forward"]["all_gather_into_tensor"] > 0, none["forward"]  # tp communicates
+    assert selective["forward"] == none["forward"] == full["forward"]
+    assert selective["backward"] == none["backward"], (selective["backward"], none["backward"])
+    # Full checkpointing re-runs forward's collectives: what selective would do without them.
+    assert full["backward"]["all_gather_into_tensor"] > none["backward"]["all_gather_into_tensor"]
+    assert selective["loss"] == none["loss"]
+    for checkpointed, plain in zip(selective["grads"], none["grads"], strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
+def test_tp2_selective_checkpointing_backward_repeats_no_collective(tmp_path):
+    configs = {mode: micro_config(tmp_path, "parallel.tp=2",
+                                  f"trainer.activation_checkpointing={mode}")
+               for mode in ("none", "selective", "full")}
+    run_distributed_test(_compare_modes_in_rank, world_size=2, func_args=(configs,))
