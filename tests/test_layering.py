@@ -24,6 +24,7 @@ ALLOWED = {
     "data_pipeline": {"errors"},
     "core": {"errors", "models", "parallel", "data_pipeline"},
     "scaling": {"errors", "models", "parallel", "data_pipeline", "core"},
+    "planner": {"errors", "models", "parallel", "data_pipeline", "core"},
 }
 
 
