@@ -73,12 +73,13 @@ def check_attention_backend(backend: str, device_type: str, precision: str,
             f"{prefix}=flash computes in bf16 or fp16 only and trainer.precision=fp32; "
             f"set trainer.precision=bf16, or use {prefix}=sdpa or flex"
         )
-    if backend == "flash" and not _flash_installed():
+    if backend == "flash" and not flash_installed():
         raise ConfigError(f"{prefix}=flash needs the flash-attn package, which is not "
                           f"installed: {FLASH_INSTALL}; or use {prefix}=sdpa or flex")
 
 
-def _flash_installed() -> bool:
+def flash_installed() -> bool:
+    """Whether a flash-attn package (FlashAttention-2 or -3) is importable here."""
     return any(importlib.util.find_spec(name) is not None
                for name in ("flash_attn_interface", "flash_attn"))
 
