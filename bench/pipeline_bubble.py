@@ -90,7 +90,7 @@ def _measure(schedule: str, pp: int, micro_batches: int, steps: int) -> dict | N
     def draw() -> torch.Tensor:
         return torch.randint(0, 512, (MICRO_BATCH_SIZE, SEQ_LEN), generator=generator)
 
-    batches = [(draw(), draw()) for _ in range(micro_batches)]  # (inputs, targets)
+    batches = [(draw(), draw(), None) for _ in range(micro_batches)]  # no document ids
     seconds = _instrument(pipe)
     walls = []
     for step in range(2 + steps):

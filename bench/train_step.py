@@ -78,7 +78,7 @@ def baseline_step_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], precisio
     return step
 
 
-def _timed(step: Callable, steps: int, device: torch.device) -> float:
+def seconds_per_step(step: Callable, steps: int, device: torch.device) -> float:
     """Seconds per step over `steps` steps."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,7 +90,7 @@ def _timed(step: Callable, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _measure_memory(make_step: Callable, device: torch.device, warmup: int) -> tuple:
+def warm_up_and_measure(make_step: Callable, device: torch.device, warmup: int) -> tuple:
     """Build a step with `make_step`, warm it up and return (step, its peak memory GiB)."""
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
@@ -124,7 +124,7 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> dict:
         holder["trainer"] = trainer
         return lambda: trainer.train_step(trainer.train_batches)
 
-    ours, ours_memory = _measure_memory(make_ours, device, warmup)
+    ours, ours_memory = warm_up_and_measure(make_ours, device, warmup)
     trainer = holder["trainer"]
 
     def make_baseline() -> Callable:
@@ -135,11 +135,11 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> dict:
         return baseline_step_fn(model, batch, cfg.trainer.precision, cfg.optim.lr,
                                 cfg.optim.grad_clip)
 
-    baseline, baseline_memory = _measure_memory(make_baseline, device, warmup)
+    baseline, baseline_memory = warm_up_and_measure(make_baseline, device, warmup)
     ours_times, baseline_times = [], []
     for _ in range(rounds):
-        ours_times.append(_timed(ours, steps, device))
-        baseline_times.append(_timed(baseline, steps, device))
+        ours_times.append(seconds_per_step(ours, steps, device))
+        baseline_times.append(seconds_per_step(baseline, steps, device))
 
     tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)

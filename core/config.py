@@ -20,6 +20,7 @@ from scaleforge.core.precision import check_precision_device
 from scaleforge.core.preemption import parse_signals
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.errors import ConfigError
+from scaleforge.models.attention import check_attention_backend
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.parallelize import BuildPlan
@@ -327,6 +328,12 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
         )
     device = resolve_device(t.device)
     check_precision_device(t.precision, device)
+    check_attention_backend(cfg.model.attention, device.type, t.precision)
+    if cfg.model.rope_per_document and not d.document_masking:
+        raise ConfigError(
+            "model.rope_per_document=true restarts positions at each document, which needs "
+            "the batches' document ids: set data.document_masking=true"
+        )
     if dims.world_size > 1:
         check_backend(cfg.parallel.backend, device)
     return dims

@@ -51,6 +51,7 @@ from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
+from scaleforge.data_pipeline.pack import split_batch
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
 from scaleforge.parallel.grad_clip import clip_grad_norm
@@ -63,7 +64,8 @@ from scaleforge.parallel.pipeline import pipeline_eval, pipeline_step
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import Topology, init_topology
 
-# (inputs, targets), each (micro_batch_size, seq_len) int64; more tensors after them are ignored.
+# (inputs, targets), each (micro_batch_size, seq_len) int64, then the inputs' document ids
+# (same shape) when data.document_masking is on; more tensors after them are ignored.
 Batch = tuple[torch.Tensor, ...]
 
 
@@ -71,14 +73,9 @@ class ValidationSource(Protocol):
     """What the trainer evaluates on (data_pipeline's ValBatches, StreamingBatches): the
     same first `num_batches` micro-batches every call."""
 
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's first `num_batches` (inputs, targets) micro-batches."""
+    def batches(self, num_batches: int) -> Iterator[Batch]:
+        """This rank's first `num_batches` micro-batches (see `Batch`)."""
         ...
-
-
-def inputs_and_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (inputs, targets) of a micro-batch, without any tensors that follow them."""
-    return batch[0], batch[1]
 
 
 def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
@@ -237,18 +234,19 @@ class Trainer:
         stages instead (same contract: gradients accumulated, mean loss out on every pp
         rank; every pp rank of a data-parallel replica reads the same micro-batches).
         """
+        masking = self.cfg.data.document_masking
         if self.pipeline is not None:
-            micro_batches = [inputs_and_targets(next(batches)) for _ in range(self.micro_batches)]
+            micro_batches = [split_batch(next(batches), masking)
+                             for _ in range(self.micro_batches)]
             with self.precision.autocast():
                 return pipeline_step(self.pipeline, micro_batches)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
         for index in range(self.micro_batches):
-            inputs, targets = (t.to(self.device, non_blocking=True)
-                               for t in inputs_and_targets(next(batches)))
+            inputs, targets, documents = split_batch(next(batches), masking, self.device)
             set_gradient_reduction(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
-                loss = cross_entropy(self.model(inputs), targets) / self.micro_batches
+                loss = cross_entropy(self.model(inputs, documents), targets) / self.micro_batches
             (scaler.scale(loss) if scaler else loss).backward()
             total_loss += loss.detach()
         return total_loss
@@ -261,9 +259,11 @@ class Trainer:
             raise RuntimeError("this Trainer was given no validation data to evaluate on")
         self.model.eval()
         dp_size, dp_rank = self.topology.dp_size, self.topology.dp_rank
+        masking = self.cfg.data.document_masking
         if self.pipeline is not None:
             # validate() made eval_batches a multiple of dp_size x the schedule's micro-batches.
-            batches = list(self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size))
+            batches = [split_batch(batch, masking) for batch in
+                       self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size)]
             with self.precision.autocast():
                 loss = pipeline_eval(self.pipeline, batches)
             return self.topology.mean_over_dp(loss).item()
@@ -271,10 +271,10 @@ class Trainer:
         # batches past eval_batches are run but not counted.
         per_rank = -(-self.cfg.trainer.eval_batches // dp_size)
         losses = []
-        for index, (inputs, targets) in enumerate(self.val_loader.batches(per_rank)):
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+        for index, batch in enumerate(self.val_loader.batches(per_rank)):
+            inputs, targets, documents = split_batch(batch, masking, self.device)
             with self.precision.autocast():
-                loss = cross_entropy(self.model(inputs), targets)
+                loss = cross_entropy(self.model(inputs, documents), targets)
             if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
                 losses.append(loss)
         if dp_size == 1:

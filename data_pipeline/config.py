@@ -53,6 +53,9 @@ class DataConfig:
     # would compete with the ranks for the cores).
     num_workers: int = -1
     verify_shards: bool = True
+    # Hand the model each packed window's document ids (a new document after each EOS), so
+    # no token attends to an earlier document of its window (model.attention masks them).
+    document_masking: bool = False
 
     def check(self, prefix: str = "data") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""

@@ -155,21 +155,28 @@ class ValBatches:
     same way as training: rank r's i-th micro-batch is the single-process one i * dp_size + r."""
 
     def __init__(
-        self, windows: TokenWindows, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+        self, windows: TokenWindows, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+        eos_id: int | None = None,
     ):
         self.windows = windows
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.eos_id = eos_id
 
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """This rank's first `num_batches` micro-batches: (inputs, targets), int64, each
-        (micro_batch_size, seq_len). The same every call; when the split holds fewer windows
-        than asked for, they repeat from the start."""
+        (micro_batch_size, seq_len), plus their document ids when `eos_id` is given. The same
+        every call; when the split holds fewer windows than asked for, they repeat from the
+        start."""
         for step in range(num_batches):
             start = (step * self.dp_size + self.dp_rank) * self.micro_batch_size
             window_ids = np.arange(start, start + self.micro_batch_size) % len(self.windows)
-            yield self.windows.batch(window_ids)
+            inputs, targets = self.windows.batch(window_ids)
+            if self.eos_id is None:
+                yield inputs, targets
+            else:
+                yield inputs, targets, document_ids(inputs, self.eos_id)
 
 
 class PreparedData(NamedTuple):
@@ -197,6 +204,8 @@ def build_loaders(
     parallel rank `dp_rank` of `dp_size` for `data_cfg` (any mode), the tokenizer and what
     was read. Shuffling is seeded by data_cfg.seed.
 
+    With data_cfg.document_masking every micro-batch carries its document ids as a third
+    tensor (data_pipeline.samples.document_ids, after the tokenizer's EOS).
     `accelerator`: the batches go to a GPU, so training batches are pinned (their copies
     run asynchronously) and data.num_workers=-1 means one worker (`DataConfig.workers`).
     """
@@ -223,10 +232,12 @@ def build_loaders(
         data_cfg.seed,
     )
     _check_training_size(data_cfg, len(train), micro_batch_size * dp_size)
+    eos_id = tokenizer.eos_id if data_cfg.document_masking else None
     return Loaders(
         train=TrainBatches(train, micro_batch_size, data_cfg.seed, dp_rank, dp_size,
-                           num_workers=data_cfg.workers(accelerator), pin_memory=accelerator),
-        val=ValBatches(val, micro_batch_size, dp_rank, dp_size),
+                           num_workers=data_cfg.workers(accelerator), eos_id=eos_id,
+                           pin_memory=accelerator),
+        val=ValBatches(val, micro_batch_size, dp_rank, dp_size, eos_id),
         tokenizer=tokenizer,
         prepared=PreparedData(directories, tokenizer.vocab_size),
     )
@@ -270,12 +281,13 @@ def _streaming_loaders(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int
     tokenizer = Tokenizer.load(data_cfg.tokenizer)
     _check_vocab(data_cfg, tokenizer, Path(data_cfg.tokenizer))
     dataset = data_cfg.dataset
+    eos_id = tokenizer.eos_id if data_cfg.document_masking else None
 
     def batches(split: str) -> StreamingBatches:
         return StreamingBatches(open_streaming_dataset(dataset), tokenizer,
                                 data_cfg.text_field, data_cfg.seq_len, micro_batch_size,
                                 data_cfg.val_fraction, split, dp_rank, dp_size,
-                                pin_memory=accelerator and split == "train")
+                                pin_memory=accelerator and split == "train", eos_id=eos_id)
 
     return Loaders(batches("train"), batches("val"), tokenizer,
                    PreparedData((), tokenizer.vocab_size))

@@ -1,4 +1,5 @@
-"""Turn token windows into the (inputs, targets) tensors a training step consumes."""
+"""Turn token windows into the (inputs, targets) tensors a training step consumes, and read
+a micro-batch's tensors back out (`split_batch`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,28 @@ def pack_windows(windows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
         inputs_view[row] = window[:-1]
         targets_view[row] = window[1:]
     return inputs, targets
+
+
+def split_batch(batch: Sequence[torch.Tensor | None], document_masking: bool,
+                device: torch.device | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, document ids) of a micro-batch (inputs, targets[, document ids]),
+    copied to `device` when given (non_blocking: pinned batches do not wait): the ids are its
+    third tensor with `document_masking` (data.document_masking); without it they are None
+    and tensors after the targets are ignored."""
+    def moved(tensor: torch.Tensor | None) -> torch.Tensor:
+        assert tensor is not None, "inputs, targets and (with masking) document ids"
+        return tensor if device is None else tensor.to(device, non_blocking=True)
+
+    if not document_masking:
+        return moved(batch[0]), moved(batch[1]), None
+    if len(batch) < 3 or batch[2] is None:
+        raise ValueError(
+            "data.document_masking=true but the micro-batches hold no document ids (a third "
+            "tensor); build the loaders with the tokenizer's eos_id (data_pipeline.loader "
+            "does so from data.document_masking) or set data.document_masking=false"
+        )
+    return moved(batch[0]), moved(batch[1]), moved(batch[2])
 
 
 def pin_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

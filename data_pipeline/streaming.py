@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from scaleforge.data_pipeline.pack import pack_windows, pin_batch
+from scaleforge.data_pipeline.samples import document_ids
 from scaleforge.data_pipeline.sources import read_hf_rows
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import Tokenizer
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 class StreamingBatches:
     """Endless micro-batches (inputs, targets), int64, each (micro_batch_size, seq_len), of
-    one split of an IterableDataset, for rank `dp_rank` of `dp_size`.
+    one split of an IterableDataset, for rank `dp_rank` of `dp_size`; with `eos_id`, the
+    inputs' document ids follow as a third tensor (samples.document_ids).
 
     Iterate it for training (epoch after epoch; `dataset.set_epoch` reshuffles a shuffled
     dataset); `batches(n)` restarts from the beginning every call, for validation.
@@ -40,7 +42,8 @@ class StreamingBatches:
 
     def __init__(self, dataset: IterableDataset, tokenizer: Tokenizer, text_field: str,
                  seq_len: int, micro_batch_size: int, val_fraction: float, split: str = "train",
-                 dp_rank: int = 0, dp_size: int = 1, pin_memory: bool = False):
+                 dp_rank: int = 0, dp_size: int = 1, pin_memory: bool = False,
+                 eos_id: int | None = None):
         from datasets.distributed import split_dataset_by_node
 
         self.dataset = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_size)
@@ -51,6 +54,7 @@ class StreamingBatches:
         self.val_fraction = val_fraction
         self.split = split
         self.pin_memory = pin_memory  # training batches in page-locked memory (for CUDA)
+        self.eos_id = eos_id
         self.epoch = 0
         self.rows = 0  # rows of this epoch read so far
         self.carry: list[int] = []  # tokens read but not yet emitted as a whole window
@@ -59,17 +63,23 @@ class StreamingBatches:
     def __iter__(self) -> StreamingBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         if self._windows is None:
             self._windows = self._endless_windows()
-        inputs, targets = pack_windows(
+        batch = self._with_documents(pack_windows(
             [next(self._windows) for _ in range(self.micro_batch_size)]
-        )
-        if self.pin_memory:
-            inputs, targets = pin_batch((inputs, targets))
-        return inputs, targets
+        ))
+        return pin_batch(batch) if self.pin_memory else batch
 
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _with_documents(self, batch: tuple[torch.Tensor, torch.Tensor]
+                        ) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets), and the inputs' document ids when `eos_id` is set."""
+        inputs, targets = batch
+        if self.eos_id is None:
+            return inputs, targets
+        return inputs, targets, document_ids(inputs, self.eos_id)
+
+    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """The first `num_batches` micro-batches of one pass, repeating it when it is short;
         the same every call."""
         windows = list(itertools.islice(self._one_pass([], 0, 0), num_batches *
@@ -81,7 +91,9 @@ class StreamingBatches:
             )
         cycle = itertools.cycle(windows)
         for _ in range(num_batches):
-            yield pack_windows([next(cycle) for _ in range(self.micro_batch_size)])
+            yield self._with_documents(
+                pack_windows([next(cycle) for _ in range(self.micro_batch_size)])
+            )
 
     def state_dict(self) -> dict:
         """The epoch, rows consumed in it and the carried tokens of the next window."""

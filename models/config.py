@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.errors import ConfigError
+from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
 
 FAMILIES = ("llama", "gpt")
 
@@ -21,6 +22,9 @@ class TransformerConfig:
     "gpt" (LayerNorm, learned positions, GELU MLP, tied embeddings, biases).
     `ffn_hidden` of None derives the MLP width: 4*d_model for gpt; for llama 2/3 of
     4*d_model times `ffn_multiplier`, rounded up to a multiple of `ffn_multiple_of` (Llama's rule).
+    `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention.py).
+    `rope_per_document` restarts the RoPE positions at 0 at each document of a packed row
+    (llama; the model is then given document ids, data.document_masking=true).
     """
 
     name: str = "custom"
@@ -38,6 +42,8 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention: str = "sdpa"
+    rope_per_document: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +82,16 @@ class TransformerConfig:
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"
+            )
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"{prefix}.attention={self.attention!r} is not one of "
+                f"{', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.rope_per_document and self.family != "llama":
+            raise ConfigError(
+                f"{prefix}.rope_per_document=true: the {self.family} family has learned "
+                "positions, not RoPE; leave it false"
             )
         if self.family == "gpt" and self.kv_heads != self.n_heads:
             raise ConfigError(

@@ -4,6 +4,8 @@ llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases
 gpt:   LayerNorm, learned positions, GELU MLP, biases (GPT-2).
 
 Both are pre-norm: h = h + attention(norm(h)); h = h + feed_forward(norm(h)).
+Attention runs the kernel `cfg.attention` names (models/attention.py); given document ids,
+no token attends to another document of its packed row.
 Module names are a contract: the tensor-parallel plan, the pipeline splitter and the
 Hugging Face conversion address weights as `layers.<i>.attention.wq` and so on.
 """
@@ -14,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaleforge.models.attention import AttentionMask, attend, attention_mask, document_positions
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.rope import apply_rope, rope_tables
 
@@ -50,6 +53,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.backend = cfg.attention
         bias = cfg.family == "gpt"
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
@@ -57,7 +61,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: AttentionMask | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts are read from the projections' widths (-1), not the config: under
@@ -67,9 +72,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # kv head j serves query heads j*r .. j*r + r-1 (Hugging Face's repeat_kv order),
-        # grouped inside the kernel without copies of K and V. y: (B, n_heads, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
+        # within documents when the batch has them. y: (B, n_heads, T, hd)
+        y = attend(q, k, v, self.backend, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -109,9 +114,10 @@ class Block(nn.Module):
         self.feed_forward = SwiGLU(cfg) if cfg.family == "llama" else GeluMLP(cfg)
 
     def forward(
-        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: AttentionMask | None,
     ) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rope)
+        h = h + self.attention(self.attention_norm(h), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -153,9 +159,32 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _rope(
+        self, T: int, document_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (cos, sin) tables of positions 0 .. T-1, each (T, head_dim); with
+        `cfg.rope_per_document`, of each position within its document, (B, 1, T, head_dim)
+        (broadcast over heads); None for the gpt family."""
+        if self.rope_cos is None or self.rope_sin is None:
+            return None
+        if not self.cfg.rope_per_document:
+            return self.rope_cos[:T], self.rope_sin[:T]
+        if document_ids is None:
+            raise ValueError(
+                "model.rope_per_document=true needs the batch's document ids; train with "
+                "data.document_masking=true or pass document_ids to the model"
+            )
+        positions = document_positions(document_ids)  # (B, T)
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def forward(
+        self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len.
 
+        `document_ids` (B, T) int64 (data_pipeline.samples.document_ids): which document of
+        its row each position belongs to; given, no token attends to another document, and
+        with `cfg.rope_per_document` the RoPE positions restart at each document.
         On a pipeline stage the input or output may be hidden states (B, T, d_model).
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, d)
@@ -167,10 +196,10 @@ class Transformer(nn.Module):
             )
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(torch.arange(T, device=h.device))
-        rope = (None if self.rope_cos is None or self.rope_sin is None
-                else (self.rope_cos[:T], self.rope_sin[:T]))
+        rope = self._rope(T, document_ids)
+        mask = attention_mask(self.cfg.attention, document_ids, T, h.device)
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
         return h if self.output is None else self.output(h)  # (B, T, vocab_size)

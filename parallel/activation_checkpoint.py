@@ -2,8 +2,9 @@
 
 full: a wrapped block keeps only its input and recomputes everything in backward.
 selective: a wrapped block keeps the outputs of its matmuls and attention (the expensive
-ops) and of its tensor-parallel collectives, and recomputes the cheap, memory-hungry rest
-(norms, activations, rotary, residual adds). Keeping the collectives' outputs (as
+ops: every SDPA kernel, flex attention, flash-attn's forward ops when installed) and of its
+tensor-parallel collectives, and recomputes the cheap, memory-hungry rest (norms,
+activations, rotary, residual adds). Keeping the collectives' outputs (as
 torchtitan does) keeps backward from repeating forward's communication: under tp the
 all-gathers before the column-parallel matmuls and the reduce-scatters after the
 row-parallel ones run in forward only (DTensor issues them as the `_c10d_functional` ops in
@@ -37,6 +38,7 @@ SAVED_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.higher_order.flex_attention,
     _c10d.reduce_scatter_tensor.default,
     _c10d.all_gather_into_tensor.default,
     _c10d.all_reduce.default,
@@ -44,10 +46,27 @@ SAVED_OPS = {
 }
 
 
+# flash-attn's kernels, as the torch custom ops its package registers once imported
+# (FlashAttention-2 >= 2.7 under flash_attn, -3 under flash_attn_3).
+FLASH_OPS = (("flash_attn", "_flash_attn_forward"), ("flash_attn", "_flash_attn_varlen_forward"),
+             ("flash_attn_3", "fwd"))
+
+
+def _flash_ops() -> set[Any]:
+    """The registered flash-attn forward ops (none without the package)."""
+    found = set()
+    for namespace, name in FLASH_OPS:
+        packet = getattr(getattr(torch.ops, namespace), name, None)
+        if packet is not None:
+            found.add(packet.default)
+    return found
+
+
 def _save_matmuls(
     ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any, **kwargs: Any
 ) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = op in SAVED_OPS or op in _flash_ops()
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, every_n_blocks: int = 1) -> None:

@@ -25,6 +25,13 @@ FSDP's gradient sync and resharding off and reduce-scatters once, in the schedul
 with every full backward instead, as the trainer does without a pipeline
 (parallel/data_parallel.py); the zero-bubble schedules' split backward keeps torch's path.
 
+Document ids (per-document attention): every pp rank holds the step's micro-batches, so
+each passes their document ids to `schedule.step` / `schedule.eval` as the keyword argument
+`document_ids`; torch 2.13's schedules split keyword arguments into micro-batches like the
+inputs and hand them to every stage of the rank (`PipelineStage.forward_one_chunk`), so
+each stage is called `stage(inputs or hidden states, document_ids=<its micro-batch's ids>)`
+and nothing but hidden states travels between stages.
+
 Use from a training loop (every pp rank passes the same micro-batches; the rules, checked
 before start, and the theoretical bubble are in parallel/pipeline_schedules.py):
     validate_pipeline(cfg.model, pp, schedule, stages_per_rank, micro_batches)  # at start
@@ -65,6 +72,8 @@ from scaleforge.parallel.pipeline_schedules import (
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (inputs, targets, document ids or None), each (micro_batch_size, T) int64.
+MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def cut_stage(model: Transformer, stage: int, num_stages: int, layers: range) -> Transformer:
@@ -262,15 +271,26 @@ def _on_device(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.T
     return torch.cat([t.to(device, non_blocking=True) for t in tensors])
 
 
-def pipeline_step(
-    pipeline: Pipeline, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """Forward and backward of one optimizer step over `micro_batches` [(inputs, targets)],
-    each (micro_batch_size, T) int64; gradients accumulate into the stage parameters.
+def _document_kwargs(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]
+                     ) -> dict[str, torch.Tensor]:
+    """The schedule's keyword arguments for this rank's stages: the micro-batches' document
+    ids concatenated (the schedule splits them like the inputs), when they have them."""
+    if micro_batches[0][2] is None:
+        return {}
+    documents = [batch[2] for batch in micro_batches if batch[2] is not None]
+    assert len(documents) == len(micro_batches), "every micro-batch or none has ids"
+    return {"document_ids": _on_device(documents, pipeline.device)}
+
+
+def pipeline_step(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+    """Forward and backward of one optimizer step over `micro_batches` [(inputs, targets,
+    document ids or None)], each (micro_batch_size, T) int64; gradients accumulate into the
+    stage parameters.
 
     Every pipeline rank passes the same micro-batches (only the first stage reads inputs,
-    only the last reads targets). Returns the mean loss over the micro-batches (the same
-    number the single-process trainer reports) as a 0-dim fp32 tensor on every pp rank.
+    every stage its document ids, only the last reads targets). Returns the mean loss over the
+    micro-batches (the same number the single-process trainer reports) as a 0-dim fp32
+    tensor on every pp rank.
     """
     if len(micro_batches) != pipeline.micro_batches:
         raise ValueError(
@@ -279,11 +299,12 @@ def pipeline_step(
         )
     device = pipeline.device
     # The schedule re-splits the concatenation along dim 0 into exactly these micro-batches.
-    inputs = _on_device([x for x, _ in micro_batches], device) if pipeline.is_first else None
-    targets = _on_device([y for _, y in micro_batches], device) if pipeline.is_last else None
+    inputs = _on_device([b[0] for b in micro_batches], device) if pipeline.is_first else None
+    targets = _on_device([b[1] for b in micro_batches], device) if pipeline.is_last else None
     losses: list[torch.Tensor] = []
     args = (inputs,) if inputs is not None else ()
-    pipeline.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+    pipeline.schedule.step(*args, target=targets, losses=losses, return_outputs=False,
+                           **_document_kwargs(pipeline, micro_batches))
     # Each entry is already loss / m, so the sum is the mean; the other ranks add zero.
     total = torch.zeros((), dtype=torch.float32, device=device)
     if pipeline.is_last:
@@ -292,18 +313,19 @@ def pipeline_step(
     return total
 
 
-def _sequential_forward_loss(
-    pipeline: Pipeline, inputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
+def _sequential_forward_loss(pipeline: Pipeline, micro_batch: MicroBatch) -> torch.Tensor:
     """Loss of one micro-batch (B, T) pushed through the stages one after the other with
     blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32,
-    their shape first (under tensor parallelism a stage sends its sequence shard). Every
+    their shape first (under tensor parallelism a stage sends its sequence shard); each
+    stage takes its document ids from the micro-batch, which every rank holds. Every
     tensor sent or received lives on `pipeline.device`: an NCCL group has no CPU backend."""
+    inputs, targets, documents = micro_batch
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
     num_stages = len(owner)
     device = pipeline.device
     hidden = None
+    documents = None if documents is None else documents.to(device)
     loss = torch.zeros((), dtype=torch.float32, device=device)
     for stage in range(num_stages):
         if owner[stage] != me:
@@ -315,7 +337,7 @@ def _sequential_forward_loss(
             dist.recv(shape, group=pipeline.group, group_src=owner[stage - 1])
             hidden = torch.empty(*shape.tolist(), device=device)
             dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
-        hidden = modules[stage](hidden)
+        hidden = modules[stage](hidden, document_ids=documents)
         if stage == num_stages - 1:
             loss = full_value(pipeline.loss_fn(hidden, targets.to(device))).float()
         elif owner[stage + 1] != me:
@@ -327,10 +349,9 @@ def _sequential_forward_loss(
 
 
 @torch.no_grad()
-def pipeline_eval(
-    pipeline: Pipeline, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """Mean loss over `micro_batches` [(inputs, targets)], each (B, T) int64, with forward
+def pipeline_eval(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+    """Mean loss over `micro_batches` [(inputs, targets, document ids or None)], each (B, T)
+    int64, with forward
     passes only; a 0-dim fp32 tensor on every pp rank. Every rank passes the same list, whose
     length must be a multiple of `pipeline.micro_batches` (the schedule runs groups of that
     size). Leaves no gradients behind.
@@ -348,18 +369,19 @@ def pipeline_eval(
         )
     total = torch.zeros((), dtype=torch.float32, device=pipeline.device)
     if pipeline.layout == "v":
-        for inputs, targets in micro_batches:
-            total += _sequential_forward_loss(pipeline, inputs, targets) / m
+        for micro_batch in micro_batches:
+            total += _sequential_forward_loss(pipeline, micro_batch) / m
     else:
         for start in range(0, len(micro_batches), m):
             group = micro_batches[start:start + m]
             losses: list[torch.Tensor] = []
             device = pipeline.device
-            args = (_on_device([x for x, _ in group], device),) if pipeline.is_first else ()
+            args = (_on_device([b[0] for b in group], device),) if pipeline.is_first else ()
             group_targets = (
-                _on_device([y for _, y in group], device) if pipeline.is_last else None
+                _on_device([b[1] for b in group], device) if pipeline.is_last else None
             )
-            pipeline.schedule.eval(*args, target=group_targets, losses=losses)
+            pipeline.schedule.eval(*args, target=group_targets, losses=losses,
+                                   **_document_kwargs(pipeline, group))
             if pipeline.is_last:  # each entry is loss / m (the schedule's scaled loss)
                 total += torch.stack([full_value(loss).float() for loss in losses]).sum()
     dist.all_reduce(total, group=pipeline.group)

@@ -53,9 +53,11 @@ def block_plan(family: str) -> dict[str, ParallelStyle]:
     """The TP/SP plan of one transformer block, module path -> style."""
     plan: dict[str, ParallelStyle] = {
         "attention_norm": SequenceParallel(),
-        # forward(x, rope): x all-gathered on the sequence; the rope tables stay plain tensors.
+        # forward(x, rope, mask): x all-gathered on the sequence, so attention sees every
+        # position; the rope tables and the document mask stay plain tensors.
         "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+            input_layouts=(Shard(1), None, None),
+            desired_input_layouts=(Replicate(), None, None),
         ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

@@ -1,6 +1,7 @@
 """Shared fixtures: a small corpus, a tokenizer and shards made from it, and the real
-(stdlib) corpus's settings. Helper functions live in their own modules (micro_runs,
-run_metrics, layout_runs, distributed, commands), which tests import directly."""
+(stdlib) corpus's settings; tests marked `cuda` are skipped without a CUDA device. Helper
+functions live in their own modules (micro_runs, run_metrics, layout_runs, distributed,
+commands), which tests import directly."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked `cuda` where no CUDA device is visible."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in cuda_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

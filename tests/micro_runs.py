@@ -9,6 +9,9 @@ from scaleforge.core.config import Config, compose, to_config
 from scaleforge.data_pipeline.loader import TrainBatches, ValBatches
 from scaleforge.data_pipeline.samples import TokenWindows
 
+# The end-of-document id of the synthetic stream under data.document_masking: about one
+# token in 16 becomes it, so a 64-token window holds several documents.
+SYNTHETIC_EOS_ID = 0
 
 def micro_config(run_dir, *overrides: str) -> Config:
     """llama_micro on CPU in fp32 with W&B off; `overrides` as on the command line."""
@@ -36,10 +39,15 @@ def micro_config(run_dir, *overrides: str) -> Config:
 def synthetic_data(cfg: Config, num_windows: int = 64, seed: int = 0, dp_rank: int = 0,
                    dp_size: int = 1) -> tuple[TrainBatches, ValBatches]:
     """(train batches, val batches) of data-parallel rank `dp_rank` of `dp_size` over a
-    random token stream shaped for `cfg`; every rank's stream is the same."""
+    random token stream shaped for `cfg`; every rank's stream is the same. With
+    cfg.data.document_masking the stream holds documents (SYNTHETIC_EOS_ID after each) and
+    the batches carry their document ids."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.data.vocab_size, num_windows * cfg.data.seq_len + 1)
+    eos_id = SYNTHETIC_EOS_ID if cfg.data.document_masking else None
+    if eos_id is not None:
+        tokens[rng.random(len(tokens)) < 1 / 16] = eos_id
     windows = TokenWindows(tokens.astype(np.uint16), cfg.data.seq_len)
     mbs = cfg.trainer.micro_batch_size
-    train = TrainBatches(windows, mbs, cfg.data.seed, dp_rank, dp_size)
-    return train, ValBatches(windows, mbs, dp_rank, dp_size)
+    train = TrainBatches(windows, mbs, cfg.data.seed, dp_rank, dp_size, eos_id=eos_id)
+    return train, ValBatches(windows, mbs, dp_rank, dp_size, eos_id)

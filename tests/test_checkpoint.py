@@ -38,16 +38,22 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_resume_continues_bitwise_with_accumulation_and_an_epoch_boundary(tmp_path):
+# Per-document attention: the document ids come from the tokens, so resuming needs nothing
+# more from the checkpoint.
+DOCUMENTS = ("data.document_masking=true", "model.rope_per_document=true")
+
+
+@pytest.mark.parametrize("documents", [(), DOCUMENTS], ids=["plain", "document_masking"])
+def test_resume_continues_bitwise_with_accumulation_and_an_epoch_boundary(tmp_path, documents):
     # 20 samples per epoch in micro-batches of 4: epochs end in the middle of steps 3, 5
     # and 8, so the resumed part crosses epoch boundaries.
-    full = train(tmp_path / "full", "checkpoint.every=0")
+    full = train(tmp_path / "full", "checkpoint.every=0", *documents)
     cut = tmp_path / "cut"
-    train(cut, "checkpoint.every=3")
+    train(cut, "checkpoint.every=3", *documents)
     assert [s for s, _ in complete_checkpoints(cut)] == [3, 6, 8]
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(cut / "checkpoints" / "step_3", resumed_dir / "checkpoints" / "step_3")
-    resumed = train(resumed_dir, "checkpoint.every=0")  # trainer.resume=auto by default
+    resumed = train(resumed_dir, "checkpoint.every=0", *documents)  # resume=auto by default
     assert resumed.resumed_from.name == "step_3"
     reference = logged_losses(tmp_path / "full")
     after = logged_losses(resumed_dir)

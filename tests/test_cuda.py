@@ -1,6 +1,6 @@
 """The trainer on one CUDA GPU: bf16 and fp16, compile, activation checkpointing, an exact
-resume from a checkpoint, MFU and the peak-memory fields. Skipped where no GPU is visible;
-run on a GPU machine with `pytest tests/test_cuda.py`. Every test trains llama_micro for a
+resume from a checkpoint, MFU and the peak-memory fields. Marked `cuda`: skipped where no
+GPU is visible; run on a GPU machine with `pytest -m cuda`. Every test trains llama_micro for a
 few steps (seconds each); the compile test also waits for Inductor's first compilation."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from run_metrics import logged_losses, metrics_records
 from scaleforge.core.flops import peak_flops
 from scaleforge.core.trainer import Trainer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.cuda
 
 CUDA = "trainer.device=cuda"
 GIB = 2**30

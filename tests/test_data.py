@@ -349,3 +349,43 @@ def test_streaming_from_a_save_to_disk_directory_equals_streaming_from_jsonl(
                for spec in (str(tmp_path / "ds"), jsonl_corpus)]
     for _ in range(10):
         assert torch.equal(next(streams[0])[0], next(streams[1])[0])
+
+
+# per-document attention: the loaders hand over document ids (data.document_masking)
+
+
+@pytest.mark.parametrize("mode", ["shards", "streaming"])
+def test_document_masking_gives_every_train_and_val_batch_its_document_ids(
+    mode, shard_dir, jsonl_corpus, tokenizer_dir
+):
+    cfg = (shards_cfg(shard_dir, document_masking=True) if mode == "shards" else
+           DataConfig(mode="streaming", dataset=jsonl_corpus, tokenizer=tokenizer_dir,
+                      vocab_size=VOCAB, seq_len=32, val_fraction=0.1, document_masking=True))
+    train, val, tokenizer, _ = build_loaders(cfg, micro_batch_size=4)
+    batches = [next(train) for _ in range(30)] + list(val.batches(2))
+    for inputs, _, ids in batches:
+        assert torch.equal(ids, document_ids(inputs, tokenizer.eos_id))
+    # Documents of up to 3,000 characters: 30 x 4 windows of 32 tokens cross boundaries.
+    assert any(ids.max() > 0 for _, _, ids in batches)
+    plain = build_loaders(replace(cfg, document_masking=False), micro_batch_size=4)
+    first = next(plain.train)
+    assert len(first) == 2 and torch.equal(first[0], batches[0][0])
+
+
+def test_streaming_with_document_ids_resumes_at_the_same_batch(jsonl_corpus, tokenizer_dir):
+    from scaleforge.data_pipeline.sources import open_streaming_dataset
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+
+    def stream() -> StreamingBatches:
+        return StreamingBatches(open_streaming_dataset(jsonl_corpus), tokenizer, "text", 32, 2,
+                                0.1, eos_id=tokenizer.eos_id)
+
+    run = stream()
+    for _ in range(3):
+        next(run)
+    resumed = stream()
+    resumed.load_state_dict(run.state_dict())
+    expected, actual = next(run), next(resumed)
+    assert len(actual) == 3
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))

@@ -238,3 +238,26 @@ def test_bf16_pp2_stays_close_to_single_process_bf16(tmp_path):
     worst = _compare(result, reference, BF16_LOSS_RTOL, update_rtol=BF16_UPDATE_RTOL,
                      grad_norm_rtol=BF16_GRAD_NORM_RTOL)
     print(f"bf16 pp2: max relative loss difference {worst:.2e}")
+
+
+# Per-document attention (document ids from the loader, RoPE restarting per document, a
+# block-diagonal mask): tp2 all-gathers the sequence before attention, so every rank's
+# heads see all positions; FSDP and the pipeline pass the ids on to every stage.
+DOCUMENTS = ["data.document_masking=true", "model.rope_per_document=true"]
+DOCUMENT_LAYOUTS = {
+    "tp2": (["parallel.tp=2"], 2, []),
+    "dp_shard2_selective": (["parallel.dp_shard=2", "trainer.activation_checkpointing=selective"],
+                            2, []),
+    "tp2_pp2": (["parallel.pp=2", "parallel.tp=2"], 4, PIPELINE_MODEL),
+}
+
+
+@pytest.mark.parametrize("layout", list(DOCUMENT_LAYOUTS))
+def test_document_masking_layout_matches_single_process_in_fp32(tmp_path, layout):
+    overrides, world_size, model = DOCUMENT_LAYOUTS[layout]
+    cfg = micro_config(tmp_path / "run", *COMMON, *DOCUMENTS, *model, *overrides)
+    result = run_layout(cfg, world_size, STEPS)
+    same_run = [o for o in overrides if not o.startswith("parallel.")]
+    reference = _reference(tmp_path, *DOCUMENTS, *model, *same_run)
+    worst = _compare(result, reference, LOSS_RTOL, (WEIGHT_RTOL, WEIGHT_ATOL))
+    print(f"documents {layout}: max relative loss difference {worst:.2e}")

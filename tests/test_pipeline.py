@@ -19,11 +19,13 @@ from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.trainer import Trainer, seed_everything
+from scaleforge.data_pipeline.pack import split_batch
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.pipeline import (
+    MicroBatch,
     build_pipeline,
     pipeline_eval,
     pipeline_step,
@@ -60,13 +62,15 @@ def _overrides(n_layers: int, micro_batches: int, family: str) -> list[str]:
     ]
 
 
-def _micro_batches(cfg: Config) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """{"train": the micro-batches of STEPS steps, "val": the trainer's validation set}."""
+def _micro_batches(cfg: Config) -> dict[str, list[MicroBatch]]:
+    """{"train": the micro-batches of STEPS steps, "val": the trainer's validation set}, as
+    (inputs, targets, document ids or None)."""
     train, val = synthetic_data(cfg)
     count = STEPS * micro_batches_per_step(cfg)
+    masking = cfg.data.document_masking
     return {
-        "train": [(x.clone(), y.clone()) for x, y in itertools.islice(iter(train), count)],
-        "val": [(x.clone(), y.clone()) for x, y in val.batches(cfg.trainer.eval_batches)],
+        "train": [split_batch(b, masking) for b in itertools.islice(iter(train), count)],
+        "val": [split_batch(b, masking) for b in val.batches(cfg.trainer.eval_batches)],
     }
 
 
@@ -159,6 +163,10 @@ SCHEDULE_CASES = [
     ("ZBVZeroBubble", 2), ("DualPipeV", 2),
 ]
 PP2_TIED_CASES = [("ZBVZeroBubble", 2), ("DualPipeV", 2)]
+# Per-document attention with RoPE restarting per document: one schedule of each kind
+# (one stage per rank, several, V with its sequential evaluation).
+DOCUMENT_CASES = [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2)]
+DOCUMENTS = ["data.document_masking=true", "model.rope_per_document=true"]
 EXPECTED_STAGES_PP2 = {"loop1": [[0], [1]], "loop2": [[0, 2], [1, 3]], "v": [[0, 3], [1, 2]]}
 
 
@@ -170,15 +178,21 @@ def pp2_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp2")
     llama = micro_config(tmp / "ref_llama", *_overrides(4, 4, "llama"))
     gpt = micro_config(tmp / "ref_gpt", *_overrides(4, 4, "gpt"))
+    documents = micro_config(tmp / "ref_documents", *_overrides(4, 4, "llama"), *DOCUMENTS)
     assert gpt.model.tie_embeddings
-    data = {"llama": _micro_batches(llama), "gpt": _micro_batches(gpt)}
+    data = {"llama": _micro_batches(llama), "gpt": _micro_batches(gpt),
+            "documents": _micro_batches(documents)}
     cases = [(f"llama-{s}", llama, s, v, data["llama"]) for s, v in SCHEDULE_CASES]
     cases += [(f"gpt-{s}", gpt, s, v, data["gpt"]) for s, v in PP2_TIED_CASES]
+    cases += [(f"documents-{s}", documents, s, v, data["documents"]) for s, v in DOCUMENT_CASES]
     cases.append(("llama-1F1B-uneven", llama, "1F1B", 1, data["llama"], [1, 3]))
     ranks = _run_job(2, cases)
     references = {
         "llama": _single_process(llama, data["llama"], tmp / "ref_llama"),
         "gpt": _single_process(gpt, data["gpt"], tmp / "ref_gpt"),
+        "documents": _single_process(documents, data["documents"], tmp / "ref_documents"),
+        # the same batches, their document ids ignored
+        "unmasked": _single_process(llama, data["documents"], tmp / "ref_unmasked"),
     }
     return ranks, references
 
@@ -213,6 +227,17 @@ def test_pp2_v_schedule_keeps_tied_embeddings_exact(pp2_runs, schedule, stages_p
     # Rank 0 owns both ends of the V; the tied weight must appear once, under its first name.
     assert "tok_embeddings.weight" in ranks[0][name]["state"]
     loss_diff, weight_diff = _assert_matches(ranks, name, references["gpt"])
+    print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+
+
+@pytest.mark.parametrize("schedule,stages_per_rank", DOCUMENT_CASES)
+def test_pp2_document_masking_matches_single_process(pp2_runs, schedule, stages_per_rank):
+    ranks, references = pp2_runs
+    name = f"documents-{schedule}"
+    loss_diff, weight_diff = _assert_matches(ranks, name, references["documents"])
+    # Masking changes the numbers (so matching them means the ids reached the attention).
+    masked, unmasked = references["documents"]["losses"], references["unmasked"]["losses"]
+    assert max(_relative(a, b) for a, b in zip(masked, unmasked, strict=True)) > 1e-3
     print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
 
 
