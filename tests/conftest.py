@@ -18,6 +18,18 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked `cuda` where no CUDA device is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def texts() -> list[str]:
     """60 small documents (at most 3,000 characters) cut from standard-library sources."""
