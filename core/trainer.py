@@ -51,7 +51,7 @@ from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
-from scaleforge.models import count_parameters, num_params
+from scaleforge.models import count_parameters, num_params, uses_fused
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
 from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.grad_clip import clip_grad_norm
@@ -248,13 +248,21 @@ class Trainer:
                                for t in inputs_and_targets(next(batches)))
             set_gradient_sync(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
-                logits = self.model(inputs)
-                with self.topology.loss_context():
-                    loss = cross_entropy(logits, targets) / self.micro_batches
+                loss = self.micro_batch_loss(inputs, targets) / self.micro_batches
             with self.topology.loss_context():
                 (scaler.scale(loss) if scaler else loss).backward()
             total_loss += full_value(loss.detach())
         return total_loss
+
+    def micro_batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's mean loss (inputs, targets (B, T)): with model.kernels fused and no
+        tp, the model's head and loss as one operator (Transformer.forward with targets); else
+        core/loss.py's on its logits, vocabulary-parallel under tp (pp: the schedule's)."""
+        if self.topology.dims.tp == 1 and uses_fused(self.cfg.model.kernels, self.device.type):
+            return self.model(inputs, targets)
+        logits = self.model(inputs)
+        with self.topology.loss_context():
+            return cross_entropy(logits, targets)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -277,9 +285,7 @@ class Trainer:
         for index, (inputs, targets) in enumerate(self.val_loader.batches(per_rank)):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.precision.autocast():
-                logits = self.model(inputs)
-                with self.topology.loss_context():
-                    loss = full_value(cross_entropy(logits, targets))
+                loss = full_value(self.micro_batch_loss(inputs, targets))
             if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
                 losses.append(loss)
         if dp_size == 1:

@@ -11,7 +11,9 @@ from scaleforge.csrc.extension import load
 
 load()
 
-from scaleforge.csrc.ops import (  # noqa: E402  (the operators exist only after load())
+# The operators exist only after load().
+from scaleforge.csrc import sharding  # noqa: E402, F401  (registers the DTensor rules)
+from scaleforge.csrc.ops import (  # noqa: E402
     IGNORE_INDEX,
     linear_cross_entropy,
     rms_norm,
