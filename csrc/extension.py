@@ -38,7 +38,7 @@ CUDA_SOURCES = (
     "cuda/cross_entropy.cu",
 )
 HEADERS = ("ops.h", "include/row_layout.h")
-CUDA_HEADERS = ("cuda/launchers.h",)
+CUDA_HEADERS = ("cuda/launchers.h", "cuda/common.cuh")
 CFLAGS = ("-O3",)
 CUDA_CFLAGS = ("-O3", "--use_fast_math")
 
