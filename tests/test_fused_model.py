@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import scaleforge.models.transformer as transformer
 from distributed import run_distributed_test
-from layout_runs import COMMON, train_and_record
+from layout_runs import COMMON, PIPELINE_MODEL, run_layout, train_and_record
 from micro_runs import micro_config
 
 STEPS = 20
@@ -88,3 +88,27 @@ def test_fused_kernels_train_like_torch_under_a_parallel_layout(tmp_path, torch_
 
 def test_torch_kernels_call_no_fused_operator(torch_reference):
     assert torch_reference["calls"] == {}
+
+
+@pytest.mark.slow
+def test_fused_kernels_in_pipeline_stages_train_like_torch(tmp_path):
+    # pp2: each stage runs the fused norms, rope and swiglu; the last stage's logits go to
+    # the schedule's loss. About 30 s (two processes, a 4-layer model).
+    reference_cfg = micro_config(tmp_path / "torch", *COMMON, *PIPELINE_MODEL,
+                                 "model.kernels=torch")
+    reference = train_and_record(reference_cfg, tmp_path / "torch", 5, world_size=1)
+    cfg = micro_config(tmp_path / "fused", *COMMON, *PIPELINE_MODEL, "model.kernels=fused",
+                       "parallel.pp=2")
+    assert_trains_alike(run_layout(cfg, 2, 5), reference)
+
+
+@pytest.mark.slow
+def test_fused_kernels_under_compile_and_activation_checkpointing_train_like_torch(tmp_path):
+    # Compiled blocks trace the operators through their fake kernels; checkpointed blocks
+    # recompute them in backward. Inductor's first compilation takes about a minute on CPU.
+    settings = [*COMMON, "trainer.compile=true", "trainer.activation_checkpointing=full"]
+    results = {}
+    for kernels in ("torch", "fused"):
+        cfg = micro_config(tmp_path / kernels, *settings, f"model.kernels={kernels}")
+        results[kernels] = train_and_record(cfg, tmp_path / kernels, 3, world_size=1)
+    assert_trains_alike(results["fused"], results["torch"])
