@@ -121,6 +121,9 @@ class TrainerConfig:
     # Start from the weights of a checkpoint (a step_<N> or run directory, or what
     # `sf-convert from-hf` wrote) with a fresh optimizer at step 0. Ignored when resuming.
     init_from: str | None = None
+    # Build everything (layout, model shards, optimizer, loaders, resume), report each rank's
+    # memory and exit before step 1 (planner/dry_run.py).
+    dry_run: bool = False
 
     def check(self, prefix: str = "trainer") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""

@@ -11,7 +11,7 @@ preemption signal (then `fit` saves a checkpoint and returns after that step); a
 detector reads the same reduced loss and only logs.
 
 The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
-its data-parallel rank and size, its loss context and its groups, and `parallel.build_model`
+its data-parallel rank and size and its groups, and `parallel.build_model`
 returns the model already sharded. With pipeline parallelism (`parallel.pp` > 1) the model is
 this rank's stages (`self.pipeline.model_parts`) and a schedule replaces `forward_backward`
 and the evaluation forward; optimizer, clipping and logging are the same.
@@ -52,8 +52,7 @@ from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.models import count_parameters, num_params, uses_fused
-from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_sync
-from scaleforge.parallel.dtensor import full_value
+from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
     build_model,
@@ -230,39 +229,38 @@ class Trainer:
         """Forward and backward over this step's micro-batches, accumulating gradients.
 
         Returns the sum over micro-batches of loss / micro_batches (this replica's mean loss,
-        a plain device tensor). Data-parallel gradient reduction runs with the last
-        micro-batch's backward. Under pipeline parallelism the schedule runs the step's
-        micro-batches through this rank's stages instead (same contract: gradients
-        accumulated, mean loss out on every pp rank; every pp rank of a data-parallel
-        replica reads the same micro-batches).
+        a plain device tensor). Under FSDP every micro-batch's backward reduce-scatters its
+        gradients, which accumulate sharded; the all-reduce across dp_replicate runs with the
+        last (parallel/data_parallel.py). The logits are handed straight to the loss, which
+        keeps them as the buffer of their gradient until backward (core/loss.py). Under
+        pipeline parallelism the schedule runs the step's micro-batches through this rank's
+        stages instead (same contract: gradients accumulated, mean loss out on every pp
+        rank; every pp rank of a data-parallel replica reads the same micro-batches).
         """
         if self.pipeline is not None:
             micro_batches = [inputs_and_targets(next(batches)) for _ in range(self.micro_batches)]
-            # The loss context covers the schedule's backward passes too (loss_parallel).
-            with self.precision.autocast(), self.topology.loss_context():
+            with self.precision.autocast():
                 return pipeline_step(self.pipeline, micro_batches)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
         for index in range(self.micro_batches):
             inputs, targets = (t.to(self.device, non_blocking=True)
                                for t in inputs_and_targets(next(batches)))
-            set_gradient_sync(self.model, index == self.micro_batches - 1)
+            set_gradient_reduction(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
                 loss = self.micro_batch_loss(inputs, targets) / self.micro_batches
-            with self.topology.loss_context():
-                (scaler.scale(loss) if scaler else loss).backward()
-            total_loss += full_value(loss.detach())
+            (scaler.scale(loss) if scaler else loss).backward()
+            total_loss += loss.detach()
         return total_loss
 
     def micro_batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One micro-batch's mean loss (inputs, targets (B, T)): with model.kernels fused and no
         tp, the model's head and loss as one operator (Transformer.forward with targets); else
-        core/loss.py's on its logits, vocabulary-parallel under tp (pp: the schedule's)."""
+        core/loss.py's chunked loss on its logits, vocabulary-parallel under tp (pp: the
+        schedule's). The logits go straight to the loss, which reuses them for their gradient."""
         if self.topology.dims.tp == 1 and uses_fused(self.cfg.model.kernels, self.device.type):
             return self.model(inputs, targets)
-        logits = self.model(inputs)
-        with self.topology.loss_context():
-            return cross_entropy(logits, targets)
+        return cross_entropy(self.model(inputs), targets)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -275,7 +273,7 @@ class Trainer:
         if self.pipeline is not None:
             # validate() made eval_batches a multiple of dp_size x the schedule's micro-batches.
             batches = list(self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size))
-            with self.precision.autocast(), self.topology.loss_context():
+            with self.precision.autocast():
                 loss = pipeline_eval(self.pipeline, batches)
             return self.topology.mean_over_dp(loss).item()
         # Every rank runs the same number of forwards (FSDP's gathers are collective);
@@ -285,7 +283,7 @@ class Trainer:
         for index, (inputs, targets) in enumerate(self.val_loader.batches(per_rank)):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.precision.autocast():
-                loss = full_value(self.micro_batch_loss(inputs, targets))
+                loss = self.micro_batch_loss(inputs, targets)
             if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
                 losses.append(loss)
         if dp_size == 1:

@@ -7,6 +7,9 @@ Every rank validates the config before any process group exists, so a bad settin
 ranks with exit status 2 and one `error:` line (from rank 0), and none waits in a collective.
 Hydra's own output (.hydra/, train.log) is written by rank 0 only.
 
+`trainer.dry_run=true` builds everything on every rank, prints each rank's memory and exits
+0 before step 1 (planner/dry_run.py).
+
 SIGTERM or SIGUSR1 (`trainer.preemption_signals`) during training saves a checkpoint and
 exits with status 0 (without scaling.json, which marks a finished run); see core/preemption.py.
 
@@ -40,7 +43,8 @@ _NON_ZERO_RANK_OVERRIDES = [
 
 def train(cfg: DictConfig) -> dict:
     """Validate, start the process group (when WORLD_SIZE > 1), build and train; return the
-    last logged metrics record. Errors after start-up name the failing rank's coordinates."""
+    last logged metrics record (an empty one after a dry run). Errors after start-up name the
+    failing rank's coordinates."""
     import torch.distributed as dist
 
     from scaleforge.core.trainer import Trainer, start_topology
@@ -56,6 +60,11 @@ def train(cfg: DictConfig) -> dict:
     try:
         with topology.errors_labelled():
             trainer = Trainer(config, Path(config.run_dir), world_size, topology=topology)
+            if config.trainer.dry_run:
+                from scaleforge.planner.dry_run import report_dry_run
+
+                report_dry_run(trainer)
+                return {}
             record = trainer.fit()
         if topology.is_rank0:
             if not trainer.preempted:  # scaling.json marks a finished run

@@ -14,6 +14,17 @@ root unit holds the embeddings, final norm and head.
 
 Gradients are averaged over the data-parallel ranks, so a rank's loss is the mean over its
 own micro-batches and the result equals the single-process mean over all of them.
+
+Gradient accumulation keeps ZeRO-3's memory (`set_gradient_reduction`): every micro-batch's
+backward reduce-scatters its gradients over "dp_shard", so they accumulate as sharded fp32
+DTensors (1/dp_shard of the model per rank); only the all-reduce across "dp_replicate"
+waits for the last micro-batch (FSDP keeps the pending sum sharded, too). Skipping the
+reduce-scatter as well (`set_requires_gradient_sync(False)`, FSDP1's `no_sync`) would keep
+an unsharded fp32 gradient of the whole model on every rank until the last micro-batch: 4
+bytes per parameter, 27 GB for 7B and 280 GB for 70B, i.e. no gradient sharding at all.
+The cost of the safe choice is one reduce-scatter per micro-batch instead of per step,
+overlapped with the backward as in any FSDP step. Pipeline stages do the same
+(parallel/pipeline.py, `ShardedGradientStage`).
 """
 
 from __future__ import annotations
@@ -66,8 +77,10 @@ def autocast_precision(precision: str, topology: Topology) -> str:
     return precision
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn FSDP's gradient reduction on (last micro-batch) or off (accumulate locally);
-    a no-op on a model without FSDP."""
+def set_gradient_reduction(model: nn.Module, last_micro_batch: bool) -> None:
+    """Before a micro-batch's backward: reduce-scatter its gradients over "dp_shard" (always,
+    so they accumulate sharded) and all-reduce them over "dp_replicate" only when
+    `last_micro_batch` (module doc); a no-op on a model without FSDP."""
     if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last_micro_batch)

@@ -18,6 +18,13 @@ divides by the micro-batch count itself, so each micro-batch's backward is seede
 same 1/m as in one process (torch's default, scale_grads=True, would instead divide the
 summed gradients once at the end: equal in exact arithmetic, different in rounding).
 
+Gradient accumulation with FSDP. torch 2.13's stage runs every micro-batch's backward with
+FSDP's gradient sync and resharding off and reduce-scatters once, in the schedule's closing
+`perform_reduce_grad`: until then a rank would keep an unsharded fp32 gradient of its stages
+(1/pp of the model instead of 1/(pp x dp_shard)). `ShardedGradientStage` reduce-scatters
+with every full backward instead, as the trainer does without a pipeline
+(parallel/data_parallel.py); the zero-bubble schedules' split backward keeps torch's path.
+
 Use from a training loop (every pp rank passes the same micro-batches; the rules, checked
 before start, and the theoretical bubble are in parallel/pipeline_schedules.py):
     validate_pipeline(cfg.model, pp, schedule, stages_per_rank, micro_batches)  # at start
@@ -38,11 +45,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
+from torch.distributed.pipelining._backward import stage_backward
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.transformer import Transformer
+from scaleforge.parallel.data_parallel import set_gradient_reduction
 from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.pipeline_schedules import (
     SCHEDULES,
@@ -111,6 +121,32 @@ def _unique_parameters(modules: Sequence[nn.Module]) -> Iterator[tuple[str, nn.P
                 yield name, param
 
 
+class ShardedGradientStage(PipelineStage):
+    """A PipelineStage whose full backward passes keep FSDP's gradients sharded.
+
+    For a stage module under FSDP, each full backward reduce-scatters its gradients over
+    dp_shard and all-reduces them over dp_replicate only on the stage's last micro-batch
+    (`set_gradient_reduction`), where torch's stage turns the sync off until the step's
+    end (module doc). FSDP's end-of-backward bookkeeping stays with the schedule's
+    `perform_reduce_grad`, which then finds every gradient already reduced. The split
+    backward of the zero-bubble schedules (input, then weight) and stages without FSDP take
+    torch's path unchanged.
+    """
+
+    def backward_maybe_with_nosync(
+        self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False
+    ) -> tuple[tuple[torch.Tensor | None, ...], list[dict] | None]:
+        """Run one micro-batch's backward of this stage; returns (input gradients, None)."""
+        if backward_type != "full" or not isinstance(self.submod, FSDPModule):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        self.submod.set_is_last_backward(False)
+        set_gradient_reduction(self.submod, last_backward)
+        grads = stage_backward(
+            bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"]
+        )
+        return grads, None
+
+
 class Pipeline:
     """This rank's stages of a pipelined model and the schedule that runs them.
 
@@ -146,7 +182,7 @@ class Pipeline:
             for index in stage_indices(rank, self.pp, len(stages), self.layout)
         }
         self.stages = [
-            PipelineStage(module, index, num_stages, device, group=group)
+            ShardedGradientStage(module, index, num_stages, device, group=group)
             for index, module in stages
         ]
 

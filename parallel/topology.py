@@ -269,14 +269,6 @@ class Topology:
             raise ConfigError(reported)
         return results[0] if first else task()
 
-    def loss_context(self) -> contextlib.AbstractContextManager:
-        """Wraps the loss and its backward: vocab-parallel cross-entropy when tp > 1."""
-        if self.dims.tp > 1:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
-
     def describe(self) -> str:
         """The layout and mesh order, for the start-of-run log line."""
         backend = dist.get_backend() if self.is_distributed else "none"
@@ -382,6 +374,10 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
     options: dict[int | str, str | C10dBackend.Options | tuple[str, C10dBackend.Options]] = {
         name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS
     }
+    if dist.get_backend() == "fake":
+        # The caller started torch's fake group (sf-plan: one process builds the shards of
+        # any rank of any world size, no collective runs): the mesh's groups are fake too.
+        options = {name: "fake" for name in MESH_DIMS}
     mesh = init_device_mesh(
         torch_device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
     )

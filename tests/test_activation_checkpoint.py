@@ -54,15 +54,13 @@ def _collectives_of_one_micro_batch(cfg: Config, topology: Topology) -> dict[str
                       topology=topology)
     inputs, targets = next(trainer.train_batches)
     with CollectiveCount() as forward:
-        logits = trainer.model(inputs)
-        with topology.loss_context():
-            loss = cross_entropy(logits, targets)
-    with CollectiveCount() as backward, topology.loss_context():
+        loss = cross_entropy(trainer.model(inputs), targets)
+    with CollectiveCount() as backward:
         loss.backward()
     # In parameter order (checkpointing puts its wrapper's prefix into the names).
     grads = [param.grad.to_local().clone() for param in trainer.model.parameters()]
     return {"forward": forward.counts, "backward": backward.counts,
-            "loss": loss.full_tensor().item(), "grads": grads}
+            "loss": loss.item(), "grads": grads}
 
 
 def _compare_modes_in_rank(configs: dict[str, Config]) -> None:

@@ -25,6 +25,7 @@ ALLOWED = {
     "data_pipeline": {"errors"},
     "core": {"errors", "csrc", "models", "parallel", "data_pipeline"},
     "scaling": {"errors", "csrc", "models", "parallel", "data_pipeline", "core"},
+    "planner": {"errors", "csrc", "models", "parallel", "data_pipeline", "core"},
 }
 
 

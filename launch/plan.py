@@ -1,0 +1,130 @@
+"""`sf-plan`: which layouts of a model fit a cluster's GPUs, and how fast each would train.
+
+    sf-plan model=llama_70b gpus=512 gpu=h100
+    sf-plan model=llama_70b gpus=512 gpu=h100 parallel.tp=8 parallel.pp=4 parallel.dp_shard=16 \
+        out=p.json
+    sf-plan model=llama_7b gpus=64 gpu=a100 data.seq_len=2048 trainer.global_batch_tokens=2097152
+
+Run settings are sf-train's (`model=`, `model.*`, `data.*`, `trainer.*`, `parallel.*`,
+composed by Hydra as sf-train composes them); an explicit `parallel.*` or `trainer.*`
+setting pins that axis. Unless given, `data.seq_len` is the model's `max_seq_len` and
+`trainer.global_batch_tokens` 4,194,304 (4M tokens, Llama's batch). The planner's own
+settings are key=value (launch/key_value.py): `gpus` (total), `gpu` (h100, h200, a100, b200;
+planner/hardware.py), `gpus_per_node` (8), the overrides `peak_tflops`, `gpu_memory_gb`,
+`nvlink_gb_per_s`, `internode_gb_per_s` (one direction, per GPU) and `matmul_efficiency`,
+`top` (fitting layouts printed, 15) and `out` (a JSON file of every layout).
+
+Memory comes from the trainer's own sharded model built on the meta device over torch's
+fake process group (planner/shards.py), the activation model of planner/activations.py and
+FSDP's buffers (planner/buffers.py); time from planner/step_time.py. Bad input (an unknown
+GPU, a GPU count no layout divides, a model one of whose blocks alone exceeds a GPU) prints
+one `error:` line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaleforge.errors import ConfigError, exit_on_config_error
+from scaleforge.launch.key_value import parse_settings, required
+
+CONFIG_GROUPS = ("model", "data", "trainer", "parallel", "optim", "checkpoint", "logging")
+DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024
+
+
+@dataclass
+class PlanSettings:
+    """The planner's own settings (see the module docstring)."""
+
+    gpus: int = required("N (the number of GPUs)")
+    gpu: str = "h100"
+    gpus_per_node: int = 8
+    peak_tflops: float | None = None
+    gpu_memory_gb: float | None = None
+    nvlink_gb_per_s: float | None = None
+    internode_gb_per_s: float | None = None
+    matmul_efficiency: float | None = None
+    top: int = 15
+    out: str | None = None
+
+
+def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(sf-train overrides, the planner's key=value settings)."""
+    overrides: list[str] = []
+    settings: list[str] = []
+    for argument in argv:
+        key = argument.partition("=")[0]
+        (overrides if key.split(".")[0] in CONFIG_GROUPS else settings).append(argument)
+    return overrides, settings
+
+
+def run_config(overrides: list[str]) -> Any:
+    """The run's Config from sf-train `overrides`, with sf-plan's defaults for the sequence
+    length and the batch; ConfigError for an override Hydra rejects."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from scaleforge.core.config import compose, to_config
+
+    given = {argument.partition("=")[0] for argument in overrides}
+    try:
+        cfg = to_config(compose(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"sf-plan: {error}".splitlines()[0]) from None
+    if "data.seq_len" not in given:
+        cfg.data.seq_len = cfg.model.max_seq_len
+    if "trainer.global_batch_tokens" not in given:
+        cfg.trainer.global_batch_tokens = DEFAULT_BATCH_TOKENS
+    return cfg
+
+
+def plan(argv: list[str]) -> None:
+    """Enumerate, print the table and write `out`; see the module docstring."""
+    from scaleforge.planner.hardware import gpu_spec
+    from scaleforge.planner.search import USABLE_FRACTION, largest_block_bytes, plan_layouts
+    from scaleforge.planner.shards import ShardProbe, fake_world
+    from scaleforge.planner.table import layout_record, print_table
+
+    overrides, arguments = split_arguments(argv)
+    settings = parse_settings(PlanSettings, arguments, "sf-plan")
+    gpu = gpu_spec(settings.gpu, settings.peak_tflops, settings.gpu_memory_gb,
+                   settings.nvlink_gb_per_s, settings.internode_gb_per_s,
+                   settings.matmul_efficiency)
+    if settings.gpus < 1 or settings.gpus_per_node < 1:
+        raise ConfigError(f"gpus={settings.gpus} and gpus_per_node={settings.gpus_per_node} "
+                          "must be at least 1")
+    cfg = run_config(overrides)
+    pinned = {argument.partition("=")[0] for argument in overrides}
+    probe = ShardProbe(cfg)
+    with fake_world(settings.gpus):
+        rows = plan_layouts(cfg, settings.gpus, gpu, settings.gpus_per_node, pinned, probe)
+        if not any(row.fits for row in rows):
+            block = largest_block_bytes(cfg, settings.gpus, settings.gpus_per_node, probe)
+            usable = USABLE_FRACTION * gpu.memory_bytes
+            if block > usable:
+                raise ConfigError(
+                    f"one transformer block of model {cfg.model.name} needs {block / 1e9:.1f} GB "
+                    f"even sharded over all {settings.gpus} GPUs (its parameters, gradients, "
+                    f"AdamW state, gathered weights and activations at micro-batch size 1) > "
+                    f"{usable / 1e9:.1f} GB usable on a {gpu.name}: no layout fits; use GPUs "
+                    "with more memory (gpu=, gpu_memory_gb=) or a smaller model"
+                )
+    print_table(rows, cfg, settings.gpus, gpu, settings.top)
+    if settings.out:
+        path = Path(settings.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"layouts": [layout_record(row) for row in rows]}, indent=1)
+                        + "\n")
+        print(f"plan -> {path} ({len(rows)} layouts)")
+
+
+def main() -> None:
+    exit_on_config_error(plan, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

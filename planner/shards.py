@@ -1,0 +1,217 @@
+"""Parameter shards of any rank of any layout, from the trainer's own parallelize code, in
+one process.
+
+`fake_world(n)` starts torch's fake process group (`backend="fake"`: every collective
+returns at once, nothing is sent) as rank 0 of `n`, so `parallel.topology.init_topology`
+builds a real DeviceMesh of any shape without the GPUs. `ShardProbe` then builds the model
+on the meta device and applies `parallel.parallelize.parallelize` (tensor parallel,
+activation checkpointing, FSDP) exactly as the trainer does, and reads each parameter's
+local shard (`DTensor.to_local()`): shapes only, no memory.
+
+What is built. Shard shapes depend on tp and dp_shard only (dp_replicate replicates whole
+shards; the pipeline only decides which parameters a rank holds), so one probe per
+(tp, dp_shard) serves every layout with those sizes. The probe is the model with one
+block: every block of the real model has the same parameter shapes and FSDP shards each
+parameter on its own (dim 0 over dp_shard), so a block's shards are the same in every
+position and a rank's bytes are its ends (embeddings; final norm and head) plus its block
+count times one block's. The rank measured is dp rank 0, tp rank 0: FSDP gives the first
+dp ranks the rounded-up rows, so it holds the most; tp ranks hold equal shards (tp divides
+every split dimension). Which layers and ends pipeline rank r holds comes from the
+pipeline's own rules (`stage_indices`, `stage_layer_ranges`), as `split_model` cuts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from scaleforge.core.config import Config, build_plan
+from scaleforge.models import build
+from scaleforge.parallel.parallelize import parallelize
+from scaleforge.parallel.pipeline_schedules import (
+    schedule_spec,
+    stage_indices,
+    stage_layer_ranges,
+)
+from scaleforge.parallel.topology import ParallelDims, init_topology
+
+# AdamW's `step`: one fp32 scalar tensor per parameter (fused and capturable kernels keep
+# it on the device).
+ADAM_STEP_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """One parameter on the measured rank: its local shard, and the tensor-parallel shard
+    before FSDP split it (what FSDP all-gathers), in elements; its dtype's size in bytes."""
+
+    local_elements: int
+    tp_local_elements: int
+    element_bytes: int
+
+
+@dataclass(frozen=True)
+class RankState:
+    """A rank's optimizer-side memory in bytes: parameters, gradients (the same shapes and
+    dtype, fp32 master weights, but see `replicated_gradient_elements`) and AdamW state
+    (exp_avg and exp_avg_sq in the parameter's dtype, plus a 4-byte step per parameter
+    tensor), and its parameter tensor count."""
+
+    params: int
+    grads: int
+    optimizer: int
+    tensors: int
+
+    @classmethod
+    def of(cls, params_bytes: int, tensors: int, grads_bytes: int | None = None) -> RankState:
+        grads = params_bytes if grads_bytes is None else grads_bytes
+        return cls(params_bytes, grads, 2 * params_bytes + ADAM_STEP_BYTES * tensors, tensors)
+
+
+def replicated_gradient_elements(name: str, local_elements: int, dims: ParallelDims) -> int:
+    """Elements of parameter `name`'s gradient (a full-model name, or a pipeline part's
+    prefixed one) on a rank holding `local_elements` of it.
+
+    Its shard's, except one case measured in torch 2.13 (bench/plan_memory.py): under
+    tensor parallelism without data parallelism the vocabulary-parallel embedding's
+    backward leaves a Replicate gradient of the whole table on every tp rank (FSDP, when
+    present, reduce-scatters it to the shard)."""
+    if name.endswith("tok_embeddings.weight") and dims.tp > 1 and dims.dp_size == 1:
+        return local_elements * dims.tp
+    return local_elements
+
+
+@dataclass(frozen=True)
+class GatheredElements:
+    """What FSDP gathers on a rank, in elements of its tensor-parallel shards: all of the
+    rank's parameters, one block's, and those outside the blocks (embeddings, final norm,
+    head: FSDP's root unit, never resharded after forward)."""
+
+    total: int
+    block: int
+    ends: int
+
+
+def state_of_parameters(named_params: Iterator[tuple[str, nn.Parameter]],
+                        dims: ParallelDims) -> RankState:
+    """RankState of a built model's parameters (each once; DTensors by their local shard)
+    under layout `dims`: how the dry run counts the trainer's own model."""
+    seen: set[int] = set()
+    params_bytes = grads_bytes = tensors = 0
+    for name, param in named_params:
+        if id(param) not in seen:
+            seen.add(id(param))
+            local = param.to_local() if isinstance(param, DTensor) else param
+            params_bytes += local.numel() * local.element_size()
+            grads_bytes += local.element_size() * replicated_gradient_elements(
+                name, local.numel(), dims)
+            tensors += 1
+    return RankState.of(params_bytes, tensors, grads_bytes)
+
+
+def _shard(param: nn.Parameter) -> ParamShard:
+    local = param.to_local() if isinstance(param, DTensor) else param
+    tp_local = param.numel()
+    if isinstance(param, DTensor) and param.device_mesh.mesh_dim_names is not None:
+        for name, placement in zip(param.device_mesh.mesh_dim_names, param.placements,
+                                   strict=True):
+            if name == "tp" and isinstance(placement, Shard):
+                tp_local //= param.device_mesh[name].size()
+    return ParamShard(local.numel(), tp_local, local.element_size())
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """torch's fake process group as rank 0 of `world_size` for the duration (meshes of any
+    shape up to that size can then be built); destroyed on exit."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("fake_world needs a process without torch.distributed started")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class ShardProbe:
+    """Per-parameter shards of `cfg`'s model under each (tp, dp_shard), built once each
+    inside `fake_world` (see the module docstring) and cached."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._probes: dict[tuple[int, int], dict[str, ParamShard]] = {}
+
+    def shards(self, tp: int, dp_shard: int) -> dict[str, ParamShard]:
+        """FQN -> ParamShard of the one-block model at dp rank 0, tp rank 0."""
+        key = (tp, dp_shard)
+        if key not in self._probes:
+            self._probes[key] = self._build(tp, dp_shard)
+        return self._probes[key]
+
+    def _build(self, tp: int, dp_shard: int) -> dict[str, ParamShard]:
+        cfg = self.cfg
+        one_block = replace(cfg.model, n_layers=1)
+        parallel = replace(cfg.parallel, tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard)
+        dims = ParallelDims(tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard)
+        model = build(one_block, device="meta")
+        if dims.world_size > 1:
+            topology = init_topology(parallel, dims, "cpu")
+            plan = replace(build_plan(cfg, 1), model=one_block, parallel=parallel,
+                           compile=False)
+            parallelize(model, topology, plan)
+        seen: set[int] = set()
+        shards = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) not in seen:  # a tied head is the embedding: counted once
+                seen.add(id(param))
+                shards[name] = _shard(param)
+        return shards
+
+    def rank_state(
+        self,
+        dims: ParallelDims,
+        pp_rank: int,
+        schedule: str | None = None,
+        stages_per_rank: int = 1,
+        layers_per_stage: list[int] | None = None,
+    ) -> tuple[RankState, GatheredElements]:
+        """The state and FSDP's gathered elements of the rank at (pp_rank, dp 0, tp 0) of
+        layout `dims` (pipeline `schedule` with `stages_per_rank` when dims.pp > 1)."""
+        shards = self.shards(dims.tp, dims.dp_shard)
+        owned, ranges = [0], [range(self.cfg.model.n_layers)]
+        if dims.pp > 1 and schedule is not None:
+            num_stages = dims.pp * stages_per_rank
+            owned = stage_indices(pp_rank, dims.pp, stages_per_rank,
+                                  schedule_spec(schedule).layout)
+            ranges = stage_layer_ranges(self.cfg.model.n_layers, num_stages, layers_per_stage)
+        blocks = sum(len(ranges[stage]) for stage in owned)
+        first, last = 0 in owned, len(ranges) - 1 in owned
+        params = grads = tensors = total = block = ends = 0
+        for name, shard in shards.items():
+            if name.startswith("layers."):
+                count = blocks
+                block += shard.tp_local_elements
+            else:  # embeddings on the first stage; final norm and LM head on the last
+                count = int(first if name.startswith(("tok_embeddings.", "pos_embeddings."))
+                            else last)
+                ends += count * shard.tp_local_elements
+            params += count * shard.local_elements * shard.element_bytes
+            grads += count * shard.element_bytes * replicated_gradient_elements(
+                name, shard.local_elements, dims)
+            total += count * shard.tp_local_elements
+            tensors += count
+        return RankState.of(params, tensors, grads), GatheredElements(total, block, ends)
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of this rank's part of `tensor` (a DTensor's local shard)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()

@@ -1,0 +1,153 @@
+"""Predicted time of one optimizer step of a layout, from FLOPs, link bandwidths and the
+pipeline bubble.
+
+    step = (compute + tensor-parallel + pipeline p2p) / (1 - bubble) + exposed data-parallel
+
+- compute: the exact matmul FLOPs of a step (core/flops.py `training_flops_per_token`:
+  every projection, attention scores and values, the LM head, 3x forward for forward +
+  backward), plus the forward FLOPs of the blocks `full` checkpointing recomputes
+  (`selective` recomputes only elementwise ops: no matmul FLOPs), split over tp x dp, the
+  blocks over the pp stages and the head on the last stage (the slowest one), at
+  `matmul_efficiency` x the GPU's peak.
+- links: the mesh order is pp > dp_replicate > dp_shard > cp > tp (tp innermost, so ranks
+  next to each other share a node). A mesh axis whose group spans at most `gpus_per_node`
+  consecutive ranks runs on NVLink; any other crosses nodes and runs at the inter-node
+  bandwidth per GPU. Collectives are rings: an all-gather or reduce-scatter of S bytes over
+  n ranks moves (n-1)/n x S through each GPU's link, an all-reduce twice that, at
+  `LINK_EFFICIENCY` of the link's bandwidth (NCCL's bus bandwidth on these links).
+- tensor parallel (Megatron's sequence parallelism as DTensor plans): per block and
+  micro-batch two all-gathers and two reduce-scatters of the (b, s, d) activations in
+  forward, as many in backward, again in a `full` recompute; plus the embedding's and the
+  head's pair. On the critical path (nothing overlaps them).
+- pipeline: each micro-batch's (b, s, d/t) activations and gradients cross each stage
+  boundary once per direction; counted on the critical path; the schedule's idle share is
+  `parallel.pipeline_schedules.theoretical_bubble_fraction`.
+- data parallel (FSDP2): weights all-gathered in the compute dtype in forward and again in
+  backward (when resharding after forward; once otherwise) for every micro-batch,
+  gradients reduce-scattered in fp32 once per step (gradient sync only on the last
+  micro-batch) and all-reduced across dp_replicate (HSDP). Overlapped with compute (FSDP
+  prefetches the next block), except the first block's all-gather and the last block's
+  reduce-scatter, and except what exceeds the compute it hides behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scaleforge.core.flops import attention_flops_per_token, training_flops_per_token
+from scaleforge.models.config import TransformerConfig
+from scaleforge.models.param_count import attention_params, mlp_params
+from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
+from scaleforge.parallel.topology import MESH_DIMS, ParallelDims
+from scaleforge.planner.hardware import GpuSpec
+from scaleforge.planner.shards import GatheredElements
+
+# Fraction of a link's bandwidth a ring collective reaches (NCCL's bus bandwidth).
+LINK_EFFICIENCY = 0.8
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one optimizer step asks of each GPU under a layout (see the module docstring)."""
+
+    model: TransformerConfig
+    seq_len: int
+    global_batch_tokens: int
+    micro_batch_size: int
+    micro_batches: int  # per data-parallel rank and step
+    dims: ParallelDims
+    schedule: str | None  # None without pipeline parallelism
+    stages_per_rank: int
+    checkpointing: str
+    every_n: int
+    precision: str
+    reshard_after_forward: bool
+    gathered: GatheredElements  # FSDP's units on the rank that gathers most
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one step and its parts; bytes each GPU sends per step, per mesh axis."""
+
+    compute_s: float
+    tp_s: float
+    pp_s: float
+    dp_exposed_s: float
+    bubble_fraction: float
+    step_s: float
+    comm_bytes: dict[str, float]
+
+
+def axis_bandwidth(dims: ParallelDims, axis: str, gpu: GpuSpec, gpus_per_node: int) -> float:
+    """Bytes/s a ring over mesh axis `axis` gets: NVLink when its groups stay inside a node."""
+    inner = math.prod(getattr(dims, name) for name in MESH_DIMS[MESH_DIMS.index(axis) + 1:])
+    span = inner * getattr(dims, axis)
+    link = gpu.nvlink_bytes_per_s if span <= gpus_per_node else gpu.internode_bytes_per_s
+    return link * LINK_EFFICIENCY
+
+
+def recompute_flops_per_token(work: StepWork) -> float:
+    """Forward matmul FLOPs per token that `full` checkpointing adds (every n-th block)."""
+    if work.checkpointing != "full":
+        return 0.0
+    m = work.model
+    layer_forward = (2 * (attention_params(m, biases=False) + mlp_params(m, biases=False))
+                     + attention_flops_per_token(m, work.seq_len) / m.n_layers)
+    wrapped = math.ceil(m.n_layers / work.dims.pp / work.every_n) * work.dims.pp
+    return wrapped * layer_forward
+
+
+def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
+    """The predicted step (see the module docstring) on `gpu`s, `gpus_per_node` per node."""
+    dims, m = work.dims, work.model
+    # The head runs on the last stage only: under a pipeline that stage is the slowest.
+    head = 6 * m.d_model * m.vocab_size
+    blocks = training_flops_per_token(m, work.seq_len) - head + recompute_flops_per_token(work)
+    flops = work.global_batch_tokens / (dims.tp * dims.dp_size) * (blocks / dims.pp + head)
+    compute = flops / (gpu.peak_flops * gpu.matmul_efficiency)
+    e = 4 if work.precision == "fp32" else 2
+    activation = work.micro_batch_size * work.seq_len * m.d_model * e  # (b, s, d) bytes
+    comm: dict[str, float] = {}
+    tp_time = 0.0
+    if dims.tp > 1:
+        per_block = 12 if work.checkpointing == "full" else 8
+        collectives = (m.n_layers // dims.pp * per_block + 4) * work.micro_batches
+        comm["tp"] = collectives * (dims.tp - 1) / dims.tp * activation
+        tp_time = comm["tp"] / axis_bandwidth(dims, "tp", gpu, gpus_per_node)
+    pp_time, bubble = 0.0, 0.0
+    if dims.pp > 1 and work.schedule is not None:
+        comm["pp"] = 2 * work.micro_batches * work.stages_per_rank * activation / dims.tp
+        pp_time = comm["pp"] / axis_bandwidth(dims, "pp", gpu, gpus_per_node)
+        bubble = theoretical_bubble_fraction(work.schedule, dims.pp, work.micro_batches,
+                                             work.stages_per_rank)
+    dp_time, dp_edge = _data_parallel(work, gpu, gpus_per_node, e, comm)
+    busy = compute + tp_time + pp_time
+    exposed = dp_edge + max(0.0, dp_time - busy)
+    step = busy / (1 - bubble) + exposed
+    return StepTime(compute, tp_time, pp_time, exposed, bubble, step, comm)
+
+
+def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
+                   comm: dict[str, float]) -> tuple[float, float]:
+    """(seconds of FSDP/HSDP collectives per step, seconds of them nothing hides); fills
+    `comm` with the bytes per mesh axis."""
+    dims, g = work.dims, work.gathered
+    time = edge = 0.0
+    if dims.dp_shard > 1:
+        share = (dims.dp_shard - 1) / dims.dp_shard
+        gathers = 2 if work.reshard_after_forward else 1
+        gather = share * g.total * e * gathers * work.micro_batches
+        scatter = share * g.total * 4
+        comm["dp_shard"] = gather + scatter
+        bandwidth = axis_bandwidth(dims, "dp_shard", gpu, gpus_per_node)
+        time += comm["dp_shard"] / bandwidth
+        edge += share * ((g.block + g.ends) * e + g.block * 4) / bandwidth
+    if dims.dp_replicate > 1:
+        share = (dims.dp_replicate - 1) / dims.dp_replicate
+        shard_bytes = g.total * 4 / dims.dp_shard
+        comm["dp_replicate"] = 2 * share * shard_bytes
+        bandwidth = axis_bandwidth(dims, "dp_replicate", gpu, gpus_per_node)
+        time += comm["dp_replicate"] / bandwidth
+        edge += 2 * share * g.block * 4 / dims.dp_shard / bandwidth
+    return time, edge

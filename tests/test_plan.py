@@ -1,0 +1,93 @@
+"""sf-plan (launch/plan.py, planner/): the layouts of a cluster run, their memory and speed,
+and one clear error line for input no layout can serve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from commands import run_tool
+from micro_runs import micro_config
+from scaleforge.planner.activations import in_flight_micro_batches
+from scaleforge.planner.hardware import gpu_spec
+from scaleforge.planner.search import plan_layouts
+from scaleforge.planner.shards import ShardProbe, fake_world
+
+
+def test_llama_70b_on_512_h100_lists_fitting_layouts_fastest_first(tmp_path):
+    result = run_tool("sf-plan", "model=llama_70b", "gpus=512", "gpu=h100",
+                      f"out={tmp_path / 'plan.json'}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layouts = json.loads((tmp_path / "plan.json").read_text())["layouts"]
+    fitting = [layout for layout in layouts if layout["fits"]]
+    assert fitting and len(fitting) < len(layouts)
+    speeds = [layout["tokens_per_s_per_gpu"] for layout in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    for layout in fitting:  # each fits 90% of 80 GB and multiplies to the world size
+        assert layout["memory_bytes"]["total"] <= 0.9 * 80e9
+        p = layout["parallel"]
+        assert p["tp"] * p["pp"] * p["dp_replicate"] * p["dp_shard"] == 512
+        assert p["tp"] <= 8  # within a node
+    best = fitting[0]
+    assert 0.2 < best["mfu"] < 0.7
+    # a layout that does not fit names what overflows and what would fit instead
+    assert "do not fit; the closest:" in result.stdout
+    assert " GB left: " in result.stdout or " GB > " in result.stdout
+
+
+def test_explicit_parallel_settings_pin_the_layout_and_the_json_has_the_issues_fields(tmp_path):
+    result = run_tool("sf-plan", "model=llama_70b", "gpus=512", "gpu=h100", "parallel.tp=8",
+                      "parallel.pp=4", "parallel.dp_shard=16", "out=p.json", cwd=tmp_path,
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layouts = json.loads((tmp_path / "p.json").read_text())["layouts"]
+    assert layouts
+    for layout in layouts:
+        assert set(layout) == {"parallel", "activation_checkpointing", "micro_batch_size",
+                               "fits", "memory_bytes", "step_time_s",
+                               "tokens_per_s_per_gpu", "mfu"}
+        parallel = layout["parallel"]
+        assert (parallel["tp"], parallel["pp"], parallel["dp_replicate"],
+                parallel["dp_shard"], parallel["cp"]) == (8, 4, 1, 16, 1)
+        assert set(layout["memory_bytes"]) == {"params", "grads", "optimizer", "activations",
+                                               "total"}
+    assert any(layout["fits"] for layout in layouts)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["model=llama_7b", "gpus=8", "gpu=v100"], "gpu='v100' is unknown"),
+        (["model=llama_7b", "gpus=7", "gpu=h100"], "no layout of gpus=7"),
+        (["model=llama_70b", "gpus=8", "gpu=h100", "gpu_memory_gb=2"],
+         "one transformer block of model llama_70b needs"),
+    ],
+    ids=["unknown-gpu", "no-layout-divides", "a-block-exceeds-memory"],
+)
+def test_bad_input_gets_one_error_line_and_exit_status_2(tmp_path, arguments, named):
+    result = run_tool("sf-plan", *arguments, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr
+
+
+def test_in_flight_micro_batches_follow_each_schedule():
+    assert in_flight_micro_batches(None, 1, 0, 8) == 1
+    assert in_flight_micro_batches("GPipe", 4, 3, 8) == 8
+    assert [in_flight_micro_batches("1F1B", 4, r, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert in_flight_micro_batches("1F1B", 4, 0, 2) == 2  # never more than the step has
+    # torch's interleaved warmup: (v-1) x m/rounds + 2 (pp-1-rank), plus one, per v chunks
+    assert in_flight_micro_batches("Interleaved1F1B", 4, 0, 8, 2) == (4 + 6 + 1) / 2
+    assert in_flight_micro_batches("Interleaved1F1B", 4, 3, 8, 2) == (4 + 0 + 1) / 2
+
+
+def test_the_planner_rejects_what_the_trainer_rejects(tmp_path):
+    # llama_micro has 2 kv heads and 2 layers: tp 4 and 8, pp 4 and 8 never pass
+    # core.config.validate
+    cfg = micro_config(tmp_path, "trainer.micro_batch_size=1")
+    with fake_world(8):
+        rows = plan_layouts(cfg, 8, gpu_spec("h100"), 8, set(), ShardProbe(cfg))
+    layouts = {(row.layout.tp, row.layout.pp) for row in rows}
+    assert all(tp <= 2 and pp <= 2 for tp, pp in layouts)
+    assert (2, 2) in layouts and (1, 1) in layouts
