@@ -8,8 +8,9 @@ replaces (models/, F.cross_entropy on the full logits) in eager mode, and of tha
 torch.compile, on the same inputs in the same process: median time over `--repeats` runs
 after one warm-up, and peak memory above the inputs (CUDA: the allocator's peak; CPU: the
 process's peak RSS, measured in a fresh subprocess per case so one case's peak does not
-hide another's). Ratios are fused / baseline. On CUDA it adds the achieved bandwidth of the
-forward (bytes read and written once / time) as a fraction of the GPU's HBM peak.
+hide another's; Linux only). Ratios are fused / baseline. On CUDA it adds the achieved
+bandwidth of the forward (bytes read and written once / time) as a fraction of the GPU's
+HBM peak.
 
 --cuda-check runs the d_model >= 4096 and V = 128k sizes and exits 1 unless: rms_norm, rope
 and swiglu reach 80% of HBM bandwidth and beat torch.compile; the fused loss uses at most a
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -165,26 +165,29 @@ def peak_bytes(case_name: str, name: str, device: str, gpu_sizes: bool) -> int:
     return int(json.loads(output.strip().splitlines()[-1])["peak_bytes"])
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as stream:
-        return int(stream.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as stream:
+        line = next(line for line in stream if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def report_peak_rss(case_name: str, name: str) -> None:
     """(subprocess) Print the peak RSS above the inputs of one CPU forward + backward.
 
     A first step on the same inputs loads what any first call loads (thread pools, kernel
-    caches, a compiled graph); its large buffers go back to the system when freed (glibc
-    returns mmap-sized blocks), so the second step's peak minus the RSS before it is that
-    step's own."""
+    caches, a compiled graph); then the peak-RSS mark is reset (`5` into
+    /proc/self/clear_refs: a process starts with its parent's mark) and the second step's
+    peak (VmHWM) minus the RSS before it is that step's own."""
     case = next(c for c in cases(False) if c.name == case_name)
     function = implementation(case, name)
     inputs = case.make("cpu")
     _step(function, inputs)
-    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as stream:
+        stream.write("5")
+    before = _status_bytes("VmRSS")
     _step(function, inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": max(0, peak - before)}))
+    print(json.dumps({"peak_bytes": max(0, _status_bytes("VmHWM") - before)}))
 
 
 def hbm_peak(device_name: str) -> float | None:
