@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 # Device types on which the fused kernels were measured faster than torch (bench/kernels.py,
-# bench/RESULTS.md): none so far. On the CPU they are slower than torch's vectorised code;
-# on CUDA they have not been measured yet (bench/kernels.py --cuda-check).
+# bench/RESULTS.md): none so far. On the CPU rms_norm and rope beat torch eager but swiglu
+# and the loss are slower (the loss recomputes its logits in backward), and the first use
+# builds the library (about 3 minutes on 2 cores); on CUDA they are not measured yet
+# (bench/kernels.py --cuda-check).
 FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 
 
