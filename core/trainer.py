@@ -52,7 +52,7 @@ from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.data_pipeline.pack import split_batch
-from scaleforge.models import count_parameters, num_params
+from scaleforge.models import count_parameters, num_params, uses_fused
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
@@ -246,10 +246,21 @@ class Trainer:
             inputs, targets, documents = split_batch(next(batches), masking, self.device)
             set_gradient_reduction(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
-                loss = cross_entropy(self.model(inputs, documents), targets) / self.micro_batches
+                loss = self.micro_batch_loss(inputs, targets, documents) / self.micro_batches
             (scaler.scale(loss) if scaler else loss).backward()
             total_loss += loss.detach()
         return total_loss
+
+    def micro_batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         documents: torch.Tensor | None = None) -> torch.Tensor:
+        """One micro-batch's mean loss (inputs, targets, document ids or None, (B, T)): with
+        model.kernels fused and no tp, the model's head and loss as one operator
+        (Transformer.forward with targets); else core/loss.py's chunked loss on its logits,
+        vocabulary-parallel under tp (pp: the schedule's). The logits go straight to the
+        loss, which reuses them for their gradient."""
+        if self.topology.dims.tp == 1 and uses_fused(self.cfg.model.kernels, self.device.type):
+            return self.model(inputs, documents, targets)
+        return cross_entropy(self.model(inputs, documents), targets)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -274,7 +285,7 @@ class Trainer:
         for index, batch in enumerate(self.val_loader.batches(per_rank)):
             inputs, targets, documents = split_batch(batch, masking, self.device)
             with self.precision.autocast():
-                loss = cross_entropy(self.model(inputs, documents), targets)
+                loss = self.micro_batch_loss(inputs, targets, documents)
             if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
                 losses.append(loss)
         if dp_size == 1:

@@ -14,6 +14,11 @@ class ConfigError(ValueError):
     """A setting is wrong. Raised before any work starts; the launcher prints it as one line."""
 
 
+class KernelBuildError(ConfigError):
+    """The fused kernels (scaleforge.csrc) cannot be built on this machine: the one-line
+    message names what is missing (compiler, ninja, nvcc) or where the build failed."""
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss or gradient norm stopped being finite and the run cannot go on; the message
     names the step, the value and what to change."""

@@ -12,6 +12,7 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
 
 FAMILIES = ("llama", "gpt")
+KERNELS = ("auto", "torch", "fused")  # models/kernels.py
 
 
 @dataclass
@@ -20,6 +21,9 @@ class TransformerConfig:
 
     `family` picks the block: "llama" (RMSNorm, RoPE, SwiGLU, grouped-query attention) or
     "gpt" (LayerNorm, learned positions, GELU MLP, tied embeddings, biases).
+    `kernels` picks the code of RMSNorm, RoPE, SwiGLU and the training loss: "torch",
+    "fused" (the csrc/ operators) or "auto" (models/kernels.py); the gpt family has none of
+    the first three, only the loss.
     `ffn_hidden` of None derives the MLP width: 4*d_model for gpt; for llama 2/3 of
     4*d_model times `ffn_multiplier`, rounded up to a multiple of `ffn_multiple_of` (Llama's rule).
     `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention.py).
@@ -44,6 +48,7 @@ class TransformerConfig:
     init_std: float = 0.02
     attention: str = "sdpa"
     rope_per_document: bool = False
+    kernels: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +69,10 @@ class TransformerConfig:
 
     def check(self, prefix: str = "model") -> None:
         """Raise ConfigError naming the first inconsistent field (`prefix.field`)."""
+        if self.kernels not in KERNELS:
+            raise ConfigError(
+                f"{prefix}.kernels={self.kernels!r} is unknown; use one of {KERNELS}"
+            )
         if self.family not in FAMILIES:
             raise ConfigError(f"{prefix}.family={self.family!r} is unknown; use one of {FAMILIES}")
         for field in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):

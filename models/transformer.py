@@ -8,6 +8,8 @@ Attention runs the kernel `cfg.attention` names (models/attention.py); given doc
 no token attends to another document of its packed row.
 Module names are a contract: the tensor-parallel plan, the pipeline splitter and the
 Hugging Face conversion address weights as `layers.<i>.attention.wq` and so on.
+`model.kernels` (models/kernels.py) picks PyTorch code or the fused csrc/ operators for
+RMSNorm, RoPE and SwiGLU's gate; the weights and their names are the same either way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ import torch.nn.functional as F
 
 from scaleforge.models.attention import AttentionMask, attend, attention_mask, document_positions
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.kernels import (
+    fused_linear_cross_entropy,
+    fused_rms_norm,
+    fused_rope,
+    fused_swiglu,
+    load_fused,
+    uses_fused,
+)
 from scaleforge.models.rope import apply_rope, rope_tables
 
 # Output projections that write into the residual stream; their init is scaled down by
@@ -28,12 +38,15 @@ RESIDUAL_PROJECTIONS = ("attention.wo", "feed_forward.w2")
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), no mean subtraction, no bias."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: str = "torch"):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_fused(self.kernels, x.device.type):
+            return fused_rms_norm(x, self.weight, self.eps)
         # Statistics in fp32 as in Llama's reference code: bf16 squares lose too many bits.
         # The weight multiplies after the cast back, in the input's precision, as Llama's.
         normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
@@ -43,7 +56,7 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: TransformerConfig) -> nn.Module:
     """The family's normalisation over d_model: RMSNorm (llama) or LayerNorm with bias (gpt)."""
     if cfg.family == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
@@ -54,6 +67,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.backend = cfg.attention
+        self.kernels = cfg.kernels
         bias = cfg.family == "gpt"
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
@@ -70,7 +84,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
-        if rope is not None:
+        # The fused operator takes (T, head_dim) tables, not per-document ones (B, 1, T, hd).
+        if rope is not None and rope[0].dim() == 2 and uses_fused(self.kernels, q.device.type):
+            q, k = fused_rope(q, k, *rope)
+        elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
         # within documents when the batch has them. y: (B, n_heads, T, hd)
@@ -83,12 +100,16 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
+        self.kernels = cfg.kernels
         self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        if uses_fused(self.kernels, gate.device.type):
+            return self.w2(fused_swiglu(gate, up))
+        return self.w2(F.silu(gate) * up)
 
 
 class GeluMLP(nn.Module):
@@ -122,7 +143,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids in, next-token logits out; no loss inside.
+    """Token ids in, next-token logits out; or, given the targets, the fused loss.
 
     A pipeline stage keeps only its layers (`layers` is keyed "0", "1", ... so the names of
     the kept ones do not change) and sets the modules it does not own to None: without
@@ -137,6 +158,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
+        load_fused(cfg.kernels)
         embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.tok_embeddings: nn.Embedding | None = embeddings
         self.pos_embeddings = (
@@ -178,13 +200,23 @@ class Transformer(nn.Module):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def forward(
-        self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len.
 
         `document_ids` (B, T) int64 (data_pipeline.samples.document_ids): which document of
         its row each position belongs to; given, no token attends to another document, and
         with `cfg.rope_per_document` the RoPE positions restart at each document.
+
+        With `targets` (B, T) int64, the mean next-token cross-entropy (0-dim, fp32) from the
+        fused linear_cross_entropy operator instead: the LM head and the loss run as one, so
+        the logits never exist. It runs inside forward so that data parallelism gathers the
+        head's weight as for any forward; the caller passes targets only where the operator
+        applies (`model.kernels` picks fused, and the head is not tensor-parallel).
+
         On a pipeline stage the input or output may be hidden states (B, T, d_model).
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, d)
@@ -202,4 +234,7 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
+        if targets is not None and self.output is not None:
+            return fused_linear_cross_entropy(h.flatten(0, 1), self.output.weight,
+                                              targets.flatten())
         return h if self.output is None else self.output(h)  # (B, T, vocab_size)

@@ -155,7 +155,8 @@ def _sharded_grads_after_each_backward(cfg: Config, stage_class: type) -> list[b
 
     stage.backward_maybe_with_nosync = recording_backward
     train, _ = synthetic_data(cfg, dp_rank=topology.dp_rank, dp_size=topology.dp_size)
-    pipeline_step(pipe, list(itertools.islice(iter(train), micro_batches)))
+    batches = itertools.islice(iter(train), micro_batches)
+    pipeline_step(pipe, [(inputs, targets, None) for inputs, targets, *_ in batches])
     assert all(isinstance(p.grad, DTensor) for p in params)  # reduced by the step's end
     return sharded
 
