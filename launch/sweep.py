@@ -5,6 +5,7 @@
     sf-sweep collect sweep_dir=sweeps/demo               # -> sweeps/demo/runs.csv
     sf-sweep fit table=sweeps/demo/runs.csv out=sweeps/demo/fit
     sf-sweep predict fit=sweeps/demo/fit/fit.json N=1e6 D=2e7
+    sf-sweep backtest table=sweeps/demo/runs.csv holdout_budgets=1 out=sweeps/demo/backtest
     sf-sweep report fit=sweeps/demo/fit/fit.json table=sweeps/demo/runs.csv out=sweeps/demo/report
 
 Arguments are key=value (read by launch/key_value.py); lists as [a,b,c]. `plan=NAME` loads
@@ -80,6 +81,23 @@ class PredictSettings:
     D: float | None = None
     C: float | None = None
     approach: str = "approach3"
+
+
+@dataclass
+class BacktestSettings:
+    """Settings of `backtest` (see scaling/backtest.py): `cutoff` (FLOPs) or
+    `holdout_budgets` (the k largest budgets) picks the held-out runs."""
+
+    table: str = required("PATH.csv (sf-sweep collect's table)")
+    out: str | None = None
+    cutoff: float | None = None
+    holdout_budgets: int | None = None
+    bootstrap: int = 200
+    loss_column: str = "loss"
+    seed: int = 0
+    budgets: list[float] = field(default_factory=list)
+    budget_tolerance_dex: float = 0.1
+    exclude_column: str | None = None
 
 
 @dataclass
@@ -198,26 +216,61 @@ def fit(settings: FitSettings) -> Path:
             a, b = result[name]["a"], result[name]["b"]
             print(f"{name}: N_opt ~ C^{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
                   f"D_opt ~ C^{b['value']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
+    print(f"approach 3's optimum under {result['flop_convention']['formula']}")
+    print(f"{len(result['flags'])} sanity flag(s) (above as warnings; in fit.json `flags`)")
     print(f"fit -> {path}")
     return path
 
 
+def _with_interval(entry: dict, fmt: str) -> str:
+    return f"{entry['value']:{fmt}} [{entry['low']:{fmt}}, {entry['high']:{fmt}}]"
+
+
 def predict(settings: PredictSettings) -> None:
-    """Print the loss of (N, D), or the compute-optimal N, D and loss of budget C."""
+    """Print the loss of (N, D), or the compute-optimal N, D and loss of budget C, each with
+    its 95% bootstrap interval (predictive for losses; see scaling/intervals.py)."""
     from scaleforge.scaling.fit import read_fit
-    from scaleforge.scaling.law import optimal_allocation, predict_loss
+    from scaleforge.scaling.intervals import allocation_intervals, loss_interval
 
     result = read_fit(Path(settings.fit))
     if settings.N is not None and settings.D is not None:
-        print(f"{predict_loss(result, settings.N, settings.D):.6f}")
+        print(f"loss={_with_interval(loss_interval(result, settings.N, settings.D), '.6f')}")
         return
     if settings.C is not None:
-        n_opt, d_opt, loss = optimal_allocation(result, settings.C, settings.approach)
-        print(f"C={settings.C:.4g}: N_opt={n_opt:.4g} D_opt={d_opt:.4g} "
-              f"tokens/param={d_opt / n_opt:.1f} loss={loss:.4f}")
+        best = allocation_intervals(result, settings.C, settings.approach)
+        n_opt, d_opt = best["N_opt"]["value"], best["D_opt"]["value"]
+        units = (result["flop_convention"]["formula"] if settings.approach == "approach3"
+                 else "the budgets' FLOPs")
+        print(f"C={settings.C:.4g} ({units}): N_opt={_with_interval(best['N_opt'], '.4g')} "
+              f"D_opt={_with_interval(best['D_opt'], '.4g')} tokens/param={d_opt / n_opt:.1f} "
+              f"loss={_with_interval(best['loss'], '.4f')}")
         return
     raise ConfigError("predict needs N=... and D=... (a loss), or C=... (a compute-optimal "
                       "allocation)")
+
+
+def backtest(settings: BacktestSettings) -> Path | None:
+    """Fit on the runs up to a cutoff, score the predictions of the others, print them and
+    write `out/backtest.json` and `out/backtest.png`; return the json's path (None without
+    `out`)."""
+    from scaleforge.scaling.backtest import backtest as run_backtest
+    from scaleforge.scaling.backtest import summary_lines, write_backtest
+    from scaleforge.scaling.table import read_table
+
+    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
+                             settings.exclude_column, settings.table)
+    result = run_backtest(rows, settings.loss_column, settings.cutoff, settings.holdout_budgets,
+                          settings.bootstrap, settings.seed, settings.budgets or None,
+                          settings.budget_tolerance_dex)
+    for raised in result["flags"]:
+        print(f"warning: fit up to the cutoff: {raised['message']}", file=sys.stderr)
+    print("\n".join(summary_lines(result)))
+    if not settings.out:
+        return None
+    paths = write_backtest(result, Path(settings.out))
+    for path in paths:
+        print(f"backtest -> {path}")
+    return paths[0]
 
 
 def report(settings: ReportSettings) -> None:
@@ -240,6 +293,7 @@ _HANDLERS: Handlers = {
     "plan": (PlanSettings, plan), "run": (PlanSettings, run),
     "collect": (CollectSettings, collect), "fit": (FitSettings, fit),
     "predict": (PredictSettings, predict), "report": (ReportSettings, report),
+    "backtest": (BacktestSettings, backtest),
 }
 
 
