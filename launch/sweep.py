@@ -2,6 +2,7 @@
 
     sf-sweep plan budgets=[1e12,3e12,1e13] points_per_budget=5 out=sweeps/demo
     sf-sweep run plan=chinchilla_cpu out=sweeps/cpu      # plan + train + collect + fit + report
+    sf-sweep check plan=chinchilla_cpu_check out=sweeps/check  # a 10x run against the law
     sf-sweep collect sweep_dir=sweeps/demo               # -> sweeps/demo/runs.csv
     sf-sweep fit table=sweeps/demo/runs.csv out=sweeps/demo/fit
     sf-sweep predict fit=sweeps/demo/fit/fit.json N=1e6 D=2e7
@@ -48,6 +49,9 @@ class PlanSettings:
     bootstrap: int = 200
     loss_column: str = "loss"
     wandb: str = "auto"
+    # > 0: after the fit, `run` trains one run at check_multiple x the largest budget at
+    # approach 3's compute-optimal size and compares its loss with the prediction (`check`)
+    check_multiple: float = 0.0
 
 
 @dataclass
@@ -157,6 +161,55 @@ def run(settings: PlanSettings) -> None:
     report(ReportSettings(fit=str(out / "fit" / "fit.json"), table=str(table),
                           out=str(out / "report"), budgets=settings.report_budgets,
                           loss_column=settings.loss_column, wandb=settings.wandb))
+    if settings.check_multiple > 0:
+        check(settings)
+
+
+def check(settings: PlanSettings) -> Path:
+    """Train one held-out run at `check_multiple` x the largest budget, at approach 3's
+    compute-optimal N for it (out/fit/fit.json), and compare its measured loss with the
+    law's predictive interval at its (N, D); writes and returns out/check/check.json."""
+    from scaleforge.core.config import compose, to_config
+    from scaleforge.core.metrics import to_json
+    from scaleforge.scaling.collect import collect as collect_runs
+    from scaleforge.scaling.fit import read_fit
+    from scaleforge.scaling.intervals import allocation_intervals, loss_interval
+    from scaleforge.scaling.plan import plan_run, run_name
+    from scaleforge.scaling.sweep_files import multirun_command, write_sweep
+
+    if not (settings.check_multiple > 0 and settings.budgets):
+        raise ConfigError(f"check_multiple={settings.check_multiple} with budgets="
+                          f"{settings.budgets}: give check_multiple > 0 (e.g. 10) and the "
+                          "sweep's budgets (or plan=NAME)")
+    out = Path(settings.out)
+    fitted = read_fit(out / "fit" / "fit.json")
+    budget = settings.check_multiple * max(settings.budgets)
+    optimum = allocation_intervals(fitted, budget)
+    base = to_config(compose([f"+experiment={settings.experiment}", *settings.overrides]))
+    planned = plan_run(run_name(budget, 0), budget, optimum["N_opt"]["value"], base,
+                       aspect_ratio=settings.aspect_ratio,
+                       warmup_fraction=settings.warmup_fraction, min_steps=settings.min_steps,
+                       evals_per_run=settings.evals_per_run)
+    check_dir = out / "check"
+    write_sweep(check_dir, [planned], base.model, asdict(settings))
+    argv = multirun_command(check_dir, [planned], settings.experiment, settings.overrides,
+                            settings.launcher)
+    argv[0] = str(Path(sys.executable).parent / "sf-train")
+    print(f"check: training {planned.name} (N={planned.N:,}, D={planned.D:,}, "
+          f"C={planned.C:.3g}) ...", flush=True)
+    subprocess.run(argv, check=False)
+    (row,) = collect_runs(check_dir)
+    measured = row[settings.loss_column]
+    predicted = loss_interval(fitted, row["N"], row["D"])
+    result = {"budget": budget, "multiple": settings.check_multiple, "run": row,
+              "law_optimum": optimum, "measured": measured, "predicted": predicted,
+              "rel_error": predicted["value"] / measured - 1,
+              "inside": predicted["low"] <= measured <= predicted["high"]}
+    path = check_dir / "check.json"
+    path.write_text(to_json(result, indent=1) + "\n")
+    print(f"check at {budget:.3g} FLOPs: {settings.loss_column} measured {measured:.4f}, "
+          f"predicted {_with_interval(predicted, '.4f')} ({result['rel_error']:+.2%}) -> {path}")
+    return path
 
 
 def collect(settings: CollectSettings) -> Path:
@@ -290,7 +343,7 @@ def report(settings: ReportSettings) -> None:
 
 
 _HANDLERS: Handlers = {
-    "plan": (PlanSettings, plan), "run": (PlanSettings, run),
+    "plan": (PlanSettings, plan), "run": (PlanSettings, run), "check": (PlanSettings, check),
     "collect": (CollectSettings, collect), "fit": (FitSettings, fit),
     "predict": (PredictSettings, predict), "report": (ReportSettings, report),
     "backtest": (BacktestSettings, backtest),

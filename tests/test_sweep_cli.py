@@ -117,6 +117,8 @@ def test_backtest_of_the_published_chinchilla_runs_beyond_a_cutoff(tmp_path):
         (["collect", "sweep_dir=nowhere"], "sweep_dir=nowhere"),
         (["predict", "fit=nowhere.json", "N=1e9"], "fit=nowhere.json"),
         (["frobnicate"], "give a command"),
+        (["check", "budgets=[1e12]"], "check_multiple=0.0"),
+        (["backtest", "table=x.csv", "cutoff=1e12"], "table=x.csv"),
     ],
 )
 def test_bad_arguments_are_config_errors_naming_them(tmp_path, monkeypatch, arguments, named):
