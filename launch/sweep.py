@@ -2,9 +2,11 @@
 
     sf-sweep plan budgets=[1e12,3e12,1e13] points_per_budget=5 out=sweeps/demo
     sf-sweep run plan=chinchilla_cpu out=sweeps/cpu      # plan + train + collect + fit + report
+    sf-sweep check plan=chinchilla_cpu_check out=sweeps/check  # a 10x run against the law
     sf-sweep collect sweep_dir=sweeps/demo               # -> sweeps/demo/runs.csv
     sf-sweep fit table=sweeps/demo/runs.csv out=sweeps/demo/fit
     sf-sweep predict fit=sweeps/demo/fit/fit.json N=1e6 D=2e7
+    sf-sweep backtest table=sweeps/demo/runs.csv holdout_budgets=1 out=sweeps/demo/backtest
     sf-sweep report fit=sweeps/demo/fit/fit.json table=sweeps/demo/runs.csv out=sweeps/demo/report
 
 Arguments are key=value (read by launch/key_value.py); lists as [a,b,c]. `plan=NAME` loads
@@ -47,6 +49,9 @@ class PlanSettings:
     bootstrap: int = 200
     loss_column: str = "loss"
     wandb: str = "auto"
+    # > 0: after the fit, `run` trains one run at check_multiple x the largest budget at
+    # approach 3's compute-optimal size and compares its loss with the prediction (`check`)
+    check_multiple: float = 0.0
 
 
 @dataclass
@@ -80,6 +85,23 @@ class PredictSettings:
     D: float | None = None
     C: float | None = None
     approach: str = "approach3"
+
+
+@dataclass
+class BacktestSettings:
+    """Settings of `backtest` (see scaling/backtest.py): `cutoff` (FLOPs) or
+    `holdout_budgets` (the k largest budgets) picks the held-out runs."""
+
+    table: str = required("PATH.csv (sf-sweep collect's table)")
+    out: str | None = None
+    cutoff: float | None = None
+    holdout_budgets: int | None = None
+    bootstrap: int = 200
+    loss_column: str = "loss"
+    seed: int = 0
+    budgets: list[float] = field(default_factory=list)
+    budget_tolerance_dex: float = 0.1
+    exclude_column: str | None = None
 
 
 @dataclass
@@ -139,6 +161,55 @@ def run(settings: PlanSettings) -> None:
     report(ReportSettings(fit=str(out / "fit" / "fit.json"), table=str(table),
                           out=str(out / "report"), budgets=settings.report_budgets,
                           loss_column=settings.loss_column, wandb=settings.wandb))
+    if settings.check_multiple > 0:
+        check(settings)
+
+
+def check(settings: PlanSettings) -> Path:
+    """Train one held-out run at `check_multiple` x the largest budget, at approach 3's
+    compute-optimal N for it (out/fit/fit.json), and compare its measured loss with the
+    law's predictive interval at its (N, D); writes and returns out/check/check.json."""
+    from scaleforge.core.config import compose, to_config
+    from scaleforge.core.metrics import to_json
+    from scaleforge.scaling.collect import collect as collect_runs
+    from scaleforge.scaling.fit import read_fit
+    from scaleforge.scaling.intervals import allocation_intervals, loss_interval
+    from scaleforge.scaling.plan import plan_run, run_name
+    from scaleforge.scaling.sweep_files import multirun_command, write_sweep
+
+    if not (settings.check_multiple > 0 and settings.budgets):
+        raise ConfigError(f"check_multiple={settings.check_multiple} with budgets="
+                          f"{settings.budgets}: give check_multiple > 0 (e.g. 10) and the "
+                          "sweep's budgets (or plan=NAME)")
+    out = Path(settings.out)
+    fitted = read_fit(out / "fit" / "fit.json")
+    budget = settings.check_multiple * max(settings.budgets)
+    optimum = allocation_intervals(fitted, budget)
+    base = to_config(compose([f"+experiment={settings.experiment}", *settings.overrides]))
+    planned = plan_run(run_name(budget, 0), budget, optimum["N_opt"]["value"], base,
+                       aspect_ratio=settings.aspect_ratio,
+                       warmup_fraction=settings.warmup_fraction, min_steps=settings.min_steps,
+                       evals_per_run=settings.evals_per_run)
+    check_dir = out / "check"
+    write_sweep(check_dir, [planned], base.model, asdict(settings))
+    argv = multirun_command(check_dir, [planned], settings.experiment, settings.overrides,
+                            settings.launcher)
+    argv[0] = str(Path(sys.executable).parent / "sf-train")
+    print(f"check: training {planned.name} (N={planned.N:,}, D={planned.D:,}, "
+          f"C={planned.C:.3g}) ...", flush=True)
+    subprocess.run(argv, check=False)
+    (row,) = collect_runs(check_dir)
+    measured = row[settings.loss_column]
+    predicted = loss_interval(fitted, row["N"], row["D"])
+    result = {"budget": budget, "multiple": settings.check_multiple, "run": row,
+              "law_optimum": optimum, "measured": measured, "predicted": predicted,
+              "rel_error": predicted["value"] / measured - 1,
+              "inside": predicted["low"] <= measured <= predicted["high"]}
+    path = check_dir / "check.json"
+    path.write_text(to_json(result, indent=1) + "\n")
+    print(f"check at {budget:.3g} FLOPs: {settings.loss_column} measured {measured:.4f}, "
+          f"predicted {_with_interval(predicted, '.4f')} ({result['rel_error']:+.2%}) -> {path}")
+    return path
 
 
 def collect(settings: CollectSettings) -> Path:
@@ -198,26 +269,61 @@ def fit(settings: FitSettings) -> Path:
             a, b = result[name]["a"], result[name]["b"]
             print(f"{name}: N_opt ~ C^{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
                   f"D_opt ~ C^{b['value']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
+    print(f"approach 3's optimum under {result['flop_convention']['formula']}")
+    print(f"{len(result['flags'])} sanity flag(s) (above as warnings; in fit.json `flags`)")
     print(f"fit -> {path}")
     return path
 
 
+def _with_interval(entry: dict, fmt: str) -> str:
+    return f"{entry['value']:{fmt}} [{entry['low']:{fmt}}, {entry['high']:{fmt}}]"
+
+
 def predict(settings: PredictSettings) -> None:
-    """Print the loss of (N, D), or the compute-optimal N, D and loss of budget C."""
+    """Print the loss of (N, D), or the compute-optimal N, D and loss of budget C, each with
+    its 95% bootstrap interval (predictive for losses; see scaling/intervals.py)."""
     from scaleforge.scaling.fit import read_fit
-    from scaleforge.scaling.law import optimal_allocation, predict_loss
+    from scaleforge.scaling.intervals import allocation_intervals, loss_interval
 
     result = read_fit(Path(settings.fit))
     if settings.N is not None and settings.D is not None:
-        print(f"{predict_loss(result, settings.N, settings.D):.6f}")
+        print(f"loss={_with_interval(loss_interval(result, settings.N, settings.D), '.6f')}")
         return
     if settings.C is not None:
-        n_opt, d_opt, loss = optimal_allocation(result, settings.C, settings.approach)
-        print(f"C={settings.C:.4g}: N_opt={n_opt:.4g} D_opt={d_opt:.4g} "
-              f"tokens/param={d_opt / n_opt:.1f} loss={loss:.4f}")
+        best = allocation_intervals(result, settings.C, settings.approach)
+        n_opt, d_opt = best["N_opt"]["value"], best["D_opt"]["value"]
+        units = (result["flop_convention"]["formula"] if settings.approach == "approach3"
+                 else "the budgets' FLOPs")
+        print(f"C={settings.C:.4g} ({units}): N_opt={_with_interval(best['N_opt'], '.4g')} "
+              f"D_opt={_with_interval(best['D_opt'], '.4g')} tokens/param={d_opt / n_opt:.1f} "
+              f"loss={_with_interval(best['loss'], '.4f')}")
         return
     raise ConfigError("predict needs N=... and D=... (a loss), or C=... (a compute-optimal "
                       "allocation)")
+
+
+def backtest(settings: BacktestSettings) -> Path | None:
+    """Fit on the runs up to a cutoff, score the predictions of the others, print them and
+    write `out/backtest.json` and `out/backtest.png`; return the json's path (None without
+    `out`)."""
+    from scaleforge.scaling.backtest import backtest as run_backtest
+    from scaleforge.scaling.backtest import summary_lines, write_backtest
+    from scaleforge.scaling.table import read_table
+
+    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
+                             settings.exclude_column, settings.table)
+    result = run_backtest(rows, settings.loss_column, settings.cutoff, settings.holdout_budgets,
+                          settings.bootstrap, settings.seed, settings.budgets or None,
+                          settings.budget_tolerance_dex)
+    for raised in result["flags"]:
+        print(f"warning: fit up to the cutoff: {raised['message']}", file=sys.stderr)
+    print("\n".join(summary_lines(result)))
+    if not settings.out:
+        return None
+    paths = write_backtest(result, Path(settings.out))
+    for path in paths:
+        print(f"backtest -> {path}")
+    return paths[0]
 
 
 def report(settings: ReportSettings) -> None:
@@ -237,9 +343,10 @@ def report(settings: ReportSettings) -> None:
 
 
 _HANDLERS: Handlers = {
-    "plan": (PlanSettings, plan), "run": (PlanSettings, run),
+    "plan": (PlanSettings, plan), "run": (PlanSettings, run), "check": (PlanSettings, check),
     "collect": (CollectSettings, collect), "fit": (FitSettings, fit),
     "predict": (PredictSettings, predict), "report": (ReportSettings, report),
+    "backtest": (BacktestSettings, backtest),
 }
 
 

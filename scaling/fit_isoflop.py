@@ -4,12 +4,9 @@ D_opt ~ C^b (Hoffmann et al. 2022, section 3.2)."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from scaleforge.errors import ConfigError
-from scaleforge.scaling.collect import SweepWarning
 from scaleforge.scaling.power_law import fit_power_law
 
 
@@ -23,33 +20,19 @@ def parabola_minimum(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, float
 
 
 def isoflop_minima(budgets: list[tuple[float, np.ndarray]], N: np.ndarray, D: np.ndarray,
-                   L: np.ndarray, names: list[str], quiet: bool = False) -> list[dict]:
-    """Per budget with at least 3 distinct model sizes, the parabola minima N_opt, D_opt and
-    the parabola's loss there. Budgets that cannot give a minimum are skipped with a
-    SweepWarning naming the budget and its runs (unless `quiet`, used by the bootstrap)."""
+                   L: np.ndarray, names: list[str]) -> list[dict]:
+    """Per budget with at least 3 distinct model sizes whose losses curve upward, the
+    parabola minima N_opt, D_opt and the parabola's loss there. Other budgets are left out
+    silently; the fit's sanity flags (sanity.py) name them."""
     out = []
     for budget, index in budgets:
-        runs = ", ".join(names[i] for i in index)
         if len(np.unique(N[index])) < 3:
-            if not quiet:
-                warnings.warn(f"budget {budget:.3g} FLOPs has {len(np.unique(N[index]))} "
-                              f"model size(s) (runs: {runs}); a parabola needs 3 or more, so "
-                              "approaches 1 and 2 leave it out", SweepWarning, stacklevel=2)
             continue
         by_n = parabola_minimum(np.log(N[index]), L[index])
         by_d = parabola_minimum(np.log(D[index]), L[index])
         if by_n is None or by_d is None:
-            if not quiet:
-                warnings.warn(f"budget {budget:.3g} FLOPs: the losses of runs {runs} curve "
-                              "downward (no minimum); approach 2 leaves it out: add models on "
-                              "both sides of its best one", SweepWarning, stacklevel=2)
             continue
         (coef_n, x_n), (coef_d, x_d) = by_n, by_d
-        log_n = np.log(N[index])
-        if not quiet and not log_n.min() <= x_n <= log_n.max():
-            warnings.warn(f"budget {budget:.3g} FLOPs: the parabola minimum N={np.exp(x_n):.3g} "
-                          f"lies outside the sizes run ({runs}); it is an extrapolation: widen "
-                          "the grid (spread)", SweepWarning, stacklevel=2)
         out.append({"C": budget, "N_opt": float(np.exp(x_n)), "D_opt": float(np.exp(x_d)),
                     "loss": float(np.polyval(coef_n, x_n)), "coef_logN": coef_n.tolist(),
                     "coef_logD": coef_d.tolist(), "runs": [names[i] for i in index]})
@@ -57,10 +40,10 @@ def isoflop_minima(budgets: list[tuple[float, np.ndarray]], N: np.ndarray, D: np
 
 
 def fit_approach2(budgets: list[tuple[float, np.ndarray]], N: np.ndarray, D: np.ndarray,
-                  L: np.ndarray, names: list[str], quiet: bool = False) -> dict:
+                  L: np.ndarray, names: list[str]) -> dict:
     """Approach 2's minima and power laws: {a, log_kN, b, log_kD, minima}. Raises
     ConfigError when fewer than 2 budgets give a minimum."""
-    minima = isoflop_minima(budgets, N, D, L, names, quiet)
+    minima = isoflop_minima(budgets, N, D, L, names)
     if len(minima) < 2:
         raise ConfigError(
             f"approach 2 needs parabola minima at 2 or more budgets; {len(minima)} of "

@@ -6,6 +6,11 @@ Under C = 6 N D, minimising L at fixed C gives (Hoffmann et al. 2022, eq. 4)
     a = beta / (alpha + beta),  b = alpha / (alpha + beta),
     G = (alpha A / (beta B))^(1 / (alpha + beta)).
 Approaches 1 and 2 give power laws N_opt = k_N C^a and D_opt = k_D C^b directly.
+
+When the budgets count FLOPs another way (a fitted C = D f(N), `flop_convention.py`), the
+optimum at C solves dL/dlog N = 0 along D = C / f(N):
+    alpha A N^-alpha = beta B D^-beta (d log f / d log N),
+found by bisection in log N (the left side falls and the right side rises with N).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from typing import TypeVar
 import numpy as np
 
 from scaleforge.errors import ConfigError
+from scaleforge.scaling.flop_convention import flops_per_token, log_slope
 
 # A budget in FLOPs, or an array of them (the optimum is computed elementwise).
 Compute = TypeVar("Compute", float, np.ndarray)
+BISECTION_STEPS = 80
 
 
 def loss(params: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray | float:
@@ -32,13 +39,31 @@ def optimal_exponents(alpha: float, beta: float) -> tuple[float, float]:
     return beta / (alpha + beta), alpha / (alpha + beta)
 
 
-def law_optimum(params: dict, C: Compute) -> tuple[Compute, Compute]:
-    """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = C (FLOPs); elementwise for an
-    array of budgets."""
+def law_optimum(params: dict, C: Compute, convention: dict | None = None) -> tuple[
+        Compute, Compute]:
+    """(N_opt, D_opt) minimising L(N, D) subject to C FLOPs under `convention` (None or
+    "6ND": 6 N D = C, in closed form; "fitted": D f(N) = C, by bisection); elementwise for
+    an array of budgets."""
     alpha, beta = params["alpha"], params["beta"]
-    a, b = optimal_exponents(alpha, beta)
-    G = (alpha * params["A"] / (beta * params["B"])) ** (1 / (alpha + beta))
-    return G * (C / 6) ** a, (C / 6) ** b / G
+    if convention is None or convention["kind"] == "6ND":
+        a, b = optimal_exponents(alpha, beta)
+        G = (alpha * params["A"] / (beta * params["B"])) ** (1 / (alpha + beta))
+        return G * (C / 6) ** a, (C / 6) ** b / G
+    budget = np.asarray(C, dtype=float)
+    # f(N) >= 6 N, so at N = C / 6 the run would have at most one token
+    low, high = np.zeros_like(budget), np.log(budget / 6)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        N = np.exp(middle)
+        D = budget / flops_per_token(convention, N)
+        rising = (beta * params["B"] * D ** -beta * log_slope(convention, N)
+                  > alpha * params["A"] * N ** -alpha)
+        low, high = np.where(rising, low, middle), np.where(rising, middle, high)
+    n_opt = np.exp((low + high) / 2)
+    d_opt = budget / flops_per_token(convention, n_opt)
+    if isinstance(C, np.ndarray):
+        return n_opt, d_opt
+    return float(n_opt), float(d_opt)
 
 
 def _value(entry: dict | float) -> float:
@@ -62,14 +87,15 @@ def predict_loss(fit: dict, N: float, D: float) -> float:
 def optimal_allocation(fit: dict, C: float, approach: str = "approach3") -> tuple[
         float, float, float]:
     """(N_opt, D_opt, predicted loss) for a budget of C FLOPs by `approach`; the loss is
-    always approach 3's L at that (N, D)."""
+    always approach 3's L at that (N, D). Approach 3 solves its optimum under the fit's
+    `flop_convention` (the budgets' FLOP count)."""
     if not C > 0:
         raise ConfigError(f"C={C} must be a positive number of FLOPs")
     if approach not in fit:
         raise ConfigError(f"approach={approach!r} is not in this fit; it has "
                           f"{', '.join(k for k in fit if k.startswith('approach'))}")
     if approach == "approach3":
-        n_opt, d_opt = law_optimum(law_params(fit), C)
+        n_opt, d_opt = law_optimum(law_params(fit), C, fit.get("flop_convention"))
     else:
         entry = fit[approach]
         n_opt = math.exp(entry["log_kN"]) * C ** _value(entry["a"])

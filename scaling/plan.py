@@ -102,36 +102,44 @@ def plan_budget(
         raise ConfigError(f"spread={spread} must exceed 1 (the grid spans N*/spread..N*xspread)")
     center = predicted_optimal_params(budget, tokens_per_param)
     targets = center * np.geomspace(1 / spread, spread, points_per_budget)
+    return [plan_run(run_name(budget, index), budget, float(target), base,
+                     aspect_ratio=aspect_ratio, warmup_fraction=warmup_fraction,
+                     min_steps=min_steps, evals_per_run=evals_per_run)
+            for index, target in enumerate(targets)]
+
+
+def plan_run(name: str, budget: float, target: float, base: Config,
+             aspect_ratio: float = 64.0, warmup_fraction: float = 0.1, min_steps: int = 20,
+             evals_per_run: int = 5) -> PlannedRun:
+    """One run named `name`: the shape-rule model nearest `target` non-embedding
+    parameters, trained for the whole steps that spend `budget` FLOPs (exact count). Raises
+    ConfigError naming the budget and run when it would have fewer than `min_steps` steps."""
     batch_tokens = base.trainer.global_batch_tokens
-    runs = []
-    for index, target in enumerate(targets):
-        name = run_name(budget, index)
-        try:
-            model = shape_for_params(float(target), base.model, aspect_ratio)
-        except ConfigError as error:
-            raise ConfigError(f"budget {budget:.3g} FLOPs is too small for the smallest model: "
-                              f"run {name} targets {target:,.0f} parameters and {error}") from None
-        size = model_size(model, base.data.seq_len)
-        steps = int(budget / size.flops_per_token / batch_tokens)
-        if steps < min_steps:
-            needed = min_steps * batch_tokens * size.flops_per_token
-            raise ConfigError(
-                f"budget {budget:.3g} FLOPs is too small for run {name} "
-                f"({size.non_embedding_params:,} non-embedding parameters, "
-                f"{size.flops_per_token:.3g} FLOPs/token): it buys "
-                f"{steps} steps of {batch_tokens:,} tokens, fewer than min_steps={min_steps}; "
-                f"raise the budget to at least {needed:.2g} or lower trainer.global_batch_tokens"
-            )
-        tokens = steps * batch_tokens
-        runs.append(PlannedRun(
-            name=name, budget=budget, n_layers=model.n_layers, d_model=model.d_model,
-            n_heads=model.n_heads, ffn_hidden=model.mlp_hidden, N=size.non_embedding_params,
-            N_total=size.params, D=tokens,
-            C=size.flops_per_token * tokens, flops_per_token=size.flops_per_token,
-            max_steps=steps, warmup_steps=max(1, round(warmup_fraction * steps)),
-            eval_every=max(1, steps // evals_per_run), log_every=max(1, steps // 50),
-        ))
-    return runs
+    try:
+        model = shape_for_params(target, base.model, aspect_ratio)
+    except ConfigError as error:
+        raise ConfigError(f"budget {budget:.3g} FLOPs is too small for the smallest model: "
+                          f"run {name} targets {target:,.0f} parameters and {error}") from None
+    size = model_size(model, base.data.seq_len)
+    steps = int(budget / size.flops_per_token / batch_tokens)
+    if steps < min_steps:
+        needed = min_steps * batch_tokens * size.flops_per_token
+        raise ConfigError(
+            f"budget {budget:.3g} FLOPs is too small for run {name} "
+            f"({size.non_embedding_params:,} non-embedding parameters, "
+            f"{size.flops_per_token:.3g} FLOPs/token): it buys "
+            f"{steps} steps of {batch_tokens:,} tokens, fewer than min_steps={min_steps}; "
+            f"raise the budget to at least {needed:.2g} or lower trainer.global_batch_tokens"
+        )
+    tokens = steps * batch_tokens
+    return PlannedRun(
+        name=name, budget=budget, n_layers=model.n_layers, d_model=model.d_model,
+        n_heads=model.n_heads, ffn_hidden=model.mlp_hidden, N=size.non_embedding_params,
+        N_total=size.params, D=tokens,
+        C=size.flops_per_token * tokens, flops_per_token=size.flops_per_token,
+        max_steps=steps, warmup_steps=max(1, round(warmup_fraction * steps)),
+        eval_every=max(1, steps // evals_per_run), log_every=max(1, steps // 50),
+    )
 
 
 def plan_sweep(budgets: list[float], points_per_budget: int, base: Config,

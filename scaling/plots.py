@@ -1,4 +1,5 @@
-"""The three report figures as PNG files (matplotlib, Agg backend: no display needed)."""
+"""The report figures and the backtest figure as PNG files (matplotlib, Agg backend: no
+display needed)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scaleforge.scaling.flop_convention import flops_per_token  # noqa: E402
 from scaleforge.scaling.law import law_optimum, law_params, loss  # noqa: E402
 
 APPROACH_COLORS = {"approach1": "tab:green", "approach2": "tab:blue", "approach3": "tab:red"}
@@ -63,7 +65,7 @@ def plot_optimal(fit: dict, budgets: list[float], path: Path) -> Path:
                 continue
             entry = fit[name]
             if name == "approach3":
-                curve = law_optimum(law_params(fit), C)[column]
+                curve = law_optimum(law_params(fit), C, fit.get("flop_convention"))[column]
             else:
                 exponent = entry["a" if key == "N" else "b"]["value"]
                 curve = np.exp(entry[f"log_k{key}"]) * C ** exponent
@@ -108,8 +110,10 @@ def plot_contours(fit: dict, N: np.ndarray, D: np.ndarray, L: np.ndarray, path: 
     ax.clabel(contours, fontsize=6, fmt="%.2f")
     scatter = ax.scatter(N, D, c=L, cmap="viridis", edgecolor="black", s=22, zorder=3,
                          vmin=min(contours.levels), vmax=max(contours.levels))
-    C = np.geomspace(6 * N.min() * D.min(), 6 * N.max() * D.max(), 50)
-    frontier_n, frontier_d = law_optimum(params, C)
+    convention = fit.get("flop_convention")
+    C = np.geomspace(flops_per_token(convention, N.min()) * D.min(),
+                     flops_per_token(convention, N.max()) * D.max(), 50)
+    frontier_n, frontier_d = law_optimum(params, C, convention)
     ax.plot(frontier_n, frontier_d, color="tab:red", lw=1.5, label="compute-optimal frontier")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -120,6 +124,39 @@ def plot_contours(fit: dict, N: np.ndarray, D: np.ndarray, L: np.ndarray, path: 
     ax.set_title("Approach 3: L(N, D) contours, runs overlaid")
     fig.colorbar(scatter, label="run loss")
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_backtest(result: dict, path: Path) -> Path:
+    """Predicted against measured loss of a backtest (backtest.py): approach 3's fitted runs
+    (grey) and held-out runs with their 95% predictive intervals, and approaches 1 and 2's
+    predicted best loss of each held-out budget."""
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fitted = np.array(result["approach3"]["fitted"])
+    ax.scatter(fitted[:, 0], fitted[:, 1], color="lightgrey", s=12, label="fitted runs")
+    shown = [fitted.ravel()]
+    for name, marker in (("approach3", "o"), ("approach2", "s"), ("approach1", "^")):
+        predictions = result[name].get("predictions", [])
+        if not predictions:
+            continue
+        measured = np.array([p["measured"] for p in predictions])
+        predicted = np.array([p["predicted"] for p in predictions])
+        bounds = np.array([[p["predicted"] - p["low"], p["high"] - p["predicted"]]
+                           for p in predictions]).T
+        ax.errorbar(measured, predicted, yerr=np.nan_to_num(bounds), fmt=marker, ms=5,
+                    color=APPROACH_COLORS[name], capsize=2,
+                    label=f"{name} held out: mean error {result[name]['mean_rel_error']:.1%}")
+        shown.append(np.concatenate([measured, predicted]))
+    values = np.concatenate(shown)
+    line = np.array([values.min(), values.max()])
+    ax.plot(line, line, color="black", lw=0.7, ls="--", label="predicted = measured")
+    ax.set_xlabel("measured loss (nats/token)")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.set_title(f"Backtest: fitted up to {result['cutoff']:.3g} FLOPs")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,5 +1,12 @@
 """The report of a fit: PNG plots, a markdown and an HTML summary, and a W&B run holding
-the same tables and images (offline when no credentials exist)."""
+the same tables and images (offline when no credentials exist).
+
+Every report lists the fit's sanity flags (sanity.py), names the FLOP count approach 3's
+optimum is solved under, and backtests the runs it was given: the law refitted without the
+largest budget predicts that budget's runs (backtest.py, written beside the report as
+backtest.json and backtest.png), so the report says how well its law extrapolated one
+budget, or why it could not be backtested.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ from typing import Literal
 import numpy as np
 
 from scaleforge.core.metrics import wandb_mode
+from scaleforge.errors import ConfigError
+from scaleforge.scaling.backtest import backtest, summary_lines, write_backtest
 from scaleforge.scaling.budgets import group_budgets
 from scaleforge.scaling.fit import LAW_PARAMS, clean_rows
 from scaleforge.scaling.law import optimal_allocation
@@ -48,6 +57,16 @@ def summary_tables(fit: dict, budgets: list[float]) -> dict[str, tuple[list[str]
     return {"law": params, "exponents": exponents, "compute_optimal": optimal}
 
 
+def _html_line(line: str) -> str:
+    """One markdown line of the checks section as HTML (a heading, an image, a paragraph)."""
+    if line.startswith("## "):
+        return f"<h2>{html.escape(line[3:])}</h2>"
+    if line.startswith("!["):
+        name = line[line.index("(") + 1:-1]
+        return f"<p><img src='{html.escape(name)}' alt='backtest'></p>"
+    return f"<p>{html.escape(line)}</p>"
+
+
 def _markdown_table(columns: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -63,7 +82,30 @@ def _html_table(columns: list[str], rows: list[list]) -> str:
 
 TITLES = {"law": "Approach 3: L(N, D) = E + A / N^alpha + B / D^beta",
           "exponents": "Compute-optimal exponents", "compute_optimal":
-          "Compute-optimal allocation (N, D from approach 3 under C = 6 N D)"}
+          "Compute-optimal allocation (N, D from approach 3 under the budgets' FLOP count)"}
+
+
+def checks_section(fit: dict, rows: list[dict], loss_column: str, out: Path) -> tuple[
+        list[str], list[Path]]:
+    """The report's text on how far to trust the law (markdown lines: FLOP convention,
+    sanity flags, leave-largest-budget-out backtest) and the backtest files written."""
+    convention = fit["flop_convention"]
+    lines = ["## How far to trust this law", "",
+             f"Approach 3's optimum is solved under {convention['formula']}"
+             + (f" (fitted to the runs' C; largest error {convention['max_rel_error']:.1%})"
+                if convention["kind"] == "fitted" else "") + ".", "",
+             f"Sanity flags ({len(fit['flags'])}):", ""]
+    lines += [f"- {raised['message']}" for raised in fit["flags"]] or ["- none"]
+    lines += ["", "Backtest, largest budget held out:", ""]
+    try:
+        result = backtest(rows, loss_column, holdout_budgets=1,
+                          bootstrap=fit["approach3"]["bootstrap"], budgets=fit["budgets_given"],
+                          budget_tolerance_dex=fit["budget_tolerance_dex"])
+    except ConfigError as error:
+        return lines + [f"- not possible: {error}", ""], []
+    written = write_backtest(result, out)
+    return lines + [f"- {line}" for line in summary_lines(result)] + [
+        "", f"![backtest]({written[1].name})", ""], written
 
 
 def write_report(fit: dict, rows: list[dict], out: Path, budgets: list[float],
@@ -92,12 +134,15 @@ def write_report(fit: dict, rows: list[dict], out: Path, budgets: list[float],
     for key, (columns, table_rows) in tables.items():
         markdown += [f"## {TITLES[key]}", "", _markdown_table(columns, table_rows), ""]
         page.append(f"<h2>{html.escape(TITLES[key])}</h2>{_html_table(columns, table_rows)}")
+    checks, backtest_files = checks_section(fit, rows, loss_column, out)
+    markdown += checks
+    page += [_html_line(line) for line in checks if line]
     for plot in plots:
         markdown += [f"![{plot.stem}]({plot.name})", ""]
         page.append(f"<p><img src='{plot.name}' alt='{plot.stem}'></p>")
     (out / "report.md").write_text("\n".join(markdown))
     (out / "report.html").write_text("".join(page) + "</body></html>\n")
-    written = plots + [out / "report.md", out / "report.html"]
+    written = plots + backtest_files + [out / "report.md", out / "report.html"]
     match wandb_mode(wandb, "wandb"):
         case "disabled":
             pass

@@ -119,6 +119,7 @@ def test_a_budget_with_fewer_than_three_sizes_is_named_and_left_out():
     with pytest.warns(SweepWarning, match=re.escape(lonely[0]["run"])):
         fit = fit_table(rows, bootstrap=0)
     assert len(fit["approach2"]["minima"]) == 4
+    assert [f["check"] for f in fit["flags"]] == ["too_few_sizes"]
 
 
 def test_too_few_usable_runs_is_an_error():

@@ -67,17 +67,44 @@ def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
     assert predict.returncode == 0, predict.stderr
     expected = (law["E"]["value"] + law["A"]["value"] / 70e9 ** law["alpha"]["value"]
                 + law["B"]["value"] / 1.4e12 ** law["beta"]["value"])
-    assert float(predict.stdout) == pytest.approx(expected, rel=1e-5)
+    value, low, high = (float(x) for x in re.findall(r"[\d.]+", predict.stdout))
+    assert value == pytest.approx(expected, rel=1e-5) and low < value < high
+
+    optimum = run_tool("sf-sweep", "predict", f"fit={tmp_path / 'fit' / 'fit.json'}",
+                       "C=5.76e23", cwd=tmp_path)
+    assert optimum.returncode == 0, optimum.stderr
+    assert "(C = 6 N D)" in optimum.stdout
+    assert re.search(r"N_opt=\S+ \[\S+, \S+\] D_opt=\S+ \[\S+, \S+\]", optimum.stdout)
 
     report = run_tool("sf-sweep", "report", f"fit={tmp_path / 'fit' / 'fit.json'}",
                   f"table={CHINCHILLA}", f"out={tmp_path / 'report'}", "budgets=[5.76e23]",
                   "wandb=offline", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     for name in ("isoflop_curves.png", "optimal_allocation.png", "loss_contours.png",
-                 "report.md", "report.html"):
+                 "backtest.png", "backtest.json", "report.md", "report.html"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "5.76e+23" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "5.76e+23" in markdown
+    assert "Backtest, largest budget held out" in markdown and "11 held-out runs" in markdown
+    assert "solved under C = 6 N D" in markdown
     assert list((tmp_path / "report" / "wandb").glob("offline-run-*"))
+
+
+def test_backtest_of_the_published_chinchilla_runs_beyond_a_cutoff(tmp_path):
+    result = run_tool("sf-sweep", "backtest", f"table={CHINCHILLA}", "cutoff=1e21",
+                      "exclude_column=excluded_by_epoch", "bootstrap=5",
+                      f"out={tmp_path / 'backtest'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    backtest = json.loads((tmp_path / "backtest" / "backtest.json").read_text())
+    assert (tmp_path / "backtest" / "backtest.png").stat().st_size > 0
+    approach3 = backtest["approach3"]
+    # 23 runs above 1e21 FLOPs (up to 1.3e22), predicted within 3% each (bench/RESULTS.md)
+    assert (approach3["n_train"], approach3["n_test"]) == (217, 23)
+    assert approach3["mean_rel_error"] < 0.02 and approach3["max_rel_error"] < 0.04
+    assert 0 <= approach3["coverage"] <= 1
+    # without budgets= the runs are not IsoFLOP groups: approaches 1 and 2 say so
+    assert "form no IsoFLOP budgets" in backtest["approach2"]["skipped"]
+    assert "approach3: 23 runs, loss error mean" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -90,6 +117,8 @@ def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
         (["collect", "sweep_dir=nowhere"], "sweep_dir=nowhere"),
         (["predict", "fit=nowhere.json", "N=1e9"], "fit=nowhere.json"),
         (["frobnicate"], "give a command"),
+        (["check", "budgets=[1e12]"], "check_multiple=0.0"),
+        (["backtest", "table=x.csv", "cutoff=1e12"], "table=x.csv"),
     ],
 )
 def test_bad_arguments_are_config_errors_naming_them(tmp_path, monkeypatch, arguments, named):
