@@ -167,7 +167,7 @@ def summary_lines(result: dict) -> list[str]:
         if "skipped" in entry:
             lines.append(f"{name}: not backtested ({entry['skipped'] or 'not fitted'})")
             continue
-        unit = "runs" if name == "approach3" else "budgets' best losses"
+        unit = "runs" if name == "approach3" else "held-out budget(s)' best loss"
         text = (f"{name}: {entry['n_test']} {unit}, loss error mean "
                 f"{entry['mean_rel_error']:.2%} max {entry['max_rel_error']:.2%}, "
                 f"{entry['coverage']:.0%} inside the 95% predictive interval")

@@ -16,9 +16,8 @@ import math
 import numpy as np
 
 from scaleforge.errors import ConfigError
+from scaleforge.scaling.fit import LAW_PARAMS
 from scaleforge.scaling.law import law_optimum, law_params, loss
-
-LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
 
 
 def interval(value: float, samples: np.ndarray) -> dict:
