@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
@@ -92,6 +93,11 @@ def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
         "sharded": sharded,
         "forward": forward[1] - forward[0],
         "sharded_grad_bytes": sum(p.to_local().numel() * 4 for p in params),
+        "largest_group_bytes": max(
+            sum(fsdp_param.sharded_param.numel() * 4
+                for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params)
+            for module in trainer.model.modules()
+            if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group),
     }
 
 
@@ -110,10 +116,15 @@ def _check_accumulation_memory(cfg: Config, run_dir: Path) -> None:
               f"micro-batches {[(b - four['start']) // 1024 for b in four['between']]} "
               f"(control {[(b - control['start']) // 1024 for b in control['between']]})")
     # After every non-final micro-batch each gradient is a shard (half) of its parameter, and
-    # nothing but those shards has been added to what the rank held before the step.
+    # nothing but those shards has been added to what the rank held before the step, save at
+    # most one group's full gradient in flight: under gloo the flat reduce-scatter input of
+    # the last group reduced (the root's, 256 KiB here) is sometimes released by the comm
+    # thread just after its wait returns (FSDP on CUDA keeps that one buffer on purpose).
     assert four["sharded"] == [True] * 3
+    in_flight = four["largest_group_bytes"]
+    assert in_flight < sharded_grads
     for held in four["between"]:
-        assert held - four["start"] <= sharded_grads + SLACK
+        assert held - four["start"] <= sharded_grads + in_flight + SLACK
     # The yardstick: 4 micro-batches peak above 1 by at most what one micro-batch's
     # forward keeps (activations, logits, the root's gathered weights); the tighter bound is
     # the sharded gradients that accumulation must keep.
