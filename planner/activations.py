@@ -94,7 +94,7 @@ def _norm_bytes_per_token(x: ActivationSetting, consumers: int) -> float:
 def block_bytes(x: ActivationSetting) -> float:
     """Bytes one block keeps for one micro-batch without checkpointing, on one tp rank."""
     m, t, e = x.model, x.tp, x.compute_bytes
-    hd = m.head_dim
+    hd = m.head_size
     attention = (
         _norm_bytes_per_token(x, 3)
         + e * (m.n_heads + 2 * m.kv_heads) * hd / t  # q, k, v into SDPA
@@ -114,7 +114,7 @@ def checkpointed_block_bytes(x: ActivationSetting) -> float:
     kept = r * m.d_model / t
     if x.checkpointing == "selective":
         up = (2 if m.family == "llama" else 1) * m.mlp_hidden / t
-        kept += e * ((m.n_heads + 2 * m.kv_heads) * m.head_dim / t + 2 * m.d_model
+        kept += e * ((m.n_heads + 2 * m.kv_heads) * m.head_size / t + 2 * m.d_model
                      + m.d_model / t + up) + 4 * m.n_heads / t
     return x.tokens * kept
 

@@ -52,7 +52,7 @@ def ids_of(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def repeated_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                          mask: object) -> torch.Tensor:
+                          mask: object, window: int | None = None) -> torch.Tensor:
     """The attention before enable_gqa: K and V copied per query head, plain causal SDPA."""
     repeats = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
@@ -144,7 +144,7 @@ def test_rope_per_document_rotates_each_document_from_position_zero():
     model = build(llama(rope_per_document=True))
     tokens = documents_of([5, 7])
     cos, sin = model._rope(12, ids_of(tokens))
-    table_cos, table_sin = rope_tables(model.cfg.head_dim, 12, model.cfg.rope_theta)
+    table_cos, table_sin = rope_tables(model.cfg.head_size, 12, model.cfg.rope_theta)
     positions = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
     assert torch.equal(cos[0, 0], table_cos[positions])
     assert torch.equal(sin[0, 0], table_sin[positions])

@@ -124,7 +124,7 @@ def test_rope_matches_explicit_2x2_rotations():
 def test_rope_tables_are_recomputed_when_the_model_is_materialised():
     cfg = small_config("llama", rope_theta=500000.0)
     model = build(cfg)
-    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
     assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
     assert "rope_cos" not in model.state_dict()
 
@@ -149,7 +149,7 @@ def test_gqa_equals_mha_with_each_kv_head_repeated():
     state = gqa.state_dict()
     for name, weight in state.items():
         if name.endswith(("attention.wk.weight", "attention.wv.weight")):
-            per_head = weight.view(gqa_cfg.kv_heads, gqa_cfg.head_dim, gqa_cfg.d_model)
+            per_head = weight.view(gqa_cfg.kv_heads, gqa_cfg.head_size, gqa_cfg.d_model)
             state[name] = per_head.repeat_interleave(repeats, dim=0).reshape(-1, gqa_cfg.d_model)
     mha.load_state_dict(state)
     tokens = random_tokens(gqa_cfg)
