@@ -306,3 +306,60 @@ def test_sequence_longer_than_max_seq_len_raises_naming_the_setting():
     model = build(cfg)
     with pytest.raises(ValueError, match=r"model\.max_seq_len"):
         model(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "llama3"])
+def test_scaled_rope_frequencies_equal_transformers(rope_type):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from scaleforge.models.config import RopeScaling
+    from scaleforge.models.rope import scaled_frequencies
+
+    scaling = RopeScaling(rope_type, factor=8.0, original_max_position_embeddings=64)
+    llama3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64} if rope_type == "llama3" else {}
+    hf = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, rope_parameters={
+        "rope_type": rope_type, "rope_theta": 5e5, "factor": 8.0, **llama3})
+    theirs, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    assert attention_scaling == 1.0
+    exponents = torch.arange(0, 128, 2).float() / 128
+    ours = scaled_frequencies(1.0 / (5e5**exponents), scaling)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    ratio = ours / (1.0 / (5e5**exponents))
+    if rope_type == "linear":
+        assert torch.allclose(ratio, torch.tensor(1 / 8))
+    else:  # all three llama3 bands occur at this width: kept, blended, divided by the factor
+        assert (ratio == 1).any() and (ratio == 1 / 8).any()
+        assert ((ratio > 1 / 8 + 1e-6) & (ratio < 1 - 1e-6)).any()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_scaling={"type": "yarn"}), r"model\.rope_scaling\.type='yarn' is unknown"),
+        (dict(rope_scaling={"type": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+         r"model\.rope_scaling: llama3 scaling needs 0 < low_freq_factor"),
+        (dict(sliding_window=0), r"model\.sliding_window=0 must be positive"),
+        (dict(head_dim=7), r"model\.head_dim=7 .* even"),
+        (dict(family="gpt", n_kv_heads=None, qkv_bias=True),
+         r"model\.qkv_bias is a llama-family option"),
+        (dict(n_heads=3), r"n_heads=3 does not divide model\.d_model=32.*or set model\.head_dim"),
+    ],
+    ids=["rope_type", "llama3_bands", "window", "odd_head_dim", "gpt_bias", "heads"],
+)
+def test_bad_family_options_name_the_setting(overrides, message):
+    from scaleforge.models.config import as_transformer_config
+
+    settings = {**small_config("llama").__dict__, **overrides}
+    with pytest.raises(ConfigError, match=message):
+        build(as_transformer_config(settings), device="meta")
+
+
+def test_explicit_head_dim_sets_the_projection_widths():
+    cfg = small_config("llama", head_dim=24, qk_norm=True, qkv_bias=True)
+    model = build(cfg, device="meta")
+    attention = model.layers["0"].attention
+    assert attention.wq.weight.shape == (4 * 24, 32) and attention.wk.bias.shape == (2 * 24,)
+    assert attention.wo.weight.shape == (32, 4 * 24) and attention.q_norm.weight.shape == (24,)
+    assert num_params(cfg) == count_parameters(model)
