@@ -22,7 +22,6 @@ from scaleforge.planner.search import rank_memory
 from scaleforge.planner.shards import ShardProbe, fake_world
 from test_parallel_launch import SMALL_RUN, TRAIN
 
-
 # Qwen's options (models/config.py): q/k/v biases sharded with their weights, replicated
 # per-head q/k norm weights, heads wider than d_model / n_heads, a sliding window.
 FAMILY_OPTIONS = ["model.qkv_bias=true", "model.qk_norm=true", "model.head_dim=24",
