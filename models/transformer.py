@@ -104,7 +104,8 @@ class Attention(nn.Module):
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
-        # within documents when the batch has them. y: (B, n_heads, T, hd)
+        # within documents when the batch has them, within the window when there is one.
+        # y: (B, n_heads, T, hd)
         y = attend(q, k, v, self.backend, mask, self.window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
