@@ -29,10 +29,20 @@ def attention_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool
     """Forward FLOPs per token of QK^T and softmax(QK^T)V over all layers.
 
     With causal masking the token at position i attends to i + 1 keys, (seq_len + 1) / 2
-    on average; without it (the PaLM/Megatron convention) to all seq_len.
+    on average; without it (the PaLM/Megatron convention) to all seq_len. A sliding window
+    w caps both: min(i + 1, w) keys causal, min(seq_len, w) without.
     """
-    keys = (seq_len + 1) / 2 if causal else seq_len
-    return cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_dim * keys
+    return cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_size * attended_keys(cfg, seq_len,
+                                                                               causal)
+
+
+def attended_keys(cfg: TransformerConfig, seq_len: int, causal: bool = True) -> float:
+    """Keys a query attends to, averaged over the seq_len positions of a row."""
+    window = min(seq_len, cfg.sliding_window or seq_len)
+    if not causal:
+        return window
+    # Positions 0 .. window-1 see i + 1 keys, the seq_len - window after them `window` each.
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
 def training_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool = True) -> float:

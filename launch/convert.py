@@ -8,7 +8,8 @@ whose newest complete checkpoint is converted, else its `final_model.pt` (with t
 `config.yaml`). Writes config.json + model.safetensors, loadable with
 `transformers.AutoModelForCausalLM.from_pretrained(out)`; `dtype` is fp32 (default) or bf16.
 
-from-hf: `hf` is a local Llama or GPT-2 directory (config.json + safetensors; pickled .bin
+from-hf: `hf` is a local Llama (3.1+ RoPE scaling included), Mistral, Qwen2 (2.5), Qwen3 or
+GPT-2 directory (config.json + safetensors; pickled .bin
 files are refused). Writes a model-only checkpoint directory with fp32 weights and prints
 the sf-train command that starts from it (`trainer.init_from=out` and the model settings).
 
@@ -18,7 +19,7 @@ Arguments are key=value. Errors print one `error:` line and exit with 2.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 
@@ -119,6 +120,11 @@ SHAPE_SETTINGS = (
     "rope_theta",
     "norm_eps",
     "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "head_dim",
+    "sliding_window",
+    "rope_scaling",
 )
 
 
@@ -126,6 +132,8 @@ def model_overrides(model_cfg: TransformerConfig) -> list[str]:
     """sf-train overrides (`model.d_model=4096`, ...) that rebuild `model_cfg`'s model."""
     values = {name: getattr(model_cfg, name) for name in SHAPE_SETTINGS}
     values["ffn_hidden"] = model_cfg.mlp_hidden
+    scaling = values.pop("rope_scaling")  # a RopeScaling: one override per field
+    values.update({f"rope_scaling.{f.name}": getattr(scaling, f.name) for f in fields(scaling)})
     return [f"model.{name}={_override_value(value)}" for name, value in values.items()]
 
 

@@ -11,6 +11,9 @@ n_kv_heads, Hugging Face's repeat_kv order):
 - flex: `torch.nn.attention.flex_attention`, compiled, with a BlockMask (causal; and
   same-document with documents); CUDA.
 
+Sliding window (`model.sliding_window` = w): query i sees keys i - w + 1 .. i only (Mistral's
+and Hugging Face's rule); sdpa and flex take it in their masks, flash as its `window_size`.
+
 Documents: `document_ids` (B, T) int64 says which document of its row each position belongs
 to (data_pipeline.samples.document_ids: 0, 1, ... in order, an EOS in the document it ends).
 With them no token attends to another document. `attention_mask` builds the mask once per
@@ -117,39 +120,52 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask(backend: str, document_ids: torch.Tensor | None, seq_len: int,
-                   device: torch.device) -> AttentionMask | None:
+                   device: torch.device, window: int | None = None) -> AttentionMask | None:
     """What `attend` needs for a batch of `seq_len` positions: the causal mask, restricted to
-    each document when `document_ids` (B, seq_len) is given; None where the kernel's own
-    causal flag is the whole mask (sdpa and flash without documents)."""
+    each document when `document_ids` (B, seq_len) is given and to the last `window` keys
+    when a sliding window is; None where the kernel's own causal flag (and flash's window
+    argument) is the whole mask."""
     if backend == "flex":
         if document_ids is None:
-            return _causal_block_mask(seq_len, str(device))
-        return _document_block_mask(document_ids)
-    if document_ids is None:
-        return None
+            return _causal_block_mask(seq_len, str(device), window)
+        return _document_block_mask(document_ids, window)
     if backend == "flash":
+        if document_ids is None:
+            return None
         starts = document_starts(document_ids).flatten().nonzero().flatten()
         total = torch.tensor([document_ids.numel()], device=document_ids.device)
         return VarlenDocuments(torch.cat([starts, total]).to(torch.int32), seq_len)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
+    if document_ids is None and window is None:
+        return None
+    index = torch.arange(seq_len, device=device)
+    distance = index[:, None] - index[None, :]  # (T, T): query position - key position
+    visible = (distance >= 0) & (distance < (window or seq_len))
+    if document_ids is None:
+        return visible  # (T, T), broadcast over batch and heads
     same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    return (same_document & causal)[:, None]  # (B, 1, T, T)
+    return (same_document & visible)[:, None]  # (B, 1, T, T)
+
+
+def _in_window(q_index: torch.Tensor, kv_index: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal, and within the sliding window when there is one (flex mask functions)."""
+    causal = q_index >= kv_index
+    return causal if window is None else causal & (q_index - kv_index < window)
 
 
 @functools.cache
-def _causal_block_mask(seq_len: int, device: str) -> BlockMask:
+def _causal_block_mask(seq_len: int, device: str, window: int | None = None) -> BlockMask:
     def causal(batch: torch.Tensor, head: torch.Tensor, q_index: torch.Tensor,
                kv_index: torch.Tensor) -> torch.Tensor:
-        return q_index >= kv_index
+        return _in_window(q_index, kv_index, window)
 
     return create_block_mask(causal, None, None, seq_len, seq_len, device=device)
 
 
-def _document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+def _document_block_mask(document_ids: torch.Tensor, window: int | None = None) -> BlockMask:
     def causal_within_document(batch: torch.Tensor, head: torch.Tensor,
                                q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
         same = document_ids[batch, q_index] == document_ids[batch, kv_index]
-        return (q_index >= kv_index) & same
+        return _in_window(q_index, kv_index, window) & same
 
     batch, seq_len = document_ids.shape
     return create_block_mask(causal_within_document, batch, None, seq_len, seq_len,
@@ -157,9 +173,10 @@ def _document_block_mask(document_ids: torch.Tensor) -> BlockMask:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-           mask: AttentionMask | None) -> torch.Tensor:
+           mask: AttentionMask | None, window: int | None = None) -> torch.Tensor:
     """Causal attention of q (B, n_heads, T, hd) over k, v (B, n_kv_heads, T, hd) with
-    `backend`, under `mask` from `attention_mask`; returns (B, n_heads, T, hd)."""
+    `backend`, under `mask` from `attention_mask` (built with the same sliding `window`);
+    returns (B, n_heads, T, hd)."""
     if backend == "sdpa":
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -170,23 +187,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
         out = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True)
         assert isinstance(out, torch.Tensor)  # without return_lse flex returns the output
         return out
-    return _flash(q, k, v, mask)
+    return _flash(q, k, v, mask, window)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           mask: AttentionMask | None) -> torch.Tensor:
-    """flash-attn on (B, T, heads, hd) views of q, k, v; the varlen kernel with documents."""
+           mask: AttentionMask | None, window: int | None) -> torch.Tensor:
+    """flash-attn on (B, T, heads, hd) views of q, k, v; the varlen kernel with documents.
+    A sliding window w is flash's window_size (w - 1 keys to the left, none to the right)."""
     func, varlen_func = _flash_kernels()
     B, _, T, hd = q.shape
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, heads, hd)
+    window_size = (-1, -1) if window is None else (window - 1, 0)
     if mask is None:
-        out = func(q, k, v, causal=True)
+        out = func(q, k, v, causal=True, window_size=window_size)
     else:
         assert isinstance(mask, VarlenDocuments), "attention_mask gives flash VarlenDocuments"
         cu_seqlens, max_seqlen = mask
         out = varlen_func(q.reshape(B * T, -1, hd), k.reshape(B * T, -1, hd),
                           v.reshape(B * T, -1, hd), cu_seqlens, cu_seqlens, max_seqlen,
-                          max_seqlen, causal=True)
+                          max_seqlen, causal=True, window_size=window_size)
     # Some FlashAttention-3 releases return (out, softmax_lse).
     out = out[0] if isinstance(out, tuple) else out
     return out.view(B, T, -1, hd).transpose(1, 2)  # (B, n_heads, T, hd)

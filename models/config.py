@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,6 +13,45 @@ from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
 
 FAMILIES = ("llama", "gpt")
 KERNELS = ("auto", "torch", "fused")  # models/kernels.py
+ROPE_SCALINGS = ("none", "linear", "llama3")  # models/rope.py
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling for long context (models/rope.py), `model.rope_scaling.*`.
+
+    `type`: "none"; "linear" (every frequency divided by `factor`, position interpolation);
+    "llama3" (Llama 3.1's rule: wavelengths longer than original_max_position_embeddings /
+    low_freq_factor divided by `factor`, shorter than original_max_position_embeddings /
+    high_freq_factor kept, the band between blended smoothly). The other fields default to
+    Llama 3.1's values; `low_freq_factor` and the rest are read by llama3 only.
+    """
+
+    type: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def check(self, prefix: str = "model.rope_scaling") -> None:
+        if self.type not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"{prefix}.type={self.type!r} is unknown; use one of {ROPE_SCALINGS}"
+            )
+        if self.type == "none":
+            return
+        if self.factor <= 0:
+            raise ConfigError(f"{prefix}.factor={self.factor} must be positive")
+        if self.type == "llama3" and not (
+            0 < self.low_freq_factor < self.high_freq_factor
+            and self.original_max_position_embeddings > 0
+        ):
+            raise ConfigError(
+                f"{prefix}: llama3 scaling needs 0 < low_freq_factor "
+                f"({self.low_freq_factor}) < high_freq_factor ({self.high_freq_factor}) and a "
+                f"positive original_max_position_embeddings "
+                f"({self.original_max_position_embeddings})"
+            )
 
 
 @dataclass
@@ -29,6 +68,11 @@ class TransformerConfig:
     `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention.py).
     `rope_per_document` restarts the RoPE positions at 0 at each document of a packed row
     (llama; the model is then given document ids, data.document_masking=true).
+    The llama family's variants (Llama 3.1+, Qwen 2.5 / 3, Mistral): `rope_scaling`
+    (RopeScaling), `qkv_bias` (biases on the q, k, v projections, Qwen 2.5), `qk_norm`
+    (RMSNorm over each head of q and k before RoPE, Qwen 3), `head_dim` (the width of a head
+    when it is not d_model / n_heads; None derives it), `sliding_window` (each token attends
+    to itself and the window - 1 tokens before it, Mistral; None: the whole causal prefix).
     """
 
     name: str = "custom"
@@ -49,10 +93,16 @@ class TransformerConfig:
     attention: str = "sdpa"
     rope_per_document: bool = False
     kernels: str = "auto"
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    head_dim: int | None = None
+    sliding_window: int | None = None
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """The width of one attention head: `head_dim`, or d_model / n_heads when unset."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -75,19 +125,25 @@ class TransformerConfig:
             )
         if self.family not in FAMILIES:
             raise ConfigError(f"{prefix}.family={self.family!r} is unknown; use one of {FAMILIES}")
-        for field in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"{prefix}.{field}={getattr(self, field)} must be positive")
-        if self.d_model % self.n_heads:
+        for setting in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, setting) <= 0:
+                raise ConfigError(f"{prefix}.{setting}={getattr(self, setting)} must be positive")
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"{prefix}.n_heads={self.n_heads} does not divide {prefix}.d_model={self.d_model}; "
-                f"pick a head count that divides {self.d_model}"
+                f"pick a head count that divides {self.d_model}, or set {prefix}.head_dim"
             )
-        if self.head_dim % 2 and self.family == "llama":
+        if self.head_size <= 0 or (self.head_size % 2 and self.family == "llama"):
             raise ConfigError(
-                f"{prefix}.d_model/{prefix}.n_heads={self.head_dim} is odd; RoPE needs an even "
-                "head dimension"
+                f"{prefix}.head_dim={self.head_size} (a head's width) must be positive and, "
+                "for RoPE, even"
             )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(
+                f"{prefix}.sliding_window={self.sliding_window} must be positive, or null "
+                "for full causal attention"
+            )
+        self.rope_scaling.check(f"{prefix}.rope_scaling")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"
@@ -107,6 +163,15 @@ class TransformerConfig:
                 f"{prefix}.n_kv_heads={self.n_kv_heads}: the gpt family has no grouped-query "
                 "attention; leave it null"
             )
+        llama_only = {"qkv_bias": self.qkv_bias, "qk_norm": self.qk_norm,
+                      "head_dim": self.head_dim is not None,
+                      "rope_scaling": self.rope_scaling.type != "none"}
+        for setting, used in llama_only.items():
+            if used and self.family != "llama":
+                raise ConfigError(
+                    f"{prefix}.{setting} is a llama-family option; the {self.family} family "
+                    "has its own fixed layout: leave it at its default"
+                )
 
 
 def as_transformer_config(
@@ -119,6 +184,8 @@ def as_transformer_config(
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     assert isinstance(plain, Mapping)  # a DictConfig converts to a dict
     settings = {str(key): value for key, value in plain.items()}
+    if isinstance(settings.get("rope_scaling"), Mapping):
+        settings["rope_scaling"] = RopeScaling(**settings["rope_scaling"])
     known = {f.name for f in fields(TransformerConfig)}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -1,7 +1,7 @@
 """Conversion between ScaleForge models and Hugging Face `transformers` models.
 
-    llama <-> LlamaForCausalLM / LlamaConfig
-    gpt   <-> GPT2LMHeadModel / GPT2Config
+    llama <-> LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    gpt   <-> GPT2LMHeadModel
 
 The config conversion is models/hf_config.py. The state-dict functions are pure (no I/O):
 state dicts map our single-process keys (`layers.0.attention.wq.weight`, see
@@ -25,13 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.build import build
@@ -41,13 +35,20 @@ from scaleforge.models.state_dict import check_state_dict_shapes
 
 StateDict = dict[str, torch.Tensor]
 
-# Per-layer names, ours -> Hugging Face, below `layers.<i>.` / `model.layers.<i>.`.
+# Per-layer names, ours -> Hugging Face, below `layers.<i>.` / `model.layers.<i>.`; the four
+# llama-family architectures share them. A model has the biases (Qwen2) and the q/k norms
+# (Qwen3) only when its config says so; names it lacks are skipped.
 LLAMA_LAYER_KEYS = {
     "attention_norm.weight": "input_layernorm.weight",
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
@@ -142,7 +143,8 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: TransformerCon
 def from_hf_state_dict(
     hf_state_dict: Mapping[str, torch.Tensor], cfg: TransformerConfig
 ) -> StateDict:
-    """A Hugging Face Llama / GPT-2 state dict -> our single-process state dict for `cfg`.
+    """A Hugging Face llama-family / GPT-2 state dict -> our single-process state dict for
+    `cfg`.
 
     Accepts the published variants: GPT-2 files without the `transformer.` prefix, causal-mask
     and inv_freq buffers (dropped), tied models saved without `lm_head.weight`. Raises
@@ -210,13 +212,15 @@ def _rename(
     source_layer: str,
     target_layer: str,
 ) -> StateDict:
-    """The tensors named in the two tables under their new names; the fused or split ones
-    (GPT-2's q, k, v) are left to the caller, which has checked `state`'s keys already."""
+    """The tensors of `state` named in the two tables under their new names; the fused or
+    split ones (GPT-2's q, k, v) are left to the caller, which has checked `state`'s keys
+    against the model's already (so a name the model lacks, like a bias, is skipped)."""
     renamed = {target: state[source] for source, target in global_keys.items()}
     for i in range(n_layers):
         source_prefix, target_prefix = source_layer.format(i), target_layer.format(i)
         for source, target in layer_keys.items():
-            renamed[target_prefix + target] = state[source_prefix + source]
+            if source_prefix + source in state:
+                renamed[target_prefix + target] = state[source_prefix + source]
     return renamed
 
 
@@ -225,14 +229,11 @@ def to_hf_model(
     cfg: TransformerConfig,
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """A LlamaForCausalLM or GPT2LMHeadModel in eval mode holding our weights in `dtype`."""
+    """The `transformers` model of `to_hf_config(cfg)` (LlamaForCausalLM, ...,
+    GPT2LMHeadModel) in eval mode holding our weights in `dtype`."""
     hf_config = to_hf_config(cfg)
     hf_state = to_hf_state_dict(state_dict, cfg)
-    model: PreTrainedModel = (
-        LlamaForCausalLM(hf_config)
-        if isinstance(hf_config, LlamaConfig)
-        else GPT2LMHeadModel(hf_config)
-    )
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(hf_config)
     model.load_state_dict(hf_state, strict=True)
     # PreTrainedModel.to is decorated with functools.wraps(nn.Module.to), which the stubs
     # type as an unbound function expecting the module first.
@@ -255,7 +256,7 @@ def save_hf(
 
 
 def load_hf(hf_dir: Path) -> tuple[TransformerConfig, StateDict]:
-    """Read a local Hugging Face Llama or GPT-2 directory (config.json + *.safetensors,
+    """Read a local Hugging Face llama-family or GPT-2 directory (config.json + *.safetensors,
     sharded or not) as (our config, our state dict). Never unpickles and never downloads;
     tensors keep the file's dtype."""
     from safetensors.torch import load_file

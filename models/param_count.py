@@ -20,17 +20,23 @@ EMBEDDING_MODULES = ("tok_embeddings", "pos_embeddings", "output")
 
 
 def attention_params(cfg: TransformerConfig, biases: bool = True) -> int:
-    """Parameters of one layer's attention projections wq, wk, wv, wo.
+    """Parameters of one layer's attention: projections wq, wk, wv, wo, their biases and the
+    q/k norms.
 
-    wq and wo map d_model to and from n_heads x head_dim, wk and wv to n_kv_heads x head_dim
-    (grouped-query attention). Their biases count when the family has them (gpt) unless
+    wq and wo map d_model to and from n_heads x head_size, wk and wv to n_kv_heads x
+    head_size (grouped-query attention). The biases (all four for gpt; wq, wk, wv with
+    `qkv_bias`) and the per-head q/k norm weights (`qk_norm`, head_size each) count unless
     biases=False, which gives the weight matrices alone (the ones that take part in matmuls).
     """
-    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    q_width, kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     weights = cfg.d_model * (2 * q_width + 2 * kv_width)
-    if biases and cfg.family == "gpt":
+    if not biases:
+        return weights
+    if cfg.family == "gpt":
         return weights + q_width + 2 * kv_width + cfg.d_model
-    return weights
+    qkv_bias = q_width + 2 * kv_width if cfg.qkv_bias else 0
+    qk_norm = 2 * cfg.head_size if cfg.qk_norm else 0
+    return weights + qkv_bias + qk_norm
 
 
 def mlp_params(cfg: TransformerConfig, biases: bool = True) -> int:

@@ -1,6 +1,8 @@
 """Decoder-only transformer, two families sharing one skeleton.
 
-llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases.
+llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases; and the
+       options of its descendants: scaled RoPE (Llama 3.1), q/k/v biases (Qwen 2.5), per-head
+       q/k RMSNorm and a free head width (Qwen 3), sliding-window attention (Mistral).
 gpt:   LayerNorm, learned positions, GELU MLP, biases (GPT-2).
 
 Both are pre-norm: h = h + attention(norm(h)); h = h + feed_forward(norm(h)).
@@ -61,18 +63,27 @@ def make_norm(cfg: TransformerConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Causal self-attention; each of the kv heads serves n_heads / n_kv_heads query heads."""
+    """Causal self-attention; each of the kv heads serves n_heads / n_kv_heads query heads.
+
+    q and k may be normalised per head before RoPE (`qk_norm`, Qwen 3); the attention may
+    look back over a sliding window of keys only (`sliding_window`, Mistral).
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim = cfg.head_size
         self.backend = cfg.attention
         self.kernels = cfg.kernels
+        self.window = cfg.sliding_window
         bias = cfg.family == "gpt"
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_size, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_size, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_size, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_size, cfg.d_model, bias=bias)
+        # RMSNorm over each head's channels (one weight of head_size shared by all heads).
+        self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps, cfg.kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps, cfg.kernels) if cfg.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -81,17 +92,21 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # Head counts are read from the projections' widths (-1), not the config: under
         # tensor parallelism each rank holds only its share of the heads.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         # The fused operator takes (T, head_dim) tables, not per-document ones (B, 1, T, hd).
         if rope is not None and rope[0].dim() == 2 and uses_fused(self.kernels, q.device.type):
             q, k = fused_rope(q, k, *rope)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
-        # within documents when the batch has them. y: (B, n_heads, T, hd)
-        y = attend(q, k, v, self.backend, mask)
+        # within documents when the batch has them, within the window when there is one.
+        # y: (B, n_heads, T, hd)
+        y = attend(q, k, v, self.backend, mask, self.window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -179,7 +194,8 @@ class Transformer(nn.Module):
         self, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        return rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, device=device,
+                           scaling=cfg.rope_scaling)
 
     def _rope(
         self, T: int, document_ids: torch.Tensor | None
@@ -229,7 +245,8 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(torch.arange(T, device=h.device))
         rope = self._rope(T, document_ids)
-        mask = attention_mask(self.cfg.attention, document_ids, T, h.device)
+        mask = attention_mask(self.cfg.attention, document_ids, T, h.device,
+                              self.cfg.sliding_window)
         for layer in self.layers.values():
             h = layer(h, rope, mask)
         if self.norm is not None:

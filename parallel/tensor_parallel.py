@@ -7,8 +7,13 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
                              so their gradients are Partial(sum) over tp, all-reduced
                              when the optimizer or the clipping reads them
     attention, feed_forward  input all-gathered on T (Shard(1) -> Replicate)
-    wq, wk, wv, w1, w3       ColwiseParallel: weight Shard(0) (heads / MLP columns), output
-                             local (B, T, width/t); heads are read from the local width
+    wq, wk, wv, w1, w3       ColwiseParallel: weight Shard(0) (heads / MLP columns), q/k/v
+                             biases Shard(0) alike; output local (B, T, width/t); heads are
+                             read from the local width
+    q_norm, k_norm (qk_norm) RMSNorm over each local head (B, T, heads/t, hd), wrapped as a
+                             DTensor Shard(2) on the heads; weights Replicate, gradients
+                             Partial(sum) over tp like the sequence-parallel norms; output
+                             local again
     wo, w2                   RowwiseParallel: weight Shard(1), output reduce-scattered on T
                              -> Shard(1) (forward reduce-scatter, backward all-gather)
     tok_embeddings           vocab-parallel: weight Shard(0) by vocabulary rows, output
@@ -49,7 +54,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from scaleforge.models.transformer import Transformer
 
 
-def block_plan(family: str) -> dict[str, ParallelStyle]:
+def block_plan(family: str, qk_norm: bool = False) -> dict[str, ParallelStyle]:
     """The TP/SP plan of one transformer block, module path -> style."""
     plan: dict[str, ParallelStyle] = {
         "attention_norm": SequenceParallel(),
@@ -72,6 +77,9 @@ def block_plan(family: str) -> dict[str, ParallelStyle]:
     }
     if family == "llama":
         plan["feed_forward.w3"] = ColwiseParallel()
+    if qk_norm:  # each rank normalises its own heads (dim 2) with the one shared weight
+        for norm in ("attention.q_norm", "attention.k_norm"):
+            plan[norm] = SequenceParallel(sequence_dim=2, use_local_output=True)
     return plan
 
 
@@ -105,7 +113,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, outer_plan(model))
     if model.cfg.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight
-    plan = block_plan(model.cfg.family)
+    plan = block_plan(model.cfg.family, model.cfg.qk_norm)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, plan)
     if model.tok_embeddings is None:  # a later pipeline stage: receives local shards

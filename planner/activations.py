@@ -17,7 +17,8 @@ saved tensors):
 - a DTensor linear keeps its all-gathered input (full sequence, width h), not the sequence
   shard Megatron keeps and re-gathers in backward; RowwiseParallel's input is a reshaped
   copy of the attention output;
-- llama: RMSNorm computes in fp32 and keeps its fp32 input plus the normalised tensor;
+- llama: RMSNorm computes in fp32 and keeps its fp32 input plus the normalised tensor (the
+  q/k norms of `model.qk_norm` likewise, per head);
   RoPE keeps only its tables; SwiGLU keeps four (b, s, ffn/t) tensors; gpt: LayerNorm keeps
   its input, the GELU MLP two (b, s, ffn/t) tensors;
 - dtypes: the residual stream is fp32 under autocast (bf16 without FSDP: fp32 weights),
@@ -94,13 +95,16 @@ def _norm_bytes_per_token(x: ActivationSetting, consumers: int) -> float:
 def block_bytes(x: ActivationSetting) -> float:
     """Bytes one block keeps for one micro-batch without checkpointing, on one tp rank."""
     m, t, e = x.model, x.tp, x.compute_bytes
-    hd = m.head_dim
+    qkv_width = (m.n_heads + 2 * m.kv_heads) * m.head_size
     attention = (
         _norm_bytes_per_token(x, 3)
-        + e * (m.n_heads + 2 * m.kv_heads) * hd / t  # q, k, v into SDPA
-        + 2 * e * m.d_model / t  # SDPA output, wo's reshaped input
+        + e * qkv_width / t  # q, k, v into SDPA
+        + 2 * e * m.n_heads * m.head_size / t  # SDPA output, wo's reshaped input
         + 4 * m.n_heads / t  # logsumexp
     )
+    if m.qk_norm:  # RMSNorm of q and k per head: fp32 input, rstd, the normalised tensor
+        qk_width, qk_heads = (m.n_heads + m.kv_heads) * m.head_size, m.n_heads + m.kv_heads
+        attention += (4 * qk_width + 4 * qk_heads + e * qk_width) / t
     mlp_tensors = 4 if m.family == "llama" else 2
     mlp = _norm_bytes_per_token(x, 2 if m.family == "llama" else 1)
     mlp += mlp_tensors * e * m.mlp_hidden / t
@@ -114,7 +118,7 @@ def checkpointed_block_bytes(x: ActivationSetting) -> float:
     kept = r * m.d_model / t
     if x.checkpointing == "selective":
         up = (2 if m.family == "llama" else 1) * m.mlp_hidden / t
-        kept += e * ((m.n_heads + 2 * m.kv_heads) * m.head_dim / t + 2 * m.d_model
+        kept += e * ((m.n_heads + 2 * m.kv_heads) * m.head_size / t + 2 * m.d_model
                      + m.d_model / t + up) + 4 * m.n_heads / t
     return x.tokens * kept
 

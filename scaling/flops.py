@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scaleforge.core.flops import training_flops_per_token
+from scaleforge.core.flops import attended_keys, training_flops_per_token
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import num_params
 
@@ -27,9 +27,11 @@ def six_n_flops_per_token(cfg: TransformerConfig) -> float:
 
 
 def kaplan_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Kaplan's C/D = 6 N_non-embedding + 6 n_layers seq_len d_attn. FLOPs per token."""
-    d_attn = cfg.n_heads * cfg.head_dim
-    return 6.0 * num_params(cfg, embeddings=False) + 6.0 * cfg.n_layers * seq_len * d_attn
+    """Kaplan's C/D = 6 N_non-embedding + 6 n_layers n_ctx d_attn. FLOPs per token; n_ctx is
+    seq_len, or the sliding window when shorter."""
+    d_attn = cfg.n_heads * cfg.head_size
+    context = attended_keys(cfg, seq_len, causal=False)  # seq_len, or a sliding window
+    return 6.0 * num_params(cfg, embeddings=False) + 6.0 * cfg.n_layers * context * d_attn
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, method: str = "exact") -> float:

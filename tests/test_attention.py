@@ -52,7 +52,7 @@ def ids_of(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def repeated_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                          mask: object) -> torch.Tensor:
+                          mask: object, window: int | None = None) -> torch.Tensor:
     """The attention before enable_gqa: K and V copied per query head, plain causal SDPA."""
     repeats = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
@@ -124,6 +124,33 @@ def test_flex_document_block_mask_gives_the_sdpa_numbers():
     torch.testing.assert_close(causal, attend(q, k, v, "sdpa", None), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_sliding_window_masks_agree_and_follow_the_rule(with_documents):
+    """Query i sees keys i - window + 1 .. i (within its document): sdpa's boolean mask
+    against the rule written out, and flex's mask function (eager on CPU) against sdpa."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 32, 16, generator=generator)
+    k, v = (torch.randn(2, 2, 32, 16, generator=generator) for _ in range(2))
+    tokens = torch.randint(1, 50, (2, 32), generator=generator)
+    tokens[0, [4, 19]] = EOS
+    ids = ids_of(tokens) if with_documents else None
+    cpu, window = torch.device("cpu"), 5
+    mask = attention_mask("sdpa", ids, 32, cpu, window)
+    assert isinstance(mask, torch.Tensor)
+    i, j = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    rule = (j <= i) & (j > i - window)
+    if ids is not None:
+        rule = rule & (ids[:, :, None] == ids[:, None, :])
+    assert torch.equal(mask.expand(2, 1, 32, 32), rule.expand(2, 32, 32)[:, None])
+    expected = attend(q, k, v, "sdpa", mask, window)
+    flex_eager = torch.nn.attention.flex_attention.flex_attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex's notice that it runs uncompiled
+        actual = flex_eager(q, k, v, block_mask=attention_mask("flex", ids, 32, cpu, window),
+                            enable_gqa=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rope_per_document", [True, False])
 def test_document_packed_after_others_has_the_logits_it_has_alone(rope_per_document):
     torch.manual_seed(0)
@@ -144,7 +171,7 @@ def test_rope_per_document_rotates_each_document_from_position_zero():
     model = build(llama(rope_per_document=True))
     tokens = documents_of([5, 7])
     cos, sin = model._rope(12, ids_of(tokens))
-    table_cos, table_sin = rope_tables(model.cfg.head_dim, 12, model.cfg.rope_theta)
+    table_cos, table_sin = rope_tables(model.cfg.head_size, 12, model.cfg.rope_theta)
     positions = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
     assert torch.equal(cos[0, 0], table_cos[positions])
     assert torch.equal(sin[0, 0], table_sin[positions])

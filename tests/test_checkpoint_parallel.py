@@ -118,6 +118,12 @@ RESHARDS = {
                                    4, (2,)),
     # Tied embedding (one parameter, two state-dict keys), biases and position embeddings.
     "gpt_tp2_to_1": (GPT_MICRO, ["parallel.tp=2"], 2, {"tp": 2}, [], 1, None),
+    # Qwen's and Llama 3.1's options: q/k/v biases (sharded), q/k norms (replicated), wider
+    # heads, a sliding window, llama3 RoPE scaling.
+    "qwen_options_tp2_to_1": (["model.qkv_bias=true", "model.qk_norm=true", "model.head_dim=24",
+                               "model.sliding_window=16", "model.rope_scaling.type=llama3",
+                               "model.rope_scaling.original_max_position_embeddings=16"],
+                              ["parallel.tp=2"], 2, {"tp": 2}, [], 1, None),
 }
 
 

@@ -1,8 +1,8 @@
 """The attention backends on one CUDA GPU (marked `cuda`: skipped without one): sdpa, flex
 and flash (where flash-attn is installed) give the same numbers in bf16, with and without
-per-document masks, train alike, and a document packed after others keeps the logits it has
-alone; FSDP over an NCCL group of one rank trains like the plain model. Seconds each, plus
-flex's first compilation."""
+per-document masks and a sliding window, train alike, and a document packed after others
+keeps the logits it has alone; FSDP over an NCCL group of one rank trains like the plain
+model. Seconds each, plus flex's first compilation."""
 
 from __future__ import annotations
 
@@ -42,19 +42,22 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
+@pytest.mark.parametrize("window", [None, 100], ids=["full", "sliding_window"])
 @pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_gives_the_fp32_reference_numbers_in_bf16(backend, documents):
+def test_backend_gives_the_fp32_reference_numbers_in_bf16(backend, documents, window):
     generator = torch.Generator().manual_seed(0)
     B, T = 2, 512
     q = torch.randn(B, 8, T, 64, generator=generator).cuda()
     k, v = (torch.randn(B, 2, T, 64, generator=generator).cuda() for _ in range(2))
     ids = _documents(B, T, generator) if documents else None
     device = torch.device("cuda")
-    reference_mask = attention_mask("sdpa", ids, T, device)
-    expected = attend(q.double(), k.double(), v.double(), "sdpa", reference_mask).float()
+    reference_mask = attention_mask("sdpa", ids, T, device, window)
+    expected = attend(q.double(), k.double(), v.double(), "sdpa", reference_mask,
+                      window).float()
     q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
-    actual = attend(q16, k16, v16, backend, attention_mask(backend, ids, T, device))
+    actual = attend(q16, k16, v16, backend, attention_mask(backend, ids, T, device, window),
+                    window)
     assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
     assert _relative_error(actual, expected) < BF16_RELATIVE
 

@@ -22,6 +22,11 @@ from scaleforge.planner.search import rank_memory
 from scaleforge.planner.shards import ShardProbe, fake_world
 from test_parallel_launch import SMALL_RUN, TRAIN
 
+# Qwen's options (models/config.py): q/k/v biases sharded with their weights, replicated
+# per-head q/k norm weights, heads wider than d_model / n_heads, a sliding window.
+FAMILY_OPTIONS = ["model.qkv_bias=true", "model.qk_norm=true", "model.head_dim=24",
+                  "model.sliding_window=16"]
+
 
 def _report_in_rank(cfg: Config) -> dict[str, Any]:
     world_size = dist.get_world_size()
@@ -41,8 +46,10 @@ def _report_in_rank(cfg: Config) -> dict[str, Any]:
         ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_stages_per_rank=2",
          "parallel.dp_shard=2", "parallel.fsdp_reshard_after_forward=false", *PIPELINE_MODEL,
          "trainer.micro_batch_size=1", "trainer.eval_batches=8"],
+        ["parallel.tp=2", "parallel.dp_shard=2", *FAMILY_OPTIONS],
     ],
-    ids=["tp2-dp_shard2", "hsdp2x2", "pp2-dp_shard2", "tp2-pp2", "zbv-pp2-dp_shard2"],
+    ids=["tp2-dp_shard2", "hsdp2x2", "pp2-dp_shard2", "tp2-pp2", "zbv-pp2-dp_shard2",
+         "tp2-dp_shard2-qwen_options"],
 )
 def test_sf_plan_state_bytes_equal_the_dry_runs_on_every_rank(tmp_path, overrides):
     cfg = micro_config(tmp_path / "run", "trainer.micro_batch_size=2", *overrides)

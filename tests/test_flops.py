@@ -86,3 +86,26 @@ def test_peak_flops_match_the_whole_device_name(device_name, bf16, tf32, fp32):
 def test_devices_outside_the_table_have_no_peak(device_name):
     # a known name inside another word does not count: the RTX A1000 is no A100 (nor A10)
     assert peak_flops_by_name(device_name, "bf16", tf32=False) is None
+
+
+def test_a_sliding_window_caps_the_attended_keys():
+    window = TransformerConfig(**{**LLAMA.__dict__, "sliding_window": 8})
+    # causal: positions 0..7 see 1..8 keys, the other 24 see 8 each; full convention: 8 keys
+    per_key = 2 * 2 * 2 * 64
+    causal_keys = (sum(range(1, 9)) + 24 * 8) / 32
+    assert attention_flops_per_token(window, 32) == per_key * causal_keys
+    assert attention_flops_per_token(window, 32, causal=False) == per_key * 8
+    wider = TransformerConfig(**{**LLAMA.__dict__, "sliding_window": 64})
+    assert attention_flops_per_token(wider, 32) == attention_flops_per_token(LLAMA, 32)
+
+
+def test_training_flops_with_head_dim_biases_and_qk_norm_match_torch_flop_counter():
+    cfg = TransformerConfig(**{**LLAMA.__dict__, "head_dim": 24, "qkv_bias": True,
+                               "qk_norm": True})
+    torch.manual_seed(0)
+    model = build(cfg)
+    tokens = torch.randint(cfg.vocab_size, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).float().sum().backward()
+    assert counter.get_total_flops() / tokens.numel() == 6 * matmul_params(cfg)
+    assert matmul_params(cfg) == 2 * (64 * 96 + 2 * 64 * 48 + 96 * 64 + 3 * 64 * 192) + 64 * 300
