@@ -5,8 +5,8 @@ pipeline bubble.
 
 - compute: the exact matmul FLOPs of a step (core/flops.py `training_flops_per_token`:
   every projection, attention scores and values, the LM head, 3x forward for forward +
-  backward), plus the forward FLOPs of the blocks `full` checkpointing recomputes
-  (`selective` recomputes only elementwise ops: no matmul FLOPs), split over tp x dp, the
+  backward), plus the forward FLOPs checkpointing recomputes (`full`: the block up to its
+  last matmul; `selective`: every other matmul), split over tp x dp, the
   blocks over the pp stages and the head on the last stage (the slowest one), at
   `matmul_efficiency` x the GPU's peak.
 - links: the mesh order is pp > dp_replicate > dp_shard > cp > tp (tp innermost, so ranks
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 from scaleforge.core.flops import attention_flops_per_token, training_flops_per_token
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.param_count import attention_params, mlp_params
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import MESH_DIMS, ParallelDims
+from scaleforge.planner.activations import ActivationSetting, block_matmul_widths
 from scaleforge.planner.hardware import GpuSpec
 from scaleforge.planner.shards import GatheredElements
 
@@ -88,14 +88,21 @@ def axis_bandwidth(dims: ParallelDims, axis: str, gpu: GpuSpec, gpus_per_node: i
 
 
 def recompute_flops_per_token(work: StepWork) -> float:
-    """Forward matmul FLOPs per token that `full` checkpointing adds (every n-th block)."""
-    if work.checkpointing != "full":
+    """Forward matmul FLOPs per token that checkpointing adds (every n-th block): `full`
+    recomputes the block's forward up to its last matmul (torch stops the recompute once
+    it has what backward needs; the last projection's output is not needed), `selective`
+    the matmuls it does not keep (every other one: wk, wo, w3 of a llama block)."""
+    if work.checkpointing == "none":
         return 0.0
     m = work.model
-    layer_forward = (2 * (attention_params(m, biases=False) + mlp_params(m, biases=False))
-                     + attention_flops_per_token(m, work.seq_len) / m.n_layers)
+    widths = block_matmul_widths(ActivationSetting(m, work.seq_len, 1))
+    if work.checkpointing == "full":
+        layer = (2 * m.d_model * sum(widths[:-1])
+                 + attention_flops_per_token(m, work.seq_len) / m.n_layers)
+    else:
+        layer = 2 * m.d_model * sum(widths[1::2])
     wrapped = math.ceil(m.n_layers / work.dims.pp / work.every_n) * work.dims.pp
-    return wrapped * layer_forward
+    return wrapped * layer
 
 
 def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
