@@ -2,8 +2,9 @@
 
 For each layout of a small model, every rank builds the Trainer (as a run does), runs one
 training step and then one more forward of a micro-batch while a saved-tensor hook counts
-the bytes autograd keeps (each storage once, parameters and buffers left out): that is the
-activation memory of one micro-batch, measured deterministically (RSS would be noisy).
+the bytes autograd keeps and selective checkpointing caches (each storage once, parameters
+and buffers left out): that is the activation memory of one micro-batch, measured
+deterministically (RSS would be noisy).
 Parameters, gradients (after the step's backward) and AdamW's state (after its first step)
 are read off the tensors. Each is printed next to the planner's figure for the same rank.
 
@@ -47,6 +48,8 @@ BASE = [
 LAYOUTS: list[tuple[str, int, list[str]]] = [
     ("single process", 1, []),
     ("single, AC full", 1, ["trainer.activation_checkpointing=full"]),
+    ("single, AC selective", 1, ["trainer.activation_checkpointing=selective"]),
+    ("tp 2, AC selective", 2, ["parallel.tp=2", "trainer.activation_checkpointing=selective"]),
     ("tp 2", 2, ["parallel.tp=2"]),
     ("dp_shard 2", 2, ["parallel.dp_shard=2"]),
     ("tp 2 x dp_shard 2", 4, ["parallel.tp=2", "parallel.dp_shard=2"]),
@@ -92,17 +95,21 @@ class SavedTensorMeter:
         return (grad_fn is not None and type(grad_fn).__name__ == "ToCopyBackward0"
                 and type(grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad")
 
-    def _pack(self, tensor: torch.Tensor) -> Any:
-        if tensor.device.type == "meta" or self._is_weight(tensor):
-            return tensor
+    def _hold(self, tensor: torch.Tensor, holder: object) -> None:
+        """Count `tensor` while `holder` lives."""
         key = self._key(tensor)
         entry = self.live.setdefault(key, [0, local_bytes(tensor)])
         if entry[0] == 0:
             self.current += entry[1]
             self.peak = max(self.peak, self.current)
         entry[0] += 1
+        weakref.finalize(holder, self._release, key)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type == "meta" or self._is_weight(tensor):
+            return tensor
         saved = _Saved(tensor)
-        weakref.finalize(saved, self._release, key)
+        self._hold(tensor, saved)
         return saved
 
     def _release(self, key: int) -> None:
@@ -114,9 +121,24 @@ class SavedTensorMeter:
 
     @contextmanager
     def counting(self) -> Iterator[None]:
+        """Count what autograd saves and what selective checkpointing caches (each op output
+        it keeps is wrapped in one torch.utils.checkpoint._VersionWrapper until backward's
+        recompute takes it), while in this block."""
         unpack = lambda saved: saved.tensor if isinstance(saved, _Saved) else saved  # noqa: E731
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
-            yield
+        wrapper = torch.utils.checkpoint._VersionWrapper
+        original = wrapper.__init__
+
+        def cache(cached: Any, value: Any) -> None:
+            original(cached, value)
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                self._hold(value, cached)
+
+        wrapper.__init__ = cache  # type: ignore[method-assign, assignment]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
+                yield
+        finally:
+            wrapper.__init__ = original  # type: ignore[method-assign]
 
 
 def measure(cfg: Config, world_size: int) -> dict[str, Any]:

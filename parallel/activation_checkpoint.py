@@ -1,15 +1,19 @@
 """Activation checkpointing applied from outside the model, one transformer block at a time.
 
 full: a wrapped block keeps only its input and recomputes everything in backward.
-selective: a wrapped block keeps the outputs of its matmuls and attention (the expensive
-ops: every SDPA kernel, flex attention, flash-attn's forward ops when installed) and of its
-tensor-parallel collectives, and recomputes the cheap, memory-hungry rest (norms,
-activations, rotary, residual adds). Keeping the collectives' outputs (as
-torchtitan does) keeps backward from repeating forward's communication: under tp the
-all-gathers before the column-parallel matmuls and the reduce-scatters after the
-row-parallel ones run in forward only (DTensor issues them as the `_c10d_functional` ops in
-SAVED_OPS), and backward runs just its own gradient collectives. The price is memory: each
-block keeps its gathered, full-sequence matmul inputs instead of recomputing them.
+selective: torchtitan's op-level policy (torchtitan 0.3.0,
+torchtitan/distributed/activation_checkpoint.py `SelectiveAC`): a wrapped block keeps the
+output of every other projection matmul (the 1st, 3rd, ... `mm`/`addmm` of the block's
+forward: wq, wv, w1 and w2 of a Llama block; wq, wv and w1 of a GPT one), of attention
+(every SDPA kernel, flex attention, flash-attn's forward ops when installed) and of its
+tensor-parallel collectives, and recomputes the rest: the other matmuls (wk, wo, w3 / w2)
+and the cheap, memory-hungry ops (norms, activations, rotary, residual adds). Recomputing
+half the matmuls costs about a sixth of the block's forward FLOPs and saves their outputs.
+We keep one thing torchtitan does not: the all-gathers' outputs. That keeps backward from
+repeating forward's communication: under tp the all-gathers before the column-parallel
+matmuls and the reduce-scatters after the row-parallel ones run in forward only (DTensor
+issues them as the `_c10d_functional` ops in SAVED_OPS), and backward runs just its own
+gradient collectives; the price is each block's gathered, full-sequence matmul inputs.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from scaleforge.models.transformer import Transformer
 
 _aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
-# What selective checkpointing keeps from forward (every other op is recomputed in backward).
+# The projection matmuls: selective checkpointing keeps every other one's output.
+MATMUL_OPS = {_aten.mm.default, _aten.addmm.default}
+# What selective checkpointing always keeps from forward (every op in neither set is
+# recomputed in backward).
 SAVED_OPS = {
-    _aten.mm.default,
-    _aten.addmm.default,
     _aten.bmm.default,
     _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_efficient_attention.default,
@@ -62,11 +67,25 @@ def _flash_ops() -> set[Any]:
     return found
 
 
-def _save_matmuls(
-    ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any, **kwargs: Any
-) -> CheckpointPolicy:
-    saved = op in SAVED_OPS or op in _flash_ops()
-    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+def _selective_policy() -> Any:
+    """A policy for one forward (or recompute) of one block: counts its matmuls, so it is
+    made afresh for each (`context_fn` calls this once per checkpointed forward)."""
+    matmuls = {False: 0, True: 0}  # seen so far, in forward and in the recompute
+
+    def policy(ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any,
+               **kwargs: Any) -> CheckpointPolicy:
+        if op in MATMUL_OPS:
+            matmuls[ctx.is_recompute] += 1
+            saved = matmuls[ctx.is_recompute] % 2 == 1
+        else:
+            saved = op in SAVED_OPS or op in _flash_ops()
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _selective_contexts() -> Any:
+    return create_selective_checkpoint_contexts(_selective_policy())
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, every_n_blocks: int = 1) -> None:
@@ -82,7 +101,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str, every_n_blocks
         wrap = partial(
             checkpoint_wrapper,
             preserve_rng_state=True,
-            context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls),
+            context_fn=_selective_contexts,
         )
     else:
         raise ValueError(f"trainer.activation_checkpointing={mode!r} is unknown")

@@ -143,14 +143,22 @@ def stage_layer_ranges(
 
 def check_micro_batches(schedule: str, pp: int, stages_per_rank: int, micro_batches: int) -> None:
     """ConfigError unless `micro_batches` per step can feed the schedule: at least one per
-    stage, and for the interleaved schedules a multiple of torch's number of rounds."""
-    num_stages = pp * stages_per_rank
-    if micro_batches < num_stages:
+    stage (one per rank for Interleaved1F1B), and for the interleaved schedules a multiple of
+    torch's number of rounds."""
+    # torch's Interleaved1F1B needs only whole rounds (below); with fewer micro-batches than
+    # ranks a round leaves ranks without work, so we ask for at least one per rank, as
+    # Megatron does. The others need one per stage (torch checks 1F1B and DualPipeV so).
+    if schedule == "Interleaved1F1B":
+        needed, what = pp, f"{pp} pipeline ranks (parallel.pp)"
+    else:
+        needed = pp * stages_per_rank
+        what = f"{needed} pipeline stages (parallel.pp x parallel.pp_stages_per_rank)"
+    if micro_batches < needed:
         raise ConfigError(
             f"{micro_batches} micro-batches per step (trainer.global_batch_tokens / "
             f"(trainer.micro_batch_size x data.seq_len x data-parallel size)) are fewer than the "
-            f"{num_stages} pipeline stages (parallel.pp x parallel.pp_stages_per_rank); raise "
-            "trainer.global_batch_tokens, lower trainer.micro_batch_size or lower parallel.pp"
+            f"{what}; raise trainer.global_batch_tokens, lower trainer.micro_batch_size or "
+            "lower parallel.pp"
         )
     if schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
         # torch's rule: the micro-batches run in max(1, m // pp) rounds of equal size.

@@ -29,8 +29,9 @@ saved tensors):
   loss keeps an fp32 log-softmax instead: the same bytes in fp32 runs, twice them in bf16).
 
 Activation checkpointing (trainer.activation_checkpointing, every n-th block): a `full`
-block keeps its input; a `selective` one keeps the outputs of its matmuls and attention
-(the policy in parallel/activation_checkpoint.py) and its input. Backward then recomputes
+block keeps its input; a `selective` one keeps its input and the outputs of every other
+matmul, of attention and of the tp collectives (torchtitan's op-level policy, in
+parallel/activation_checkpoint.py). Backward then recomputes
 one block at a time, so one block's full activations come on top (`recompute_bytes`).
 
 Pipelines keep several micro-batches in flight (`in_flight_micro_batches`), plus each
@@ -111,15 +112,29 @@ def block_bytes(x: ActivationSetting) -> float:
     return x.tokens * (attention + mlp)
 
 
+def block_matmul_widths(x: ActivationSetting) -> list[float]:
+    """Output width per token of each projection matmul of a block on one tp rank, in the
+    order forward runs them: wq, wk, wv, wo, then w1, w3, w2 (llama) or w1, w2 (gpt).
+    Column-parallel outputs are sharded by tp; a row-parallel one is the full-width partial
+    sum before its reduce-scatter."""
+    m, t = x.model, x.tp
+    up = [m.mlp_hidden / t] * (2 if m.family == "llama" else 1)
+    return [m.n_heads * m.head_size / t, m.kv_heads * m.head_size / t,
+            m.kv_heads * m.head_size / t, m.d_model, *up, m.d_model]
+
+
 def checkpointed_block_bytes(x: ActivationSetting) -> float:
     """Bytes a checkpointed block keeps: its input, plus for `selective` the outputs of
-    its matmuls (q, k, v, wo before the reduce-scatter, w1/w3, w2) and of attention."""
+    every other matmul (the 1st, 3rd, ...: wq, wv, w1, w2 of a llama block), of attention
+    (SDPA's output and logsumexp) and, under tp, of the two all-gathers (the norms'
+    outputs, full sequence, in the residual dtype) and the two reduce-scatters."""
     m, t, e, r = x.model, x.tp, x.compute_bytes, x.residual_bytes
     kept = r * m.d_model / t
     if x.checkpointing == "selective":
-        up = (2 if m.family == "llama" else 1) * m.mlp_hidden / t
-        kept += e * ((m.n_heads + 2 * m.kv_heads) * m.head_size / t + 2 * m.d_model
-                     + m.d_model / t + up) + 4 * m.n_heads / t
+        kept += e * sum(block_matmul_widths(x)[::2])
+        kept += e * m.n_heads * m.head_size / t + 4 * m.n_heads / t
+        if t > 1:
+            kept += 2 * r * m.d_model + 2 * e * m.d_model / t
     return x.tokens * kept
 
 

@@ -14,6 +14,11 @@ moves through each GPU's link. `matmul_efficiency` is the fraction of peak that 
 GEMMs of a transformer step reach in practice (cuBLAS on these parts typically delivers
 60-80% of the data-sheet peak on the shapes of 7B-400B models); it is a stated assumption of
 the time model, overridable per run (`sf-plan matmul_efficiency=`).
+`attention_efficiency` is the fraction of peak that attention (SDPA's FlashAttention-2
+kernel, forward and backward, causal, head dim 128) reaches: about 335 TFLOP/s on an H100
+SXM5 (0.35) and about 190 TFLOP/s on an A100 (0.6) in Dao 2023 ("FlashAttention-2",
+figures 5-7 and the H100 benchmark); the H200 and B200 take the H100's fraction (an
+assumption: no published figure for torch's kernel on them).
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ class GpuSpec:
     nvlink_bytes_per_s: float  # one direction, per GPU, inside a node
     internode_bytes_per_s: float  # one direction, per GPU, between nodes
     matmul_efficiency: float = 0.7
+    attention_efficiency: float = 0.35  # of peak_flops, SDPA's flash kernel, fwd + bwd
 
 
 GPUS: dict[str, GpuSpec] = {
     "h100": GpuSpec("h100", 989e12, 80 * GB, 3.35e12, 450 * GB, 50 * GB),
     "h200": GpuSpec("h200", 989e12, 141 * GB, 4.8e12, 450 * GB, 50 * GB),
-    "a100": GpuSpec("a100", 312e12, 80 * GB, 2.0e12, 300 * GB, 25 * GB),
+    "a100": GpuSpec("a100", 312e12, 80 * GB, 2.0e12, 300 * GB, 25 * GB,
+                    attention_efficiency=0.6),
     "b200": GpuSpec("b200", 2250e12, 180 * GB, 8.0e12, 900 * GB, 50 * GB),
 }
 

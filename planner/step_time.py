@@ -3,12 +3,17 @@ pipeline bubble.
 
     step = (compute + tensor-parallel + pipeline p2p) / (1 - bubble) + exposed data-parallel
 
-- compute: the exact matmul FLOPs of a step (core/flops.py `training_flops_per_token`:
-  every projection, attention scores and values, the LM head, 3x forward for forward +
-  backward), plus the forward FLOPs of the blocks `full` checkpointing recomputes
-  (`selective` recomputes only elementwise ops: no matmul FLOPs), split over tp x dp, the
-  blocks over the pp stages and the head on the last stage (the slowest one), at
-  `matmul_efficiency` x the GPU's peak.
+- compute, three terms on the slowest rank (the blocks split over the pp stages, the head
+  on the last stage; everything split over tp x dp):
+  - matmuls: the projection and head FLOPs of a step (core/flops.py
+    `training_flops_per_token`, 3x forward for forward + backward) plus those
+    checkpointing recomputes (`full`: the block up to its last matmul; `selective`: every
+    other matmul), at `matmul_efficiency` x the GPU's peak;
+  - attention: the scores and values FLOPs (forward + backward, again under `full`) at
+    `attention_efficiency` x peak (FlashAttention-2's measured rate on that GPU);
+  - memory-bound work: the HBM traffic of norms, casts, RoPE, activations, residual adds,
+    the loss over the logits and AdamW (planner/memory_traffic.py) at `HBM_EFFICIENCY` x
+    the GPU's memory bandwidth.
 - links: the mesh order is pp > dp_replicate > dp_shard > cp > tp (tp innermost, so ranks
   next to each other share a node). A mesh axis whose group spans at most `gpus_per_node`
   consecutive ranks runs on NVLink; any other crosses nodes and runs at the inter-node
@@ -37,14 +42,21 @@ from dataclasses import dataclass
 
 from scaleforge.core.flops import attention_flops_per_token, training_flops_per_token
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.param_count import attention_params, mlp_params
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import MESH_DIMS, ParallelDims
+from scaleforge.planner.activations import ActivationSetting, block_matmul_widths
 from scaleforge.planner.hardware import GpuSpec
+from scaleforge.planner.memory_traffic import (
+    OPTIMIZER_BYTES_PER_ELEMENT,
+    block_step_bytes,
+    loss_bytes_per_token,
+)
 from scaleforge.planner.shards import GatheredElements
 
 # Fraction of a link's bandwidth a ring collective reaches (NCCL's bus bandwidth).
 LINK_EFFICIENCY = 0.8
+# Fraction of the HBM bandwidth eager elementwise and normalisation kernels reach.
+HBM_EFFICIENCY = 0.8
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,10 @@ class StepWork:
 class StepTime:
     """Seconds of one step and its parts; bytes each GPU sends per step, per mesh axis."""
 
-    compute_s: float
+    compute_s: float  # matmul_s + attention_s + memory_s
+    matmul_s: float
+    attention_s: float
+    memory_s: float
     tp_s: float
     pp_s: float
     dp_exposed_s: float
@@ -88,24 +103,58 @@ def axis_bandwidth(dims: ParallelDims, axis: str, gpu: GpuSpec, gpus_per_node: i
 
 
 def recompute_flops_per_token(work: StepWork) -> float:
-    """Forward matmul FLOPs per token that `full` checkpointing adds (every n-th block)."""
-    if work.checkpointing != "full":
+    """Forward matmul FLOPs per token that checkpointing adds (every n-th block): `full`
+    recomputes the block's forward up to its last matmul (torch stops the recompute once
+    it has what backward needs; the last projection's output is not needed), `selective`
+    the matmuls it does not keep (every other one: wk, wo, w3 of a llama block)."""
+    if work.checkpointing == "none":
         return 0.0
     m = work.model
-    layer_forward = (2 * (attention_params(m, biases=False) + mlp_params(m, biases=False))
-                     + attention_flops_per_token(m, work.seq_len) / m.n_layers)
+    widths = block_matmul_widths(ActivationSetting(m, work.seq_len, 1))
+    if work.checkpointing == "full":
+        layer = (2 * m.d_model * sum(widths[:-1])
+                 + attention_flops_per_token(m, work.seq_len) / m.n_layers)
+    else:
+        layer = 2 * m.d_model * sum(widths[1::2])
     wrapped = math.ceil(m.n_layers / work.dims.pp / work.every_n) * work.dims.pp
-    return wrapped * layer_forward
+    return wrapped * layer
+
+
+def _per_rank(work: StepWork, blocks: float, head: float) -> float:
+    """A per-token figure of the blocks and of the head, over the tokens and layers of the
+    slowest rank (the last pipeline stage, which also runs the head)."""
+    dims = work.dims
+    return work.global_batch_tokens / dims.dp_size * (blocks / dims.pp + head)
+
+
+def compute_times(work: StepWork, gpu: GpuSpec) -> tuple[float, float, float]:
+    """(projection and head matmuls, attention, memory-bound work): seconds per step."""
+    m, t = work.model, work.dims.tp
+    head = 6 * m.d_model * m.vocab_size
+    attention = 3 * attention_flops_per_token(m, work.seq_len)
+    recomputed = recompute_flops_per_token(work)
+    recomputed_attention = (attention / 3 if work.checkpointing == "full" else 0.0) * (
+        math.ceil(m.n_layers / work.dims.pp / work.every_n) * work.dims.pp / m.n_layers)
+    matmuls = training_flops_per_token(m, work.seq_len) - head - attention
+    matmul_s = _per_rank(work, (matmuls + recomputed - recomputed_attention) / t,
+                         head / t) / (gpu.peak_flops * gpu.matmul_efficiency)
+    attention_s = _per_rank(work, (attention + recomputed_attention) / t, 0.0) / (
+        gpu.peak_flops * gpu.attention_efficiency)
+    setting = ActivationSetting(m, work.seq_len, work.micro_batch_size, t, work.precision,
+                                work.dims.dp_size > 1, work.checkpointing, work.every_n)
+    shard_elements = work.gathered.total / work.dims.dp_shard
+    traffic = (_per_rank(work, m.n_layers * block_step_bytes(setting),
+                         loss_bytes_per_token(setting))
+               + OPTIMIZER_BYTES_PER_ELEMENT * shard_elements)
+    memory_s = traffic / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY)
+    return matmul_s, attention_s, memory_s
 
 
 def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
     """The predicted step (see the module docstring) on `gpu`s, `gpus_per_node` per node."""
     dims, m = work.dims, work.model
-    # The head runs on the last stage only: under a pipeline that stage is the slowest.
-    head = 6 * m.d_model * m.vocab_size
-    blocks = training_flops_per_token(m, work.seq_len) - head + recompute_flops_per_token(work)
-    flops = work.global_batch_tokens / (dims.tp * dims.dp_size) * (blocks / dims.pp + head)
-    compute = flops / (gpu.peak_flops * gpu.matmul_efficiency)
+    matmul_s, attention_s, memory_s = compute_times(work, gpu)
+    compute = matmul_s + attention_s + memory_s
     e = 4 if work.precision == "fp32" else 2
     activation = work.micro_batch_size * work.seq_len * m.d_model * e  # (b, s, d) bytes
     comm: dict[str, float] = {}
@@ -125,7 +174,8 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
     busy = compute + tp_time + pp_time
     exposed = dp_edge + max(0.0, dp_time - busy)
     step = busy / (1 - bubble) + exposed
-    return StepTime(compute, tp_time, pp_time, exposed, bubble, step, comm)
+    return StepTime(compute, matmul_s, attention_s, memory_s, tp_time, pp_time, exposed, bubble,
+                    step, comm)
 
 
 def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,

@@ -1,5 +1,6 @@
-"""Selective activation checkpointing keeps the tensor-parallel collectives' outputs, so under
-tp its backward sends no more than a backward without checkpointing (gloo, two ranks)."""
+"""Selective activation checkpointing recomputes every other matmul of a block (torchtitan's
+op-level policy) and keeps the tensor-parallel collectives' outputs, so under tp its backward
+sends no more than a backward without checkpointing (gloo, two ranks)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config
 from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import Trainer, start_topology
-from scaleforge.parallel.activation_checkpoint import SAVED_OPS
+from scaleforge.models.build import build
+from scaleforge.parallel.activation_checkpoint import SAVED_OPS, apply_activation_checkpointing
 from scaleforge.parallel.topology import Topology
 
 _c10d = torch.ops._c10d_functional
@@ -29,17 +31,39 @@ COLLECTIVES = {
 
 
 class CollectiveCount(TorchDispatchMode):
-    """Counts the functional collectives run in its block, by op name."""
+    """Counts the ops of `counted` (the functional collectives by default) run in its
+    block, by op name."""
 
-    def __init__(self) -> None:
+    def __init__(self, counted: set[Any] = COLLECTIVES) -> None:
         super().__init__()
+        self.counted = counted
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
-        if func in COLLECTIVES:
+        if func in self.counted:
             self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_every_other_matmul_of_a_block(tmp_path):
+    """llama_micro's blocks run 7 matmuls each (wq wk wv wo w1 w3 w2): backward recomputes
+    none of them without checkpointing, 3 (wk, wo, w3) under selective, 6 under full (all
+    but w2, whose output no backward needs: torch's recompute stops early)."""
+    cfg = micro_config(tmp_path)
+    inputs, targets = next(synthetic_data(cfg)[0])
+    backward_mms = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = build(cfg.model)
+        apply_activation_checkpointing(model, mode)
+        loss = cross_entropy(model(inputs), targets)
+        with CollectiveCount({torch.ops.aten.mm.default}) as backward:
+            loss.backward()
+        backward_mms[mode] = backward.counts["mm"]
+    recomputed = {mode: (count - backward_mms["none"]) / cfg.model.n_layers
+                  for mode, count in backward_mms.items()}
+    assert recomputed == {"none": 0, "selective": 3, "full": 6}, backward_mms
 
 
 def test_selective_save_list_holds_the_functional_collectives():

@@ -358,9 +358,22 @@ def test_bad_explicit_layer_list_is_rejected():
 
 
 def test_too_few_micro_batches_is_rejected():
-    with pytest.raises(ConfigError, match=r"3 micro-batches.*trainer.global_batch_tokens.*"
+    with pytest.raises(ConfigError, match=r"3 micro-batches.*fewer than the 4 pipeline stages"
+                                          r".*trainer.global_batch_tokens.*"
                                           r"trainer.micro_batch_size.*parallel.pp"):
-        validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 3)
+        validate_pipeline(_model_cfg(), 2, "InterleavedZeroBubble", 2, 3)
+    with pytest.raises(ConfigError, match=r"1 micro-batches.*fewer than the 2 pipeline ranks"):
+        validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 1)
+
+
+def test_interleaved_1f1b_runs_fewer_micro_batches_than_stages(tmp_path):
+    """torch's Interleaved1F1B asks only for whole rounds: 2 micro-batches on pp 2 x 2
+    stages per rank (4 stages) train as the single process does (as Llama 3 405B ran 16
+    micro-batches on 16 ranks with interleaving)."""
+    cfg = micro_config(tmp_path / "ref", *_overrides(4, 2, "llama"))
+    data = _micro_batches(cfg)
+    ranks = _run_job(2, [("interleaved-2mb", cfg, "Interleaved1F1B", 2, data)])
+    _assert_matches(ranks, "interleaved-2mb", _single_process(cfg, data, tmp_path / "ref"))
 
 
 def test_interleaved_needs_whole_rounds_of_micro_batches():

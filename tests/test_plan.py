@@ -9,10 +9,13 @@ import pytest
 
 from commands import run_tool
 from micro_runs import micro_config
-from scaleforge.planner.activations import in_flight_micro_batches
+from scaleforge.core.flops import attention_flops_per_token
+from scaleforge.planner.activations import ActivationSetting, in_flight_micro_batches
 from scaleforge.planner.hardware import gpu_spec
+from scaleforge.planner.memory_traffic import block_forward_bytes
 from scaleforge.planner.search import plan_layouts
 from scaleforge.planner.shards import ShardProbe, fake_world
+from scaleforge.planner.step_time import HBM_EFFICIENCY
 
 
 def test_llama_70b_on_512_h100_lists_fitting_layouts_fastest_first(tmp_path):
@@ -91,3 +94,34 @@ def test_the_planner_rejects_what_the_trainer_rejects(tmp_path):
     layouts = {(row.layout.tp, row.layout.pp) for row in rows}
     assert all(tp <= 2 and pp <= 2 for tp, pp in layouts)
     assert (2, 2) in layouts and (1, 1) in layouts
+
+
+def test_step_time_splits_compute_into_matmuls_attention_and_memory_bound_work(tmp_path):
+    """One GPU, llama_micro: the attention term is the scores-and-values FLOPs at the GPU's
+    attention rate; selective checkpointing adds the forward FLOPs of wk, wo and w3 per
+    block (the matmuls it does not keep), full those of the block up to w2; and the
+    memory-bound term grows by a third of its blocks' forward-and-backward traffic when
+    checkpointing reruns their elementwise ops."""
+    cfg = micro_config(tmp_path, "trainer.micro_batch_size=8")
+    m, gpu = cfg.model, gpu_spec("h100")
+    tokens = cfg.trainer.global_batch_tokens
+    with fake_world(1):
+        rows = {row.layout.checkpointing: row
+                for row in plan_layouts(cfg, 1, gpu, 8, {"trainer.micro_batch_size"},
+                                        ShardProbe(cfg))}
+    none, selective, full = (rows[mode].time for mode in ("none", "selective", "full"))
+    attention = 3 * attention_flops_per_token(m, cfg.data.seq_len) * tokens
+    assert none.attention_s == pytest.approx(attention / (gpu.peak_flops
+                                                          * gpu.attention_efficiency))
+    assert none.compute_s == pytest.approx(none.matmul_s + none.attention_s + none.memory_s)
+    q, kv, f = m.n_heads * m.head_size, m.kv_heads * m.head_size, m.mlp_hidden
+    rate = gpu.peak_flops * gpu.matmul_efficiency
+    recomputed = 2 * m.d_model * (kv + m.d_model + f) * m.n_layers * tokens
+    assert selective.matmul_s - none.matmul_s == pytest.approx(recomputed / rate)
+    block = 2 * m.d_model * (q + 2 * kv + m.d_model + 2 * f) * m.n_layers * tokens
+    assert full.matmul_s - none.matmul_s == pytest.approx(block / rate)
+    assert full.attention_s == pytest.approx(none.attention_s * 4 / 3)
+    setting = ActivationSetting(m, cfg.data.seq_len, 8, precision="fp32")
+    forward_bytes = block_forward_bytes(setting) * m.n_layers * tokens
+    assert selective.memory_s - none.memory_s == pytest.approx(
+        forward_bytes / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY))
