@@ -49,10 +49,11 @@ from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
+from scaleforge.core.run_summary import describe_layout, describe_run
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.data_pipeline.pack import split_batch
-from scaleforge.models import count_parameters, num_params, uses_fused
+from scaleforge.models import uses_fused
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
@@ -61,7 +62,6 @@ from scaleforge.parallel.parallelize import (
     gathered_state_dict,
 )
 from scaleforge.parallel.pipeline import pipeline_eval, pipeline_step
-from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import Topology, init_topology
 
 # (inputs, targets), each (micro_batch_size, seq_len) int64, then the inputs' document ids
@@ -311,9 +311,11 @@ class Trainer:
             is_rank0=self.topology.is_rank0,
         )
         tokens_per_step = self.cfg.trainer.global_batch_tokens
-        logger.message(self._describe())
+        logger.message(describe_run(self.cfg, self.model, self.pipeline, self.micro_batches,
+                                    self.throughput.describe(), self.run_dir, self.device))
         if self.topology.is_distributed:
-            logger.message(self._describe_layout())
+            logger.message(describe_layout(self.topology, self.cfg.parallel, self.micro_batches,
+                                           self.pipeline))
         if self.resumed_from is not None:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
             logger.advance(self.step)
@@ -419,31 +421,3 @@ class Trainer:
         if own_logger:
             logger.close()
         return record
-
-    def _describe(self) -> str:
-        cfg = self.cfg
-        if self.pipeline is not None:  # this rank holds only its stages: count from config
-            params, non_embedding = num_params(cfg.model), num_params(cfg.model, False)
-        else:  # DTensor parameters report their full size, so this counts the whole model.
-            params = count_parameters(self.model)
-            non_embedding = count_parameters(self.model, embeddings=False)
-        return (
-            f"model {cfg.model.name} ({cfg.model.family}): {params / 1e6:.2f}M parameters "
-            f"({non_embedding / 1e6:.2f}M non-embedding) | device {self.device} | precision "
-            f"{cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/step = "
-            f"{self.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
-            f"{cfg.data.seq_len} | {self.throughput.describe()} | "
-            f"run dir {self.run_dir}"
-        )
-
-    def _describe_layout(self) -> str:
-        dims, p = self.topology.dims, self.cfg.parallel
-        line = f"parallel: {self.topology.describe()} | per data-parallel rank " \
-               f"{self.micro_batches} micro-batches"
-        if self.pipeline is not None:
-            bubble = theoretical_bubble_fraction(
-                p.pp_schedule, dims.pp, self.micro_batches, p.pp_stages_per_rank
-            )
-            line += (f" | pipeline {p.pp_schedule}, stages {self.pipeline.stage_ids} on this "
-                     f"rank, theoretical bubble {bubble:.1%}")
-        return line
