@@ -46,9 +46,12 @@ def head_tail_positions(seq_len: int, rank: int, size: int,
 
 
 class ShardedMask(NamedTuple):
-    """What each attention layer gets under context parallelism: the boolean mask (B or 1,
-    1, T / N, T) of this rank's queries over the gathered keys (True: attend), and the
-    function that gathers keys or values (B, kv heads, T / N, hd) -> (B, kv heads, T, hd)."""
+    """What each attention layer gets under context parallelism: the additive mask (B or 1,
+    1, T / N, T) of this rank's queries over the gathered keys (0: attend, -inf: not), and
+    the function that gathers keys or values (B, kv heads, T / N, hd) -> (B, kv heads, T,
+    hd). The mask is in the queries' dtype, made once per forward: SDPA would turn a boolean
+    one into a float copy in every layer and keep each for backward (measured: 4x the
+    memory of one mask in a 4-layer model)."""
 
     mask: torch.Tensor
     gather: Callable[[torch.Tensor], torch.Tensor]
@@ -69,9 +72,10 @@ class SequenceShard:
         return head_tail_positions(local_len * self.size, self.rank, self.size, device)
 
     def attention_mask(self, document_ids: torch.Tensor | None, local_len: int,
-                       device: torch.device) -> ShardedMask:
-        """The mask of this rank's `local_len` queries over all keys: causal by global
-        position and, given the whole sequences' `document_ids` (B, T), within documents."""
+                       device: torch.device, dtype: torch.dtype) -> ShardedMask:
+        """The mask (in `dtype`) of this rank's `local_len` queries over all keys: causal by
+        global position and, given the whole sequences' `document_ids` (B, T), within
+        documents."""
         queries = self.positions(local_len, device)
         keys = torch.cat([head_tail_positions(local_len * self.size, rank, self.size, device)
                           for rank in range(self.size)])  # in the order `gather` returns them
@@ -79,4 +83,5 @@ class SequenceShard:
         if document_ids is not None:
             same = document_ids[:, queries, None] == document_ids[:, None, keys]
             mask = mask & same[:, None]  # (B, 1, T / N, T)
-        return ShardedMask(mask, self.gather)
+        additive = torch.zeros(mask.shape, dtype=dtype, device=device)
+        return ShardedMask(additive.masked_fill_(~mask, float("-inf")), self.gather)

@@ -245,7 +245,7 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(torch.arange(T, device=h.device) if positions is None
                                         else positions)
         rope = self._rope(T, document_ids, positions)
-        mask = (shard.attention_mask(document_ids, T, h.device) if shard
+        mask = (shard.attention_mask(document_ids, T, h.device, h.dtype) if shard
                 else attention_mask(self.cfg.attention, document_ids, T, h.device))
         for layer in self.layers.values():
             h = layer(h, rope, mask)

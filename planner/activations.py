@@ -34,6 +34,10 @@ one block at a time, so one block's full activations come on top (`recompute_byt
 
 Pipelines keep several micro-batches in flight (`in_flight_micro_batches`), plus each
 stage's received input and sent output per micro-batch.
+
+Context parallelism (cp): a rank holds seq_len / cp tokens of each sequence, so every
+per-token term is divided by cp; attention also keeps the K and V gathered from the other
+cp - 1 ranks for SDPA's backward.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class ActivationSetting:
 
     precision: trainer.precision; fsdp: data-parallel size > 1 (bf16 then comes from FSDP's
     policy, not autocast); checkpointing / every_n: trainer.activation_checkpointing and
-    trainer.checkpoint_every_n_blocks.
+    trainer.checkpoint_every_n_blocks; cp: parallel.cp.
     """
 
     model: TransformerConfig
@@ -60,6 +64,7 @@ class ActivationSetting:
     fsdp: bool = False
     checkpointing: str = "none"
     every_n: int = 1
+    cp: int = 1
 
     @property
     def compute_bytes(self) -> int:
@@ -77,7 +82,8 @@ class ActivationSetting:
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
+        """Tokens of a micro-batch on this rank (its seq_len / cp of each sequence)."""
+        return self.micro_batch_size * self.seq_len // self.cp
 
 
 def _norm_bytes_per_token(x: ActivationSetting, consumers: int) -> float:
@@ -100,6 +106,7 @@ def block_bytes(x: ActivationSetting) -> float:
         + e * (m.n_heads + 2 * m.kv_heads) * hd / t  # q, k, v into SDPA
         + 2 * e * m.d_model / t  # SDPA output, wo's reshaped input
         + 4 * m.n_heads / t  # logsumexp
+        + (x.cp - 1) * 2 * e * m.kv_heads * hd / t  # K, V gathered from the other cp ranks
     )
     mlp_tensors = 4 if m.family == "llama" else 2
     mlp = _norm_bytes_per_token(x, 2 if m.family == "llama" else 1)

@@ -104,10 +104,12 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
     # The head runs on the last stage only: under a pipeline that stage is the slowest.
     head = 6 * m.d_model * m.vocab_size
     blocks = training_flops_per_token(m, work.seq_len) - head + recompute_flops_per_token(work)
-    flops = work.global_batch_tokens / (dims.tp * dims.dp_size) * (blocks / dims.pp + head)
+    flops = (work.global_batch_tokens / (dims.tp * dims.dp_size * dims.cp)
+             * (blocks / dims.pp + head))
     compute = flops / (gpu.peak_flops * gpu.matmul_efficiency)
     e = 4 if work.precision == "fp32" else 2
-    activation = work.micro_batch_size * work.seq_len * m.d_model * e  # (b, s, d) bytes
+    tokens = work.micro_batch_size * work.seq_len // dims.cp  # of a micro-batch, this rank
+    activation = tokens * m.d_model * e  # (b, s / cp, d) bytes
     comm: dict[str, float] = {}
     tp_time = 0.0
     if dims.tp > 1:
@@ -115,6 +117,12 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         collectives = (m.n_layers // dims.pp * per_block + 4) * work.micro_batches
         comm["tp"] = collectives * (dims.tp - 1) / dims.tp * activation
         tp_time = comm["tp"] / axis_bandwidth(dims, "tp", gpu, gpus_per_node)
+    cp_time = 0.0
+    if dims.cp > 1:  # each block all-gathers K and V (forward), reduce-scatters their grads
+        kv = 2 * tokens * dims.cp * m.kv_heads * m.head_dim * e / dims.tp
+        comm["cp"] = (2 * m.n_layers // dims.pp * work.micro_batches
+                      * (dims.cp - 1) / dims.cp * kv)
+        cp_time = comm["cp"] / axis_bandwidth(dims, "cp", gpu, gpus_per_node)
     pp_time, bubble = 0.0, 0.0
     if dims.pp > 1 and work.schedule is not None:
         comm["pp"] = 2 * work.micro_batches * work.stages_per_rank * activation / dims.tp
@@ -122,7 +130,7 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         bubble = theoretical_bubble_fraction(work.schedule, dims.pp, work.micro_batches,
                                              work.stages_per_rank)
     dp_time, dp_edge = _data_parallel(work, gpu, gpus_per_node, e, comm)
-    busy = compute + tp_time + pp_time
+    busy = compute + tp_time + cp_time + pp_time
     exposed = dp_edge + max(0.0, dp_time - busy)
     step = busy / (1 - bubble) + exposed
     return StepTime(compute, tp_time, pp_time, exposed, bubble, step, comm)
@@ -134,8 +142,9 @@ def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
     `comm` with the bytes per mesh axis."""
     dims, g = work.dims, work.gathered
     time = edge = 0.0
-    if dims.dp_shard > 1:
-        share = (dims.dp_shard - 1) / dims.dp_shard
+    shards = dims.dp_shard * dims.cp  # FSDP shards over dp_shard x cp
+    if shards > 1:
+        share = (shards - 1) / shards
         gathers = 2 if work.reshard_after_forward else 1
         gather = share * g.total * e * gathers * work.micro_batches
         scatter = share * g.total * 4
@@ -145,9 +154,9 @@ def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
         edge += share * ((g.block + g.ends) * e + g.block * 4) / bandwidth
     if dims.dp_replicate > 1:
         share = (dims.dp_replicate - 1) / dims.dp_replicate
-        shard_bytes = g.total * 4 / dims.dp_shard
+        shard_bytes = g.total * 4 / shards
         comm["dp_replicate"] = 2 * share * shard_bytes
         bandwidth = axis_bandwidth(dims, "dp_replicate", gpu, gpus_per_node)
         time += comm["dp_replicate"] / bandwidth
-        edge += 2 * share * g.block * 4 / dims.dp_shard / bandwidth
+        edge += 2 * share * g.block * 4 / shards / bandwidth
     return time, edge

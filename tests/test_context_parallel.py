@@ -45,14 +45,15 @@ def test_split_batch_keeps_this_ranks_chunks_of_inputs_and_targets_and_whole_doc
 
 def test_mask_is_causal_by_global_position_over_keys_in_rank_order():
     shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
-    mask = shard.attention_mask(None, 4, torch.device("cpu")).mask[0, 0]
+    mask = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32).mask[0, 0] == 0
     # Rank 0 holds positions 0, 1, 6, 7; the keys arrive as rank 0's then rank 1's:
     # positions 0, 1, 6, 7, 2, 3, 4, 5.
     keys = [0, 1, 6, 7, 2, 3, 4, 5]
     expected = [[key <= query for key in keys] for query in (0, 1, 6, 7)]
     assert mask.tolist() == expected
     documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
-    masked = shard.attention_mask(documents, 4, torch.device("cpu")).mask[0, 0]
+    masked = shard.attention_mask(documents, 4, torch.device("cpu"), torch.float32).mask[0, 0]
+    masked = masked == 0
     same = [[documents[0, key] == documents[0, query] for key in keys] for query in (0, 1, 6, 7)]
     assert masked.tolist() == [[e and bool(s) for e, s in zip(row, same_row, strict=True)]
                                for row, same_row in zip(expected, same, strict=True)]

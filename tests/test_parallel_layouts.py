@@ -257,6 +257,30 @@ def test_bf16_pp2_stays_close_to_single_process_bf16(tmp_path):
     print(f"bf16 pp2: max relative loss difference {worst:.2e}")
 
 
+# Context parallel with the model's other options, against one process with the same ones:
+# GPT's learned positions (global positions) and tied embeddings, selective checkpointing
+# (the gathered K/V recomputed in backward), the fused kernels (RoPE at global positions, the
+# fused loss on the rank's tokens) and compiled blocks.
+CP_OPTIONS = {
+    "gpt": GPT_MICRO,
+    "selective": ["trainer.activation_checkpointing=selective"],
+    "fused_kernels": ["model.kernels=fused"],
+    "compile": ["trainer.compile=true"],
+}
+
+
+@pytest.mark.parametrize("option", ["selective", pytest.param("gpt", marks=pytest.mark.slow),
+                                    pytest.param("fused_kernels", marks=pytest.mark.slow),
+                                    pytest.param("compile", marks=pytest.mark.slow)])
+def test_cp2_with_model_options_matches_single_process_in_fp32(tmp_path, option):
+    overrides = CP_OPTIONS[option]
+    cfg = micro_config(tmp_path / "run", *COMMON, *overrides, "parallel.cp=2")
+    result = run_layout(cfg, 2, STEPS)
+    worst = _compare(result, _reference(tmp_path, *overrides), LOSS_RTOL,
+                     (WEIGHT_RTOL, WEIGHT_ATOL))
+    print(f"cp2 with {option}: max relative loss difference {worst:.2e}")
+
+
 # Per-document attention (document ids from the loader, RoPE restarting per document, a
 # block-diagonal mask): tp2 all-gathers the sequence before attention, so every rank's
 # heads see all positions; FSDP and the pipeline pass the ids on to every stage.
