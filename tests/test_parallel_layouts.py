@@ -276,7 +276,11 @@ def test_cp2_with_model_options_matches_single_process_in_fp32(tmp_path, option)
     overrides = CP_OPTIONS[option]
     cfg = micro_config(tmp_path / "run", *COMMON, *overrides, "parallel.cp=2")
     result = run_layout(cfg, 2, STEPS)
-    worst = _compare(result, _reference(tmp_path, *overrides), LOSS_RTOL,
+    # Compiled blocks are compared with eager ones in one process: on this CPU (torch 2.13)
+    # the single-process compiled run gave NaN losses or crashed in malloc (measured
+    # 2026-12-01), with or without cp; test_parallel_compile.py holds compile to eager.
+    same = [o for o in overrides if o != "trainer.compile=true"]
+    worst = _compare(result, _reference(tmp_path, *same), LOSS_RTOL,
                      (WEIGHT_RTOL, WEIGHT_ATOL))
     print(f"cp2 with {option}: max relative loss difference {worst:.2e}")
 
