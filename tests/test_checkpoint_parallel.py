@@ -108,7 +108,6 @@ def test_dp_shard2_checkpoint_resumes_in_one_process_with_its_optimizer_state(tm
     assert loss_without > 10 * LOSS_RTOL or weight_without > 10 * WEIGHT_ATOL
 
 
-@pytest.mark.slow
 def test_cp2_checkpoint_resumes_in_one_process_with_single_process_losses(tmp_path):
     reference = _run(_config(tmp_path, "reference"), 1, STEPS)
     saved = _run(_config(tmp_path, "saved", "parallel.cp=2"), 2, STOP, save_at=(STOP,))

@@ -269,7 +269,7 @@ CP_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("option", ["selective", pytest.param("gpt", marks=pytest.mark.slow),
+@pytest.mark.parametrize("option", ["selective", "gpt",
                                     pytest.param("fused_kernels", marks=pytest.mark.slow),
                                     pytest.param("compile", marks=pytest.mark.slow)])
 def test_cp2_with_model_options_matches_single_process_in_fp32(tmp_path, option):
