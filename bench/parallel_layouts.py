@@ -5,7 +5,9 @@
 Each layout runs in real processes (torch.multiprocessing, gloo on CPU / NCCL on CUDA, one
 thread per rank on CPU) on the same model and global batch; the single-process run uses one
 thread too, so a ratio above 1 is parallel speed-up and below 1 is communication and
-oversubscription cost. Prints seconds per step, tokens/s and the ratio to one process.
+oversubscription cost. Prints seconds per step, tokens/s, the ratio to one process and the
+activations one rank keeps for backward per micro-batch (`saved_activation_bytes`, measured
+in the first warm-up step).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ LAYOUTS = {
     "dp_shard2": ["parallel.dp_shard=2"],
     "dp_replicate2": ["parallel.dp_replicate=2"],
     "tp2_dp_shard2": ["parallel.tp=2", "parallel.dp_shard=2"],
+    "cp2": ["parallel.cp=2"],
 }
 DEFAULTS = [
     "model=llama_tiny", "data.seq_len=256", "trainer.micro_batch_size=4",
@@ -44,13 +48,34 @@ def _world_size(overrides: list[str]) -> int:
     size = 1
     for override in overrides:
         key, value = override.split("=")
-        if key in ("parallel.tp", "parallel.pp", "parallel.dp_shard", "parallel.dp_replicate"):
+        if key in ("parallel.tp", "parallel.pp", "parallel.dp_shard", "parallel.dp_replicate",
+                   "parallel.cp"):
             size *= int(value)
     return size
 
 
-def _time_steps(world_size: int, cfg: Config, steps: int, warmup: int) -> list[float]:
-    """Seconds of each timed step on this rank (steps separated by a barrier)."""
+def saved_activation_bytes(step: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `step()` runs: the
+    activations of all its micro-batches (parameters, leaves that require grad, are not
+    counted). Each storage is held until the end, so that none is freed and its address
+    reused by another."""
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storage.nbytes() for storage in storages.values())
+
+
+def _time_steps(world_size: int, cfg: Config, steps: int,
+                warmup: int) -> tuple[list[float], int]:
+    """Seconds of each timed step on this rank (steps separated by a barrier), and the
+    activation bytes this rank saved per micro-batch in the first warm-up step."""
     topology = start_topology(cfg, world_size)
     generator = torch.Generator().manual_seed(topology.dp_rank)
     window = torch.randint(cfg.model.vocab_size, (cfg.trainer.micro_batch_size,
@@ -59,6 +84,8 @@ def _time_steps(world_size: int, cfg: Config, steps: int, warmup: int) -> list[f
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-"))
     trainer = Trainer(cfg, run_dir, world_size, data=(itertools.repeat(batch), None),
                       topology=topology)
+    activations = saved_activation_bytes(
+        lambda: trainer.train_step(trainer.train_batches)) // trainer.micro_batches
     times = []
     for step in range(warmup + steps):
         if topology.is_distributed:
@@ -70,7 +97,7 @@ def _time_steps(world_size: int, cfg: Config, steps: int, warmup: int) -> list[f
             dist.barrier()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    return times, activations
 
 
 def _rank(rank: int, world_size: int, port: int, cfg: Config, steps: int, warmup: int,
@@ -79,16 +106,17 @@ def _rank(rank: int, world_size: int, port: int, cfg: Config, steps: int, warmup
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        times = _time_steps(world_size, cfg, steps, warmup)
+        measured = _time_steps(world_size, cfg, steps, warmup)
         if rank == 0:
-            torch.save(times, out)
+            torch.save(measured, out)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def time_layout(overrides: list[str], steps: int, warmup: int) -> float:
-    """Median seconds per step of `overrides` (a layout plus model settings)."""
+def time_layout(overrides: list[str], steps: int, warmup: int) -> tuple[float, int]:
+    """(median seconds per step, rank 0's saved activation bytes per micro-batch) of
+    `overrides` (a layout plus model settings, after DEFAULTS)."""
     cfg = to_config(compose(DEFAULTS + overrides))
     world_size = _world_size(overrides)
     with socket.socket() as sock:
@@ -97,7 +125,8 @@ def time_layout(overrides: list[str], steps: int, warmup: int) -> float:
     out = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-")) / "times.pt"
     mp.start_processes(_rank, args=(world_size, port, cfg, steps, warmup, str(out)),
                        nprocs=world_size, join=True, start_method="spawn")
-    return statistics.median(torch.load(out))
+    times, activations = torch.load(out)
+    return statistics.median(times), activations
 
 
 def main() -> None:
@@ -114,11 +143,12 @@ def main() -> None:
     names = ["single"] + [n for n in args.layouts.split(",") if n != "single"]
     baseline = None
     for name in names:
-        seconds = time_layout(LAYOUTS[name] + args.overrides, args.steps, args.warmup)
+        seconds, activations = time_layout(LAYOUTS[name] + args.overrides, args.steps,
+                                           args.warmup)
         baseline = baseline or seconds
         print(f"{name:>14}: {_world_size(LAYOUTS[name])} ranks | {seconds * 1e3:8.1f} ms/step | "
-              f"{tokens / seconds:10,.0f} tokens/s | {baseline / seconds:.2f}x single process",
-              flush=True)
+              f"{tokens / seconds:10,.0f} tokens/s | {baseline / seconds:.2f}x single process | "
+              f"activations {activations / 2**20:,.1f} MiB per rank", flush=True)
 
 
 if __name__ == "__main__":

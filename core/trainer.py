@@ -54,6 +54,7 @@ from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.data_pipeline.pack import split_batch
 from scaleforge.models import uses_fused
+from scaleforge.parallel.context_parallel import batch_columns
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
@@ -124,6 +125,7 @@ class Trainer:
         )
         plan = build_plan(cfg, self.topology.dp_size)
         self.micro_batches = plan.micro_batches
+        self.columns = batch_columns(self.topology, cfg.data.seq_len)  # this cp rank's chunks
 
         if data is None:
             loaders = self.topology.local_rank0_first(
@@ -236,14 +238,15 @@ class Trainer:
         """
         masking = self.cfg.data.document_masking
         if self.pipeline is not None:
-            micro_batches = [split_batch(next(batches), masking)
+            micro_batches = [split_batch(next(batches), masking, None, self.columns)
                              for _ in range(self.micro_batches)]
             with self.precision.autocast():
                 return pipeline_step(self.pipeline, micro_batches)
         scaler = self.precision.scaler
         total_loss = torch.zeros((), device=self.device)
         for index in range(self.micro_batches):
-            inputs, targets, documents = split_batch(next(batches), masking, self.device)
+            inputs, targets, documents = split_batch(next(batches), masking, self.device,
+                                                     self.columns)
             set_gradient_reduction(self.model, index == self.micro_batches - 1)
             with self.precision.autocast():
                 loss = self.micro_batch_loss(inputs, targets, documents) / self.micro_batches
@@ -273,7 +276,7 @@ class Trainer:
         masking = self.cfg.data.document_masking
         if self.pipeline is not None:
             # validate() made eval_batches a multiple of dp_size x the schedule's micro-batches.
-            batches = [split_batch(batch, masking) for batch in
+            batches = [split_batch(batch, masking, None, self.columns) for batch in
                        self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size)]
             with self.precision.autocast():
                 loss = pipeline_eval(self.pipeline, batches)
@@ -283,13 +286,11 @@ class Trainer:
         per_rank = -(-self.cfg.trainer.eval_batches // dp_size)
         losses = []
         for index, batch in enumerate(self.val_loader.batches(per_rank)):
-            inputs, targets, documents = split_batch(batch, masking, self.device)
+            inputs, targets, documents = split_batch(batch, masking, self.device, self.columns)
             with self.precision.autocast():
                 loss = self.micro_batch_loss(inputs, targets, documents)
             if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
                 losses.append(loss)
-        if dp_size == 1:
-            return torch.stack(losses).mean().item()
         local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         return (self.topology.sum_over_dp(local) / self.cfg.trainer.eval_batches).item()
 

@@ -31,6 +31,7 @@ from scaleforge.models.kernels import (
     uses_fused,
 )
 from scaleforge.models.rope import apply_rope, rope_tables
+from scaleforge.models.sequence_shard import SequenceShard, ShardedMask
 
 # Output projections that write into the residual stream; their init is scaled down by
 # sqrt(2 * n_layers) so the residual variance does not grow with depth (GPT-2).
@@ -87,7 +88,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: AttentionMask | None,
+        mask: AttentionMask | ShardedMask | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts are read from the projections' widths (-1), not the config: under
@@ -103,6 +104,8 @@ class Attention(nn.Module):
             q, k = fused_rope(q, k, *rope)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(mask, ShardedMask):  # context parallel: attend over every rank's keys
+            k, v, mask = mask.gather(k), mask.gather(v), mask.mask
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
         # within documents when the batch has them, within the window when there is one.
         # y: (B, n_heads, T, hd)
@@ -151,7 +154,7 @@ class Block(nn.Module):
 
     def forward(
         self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: AttentionMask | None,
+        mask: AttentionMask | ShardedMask | None,
     ) -> torch.Tensor:
         h = h + self.attention(self.attention_norm(h), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -164,6 +167,10 @@ class Transformer(nn.Module):
     the kept ones do not change) and sets the modules it does not own to None: without
     `tok_embeddings` (and `pos_embeddings`) the input is already hidden states (B, T, d);
     without `norm` and `output` the hidden states are returned.
+
+    Under context parallelism parallel/ sets `sequence_shard` (models/sequence_shard.py): the
+    input is then this rank's chunks of each sequence and the document ids the whole
+    sequences'.
     """
 
     # RoPE tables (max_seq_len, head_dim); None for the gpt family (learned positions).
@@ -189,6 +196,7 @@ class Transformer(nn.Module):
         cos, sin = (None, None) if cfg.family == "gpt" else self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.sequence_shard: SequenceShard | None = None
 
     def _rope_tables(
         self, device: torch.device | None = None
@@ -198,22 +206,26 @@ class Transformer(nn.Module):
                            scaling=cfg.rope_scaling)
 
     def _rope(
-        self, T: int, document_ids: torch.Tensor | None
+        self, T: int, document_ids: torch.Tensor | None, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The (cos, sin) tables of positions 0 .. T-1, each (T, head_dim); with
-        `cfg.rope_per_document`, of each position within its document, (B, 1, T, head_dim)
-        (broadcast over heads); None for the gpt family."""
+        """The (cos, sin) tables of positions 0 .. T-1 (or of `positions` (T,), the global
+        ones of a sequence shard), each (T, head_dim); with `cfg.rope_per_document`, of each
+        position within its document, (B, 1, T, head_dim) (broadcast over heads); None for
+        the gpt family."""
         if self.rope_cos is None or self.rope_sin is None:
             return None
         if not self.cfg.rope_per_document:
+            if positions is not None:
+                return self.rope_cos[positions], self.rope_sin[positions]
             return self.rope_cos[:T], self.rope_sin[:T]
         if document_ids is None:
             raise ValueError(
                 "model.rope_per_document=true needs the batch's document ids; train with "
                 "data.document_masking=true or pass document_ids to the model"
             )
-        positions = document_positions(document_ids)  # (B, T)
-        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        within = document_positions(document_ids)  # (B, T), of the whole sequences
+        within = within if positions is None else within[:, positions]
+        return self.rope_cos[within][:, None], self.rope_sin[within][:, None]
 
     def forward(
         self,
@@ -223,8 +235,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len.
 
-        `document_ids` (B, T) int64 (data_pipeline.samples.document_ids): which document of
-        its row each position belongs to; given, no token attends to another document, and
+        `document_ids` (B, T) int64 (data_pipeline.samples.document_ids; under context
+        parallelism (B, T x cp), of the whole sequences): which document of its row each
+        position belongs to; given, no token attends to another document, and
         with `cfg.rope_per_document` the RoPE positions restart at each document.
 
         With `targets` (B, T) int64, the mean next-token cross-entropy (0-dim, fp32) from the
@@ -236,17 +249,21 @@ class Transformer(nn.Module):
         On a pipeline stage the input or output may be hidden states (B, T, d_model).
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, d)
-        T = h.size(1)
-        if T > self.cfg.max_seq_len:
+        T, shard = h.size(1), self.sequence_shard
+        full_length = T * (shard.size if shard else 1)  # of the whole sequences
+        if full_length > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                f"sequence length {full_length} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "shorten the input or raise model.max_seq_len"
             )
+        positions = shard.positions(T, h.device) if shard else None  # global, (T,)
         if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(torch.arange(T, device=h.device))
-        rope = self._rope(T, document_ids)
-        mask = attention_mask(self.cfg.attention, document_ids, T, h.device,
-                              self.cfg.sliding_window)
+            h = h + self.pos_embeddings(torch.arange(T, device=h.device) if positions is None
+                                        else positions)
+        rope = self._rope(T, document_ids, positions)
+        mask = (shard.attention_mask(document_ids, T, h.device, h.dtype) if shard
+                else attention_mask(self.cfg.attention, document_ids, T, h.device,
+                                    self.cfg.sliding_window))
         for layer in self.layers.values():
             h = layer(h, rope, mask)
         if self.norm is not None:

@@ -19,8 +19,9 @@ BACKENDS = ("auto", "nccl", "gloo")
 class ParallelConfig:
     """Process layout: tp x pp x dp_replicate x dp_shard x cp processes (= WORLD_SIZE).
 
-    dp_shard=-1 takes the rest of the world. cp (context parallel) is reserved and must be 1.
-    See parallel/topology.py for the rules and the mesh order (pp outermost, tp innermost).
+    dp_shard=-1 takes the rest of the world. cp (context parallel) splits every sequence over
+    cp ranks (parallel/context_parallel.py). See parallel/topology.py for the rules and the
+    mesh order (pp outermost, tp innermost).
     """
 
     tp: int = 1
@@ -42,7 +43,7 @@ class ParallelConfig:
 
     def check(self, prefix: str = "parallel") -> None:
         """Raise ConfigError (the setting, its value, the fix) for a size < 1 (other than
-        dp_shard=-1), cp != 1, an unknown pipeline schedule or backend, a timeout <= 0."""
+        dp_shard=-1), an unknown pipeline schedule or backend, a timeout <= 0."""
         for name in ("tp", "pp", "dp_replicate", "cp", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
@@ -50,11 +51,6 @@ class ParallelConfig:
             raise ConfigError(
                 f"{prefix}.dp_shard={self.dp_shard} must be at least 1, or -1 for the rest of "
                 "the world"
-            )
-        if self.cp != 1:
-            raise ConfigError(
-                f"{prefix}.cp={self.cp}: context parallelism is reserved in the layout but not "
-                f"implemented yet; set {prefix}.cp=1"
             )
         schedule_spec(self.pp_schedule)
         if self.backend not in BACKENDS:

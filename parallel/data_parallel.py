@@ -47,10 +47,17 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 def data_parallel_mesh_dims(topology: Topology) -> tuple[str, ...]:
     """The mesh dims FSDP spans: ("dp_shard",) or ("dp_replicate", "dp_shard") for HSDP and
-    plain replication."""
+    plain replication; with context parallelism "dp_shard_cp" (dp_shard x cp flattened:
+    cp ranks hold the same weights, as torchtitan shards them) in place of "dp_shard"."""
+    shard = "dp_shard_cp" if topology.dims.cp > 1 else "dp_shard"
     if topology.dims.dp_replicate > 1:
-        return ("dp_replicate", "dp_shard")
-    return ("dp_shard",)
+        return ("dp_replicate", shard)
+    return (shard,)
+
+
+def uses_data_parallel(topology: Topology) -> bool:
+    """Whether FSDP wraps the model: more than one data-parallel or context-parallel rank."""
+    return topology.dp_size * topology.dims.cp > 1
 
 
 def apply_data_parallel(
@@ -62,7 +69,7 @@ def apply_data_parallel(
     resharded. The root is not resharded after forward: its head runs first in backward.
     """
     mesh = topology.submesh(data_parallel_mesh_dims(topology))
-    reshard = reshard_after_forward and topology.dims.dp_shard > 1
+    reshard = reshard_after_forward and topology.dims.dp_shard * topology.dims.cp > 1
     policy = mixed_precision_policy(precision)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
@@ -72,7 +79,7 @@ def apply_data_parallel(
 def autocast_precision(precision: str, topology: Topology) -> str:
     """The precision autocast should add on top of the sharding: under FSDP, bf16 is the
     MixedPrecisionPolicy's job (weights gathered in bf16), so autocast stays off (fp32)."""
-    if precision == "bf16" and topology.dp_size > 1:
+    if precision == "bf16" and uses_data_parallel(topology):
         return "fp32"
     return precision
 

@@ -45,7 +45,8 @@ from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaleforge.parallel.compile import apply_compile
 from scaleforge.parallel.config import ParallelConfig
-from scaleforge.parallel.data_parallel import apply_data_parallel
+from scaleforge.parallel.context_parallel import apply_context_parallel
+from scaleforge.parallel.data_parallel import apply_data_parallel, uses_data_parallel
 from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
@@ -70,15 +71,17 @@ class BuildPlan:
 
 def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None:
     """Apply this layout's parallelism to `model` in place, in the architecture's order:
-    tensor parallel, activation checkpointing, compile (optional), data-parallel sharding."""
+    tensor parallel, context parallel, activation checkpointing, compile (optional),
+    data-parallel sharding."""
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.submesh("tp"))
+    apply_context_parallel(model, topology)
     apply_activation_checkpointing(
         model, plan.activation_checkpointing, plan.checkpoint_every_n_blocks
     )
     if plan.compile:
         apply_compile(model)
-    if topology.dp_size > 1:
+    if uses_data_parallel(topology):
         apply_data_parallel(
             model, topology, plan.precision, plan.parallel.fsdp_reshard_after_forward
         )
@@ -209,8 +212,8 @@ def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch
     Tensor by tensor, so no GPU ever holds more than its shards plus one full tensor: torch's
     full state dict (`full_state_dict`) without pipeline parallelism. Under pipeline
     parallelism `model` is the pipeline's `model_parts`: the pp stages take turns; each
-    tensor of a stage is gathered over the stage's tp/dp ranks, and its rank at tp 0, dp 0
-    sends it to rank 0 over rank 0's pp group (the ranks at tp 0, dp 0), where it goes to
+    tensor of a stage is gathered over the stage's tp/cp/dp ranks, and its rank at tp 0, cp 0,
+    dp 0 sends it to rank 0 over rank 0's pp group (the ranks at tp 0, cp 0, dp 0), where it goes to
     CPU. Only tensor names, shapes and dtypes travel as Python objects.
     """
     if not topology.is_distributed:
@@ -229,7 +232,7 @@ def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch
     layouts: list[list[tuple[str, torch.Size, torch.dtype]]] = [[] for _ in range(topology.dims.pp)]
     dist.all_gather_object(layouts, [(k, v.shape, v.dtype) for k, v in local.items()],
                            group=group)
-    sender = topology.dp_rank == 0 and topology.tp_rank == 0
+    sender = topology.dp_rank == 0 and topology.tp_rank == 0 and topology.cp_rank == 0
     gathered: dict[str, torch.Tensor] = {}
     for stage_rank, layout in enumerate(layouts):
         for key, shape, dtype in layout:

@@ -7,7 +7,8 @@ layout stops every rank with the same ConfigError and none waits in a collective
 `init_topology` then starts torch.distributed (NCCL on CUDA, gloo on CPU, or
 `parallel.backend`) and builds one DeviceMesh with the named dims
 ("pp", "dp_replicate", "dp_shard", "cp", "tp"); every dim is present, size-1 ones included,
-so `topology.mesh["tp"]` always exists. In a single process no group is created and the
+so `topology.mesh["tp"]` always exists; with context parallelism it also has the flattened
+dim "dp_shard_cp" that FSDP shards over. In a single process no group is created and the
 mesh is None: the single-process path runs exactly as without this module.
 """
 
@@ -96,7 +97,9 @@ def check_layout(
 
     Raises ConfigError (one line: the setting, its value, the fix) for a bad field
     (`ParallelConfig.check`), a product that is not WORLD_SIZE, tp not dividing the heads,
-    kv heads, MLP width, vocabulary or sequence length. The pipeline's own rules (stages,
+    kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence length
+    that does not split into 2 x cp (x tp) equal chunks or an attention kernel other than
+    sdpa. The pipeline's own rules (stages,
     layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`, called by
     `core.config.validate`.
     """
@@ -127,7 +130,30 @@ def check_layout(
         )
         _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,
                  "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
+    if dims.cp > 1:
+        _check_context_parallel(dims, model, seq_len)
     return dims
+
+
+def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> None:
+    chunks = 2 * dims.cp * dims.tp
+    _divides(f"2 x parallel.cp{' x parallel.tp' if dims.tp > 1 else ''}", chunks,
+             "data.seq_len", seq_len,
+             f"each sequence is cut into 2 x cp chunks (head and tail per rank), each split "
+             f"again by tensor-parallel sequence parallelism; pick a data.seq_len divisible "
+             f"by {chunks}")
+    if model.attention != "sdpa":
+        raise ConfigError(
+            f"parallel.cp={dims.cp} with model.attention={model.attention}: context "
+            "parallelism attends over the gathered keys with a position mask, which only "
+            "the sdpa kernel takes; set model.attention=sdpa"
+        )
+    if model.sliding_window is not None:
+        raise ConfigError(
+            f"parallel.cp={dims.cp} with model.sliding_window={model.sliding_window}: the "
+            "context-parallel mask does not apply a sliding window yet; set parallel.cp=1 or "
+            "model.sliding_window=null"
+        )
 
 
 class Topology:
@@ -173,6 +199,10 @@ class Topology:
     def pp_rank(self) -> int:
         return self.coordinates["pp"]
 
+    @property
+    def cp_rank(self) -> int:
+        return self.coordinates["cp"]
+
     def label(self) -> str:
         """This rank's coordinates for log lines, e.g. '[pp0 dp1 tp0]'."""
         return f"[pp{self.pp_rank} dp{self.dp_rank} tp{self.tp_rank}]"
@@ -197,13 +227,18 @@ class Topology:
 
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a per-replica scalar over all data-parallel ranks (for logging)."""
-        if self.dp_size == 1:
+        if self.dp_size == 1 and self.dims.cp == 1:
             return value
         return self.sum_over_dp(value) / self.dp_size
 
     def sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum of a per-replica tensor over all data-parallel ranks."""
+        """The sum of a per-replica tensor over all data-parallel ranks. Under context
+        parallelism each cp rank holds its chunks' value (a mean loss over its tokens), and
+        the replica's is their mean, taken first."""
         total = value.detach().clone()
+        if self.dims.cp > 1:
+            dist.all_reduce(total, group=self.group("cp"))
+            total /= self.dims.cp
         if self.dims.dp_replicate > 1:
             dist.all_reduce(total, group=self.group("dp_replicate"))
         if self.dims.dp_shard > 1:
@@ -381,6 +416,10 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
     mesh = init_device_mesh(
         torch_device.type, dims.mesh_shape, mesh_dim_names=MESH_DIMS, backend_override=options
     )
+    if dims.cp > 1:  # FSDP shards over dp_shard x cp: the cp ranks hold the same weights
+        fake = dist.get_backend() == "fake"
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override="fake" if fake else (
+            backend, _group_options(backend, timeout)))
     return Topology(dims, torch_device, mesh)
 
 

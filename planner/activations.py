@@ -36,6 +36,10 @@ one block at a time, so one block's full activations come on top (`recompute_byt
 
 Pipelines keep several micro-batches in flight (`in_flight_micro_batches`), plus each
 stage's received input and sent output per micro-batch.
+
+Context parallelism (cp): a rank holds seq_len / cp tokens of each sequence, so every
+per-token term is divided by cp; attention also keeps the K and V gathered from the other
+cp - 1 ranks for SDPA's backward.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class ActivationSetting:
 
     precision: trainer.precision; fsdp: data-parallel size > 1 (bf16 then comes from FSDP's
     policy, not autocast); checkpointing / every_n: trainer.activation_checkpointing and
-    trainer.checkpoint_every_n_blocks.
+    trainer.checkpoint_every_n_blocks; cp: parallel.cp.
     """
 
     model: TransformerConfig
@@ -62,6 +66,7 @@ class ActivationSetting:
     fsdp: bool = False
     checkpointing: str = "none"
     every_n: int = 1
+    cp: int = 1
 
     @property
     def compute_bytes(self) -> int:
@@ -79,7 +84,8 @@ class ActivationSetting:
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
+        """Tokens of a micro-batch on this rank (its seq_len / cp of each sequence)."""
+        return self.micro_batch_size * self.seq_len // self.cp
 
 
 def _norm_bytes_per_token(x: ActivationSetting, consumers: int) -> float:
@@ -102,6 +108,7 @@ def block_bytes(x: ActivationSetting) -> float:
         + e * qkv_width / t  # q, k, v into SDPA
         + 2 * e * m.n_heads * m.head_size / t  # SDPA output, wo's reshaped input
         + 4 * m.n_heads / t  # logsumexp
+        + (x.cp - 1) * 2 * e * m.kv_heads * m.head_size / t  # K, V gathered from the other cp ranks
     )
     if m.qk_norm:  # RMSNorm of q and k per head: fp32 input, rstd, the normalised tensor
         qk_width, qk_heads = (m.n_heads + m.kv_heads) * m.head_size, m.n_heads + m.kv_heads

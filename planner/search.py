@@ -142,8 +142,8 @@ def candidates(cfg: Config, gpus: int, gpus_per_node: int,
     sequences = t.global_batch_tokens // cfg.data.seq_len
     for tp in _choices(pinned, "parallel.tp", p.tp, _divisors(gpus_per_node)):
         for pp in _choices(pinned, "parallel.pp", p.pp, _divisors(gpus // tp)):
-            rest = gpus // (tp * pp)
-            if gpus % (tp * pp):
+            rest = gpus // (tp * pp * p.cp)  # cp is taken as set, not enumerated
+            if gpus % (tp * pp * p.cp):
                 continue
             for dp_replicate in _choices(pinned, "parallel.dp_replicate", p.dp_replicate,
                                          _divisors(rest)):
@@ -186,21 +186,28 @@ def rank_memory(cfg: Config, dims: ParallelDims, pp_rank: int, probe: ShardProbe
     p, t = cfg.parallel, cfg.trainer
     schedule = p.pp_schedule if dims.pp > 1 else None
     stages = p.pp_stages_per_rank if dims.pp > 1 else 1
-    state, gathered = probe.rank_state(dims, pp_rank, schedule, stages, p.pp_layers_per_stage)
+    fsdp = fsdp_dims(dims)
+    state, gathered = probe.rank_state(fsdp, pp_rank, schedule, stages, p.pp_layers_per_stage)
     micro_batches = micro_batches_per_step(cfg, dims.dp_size)
     activations = rank_activation_bytes(activation_setting(cfg, dims), dims, pp_rank, schedule,
                                         stages, micro_batches, p.pp_layers_per_stage)
-    buffers = buffer_bytes(gathered, t.precision, dims.dp_shard, dims.dp_size, dims.pp,
+    buffers = buffer_bytes(gathered, t.precision, fsdp.dp_shard, fsdp.dp_size, dims.pp,
                            micro_batches, p.fsdp_reshard_after_forward)
     return Memory(state.params, state.grads, state.optimizer, activations, buffers)
+
+
+def fsdp_dims(dims: ParallelDims) -> ParallelDims:
+    """`dims` as FSDP shards them: over dp_shard x cp (the cp ranks hold the same weights,
+    parallel/data_parallel.py), i.e. like dp_shard x cp data-parallel ranks."""
+    return replace(dims, dp_shard=dims.dp_shard * dims.cp, cp=1)
 
 
 def activation_setting(cfg: Config, dims: ParallelDims) -> ActivationSetting:
     """How `cfg`'s micro-batches run through the blocks under layout `dims`."""
     t = cfg.trainer
     return ActivationSetting(cfg.model, cfg.data.seq_len, t.micro_batch_size, dims.tp,
-                             t.precision, dims.dp_size > 1, t.activation_checkpointing,
-                             t.checkpoint_every_n_blocks)
+                             t.precision, dims.dp_size * dims.cp > 1,
+                             t.activation_checkpointing, t.checkpoint_every_n_blocks, dims.cp)
 
 
 def rank_activation_bytes(
@@ -233,7 +240,7 @@ def evaluate(cfg: Config, layout: Layout, dims: ParallelDims, probe: ShardProbe,
     largest = max(ranks, key=lambda m: m.total)
     t, p = cfg.trainer, cfg.parallel
     micro_batches = micro_batches_per_step(cfg, dims.dp_size)
-    _, gathered = probe.rank_state(dims, 0, layout.schedule, layout.stages_per_rank,
+    _, gathered = probe.rank_state(fsdp_dims(dims), 0, layout.schedule, layout.stages_per_rank,
                                    p.pp_layers_per_stage)
     work = StepWork(cfg.model, cfg.data.seq_len, t.global_batch_tokens, t.micro_batch_size,
                     micro_batches, dims, layout.schedule, layout.stages_per_rank,

@@ -122,9 +122,10 @@ def recompute_flops_per_token(work: StepWork) -> float:
 
 def _per_rank(work: StepWork, blocks: float, head: float) -> float:
     """A per-token figure of the blocks and of the head, over the tokens and layers of the
-    slowest rank (the last pipeline stage, which also runs the head)."""
+    slowest rank (the last pipeline stage, which also runs the head); a context-parallel
+    rank holds 1/cp of each sequence's tokens."""
     dims = work.dims
-    return work.global_batch_tokens / dims.dp_size * (blocks / dims.pp + head)
+    return work.global_batch_tokens / (dims.dp_size * dims.cp) * (blocks / dims.pp + head)
 
 
 def compute_times(work: StepWork, gpu: GpuSpec) -> tuple[float, float, float]:
@@ -142,7 +143,7 @@ def compute_times(work: StepWork, gpu: GpuSpec) -> tuple[float, float, float]:
         gpu.peak_flops * gpu.attention_efficiency)
     setting = ActivationSetting(m, work.seq_len, work.micro_batch_size, t, work.precision,
                                 work.dims.dp_size > 1, work.checkpointing, work.every_n)
-    shard_elements = work.gathered.total / work.dims.dp_shard
+    shard_elements = work.gathered.total / (work.dims.dp_shard * work.dims.cp)
     traffic = (_per_rank(work, m.n_layers * block_step_bytes(setting),
                          loss_bytes_per_token(setting))
                + OPTIMIZER_BYTES_PER_ELEMENT * shard_elements)
@@ -156,7 +157,8 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
     matmul_s, attention_s, memory_s = compute_times(work, gpu)
     compute = matmul_s + attention_s + memory_s
     e = 4 if work.precision == "fp32" else 2
-    activation = work.micro_batch_size * work.seq_len * m.d_model * e  # (b, s, d) bytes
+    tokens = work.micro_batch_size * work.seq_len // dims.cp  # of a micro-batch, this rank
+    activation = tokens * m.d_model * e  # (b, s / cp, d) bytes
     comm: dict[str, float] = {}
     tp_time = 0.0
     if dims.tp > 1:
@@ -164,6 +166,12 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         collectives = (m.n_layers // dims.pp * per_block + 4) * work.micro_batches
         comm["tp"] = collectives * (dims.tp - 1) / dims.tp * activation
         tp_time = comm["tp"] / axis_bandwidth(dims, "tp", gpu, gpus_per_node)
+    cp_time = 0.0
+    if dims.cp > 1:  # each block all-gathers K and V (forward), reduce-scatters their grads
+        kv = 2 * tokens * dims.cp * m.kv_heads * m.head_size * e / dims.tp
+        comm["cp"] = (2 * m.n_layers // dims.pp * work.micro_batches
+                      * (dims.cp - 1) / dims.cp * kv)
+        cp_time = comm["cp"] / axis_bandwidth(dims, "cp", gpu, gpus_per_node)
     pp_time, bubble = 0.0, 0.0
     if dims.pp > 1 and work.schedule is not None:
         comm["pp"] = 2 * work.micro_batches * work.stages_per_rank * activation / dims.tp
@@ -171,7 +179,7 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         bubble = theoretical_bubble_fraction(work.schedule, dims.pp, work.micro_batches,
                                              work.stages_per_rank)
     dp_time, dp_edge = _data_parallel(work, gpu, gpus_per_node, e, comm)
-    busy = compute + tp_time + pp_time
+    busy = compute + tp_time + cp_time + pp_time
     exposed = dp_edge + max(0.0, dp_time - busy)
     step = busy / (1 - bubble) + exposed
     return StepTime(compute, matmul_s, attention_s, memory_s, tp_time, pp_time, exposed, bubble,
@@ -184,8 +192,9 @@ def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
     `comm` with the bytes per mesh axis."""
     dims, g = work.dims, work.gathered
     time = edge = 0.0
-    if dims.dp_shard > 1:
-        share = (dims.dp_shard - 1) / dims.dp_shard
+    shards = dims.dp_shard * dims.cp  # FSDP shards over dp_shard x cp
+    if shards > 1:
+        share = (shards - 1) / shards
         gathers = 2 if work.reshard_after_forward else 1
         gather = share * g.total * e * gathers * work.micro_batches
         scatter = share * g.total * 4
@@ -195,9 +204,9 @@ def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
         edge += share * ((g.block + g.ends) * e + g.block * 4) / bandwidth
     if dims.dp_replicate > 1:
         share = (dims.dp_replicate - 1) / dims.dp_replicate
-        shard_bytes = g.total * 4 / dims.dp_shard
+        shard_bytes = g.total * 4 / shards
         comm["dp_replicate"] = 2 * share * shard_bytes
         bandwidth = axis_bandwidth(dims, "dp_replicate", gpu, gpus_per_node)
         time += comm["dp_replicate"] / bandwidth
-        edge += 2 * share * g.block * 4 / dims.dp_shard / bandwidth
+        edge += 2 * share * g.block * 4 / shards / bandwidth
     return time, edge

@@ -77,7 +77,8 @@ def _saved_checkpoint(run_dir: Path, step: int, layout: dict[str, int]) -> Path:
     path = step_dir(run_dir, step)
     assert is_complete(path), path
     saved_layout = read_info(path)["layout"]
-    assert saved_layout == {"tp": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, **layout}
+    assert saved_layout == {"tp": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1,
+                            **layout}
     return path
 
 
@@ -105,6 +106,18 @@ def test_dp_shard2_checkpoint_resumes_in_one_process_with_its_optimizer_state(tm
     # _assert_continues checks both, so one clear miss is enough to catch lost state (after
     # one or two steps the moments move the weights more visibly than the loss).
     assert loss_without > 10 * LOSS_RTOL or weight_without > 10 * WEIGHT_ATOL
+
+
+def test_cp2_checkpoint_resumes_in_one_process_with_single_process_losses(tmp_path):
+    reference = _run(_config(tmp_path, "reference"), 1, STEPS)
+    saved = _run(_config(tmp_path, "saved", "parallel.cp=2"), 2, STOP, save_at=(STOP,))
+    torch.testing.assert_close(torch.tensor(saved["losses"]),
+                               torch.tensor(reference["losses"][:STOP]), rtol=LOSS_RTOL, atol=0)
+    checkpoint = _saved_checkpoint(tmp_path / "saved", STOP, {"cp": 2})
+    resumed = _run(_config(tmp_path, "resumed", f"trainer.resume={checkpoint}"), 1,
+                   STEPS - STOP)
+    worst = _assert_continues(resumed, reference, STOP)
+    print(f"cp2 -> 1: max relative loss difference {worst:.2e}")
 
 
 # name: (model overrides, saving layout overrides, its world size, its layout as in

@@ -125,3 +125,21 @@ def test_step_time_splits_compute_into_matmuls_attention_and_memory_bound_work(t
     forward_bytes = block_forward_bytes(setting) * m.n_layers * tokens
     assert selective.memory_s - none.memory_s == pytest.approx(
         forward_bytes / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY))
+
+
+def test_context_parallel_divides_a_ranks_activations_and_adds_the_kv_all_gather(tmp_path):
+    # 4 GPUs as FSDP over 4 ranks, or FSDP over dp_shard 2 x cp 2: the same weight shards,
+    # each cp rank holding half of every sequence's tokens (plus the gathered K and V).
+    pinned = {"parallel.tp", "parallel.pp", "parallel.cp", "parallel.dp_replicate",
+              "trainer.micro_batch_size",
+              "trainer.activation_checkpointing"}
+    rows = {}
+    for cp in (1, 2):
+        cfg = micro_config(tmp_path, "trainer.micro_batch_size=1", f"parallel.cp={cp}")
+        with fake_world(4):
+            [rows[cp]] = plan_layouts(cfg, 4, gpu_spec("h100"), 8, pinned, ShardProbe(cfg))
+    single, split = rows[1], rows[2]
+    assert (split.layout.dp_shard, split.config.parallel.cp) == (2, 2)
+    assert split.memory.params == single.memory.params
+    assert 0.5 < split.memory.activations / single.memory.activations < 0.6
+    assert split.time.comm_bytes["cp"] > 0 and "cp" not in single.time.comm_bytes

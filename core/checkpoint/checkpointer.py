@@ -173,6 +173,7 @@ class Checkpointer:
                 "pp": dims.pp,
                 "dp_replicate": dims.dp_replicate,
                 "dp_shard": dims.dp_shard,
+                "cp": dims.cp,
             },
             "world_size": self.topology.world_size,
             "dp_size": self.topology.dp_size,
