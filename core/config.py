@@ -19,7 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from scaleforge.core.precision import check_precision_device
 from scaleforge.core.preemption import parse_signals
 from scaleforge.data_pipeline.config import DataConfig
-from scaleforge.errors import ConfigError
+from scaleforge.data_pipeline.vocabulary import data_vocab_size
+from scaleforge.errors import ConfigError, ErrorCollector
 from scaleforge.models.attention import check_attention_backend
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
@@ -92,6 +93,7 @@ class TrainerConfig:
     activation_checkpointing: str = "none"
     # Checkpoint every k-th block only (1 = every block); applies to "full" and "selective".
     checkpoint_every_n_blocks: int = 1
+    # Evaluate on the validation split every N steps, at the start and at the end (0: never).
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
@@ -126,6 +128,10 @@ class TrainerConfig:
     # memory and exit before step 1 (planner/dry_run.py).
     dry_run: bool = False
 
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the run evaluates after `step` (0: before training)."""
+        return self.eval_every > 0 and (step % self.eval_every == 0 or step == self.max_steps)
+
     def check(self, prefix: str = "trainer") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
         _choice(f"{prefix}.precision", self.precision, PRECISIONS)
@@ -133,7 +139,10 @@ class TrainerConfig:
                 CHECKPOINTING_MODES)
         _choice(f"{prefix}.device", self.device, DEVICES)
         _choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
-        for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
+        if self.eval_every < 0:
+            raise ConfigError(f"{prefix}.eval_every={self.eval_every} must be at least 0 "
+                              "(0 turns evaluation off)")
+        for name in ("max_steps", "global_batch_tokens", "micro_batch_size",
                      "eval_batches", "log_every", "checkpoint_every_n_blocks",
                      "max_skipped_steps", "spike_warmup_steps"):
             _positive(f"{prefix}.{name}", getattr(self, name))
@@ -296,46 +305,81 @@ def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batche
 def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     """Check every cross-field rule; raise ConfigError naming the setting and the fix.
 
-    Runs identically on every rank before any process group exists, so a bad layout stops
-    all ranks with the same error and no rank is left waiting in a collective. Returns the
-    layout's sizes, for `parallel.topology.init_topology`.
+    Independent problems are all reported at once (errors.ConfigErrors, one message each);
+    a rule that builds on another (the pipeline's on the layout's) runs only when that one
+    passed. Runs identically on every rank before any process group exists, so a bad layout
+    stops all ranks with the same error and no rank is left waiting in a collective.
+    Returns the layout's sizes, for `parallel.topology.init_topology`.
     """
-    for name in ("model", "data", "trainer", "optim", "checkpoint", "logging"):
-        getattr(cfg, name).check(name)
-    t, o, d = cfg.trainer, cfg.optim, cfg.data
+    problems = ErrorCollector()
+    fields_ok = [problems.run(getattr(cfg, name).check, name)
+                 for name in ("model", "data", "trainer", "optim", "checkpoint", "logging")]
+    for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_device,
+                 _check_rope_per_document):
+        problems.run(rule, cfg)
+    layout: list[ParallelDims] = []
+    if all(fields_ok):  # the layout's arithmetic needs valid sizes
+        problems.run(lambda: layout.append(_validate_layout(cfg, world_size)))
+    problems.raise_if_any()
+    return layout[0]
+
+
+def _check_warmup(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.trainer
     if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} must lie in [0, trainer.max_steps={t.max_steps}]"
         )
-    if d.seq_len > cfg.model.max_seq_len:
+
+
+def _check_seq_len(cfg: Config) -> None:
+    if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
-            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
-            f"data.seq_len or raise model.max_seq_len"
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+            "lower data.seq_len (it defaults to model.max_seq_len with data=shards or "
+            "data=streaming) or raise model.max_seq_len"
         )
-    if d.vocab_size > cfg.model.vocab_size:
+
+
+def _check_vocab(cfg: Config) -> None:
+    d = cfg.data
+    vocab_size = d.vocab_size if d.vocab_size is not None else data_vocab_size(d)
+    if vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            f"data.vocab_size={d.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; the "
-            "model could not embed every token id: lower data.vocab_size or raise model.vocab_size"
+            f"model.vocab_size={cfg.model.vocab_size} is below the data's vocabulary of "
+            f"{vocab_size} ids (data.vocab_size); the model could not embed every token id: "
+            f"set model.vocab_size={vocab_size} (or more)"
         )
-    dims = check_layout(cfg.parallel, cfg.model, d.seq_len, world_size)
-    micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
-    if dims.pp > 1:
-        _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
-    if t.precision == "fp16" and dims.world_size > 1:
-        raise ConfigError(
-            f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
-            "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
-        )
+
+
+def _check_device(cfg: Config) -> None:
+    t = cfg.trainer
     device = resolve_device(t.device)
     check_precision_device(t.precision, device)
     check_attention_backend(cfg.model.attention, device.type, t.precision)
-    if cfg.model.rope_per_document and not d.document_masking:
+
+
+def _check_rope_per_document(cfg: Config) -> None:
+    if cfg.model.rope_per_document and not cfg.data.document_masking:
         raise ConfigError(
             "model.rope_per_document=true restarts positions at each document, which needs "
             "the batches' document ids: set data.document_masking=true"
         )
+
+
+def _validate_layout(cfg: Config, world_size: int) -> ParallelDims:
+    """The layout's rules: sizes, batch split, pipeline, fp16 and the backend."""
+    dims = check_layout(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
+    micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
+    if dims.pp > 1:
+        _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
+    if cfg.trainer.precision == "fp16" and dims.world_size > 1:
+        raise ConfigError(
+            f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
+            "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
+        )
     if dims.world_size > 1:
-        check_backend(cfg.parallel.backend, device)
+        check_backend(cfg.parallel.backend, resolve_device(cfg.trainer.device))
     return dims
 
 

@@ -293,6 +293,11 @@ class Trainer:
         local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         return (self.topology.sum_over_dp(local) / self.cfg.trainer.eval_batches).item()
 
+    def val_metrics(self) -> dict[str, float]:
+        """`evaluate()` as metrics: the validation loss and perplexity."""
+        val_loss = self.evaluate()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
     def fit(self, logger: MetricsLogger | None = None) -> dict:
         """Train for `trainer.max_steps` steps; return the last logged record.
 
@@ -321,8 +326,7 @@ class Trainer:
         else:
             if self.initialised_from is not None:
                 logger.message(f"weights from {self.initialised_from}")
-            val_loss = self.evaluate()
-            record = {"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            record = {"step": 0, **(self.val_metrics() if cfg.evaluates_at(0) else {})}
             logger.log(record)
 
         every = self.cfg.checkpoint.every
@@ -338,8 +342,9 @@ class Trainer:
             self.checkpointer.poll()
             if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
                 self.save_checkpoint()
-            is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-            if not (self.step % cfg.log_every == 0 or is_eval or events or preempted):
+            is_eval = cfg.evaluates_at(self.step)
+            last = self.step == cfg.max_steps  # logged even when evaluation is off
+            if not (self.step % cfg.log_every == 0 or is_eval or last or events or preempted):
                 continue
             speed = self.throughput.read()
             now = time.perf_counter()
@@ -354,8 +359,7 @@ class Trainer:
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
             if is_eval:
-                val_loss = self.evaluate()
-                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                record |= self.val_metrics()
             logger.log(record | events)
             if preempted:
                 return self._stop_for_preemption(logger, record, own_logger)

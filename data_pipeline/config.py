@@ -38,9 +38,14 @@ class DataConfig:
     mode: str = "corpus"
     corpus: str = "stdlib"
     cache_dir: str = "data_cache"
-    vocab_size: int = 4096
+    # Token ids of the tokenizer; null (shards and streaming modes' default): the
+    # tokenizer's own, read from the shards' manifest or data.tokenizer. Corpus mode trains
+    # a tokenizer of this size.
+    vocab_size: int | None = 4096
     max_corpus_bytes: int = 8_000_000
     val_fraction: float = 0.05
+    # Tokens per training sequence; data=shards and data=streaming default to
+    # model.max_seq_len.
     seq_len: int = 256
     seed: int = 1234
     path: str | None = None

@@ -24,6 +24,7 @@ from scaleforge.data_pipeline.manifest import MANIFEST
 from scaleforge.data_pipeline.shards import ShardsJob, write_shards
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import train_sentencepiece
+from scaleforge.data_pipeline.vocabulary import data_vocab_size
 
 # Bump when the output of prepare changes for the same inputs (tokenizer options, file
 # layout), so old cache directories are not reused.
@@ -85,10 +86,11 @@ def _build(data_cfg: DataConfig, documents: list[Path], directory: Path) -> None
     # The tokenizer learns from training documents only, so validation text stays unseen.
     texts = (read_document(path) for path in documents)
     training_texts = (t for t in texts if not is_validation(t, data_cfg.val_fraction))
+    vocab_size = data_vocab_size(data_cfg)
     tokenizer_path = train_sentencepiece(
-        training_texts, data_cfg.vocab_size, directory / TOKENIZER_DIR, setting="data.vocab_size"
+        training_texts, vocab_size, directory / TOKENIZER_DIR, setting="data.vocab_size"
     )
-    print(f"data: trained a {data_cfg.vocab_size}-piece tokenizer in "
+    print(f"data: trained a {vocab_size}-piece tokenizer in "
           f"{time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     job = ShardsJob(input=data_cfg.corpus, tokenizer=str(tokenizer_path),

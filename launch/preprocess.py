@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scaleforge.data_pipeline import shards
+from scaleforge.data_pipeline.split import ENOUGH_VAL_TOKENS, val_fraction_for
 from scaleforge.errors import exit_on_config_error
 from scaleforge.launch.key_value import Handlers, required, run_subcommand
 
@@ -63,6 +64,14 @@ def write_shards(job: shards.ShardsJob) -> None:
         summary = manifest["splits"][split]
         print(f"{split}: {summary['tokens']:,} tokens, {summary['documents']:,} documents, "
               f"{len(summary['shards'])} shards")
+    val_tokens = manifest["splits"]["val"]["tokens"]
+    if val_tokens < ENOUGH_VAL_TOKENS:
+        splits = manifest["splits"].values()
+        total, documents = (sum(s[key] for s in splits) for key in ("tokens", "documents"))
+        print(f"warning: validation holds {val_tokens:,} tokens, fewer than "
+              f"{ENOUGH_VAL_TOKENS:,} (8 sequences of 1,024); rerun with "
+              f"val_fraction={val_fraction_for(ENOUGH_VAL_TOKENS, total, documents)} (now "
+              f"{job.val_fraction}) into a new out= directory", file=sys.stderr)
 
 
 _HANDLERS: Handlers = {

@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from scaleforge.core.config import register_configs, to_config
+from scaleforge.core.derived_settings import derive_settings
 from scaleforge.errors import exit_on_config_error
 
 register_configs()
@@ -51,6 +52,9 @@ def train(cfg: DictConfig) -> dict:
     from scaleforge.scaling.run_record import write_run_record
 
     config = to_config(cfg)
+    for warning in derive_settings(config):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(warning, flush=True)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         # every job of a sweep gets its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>;
         # a run_dir shared by all jobs would mix their metrics
@@ -78,7 +82,16 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    exit_on_config_error(train, cfg)
+    exit_on_config_error(train, cfg, on_error=_record_for_torchrun)
+
+
+def _record_for_torchrun(error: BaseException) -> None:
+    """Write `error` into torchrun's error file ($TORCHELASTIC_ERROR_FILE), so torchrun's
+    failure summary names it instead of an exit status alone (nothing when run alone)."""
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
 
 
 def main() -> None:

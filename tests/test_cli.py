@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from commands import run_tool
@@ -98,3 +101,76 @@ def test_preprocess_bad_arguments_name_the_key(tmp_path, arguments, named):
     result = run_tool("sf-preprocess", *arguments, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert named in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def fresh_shards(tmp_path_factory) -> Path:
+    """A shards directory as a new user makes one: 400 small standard-library documents,
+    a 512-piece tokenizer and `sf-preprocess shards` with its defaults (val_fraction=0.01)."""
+    from scaleforge.data_pipeline.corpus import find_documents, read_document
+
+    directory = tmp_path_factory.mktemp("fresh")
+    sources = [p for p in find_documents("stdlib", 8_000_000) if p.stat().st_size > 1000]
+    with open(directory / "docs.jsonl", "w") as stream:
+        for path in sources[:400]:
+            stream.write(json.dumps({"text": read_document(path)[:800]}) + "\n")
+    corpus = str(directory / "docs.jsonl")
+    result = run_tool("sf-preprocess", "tokenizer", f"input={corpus}", "vocab_size=512",
+                      f"out={directory / 'tok'}", cwd=directory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool("sf-preprocess", "shards", f"input={corpus}",
+                      f"tokenizer={directory / 'tok'}", f"out={directory / 'shards'}",
+                      cwd=directory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory / "shards"
+
+
+def test_fresh_shards_train_with_no_other_setting(fresh_shards, tmp_path):
+    """The data's vocabulary comes from the manifest, data.seq_len from the model, and the
+    preset's warmup is clamped to the run (the global batch is made small for speed)."""
+    result = run_tool("sf-train", "data=shards", f"data.path={fresh_shards}", "model=llama_micro",
+                      "trainer.max_steps=5", "trainer.global_batch_tokens=2048",
+                      f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: optim.warmup_steps=100 exceeds trainer.max_steps=5" in result.stdout
+    records = metrics_records(tmp_path / "run")
+    assert records[-1]["step"] == 5 and "val_loss" in records[-1]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "vocab_size: 512" in config and "seq_len: 64" in config
+
+
+@pytest.mark.slow
+def test_fresh_shards_train_exactly_as_the_issue_says(fresh_shards, tmp_path):
+    result = run_tool("sf-train", "data=shards", f"data.path={fresh_shards}", "model=llama_micro",
+                      "trainer.max_steps=5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_preprocess_warns_about_a_small_validation_split(jsonl_corpus, tokenizer_dir, tmp_path):
+    result = run_tool("sf-preprocess", "shards", f"input={jsonl_corpus}",
+                      f"tokenizer={tokenizer_dir}", f"out={tmp_path / 'shards'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "rerun with val_fraction=0." in warning[0], result.stderr
+
+
+def test_demo_without_evaluation_and_with_a_clamped_warmup(tmp_path, stdlib_overrides):
+    result = run_tool("sf-train", "+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
+                      "trainer.max_steps=5", "trainer.eval_every=0",
+                      "trainer.global_batch_tokens=4096", "logging.wandb=disabled",
+                      f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: optim.warmup_steps=20 exceeds trainer.max_steps=5" in result.stdout
+    records = metrics_records(tmp_path / "run")
+    assert records[-1]["step"] == 5 and not any("val_loss" in r for r in records)
+
+
+def test_three_mistakes_are_three_error_lines_in_one_start(tmp_path, stdlib_overrides):
+    result = run_tool("sf-train", *stdlib_overrides, "trainer.precision=fp8",
+                      "optim.schedule=step", "data.seq_len=4096", "logging.wandb=disabled",
+                      f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert [line.split("=")[0] for line in lines] == [
+        "error: trainer.precision", "error: optim.schedule", "error: data.seq_len"]

@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from scaleforge.core.config import compose, micro_batches_per_step, to_config, validate
-from scaleforge.errors import ConfigError
+from scaleforge.core.derived_settings import derive_settings
+from scaleforge.errors import ConfigError, ConfigErrors
 
 
 def _error_text(error: BaseException) -> str:
@@ -87,3 +88,59 @@ def test_micro_batches_per_step_fills_the_global_batch():
                              "data.seq_len=256"]))
     assert micro_batches_per_step(cfg) == 32
     assert micro_batches_per_step(cfg, dp_size=4) == 8
+
+
+def test_independent_mistakes_are_all_reported_at_once():
+    cfg = to_config(compose(["trainer.precision=fp8", "optim.schedule=step", "data.seq_len=512",
+                             "logging.wandb=maybe"]))
+    with pytest.raises(ConfigErrors) as info:
+        validate(cfg)
+    messages = info.value.messages
+    assert len(messages) == 4 and all("\n" not in m for m in messages)
+    for named in ("trainer.precision", "optim.schedule", "data.seq_len", "logging.wandb"):
+        assert sum(m.startswith(named) for m in messages) == 1, (named, messages)
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning():
+    cfg = to_config(compose(["trainer.max_steps=5", "optim.warmup_steps=20"]))
+    warnings = derive_settings(cfg)
+    assert cfg.optim.warmup_steps == 5 and len(warnings) == 1
+    assert warnings[0].startswith("warning: optim.warmup_steps=20 exceeds trainer.max_steps=5")
+    validate(cfg)
+    assert derive_settings(cfg) == []  # nothing left to clamp
+
+
+def test_eval_every_zero_turns_evaluation_off():
+    cfg = to_config(compose(["trainer.eval_every=0"]))
+    validate(cfg)
+    assert not any(cfg.trainer.evaluates_at(step) for step in range(cfg.trainer.max_steps + 1))
+    cfg.trainer.eval_every = 4
+    assert [s for s in range(11) if cfg.trainer.evaluates_at(s)] == [0, 4, 8]
+    cfg.trainer.eval_every = -1
+    with pytest.raises(ConfigError, match=r"trainer\.eval_every=-1 .*0 turns evaluation off"):
+        validate(cfg)
+
+
+def test_shards_mode_infers_vocab_size_and_seq_len(shard_dir):
+    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro"]))
+    assert cfg.data.vocab_size is None and cfg.data.seq_len == cfg.model.max_seq_len == 64
+    assert derive_settings(cfg) == []
+    assert cfg.data.vocab_size == 400  # the manifest's tokenizer
+    validate(cfg)
+
+
+def test_model_vocab_below_the_datas_states_both(shard_dir):
+    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro",
+                             "model.vocab_size=300"]))
+    derive_settings(cfg)
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=300 is below the data's "
+                                          r"vocabulary of 400 ids.*model\.vocab_size=400"):
+        validate(cfg)
+
+
+def test_shards_mode_without_a_path_is_reported_with_the_other_mistakes():
+    cfg = to_config(compose(["data=shards", "optim.schedule=step"]))
+    assert derive_settings(cfg) == [] and cfg.data.vocab_size is None
+    with pytest.raises(ConfigErrors) as info:
+        validate(cfg)
+    assert [m.split("=")[0] for m in info.value.messages] == ["optim.schedule", "data.mode"]
