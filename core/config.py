@@ -57,17 +57,19 @@ def _positive(name: str, value: float) -> None:
 class OptimConfig:
     """AdamW and its learning-rate schedule. Weight decay applies to matrices only."""
 
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    schedule: str = "cosine"
+    lr: float = 3e-4  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # the schedule ends at lr x min_lr_ratio
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (across all ranks)
+    schedule: str = "cosine"  # learning-rate decay after warmup: cosine, linear, wsd, constant
+    # Linear warmup steps; more than trainer.max_steps is clamped to it (with a warning).
     warmup_steps: int = 100
     # wsd only: the fraction of the steps after warmup spent decaying at the end.
     decay_fraction: float = 0.2
+    # torch's AdamW kernel: auto, fused, foreach or for_loop.
     implementation: str = "auto"
 
     def check(self, prefix: str = "optim") -> None:
@@ -86,26 +88,26 @@ class TrainerConfig:
     """The training loop. One optimizer step consumes `global_batch_tokens` tokens, split
     into micro-batches of `micro_batch_size` sequences (gradient accumulation)."""
 
-    max_steps: int = 1000
-    global_batch_tokens: int = 65536
-    micro_batch_size: int = 8
-    precision: str = "bf16"
-    activation_checkpointing: str = "none"
+    max_steps: int = 1000  # optimizer steps to train
+    global_batch_tokens: int = 65536  # tokens per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    precision: str = "bf16"  # compute precision: fp32, bf16 (fp32 master weights) or fp16
+    activation_checkpointing: str = "none"  # recompute activations: none, selective, full
     # Checkpoint every k-th block only (1 = every block); applies to "full" and "selective".
     checkpoint_every_n_blocks: int = 1
     # Evaluate on the validation split every N steps, at the start and at the end (0: never).
     eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
+    eval_batches: int = 8  # validation micro-batches per evaluation
+    log_every: int = 10  # log training metrics every N steps
+    seed: int = 0  # seeds the weights and every other random draw of the run
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
     # Deterministic kernels (core/precision.py set_numerics): null (auto) = true on CPU
     # (bitwise repeatable), false on CUDA; true on CUDA is strict (slower; an op without a
     # deterministic kernel raises).
     deterministic: bool | None = None
     # CUDA float32 matmuls on TF32 tensor cores; false for strict IEEE fp32.
     tf32: bool = True
-    save_final_weights: bool = True
+    save_final_weights: bool = True  # write RUN_DIR/final_model.pt at the end
     # torch.compile each transformer block (after activation checkpointing, before FSDP).
     compile: bool = False
     # A step whose loss or global grad norm is NaN or infinite: skip its update or stop.
@@ -182,11 +184,11 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where metrics go, from rank 0 only. wandb: auto = online with credentials, else offline."""
 
-    wandb: str = "auto"
-    wandb_project: str = "scaleforge"
-    wandb_entity: str | None = None
-    run_name: str | None = None
-    progress_bar: bool = True
+    wandb: str = "auto"  # auto, online, offline or disabled
+    wandb_project: str = "scaleforge"  # the W&B project
+    wandb_entity: str | None = None  # the W&B team or user (null: your default)
+    run_name: str | None = None  # the W&B run name (null: the run directory's name)
+    progress_bar: bool = True  # a tqdm bar on rank 0
 
     def check(self, prefix: str = "logging") -> None:
         """Raise ConfigError unless `wandb` is a known mode."""
@@ -202,6 +204,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Where metrics, checkpoints and the config of the run go.
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
 
 

@@ -1,12 +1,13 @@
-"""The vocabulary size a data config implies, read from what preprocessing recorded, so
-`data.vocab_size` need not be given in shards and streaming modes."""
+"""The tokenizer and vocabulary size a data config implies, read from what preprocessing
+recorded, so `data.vocab_size` need not be given in shards and streaming modes, and a
+checkpoint's text can be encoded and decoded as its training data was."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from scaleforge.data_pipeline.config import DataConfig
-from scaleforge.data_pipeline.manifest import load_manifest
+from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
 
@@ -51,3 +52,21 @@ def missing_shard_source() -> ConfigError:
         "data.mode=shards needs data.path=DIR (a directory written by sf-preprocess shards) "
         "or data.blend (a list of {path, weight}); see configs/data/blend.yaml"
     )
+
+
+def data_tokenizer(data_cfg: DataConfig) -> Tokenizer:
+    """The tokenizer the data of `data_cfg` was tokenized with: the (first) shard
+    directory's, `data.tokenizer` when streaming, or corpus mode's cached one (built when
+    the cache is missing)."""
+    if data_cfg.mode == "streaming":
+        data_vocab_size(data_cfg)  # names a missing data.tokenizer
+        return Tokenizer.load(str(data_cfg.tokenizer))
+    if data_cfg.mode == "corpus":
+        from scaleforge.data_pipeline.prepare import prepare
+
+        directory = prepare(data_cfg)
+    elif data_cfg.path or data_cfg.blend:
+        directory = Path(data_cfg.path or data_cfg.blend[0].path)
+    else:
+        raise missing_shard_source()
+    return load_shard_tokenizer(directory, load_manifest(directory))

@@ -140,7 +140,7 @@ _HANDLERS: Handlers = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSetting
 
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
-    run_subcommand("sf-convert", _HANDLERS, argv)
+    run_subcommand("sf-convert", _HANDLERS, argv, __doc__ or "")
 
 
 def main() -> None:

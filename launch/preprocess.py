@@ -103,8 +103,9 @@ def main() -> None:
     if command == "prepare":
         sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads its overrides from sys.argv
         _prepare()
-    elif command in _HANDLERS:
-        exit_on_config_error(run_subcommand, "sf-preprocess", _HANDLERS, sys.argv[1:])
+    elif command in _HANDLERS or command in ("-h", "--help"):
+        exit_on_config_error(run_subcommand, "sf-preprocess", _HANDLERS, sys.argv[1:],
+                             __doc__ or "")
     else:
         print(f"usage: sf-preprocess {{{','.join([*_HANDLERS, 'prepare'])}}} key=value ...\n"
               f"{__doc__}", file=sys.stderr)

@@ -352,7 +352,7 @@ _HANDLERS: Handlers = {
 
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
-    run_subcommand("sf-sweep", _HANDLERS, argv)
+    run_subcommand("sf-sweep", _HANDLERS, argv, __doc__ or "")
 
 
 def main() -> None:

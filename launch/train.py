@@ -27,10 +27,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from scaleforge.core.config import register_configs, to_config
 from scaleforge.core.derived_settings import derive_settings
 from scaleforge.errors import exit_on_config_error
+from scaleforge.launch.key_value import is_help
 
 register_configs()
 
@@ -80,6 +82,7 @@ def train(cfg: DictConfig) -> dict:
             dist.destroy_process_group()
 
 
+@record
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     exit_on_config_error(train, cfg, on_error=_record_for_torchrun)
@@ -95,6 +98,15 @@ def _record_for_torchrun(error: BaseException) -> None:
 
 
 def main() -> None:
+    arguments = sys.argv[1:]
+    if is_help(arguments):
+        from scaleforge.launch.train_help import train_help
+
+        print(train_help(__doc__ or "", [a for a in arguments if not a.startswith("-")]))
+        return
+    from scaleforge.launch.train_help import check_override_keys
+
+    exit_on_config_error(check_override_keys, arguments)
     if int(os.environ.get("RANK", 0)) != 0:
         sys.argv.extend(_NON_ZERO_RANK_OVERRIDES)
     _hydra_main()

@@ -174,3 +174,42 @@ def test_three_mistakes_are_three_error_lines_in_one_start(tmp_path, stdlib_over
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
     assert [line.split("=")[0] for line in lines] == [
         "error: trainer.precision", "error: optim.schedule", "error: data.seq_len"]
+
+
+@pytest.mark.parametrize(
+    ("command", "described"),
+    [
+        (["sf-train"], "trainer.eval_every=100"),
+        (["sf-train", "model=llama_micro"], "model.vocab_size=512"),
+        (["sf-sweep"], "sf-sweep fit settings"),
+        (["sf-sweep", "fit", "--help"], "sf-sweep fit settings"),
+        (["sf-convert"], "sf-convert to-hf settings"),
+        (["sf-preprocess"], "sf-preprocess shards settings"),
+        (["sf-plan"], "sf-plan settings"),
+        (["sf-generate"], "temperature=0.8"),
+    ],
+)
+def test_help_exits_0_and_describes_the_keys(tmp_path, command, described):
+    arguments = command[1:] if "--help" in command else [*command[1:], "--help"]
+    result = run_tool(command[0], *arguments, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if described in line)
+    assert line == described or len(line.split(None, 1)) == 2 or "settings" in line, line
+
+
+def test_help_meanings_come_from_the_dataclasses(tmp_path):
+    result = run_tool("sf-train", "--help", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    eval_every = next(line for line in lines if line.strip().startswith("trainer.eval_every="))
+    assert "0: never" in eval_every
+    assert any("peak learning rate" in line for line in lines if "optim.lr=" in line)
+
+
+def test_a_typo_in_a_key_suggests_the_nearest_one(tmp_path):
+    result = run_tool("sf-train", "trainer.max_step=3", "optim.lrr=1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: trainer.max_step is not a setting; did you mean trainer.max_steps?",
+        "error: optim.lrr is not a setting; did you mean optim.lr?"]
+    result = run_tool("sf-sweep", "fit", "tabel=x.csv", cwd=tmp_path)
+    assert result.returncode == 2 and "did you mean table?" in result.stderr
