@@ -56,15 +56,15 @@ def missing_shard_source() -> ConfigError:
 
 def data_tokenizer(data_cfg: DataConfig) -> Tokenizer:
     """The tokenizer the data of `data_cfg` was tokenized with: the (first) shard
-    directory's, `data.tokenizer` when streaming, or corpus mode's cached one (built when
-    the cache is missing)."""
+    directory's, `data.tokenizer` when streaming, or corpus mode's cached one (a ConfigError
+    when the cache is missing: it is not rebuilt)."""
     if data_cfg.mode == "streaming":
         data_vocab_size(data_cfg)  # names a missing data.tokenizer
         return Tokenizer.load(str(data_cfg.tokenizer))
     if data_cfg.mode == "corpus":
         from scaleforge.data_pipeline.prepare import prepare
 
-        directory = prepare(data_cfg)
+        directory = prepare(data_cfg, build=False)
     elif data_cfg.path or data_cfg.blend:
         directory = Path(data_cfg.path or data_cfg.blend[0].path)
     else:

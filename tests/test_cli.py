@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from commands import run_tool
+from commands import BIN, run_tool
 from run_metrics import metrics_records
 
 
@@ -213,3 +214,36 @@ def test_a_typo_in_a_key_suggests_the_nearest_one(tmp_path):
         "error: optim.lrr is not a setting; did you mean optim.lr?"]
     result = run_tool("sf-sweep", "fit", "tabel=x.csv", cwd=tmp_path)
     assert result.returncode == 2 and "did you mean table?" in result.stderr
+
+
+def readme_block(marker: str) -> list[str]:
+    """The command lines of the README's code block between <!-- marker --> and
+    <!-- /marker -->."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    return [line for line in block.splitlines() if line and not line.startswith("```")]
+
+
+def test_readme_first_run_commands_run_as_written(tmp_path, texts):
+    """The README's "A first run on your own text", line by line in a shell, in a folder
+    holding raw/*.jsonl and .venv (a link to this environment)."""
+    (tmp_path / ".venv").symlink_to(BIN.parent)
+    (tmp_path / "raw").mkdir()
+    for part in range(2):
+        with open(tmp_path / "raw" / f"part{part}.jsonl", "w") as stream:
+            for text in texts[part * 30:(part + 1) * 30]:
+                for piece in range(0, len(text), 500):  # 360 documents, ~8 in validation
+                    stream.write(json.dumps({"text": text[piece:piece + 500]}) + "\n")
+    lines = readme_block("first-run")
+    assert [line.split()[0] for line in lines] == [
+        ".venv/bin/sf-preprocess", ".venv/bin/sf-preprocess", ".venv/bin/sf-train",
+        ".venv/bin/sf-generate", ".venv/bin/sf-convert"]
+    outputs = []
+    for line in lines:
+        result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+        outputs.append(result.stdout)
+    assert "run directory:" in outputs[2]
+    assert "\ndef " in "\n" + outputs[3].splitlines()[-1]
+    assert (tmp_path / "hf" / "mine" / "tokenizer.json").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,18 +46,45 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
         generate(model, prompt, 30, Sampling())
 
 
-def test_sf_generate_prints_text_from_a_demo_checkpoint(tmp_path, stdlib_overrides):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, stdlib_overrides) -> Path:
+    """A two-step demo run on the standard-library slice (its checkpoint and data cache)."""
+    directory = tmp_path_factory.mktemp("demo")
     result = run_tool("sf-train", "+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
                       "trainer.max_steps=2", "trainer.global_batch_tokens=4096",
-                      "trainer.eval_every=0", "logging.wandb=disabled", f"run_dir={run_dir}",
-                      cwd=tmp_path)
+                      "trainer.eval_every=0", "logging.wandb=disabled",
+                      f"run_dir={directory / 'run'}", cwd=directory)
     assert result.returncode == 0, result.stderr[-3000:]
-    arguments = [f"ckpt={run_dir}", "prompt=def main(", "max_new_tokens=20", "seed=3"]
+    return directory / "run"
+
+
+def test_sf_generate_prints_text_from_a_demo_checkpoint(demo_run, tmp_path):
+    arguments = [f"ckpt={demo_run}", "prompt=def main(", "max_new_tokens=20", "seed=3"]
     first = run_tool("sf-generate", *arguments, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     text = first.stdout.partition("\ndef main(")[2]  # after the data cache's line
     assert len(text.strip()) > 0, first.stdout
     assert run_tool("sf-generate", *arguments, cwd=tmp_path).stdout == first.stdout
-    too_long = run_tool("sf-generate", f"ckpt={run_dir}", "max_new_tokens=1000", cwd=tmp_path)
+    too_long = run_tool("sf-generate", f"ckpt={demo_run}", "max_new_tokens=1000", cwd=tmp_path)
     assert too_long.returncode == 2 and "model.max_seq_len=256" in too_long.stderr
+
+
+def test_to_hf_writes_a_tokenizer_that_encodes_as_ours(demo_run, tmp_path, texts):
+    from transformers import AutoTokenizer
+
+    from scaleforge.core.checkpoint.safe_load import load_checkpoint_config
+    from scaleforge.data_pipeline.vocabulary import data_tokenizer
+
+    out = tmp_path / "hf"
+    result = run_tool("sf-convert", "to-hf", f"ckpt={demo_run}", f"out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"-> {out}" in result.stdout.splitlines()[-1]
+    ours = data_tokenizer(load_checkpoint_config(demo_run).data)
+    theirs = AutoTokenizer.from_pretrained(out)
+    sentences = [line for text in texts for line in text.splitlines() if len(line) > 20][:200]
+    assert all(theirs(s)["input_ids"] == ours.encode(s) for s in sentences)
+    whole = texts[0]
+    assert theirs(whole)["input_ids"] == ours.encode(whole)
+    assert theirs.decode(ours.encode(whole)) == ours.decode(ours.encode(whole))
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
+        ours.bos_id, ours.eos_id, ours.pad_id)
