@@ -19,8 +19,10 @@ Under `--multirun` each job trains in its own `<hydra.sweep.dir>/<hydra.sweep.su
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -31,7 +33,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from scaleforge.core.config import register_configs, to_config
 from scaleforge.core.derived_settings import derive_settings
-from scaleforge.errors import exit_on_config_error
+from scaleforge.errors import ConfigError, exit_on_config_error, messages_of
 from scaleforge.launch.key_value import is_help
 
 register_configs()
@@ -89,12 +91,18 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _record_for_torchrun(error: BaseException) -> None:
-    """Write `error` into torchrun's error file ($TORCHELASTIC_ERROR_FILE), so torchrun's
-    failure summary names it instead of an exit status alone (nothing when run alone)."""
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(error)
+    """Write `error` into torchrun's error file ($TORCHELASTIC_ERROR_FILE, the format of
+    torch.distributed.elastic's ErrorHandler), so torchrun's failure summary shows its
+    `error:` lines where it would show a traceback (nothing when run alone)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    lines = messages_of(error) if isinstance(error, ConfigError) else [str(error)]
+    text = "\n".join(f"error: {line}" for line in lines)
+    record = {"message": {"message": f"{type(error).__name__}: {text}",
+                          "extraInfo": {"py_callstack": text,
+                                        "timestamp": str(int(time.time()))}}}
+    Path(path).write_text(json.dumps(record))
 
 
 def main() -> None:
