@@ -129,6 +129,9 @@ class TrainerConfig:
     # Build everything (layout, model shards, optimizer, loaders, resume), report each rank's
     # memory and exit before step 1 (planner/dry_run.py).
     dry_run: bool = False
+    # Report the validation loss and perplexity of the weights of trainer.init_from (or of
+    # the checkpoint resumed) on this data config, and exit without training.
+    eval_only: bool = False
 
     def evaluates_at(self, step: int) -> bool:
         """Whether the run evaluates after `step` (0: before training)."""

@@ -8,7 +8,8 @@ ranks with exit status 2 and one `error:` line (from rank 0), and none waits in 
 Hydra's own output (.hydra/, train.log) is written by rank 0 only.
 
 `trainer.dry_run=true` builds everything on every rank, prints each rank's memory and exits
-0 before step 1 (planner/dry_run.py).
+0 before step 1 (planner/dry_run.py). `trainer.eval_only=true trainer.init_from=CKPT` prints
+the validation loss and perplexity of a checkpoint on the configured data and exits.
 
 SIGTERM or SIGUSR1 (`trainer.preemption_signals`) during training saves a checkpoint and
 exits with status 0 (without scaling.json, which marks a finished run); see core/preemption.py.
@@ -24,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,6 +37,9 @@ from scaleforge.core.config import register_configs, to_config
 from scaleforge.core.derived_settings import derive_settings
 from scaleforge.errors import ConfigError, exit_on_config_error, messages_of
 from scaleforge.launch.key_value import is_help
+
+if TYPE_CHECKING:
+    from scaleforge.core.trainer import Trainer
 
 register_configs()
 
@@ -73,6 +78,8 @@ def train(cfg: DictConfig) -> dict:
 
                 report_dry_run(trainer)
                 return {}
+            if config.trainer.eval_only:
+                return evaluate_only(trainer)
             record = trainer.fit()
         if topology.is_rank0:
             if not trainer.preempted:  # scaling.json marks a finished run
@@ -82,6 +89,22 @@ def train(cfg: DictConfig) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def evaluate_only(trainer: Trainer) -> dict:
+    """`trainer.eval_only=true`: the validation loss and perplexity of the loaded weights,
+    printed by rank 0 as one line and returned as a metrics record."""
+    source = trainer.resumed_from or trainer.initialised_from
+    if source is None:
+        raise ConfigError(
+            "trainer.eval_only=true evaluates a checkpoint: set trainer.init_from=RUN_OR_STEP_DIR "
+            "(or trainer.resume= a checkpoint)"
+        )
+    record = {"step": trainer.step, **trainer.val_metrics()}
+    if trainer.topology.is_rank0:
+        print(f"eval: {source} on {trainer.cfg.trainer.eval_batches} validation batches: "
+              f"val_loss {record['val_loss']:.4f}, val_ppl {record['val_ppl']:.2f}", flush=True)
+    return record
 
 
 @record

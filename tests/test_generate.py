@@ -1,7 +1,10 @@
-"""Sampling with a key/value cache (models/generate.py) and `sf-generate` on a real run."""
+"""What a checkpoint is for besides training: sampling with a key/value cache
+(models/generate.py, `sf-generate`), evaluation alone (`trainer.eval_only`) and its
+tokenizer exported to Hugging Face (`sf-convert to-hf`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,19 @@ def test_to_hf_writes_a_tokenizer_that_encodes_as_ours(demo_run, tmp_path, texts
     assert theirs.decode(ours.encode(whole)) == ours.decode(ours.encode(whole))
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
         ours.bos_id, ours.eos_id, ours.pad_id)
+
+
+def test_eval_only_reports_a_checkpoints_validation_loss(demo_run, tmp_path, stdlib_overrides):
+    arguments = ["+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
+                 "trainer.eval_only=true", "logging.wandb=disabled"]
+    result = run_tool("sf-train", *arguments, f"trainer.init_from={demo_run}",
+                      f"run_dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("eval: "))
+    loss = float(line.split("val_loss ")[1].split(",")[0])
+    ppl = float(line.split("val_ppl ")[1])
+    assert 0 < loss < 8.0 and ppl == pytest.approx(math.exp(loss), rel=1e-3)
+    assert not (tmp_path / "eval" / "checkpoints").exists()  # nothing trained or saved
+    missing = run_tool("sf-train", *arguments, f"run_dir={tmp_path / 'none'}", cwd=tmp_path)
+    assert missing.returncode == 2 and "trainer.eval_only=true evaluates a checkpoint" in \
+        missing.stderr
