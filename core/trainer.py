@@ -321,7 +321,7 @@ class Trainer:
             logger.message(describe_layout(self))
         if self.resumed_from is not None:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
-            logger.advance(self.step)
+            logger.resume_at(self.step)
             record: dict[str, float | None] = {"step": self.step}
         else:
             if self.initialised_from is not None:
@@ -341,7 +341,7 @@ class Trainer:
             preempted = self.step_signals.preemption_requested and self.step < cfg.max_steps
             self.checkpointer.poll()
             if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
-                self.save_checkpoint()
+                logger.message(f"checkpoint: {self.save_checkpoint()}")
             is_eval = cfg.evaluates_at(self.step)
             last = self.step == cfg.max_steps  # logged even when evaluation is off
             if not (self.step % cfg.log_every == 0 or is_eval or last or events or preempted):

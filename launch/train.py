@@ -5,7 +5,7 @@
 
 Every rank validates the config before any process group exists, so a bad setting stops all
 ranks with exit status 2 and one `error:` line (from rank 0), and none waits in a collective.
-Hydra's own output (.hydra/, train.log) is written by rank 0 only.
+Hydra's own output (.hydra/) and the console's copy (train.log) are written by rank 0 only.
 
 `trainer.dry_run=true` builds everything on every rank, prints each rank's memory and exits
 0 before step 1 (planner/dry_run.py). `trainer.eval_only=true trainer.init_from=CKPT` prints
