@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from omegaconf import OmegaConf
 
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 
 if TYPE_CHECKING:
+    from scaleforge.core.config import Config
     from scaleforge.core.trainer import Trainer
 
 
@@ -41,3 +45,23 @@ def describe_layout(trainer: Trainer) -> str:
         line += (f" | pipeline {p.pp_schedule}, stages {trainer.pipeline.stage_ids} on this "
                  f"rank, theoretical bubble {bubble:.1%}")
     return line
+
+
+def describe_config_changes(saved: Path, cfg: Config) -> str | None:
+    """One line naming each setting whose value differs between the config saved at `saved`
+    (a resumed checkpoint's config.yaml) and `cfg`; None when none does or nothing is saved."""
+    if not saved.is_file():
+        return None
+    before = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    after = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    changed = [f"{key} {before.get(key)} -> {after.get(key)}"
+               for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return f"config changed since the checkpoint: {', '.join(changed)}" if changed else None
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """A nested config as {dotted key: value}."""
+    if isinstance(tree, dict):
+        return {key: value for name, subtree in tree.items()
+                for key, value in _flat(subtree, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}

@@ -49,7 +49,11 @@ from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
-from scaleforge.core.run_description import describe_layout, describe_run
+from scaleforge.core.run_description import (
+    describe_config_changes,
+    describe_layout,
+    describe_run,
+)
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.data_pipeline.pack import split_batch
@@ -321,6 +325,8 @@ class Trainer:
             logger.message(describe_layout(self))
         if self.resumed_from is not None:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
+            if changed := describe_config_changes(self.resumed_from / "config.yaml", self.cfg):
+                logger.message(changed)
             logger.resume_at(self.step)
             record: dict[str, float | None] = {"step": self.step}
         else:
