@@ -102,7 +102,8 @@ def test_independent_mistakes_are_all_reported_at_once():
 
 
 def test_warmup_longer_than_the_run_is_clamped_with_a_warning():
-    cfg = to_config(compose(["trainer.max_steps=5", "optim.warmup_steps=20"]))
+    cfg = to_config(compose(["trainer.max_steps=5", "optim.warmup_steps=20",
+                             "trainer.precision=fp32"]))
     warnings = derive_settings(cfg)
     assert cfg.optim.warmup_steps == 5 and len(warnings) == 1
     assert warnings[0].startswith("warning: optim.warmup_steps=20 exceeds trainer.max_steps=5")
@@ -122,7 +123,8 @@ def test_eval_every_zero_turns_evaluation_off():
 
 
 def test_shards_mode_infers_vocab_size_and_seq_len(shard_dir):
-    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro"]))
+    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro",
+                             "trainer.precision=fp32"]))
     assert cfg.data.vocab_size is None and cfg.data.seq_len == cfg.model.max_seq_len == 64
     assert derive_settings(cfg) == []
     assert cfg.data.vocab_size == 400  # the manifest's tokenizer
@@ -139,8 +141,24 @@ def test_model_vocab_below_the_datas_states_both(shard_dir):
 
 
 def test_shards_mode_without_a_path_is_reported_with_the_other_mistakes():
-    cfg = to_config(compose(["data=shards", "optim.schedule=step"]))
+    cfg = to_config(compose(["data=shards", "optim.schedule=step", "trainer.precision=fp32"]))
     assert derive_settings(cfg) == [] and cfg.data.vocab_size is None
     with pytest.raises(ConfigErrors) as info:
         validate(cfg)
     assert [m.split("=")[0] for m in info.value.messages] == ["optim.schedule", "data.mode"]
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_measured_slowdown(monkeypatch):
+    from scaleforge.core import precision
+
+    assert precision.cpu_bf16_slowdown(size=64, repeats=2) > 0  # a real measurement
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 6.25)
+    cfg = to_config(compose(["trainer.precision=bf16", "trainer.device=cpu"]))
+    assert derive_settings(cfg) == [
+        "warning: trainer.precision=bf16 on a CPU without bf16 units: a bf16 matmul measured "
+        "6.2x slower than fp32 here; trainer.precision=fp32 trains faster on this machine"]
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 0.6)  # bf16 units
+    assert derive_settings(cfg) == []
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 6.25)
+    cfg = to_config(compose(["trainer.precision=fp32", "trainer.device=cpu"]))
+    assert derive_settings(cfg) == []
