@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
+from scaleforge.data_pipeline.manifest import load_manifest
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 
@@ -65,3 +66,22 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
         return {key: value for name, subtree in tree.items()
                 for key, value in _flat(subtree, f"{prefix}{name}.").items()}
     return {prefix[:-1]: tree}
+
+
+def describe_data(cfg: Config, directories: tuple[Path, ...]) -> str | None:
+    """One line: each shard source's directory, training tokens, weight and the epochs of
+    it this run reads (`trainer.max_steps` x `trainer.global_batch_tokens` x its share);
+    None for streaming data, which has no counts up front."""
+    if not directories:
+        return None
+    weights = ([1.0] if cfg.data.mode == "corpus" or cfg.data.path
+               else [source.weight for source in cfg.data.blend])
+    total_weight = sum(weights)
+    run_tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_tokens
+    parts = []
+    for directory, weight in zip(directories, weights, strict=True):
+        tokens = load_manifest(directory)["splits"]["train"]["tokens"]
+        share = weight / total_weight
+        parts.append(f"{directory} ({tokens:,} tokens, weight {share:.2f}, "
+                     f"{run_tokens * share / max(tokens, 1):.2f} epochs)")
+    return f"data: {'; '.join(parts)}; this run reads {run_tokens:,} tokens"

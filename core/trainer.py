@@ -51,6 +51,7 @@ from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.run_description import (
     describe_config_changes,
+    describe_data,
     describe_layout,
     describe_run,
 )
@@ -129,6 +130,7 @@ class Trainer:
         plan = build_plan(cfg, self.topology.dp_size)
         self.micro_batches = plan.micro_batches
 
+        self.data_summary: str | None = None  # a line about the data the run reads
         if data is None:
             loaders = self.topology.local_rank0_first(
                 lambda: build_loaders(
@@ -137,6 +139,7 @@ class Trainer:
                 )
             )
             data = (iter(loaders.train), loaders.val)
+            self.data_summary = describe_data(cfg, loaders.prepared.directories)
         self.train_batches, self.val_loader = data
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device,
@@ -321,6 +324,8 @@ class Trainer:
         )
         tokens_per_step = self.cfg.trainer.global_batch_tokens
         logger.message(describe_run(self))
+        if self.data_summary:
+            logger.message(self.data_summary)
         if self.topology.is_distributed:
             logger.message(describe_layout(self))
         if self.resumed_from is not None:

@@ -134,6 +134,8 @@ def test_fresh_shards_train_with_no_other_setting(fresh_shards, tmp_path):
                       f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: optim.warmup_steps=100 exceeds trainer.max_steps=5" in result.stdout
+    assert f"data: {fresh_shards} (" in result.stdout  # the data summary line
+    assert "weight 1.00" in result.stdout and "this run reads 10,240 tokens" in result.stdout
     records = metrics_records(tmp_path / "run")
     assert records[-1]["step"] == 5 and "val_loss" in records[-1]
     config = (tmp_path / "run" / "config.yaml").read_text()

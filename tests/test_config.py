@@ -162,3 +162,18 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_measured_slowdown(monkeyp
     monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 6.25)
     cfg = to_config(compose(["trainer.precision=fp32", "trainer.device=cpu"]))
     assert derive_settings(cfg) == []
+
+
+def test_data_summary_names_each_source_its_share_and_epochs(shard_dir):
+    from scaleforge.core.run_description import describe_data
+    from scaleforge.data_pipeline.manifest import load_manifest
+
+    cfg = to_config(compose(["data=blend", f"data.blend.0.path={shard_dir}",
+                             f"data.blend.1.path={shard_dir}", "trainer.max_steps=10",
+                             "trainer.global_batch_tokens=4000"]))
+    tokens = load_manifest(shard_dir)["splits"]["train"]["tokens"]
+    line = describe_data(cfg, (shard_dir, shard_dir))
+    first, second = line.removeprefix("data: ").split("; ")[:2]
+    assert first == (f"{shard_dir} ({tokens:,} tokens, weight 0.70, "
+                     f"{40_000 * 0.7 / tokens:.2f} epochs)")
+    assert "weight 0.30" in second and line.endswith("this run reads 40,000 tokens")
