@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from scaleforge.core.precision import check_precision_device
 from scaleforge.core.preemption import parse_signals
+from scaleforge.core.profiling import check_profile_steps
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.vocabulary import data_vocab_size
 from scaleforge.errors import ConfigError, ErrorCollector
@@ -132,6 +133,9 @@ class TrainerConfig:
     # Report the validation loss and perplexity of the weights of trainer.init_from (or of
     # the checkpoint resumed) on this data config, and exit without training.
     eval_only: bool = False
+    # [first, last]: write a torch.profiler trace of these steps per rank into
+    # RUN_DIR/profile/ (Chrome/Perfetto; on CUDA also a memory snapshot); []: none.
+    profile_steps: list[int] = field(default_factory=list)
 
     def evaluates_at(self, step: int) -> bool:
         """Whether the run evaluates after `step` (0: before training)."""
@@ -157,6 +161,7 @@ class TrainerConfig:
                 "loss-spike detector off)"
             )
         parse_signals(self.preemption_signals, f"{prefix}.preemption_signals")
+        check_profile_steps(self.profile_steps, self.max_steps, f"{prefix}.profile_steps")
         if not self.resume:
             raise ConfigError(f"{prefix}.resume is empty; use auto, never or a checkpoint path")
 

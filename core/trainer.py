@@ -49,6 +49,7 @@ from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
+from scaleforge.core.profiling import StepProfiler
 from scaleforge.core.run_description import (
     describe_config_changes,
     describe_data,
@@ -159,6 +160,8 @@ class Trainer:
         self.spike_detector = LossSpikeDetector(cfg.trainer.spike_zscore,
                                                 cfg.trainer.spike_warmup_steps)
         self.preemption = PreemptionWatch(cfg.trainer.preemption_signals)
+        self.profiler = StepProfiler(cfg.trainer.profile_steps, self.run_dir,
+                                     self.topology.rank, self.device)
         self.last_step_signals: StepSignals | None = None
         self.skipped: str | None = None  # the non-finite value that made the last step skip
         self.preempted = False
@@ -344,7 +347,10 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         self.throughput.restart()
         while self.step < cfg.max_steps:
+            self.profiler.before_step(self.step + 1)
             loss, grad_norm = self.train_step(self.train_batches)
+            if trace := self.profiler.after_step(self.step):
+                logger.message(f"profile: {trace} (rank 0's; each rank writes its own)")
             self.throughput.step()
             logger.advance()
             events = self._step_events(logger)
