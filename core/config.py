@@ -10,6 +10,7 @@ that span several settings, once, before any process group or data exists.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -197,10 +198,19 @@ class LoggingConfig:
     wandb_entity: str | None = None  # the W&B team or user (null: your default)
     run_name: str | None = None  # the W&B run name (null: the run directory's name)
     progress_bar: bool = True  # a tqdm bar on rank 0
+    # Also write every logged metric as TensorBoard scalars into RUN_DIR/tensorboard/
+    # (needs the tensorboard package: `tensorboard --logdir RUN_DIR/tensorboard`).
+    tensorboard: bool = False
 
     def check(self, prefix: str = "logging") -> None:
-        """Raise ConfigError unless `wandb` is a known mode."""
+        """Raise ConfigError unless `wandb` is a known mode and TensorBoard, when asked
+        for, is installed."""
         _choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                f"{prefix}.tensorboard=true needs the tensorboard package: pip install "
+                "tensorboard (it is in the dev extra), or set logging.tensorboard=false"
+            )
 
 
 @dataclass

@@ -89,8 +89,8 @@ def _format(record: dict[str, Any]) -> str:
 
 
 class MetricsLogger:
-    """Writes each logged step to the console, `run_dir/metrics.jsonl` and W&B, and every
-    console line to `run_dir/train.log`.
+    """Writes each logged step to the console, `run_dir/metrics.jsonl`, W&B and (with
+    logging.tensorboard) TensorBoard, and every console line to `run_dir/train.log`.
 
     On ranks other than 0 every method is a no-op, so callers never branch on rank.
     """
@@ -112,6 +112,11 @@ class MetricsLogger:
         self.console_log = open(Path(run_dir) / "train.log", "a", buffering=1)  # noqa: SIM115
         show_bar = logging_cfg.progress_bar and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=not show_bar)
+        self.tensorboard = None
+        if logging_cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.wandb_run = None
         mode = wandb_mode(logging_cfg.wandb)
         if mode != "disabled":
@@ -167,6 +172,10 @@ class MetricsLogger:
         self.message(_format(clean))
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in clean.items() if k != "step"}, step=clean["step"])
+        if self.tensorboard is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, clean["step"])
 
     def close(self) -> None:
         if not self.enabled:
@@ -174,6 +183,8 @@ class MetricsLogger:
         self.bar.close()
         self.jsonl.close()
         self.console_log.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
