@@ -21,7 +21,7 @@ from pathlib import Path
 from scaleforge.data_pipeline import shards
 from scaleforge.data_pipeline.split import ENOUGH_VAL_TOKENS, val_fraction_for
 from scaleforge.errors import exit_on_config_error
-from scaleforge.launch.key_value import Handlers, required, run_subcommand
+from scaleforge.launch.key_value import Handlers, is_help, required, run_subcommand
 
 
 @dataclass
@@ -100,7 +100,12 @@ def _prepare() -> None:
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
-    if command == "prepare":
+    if command == "prepare" and is_help(sys.argv[2:]):
+        from scaleforge.launch.train_help import train_help
+
+        # prepare takes sf-train's overrides; it reads the data.* settings
+        print(train_help(__doc__ or "", [a for a in sys.argv[2:] if not a.startswith("-")]))
+    elif command == "prepare":
         sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads its overrides from sys.argv
         _prepare()
     elif command in _HANDLERS or command in ("-h", "--help"):

@@ -188,6 +188,7 @@ def test_three_mistakes_are_three_error_lines_in_one_start(tmp_path, stdlib_over
         (["sf-sweep", "fit", "--help"], "sf-sweep fit settings"),
         (["sf-convert"], "sf-convert to-hf settings"),
         (["sf-preprocess"], "sf-preprocess shards settings"),
+        (["sf-preprocess", "prepare", "--help"], "data.max_corpus_bytes=8000000"),
         (["sf-plan"], "sf-plan settings"),
         (["sf-generate"], "temperature=0.8"),
     ],
