@@ -10,6 +10,7 @@ that span several settings, once, before any process group or data exists.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,8 +19,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from scaleforge.core.precision import check_precision_device
 from scaleforge.core.preemption import parse_signals
+from scaleforge.core.profiling import check_profile_steps
 from scaleforge.data_pipeline.config import DataConfig
-from scaleforge.errors import ConfigError
+from scaleforge.data_pipeline.vocabulary import data_vocab_size
+from scaleforge.errors import ConfigError, ErrorCollector
 from scaleforge.models.attention import check_attention_backend
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
@@ -56,17 +59,19 @@ def _positive(name: str, value: float) -> None:
 class OptimConfig:
     """AdamW and its learning-rate schedule. Weight decay applies to matrices only."""
 
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    schedule: str = "cosine"
+    lr: float = 3e-4  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # the schedule ends at lr x min_lr_ratio
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (across all ranks)
+    schedule: str = "cosine"  # learning-rate decay after warmup: cosine, linear, wsd, constant
+    # Linear warmup steps; more than trainer.max_steps is clamped to it (with a warning).
     warmup_steps: int = 100
     # wsd only: the fraction of the steps after warmup spent decaying at the end.
     decay_fraction: float = 0.2
+    # torch's AdamW kernel: auto, fused, foreach or for_loop.
     implementation: str = "auto"
 
     def check(self, prefix: str = "optim") -> None:
@@ -85,25 +90,26 @@ class TrainerConfig:
     """The training loop. One optimizer step consumes `global_batch_tokens` tokens, split
     into micro-batches of `micro_batch_size` sequences (gradient accumulation)."""
 
-    max_steps: int = 1000
-    global_batch_tokens: int = 65536
-    micro_batch_size: int = 8
-    precision: str = "bf16"
-    activation_checkpointing: str = "none"
+    max_steps: int = 1000  # optimizer steps to train
+    global_batch_tokens: int = 65536  # tokens per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    precision: str = "bf16"  # compute precision: fp32, bf16 (fp32 master weights) or fp16
+    activation_checkpointing: str = "none"  # recompute activations: none, selective, full
     # Checkpoint every k-th block only (1 = every block); applies to "full" and "selective".
     checkpoint_every_n_blocks: int = 1
+    # Evaluate on the validation split every N steps, at the start and at the end (0: never).
     eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
+    eval_batches: int = 8  # validation micro-batches per evaluation
+    log_every: int = 10  # log training metrics every N steps
+    seed: int = 0  # seeds the weights and every other random draw of the run
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
     # Deterministic kernels (core/precision.py set_numerics): null (auto) = true on CPU
     # (bitwise repeatable), false on CUDA; true on CUDA is strict (slower; an op without a
     # deterministic kernel raises).
     deterministic: bool | None = None
     # CUDA float32 matmuls on TF32 tensor cores; false for strict IEEE fp32.
     tf32: bool = True
-    save_final_weights: bool = True
+    save_final_weights: bool = True  # write RUN_DIR/final_model.pt at the end
     # torch.compile each transformer block (after activation checkpointing, before FSDP).
     compile: bool = False
     # A step whose loss or global grad norm is NaN or infinite: skip its update or stop.
@@ -125,6 +131,16 @@ class TrainerConfig:
     # Build everything (layout, model shards, optimizer, loaders, resume), report each rank's
     # memory and exit before step 1 (planner/dry_run.py).
     dry_run: bool = False
+    # Report the validation loss and perplexity of the weights of trainer.init_from (or of
+    # the checkpoint resumed) on this data config, and exit without training.
+    eval_only: bool = False
+    # [first, last]: write a torch.profiler trace of these steps per rank into
+    # RUN_DIR/profile/ (Chrome/Perfetto; on CUDA also a memory snapshot); []: none.
+    profile_steps: list[int] = field(default_factory=list)
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the run evaluates after `step` (0: before training)."""
+        return self.eval_every > 0 and (step % self.eval_every == 0 or step == self.max_steps)
 
     def check(self, prefix: str = "trainer") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
@@ -133,7 +149,10 @@ class TrainerConfig:
                 CHECKPOINTING_MODES)
         _choice(f"{prefix}.device", self.device, DEVICES)
         _choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
-        for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_every",
+        if self.eval_every < 0:
+            raise ConfigError(f"{prefix}.eval_every={self.eval_every} must be at least 0 "
+                              "(0 turns evaluation off)")
+        for name in ("max_steps", "global_batch_tokens", "micro_batch_size",
                      "eval_batches", "log_every", "checkpoint_every_n_blocks",
                      "max_skipped_steps", "spike_warmup_steps"):
             _positive(f"{prefix}.{name}", getattr(self, name))
@@ -143,6 +162,7 @@ class TrainerConfig:
                 "loss-spike detector off)"
             )
         parse_signals(self.preemption_signals, f"{prefix}.preemption_signals")
+        check_profile_steps(self.profile_steps, self.max_steps, f"{prefix}.profile_steps")
         if not self.resume:
             raise ConfigError(f"{prefix}.resume is empty; use auto, never or a checkpoint path")
 
@@ -173,15 +193,24 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where metrics go, from rank 0 only. wandb: auto = online with credentials, else offline."""
 
-    wandb: str = "auto"
-    wandb_project: str = "scaleforge"
-    wandb_entity: str | None = None
-    run_name: str | None = None
-    progress_bar: bool = True
+    wandb: str = "auto"  # auto, online, offline or disabled
+    wandb_project: str = "scaleforge"  # the W&B project
+    wandb_entity: str | None = None  # the W&B team or user (null: your default)
+    run_name: str | None = None  # the W&B run name (null: the run directory's name)
+    progress_bar: bool = True  # a tqdm bar on rank 0
+    # Also write every logged metric as TensorBoard scalars into RUN_DIR/tensorboard/
+    # (needs the tensorboard package: `tensorboard --logdir RUN_DIR/tensorboard`).
+    tensorboard: bool = False
 
     def check(self, prefix: str = "logging") -> None:
-        """Raise ConfigError unless `wandb` is a known mode."""
+        """Raise ConfigError unless `wandb` is a known mode and TensorBoard, when asked
+        for, is installed."""
         _choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                f"{prefix}.tensorboard=true needs the tensorboard package: pip install "
+                "tensorboard (it is in the dev extra), or set logging.tensorboard=false"
+            )
 
 
 @dataclass
@@ -193,6 +222,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Where metrics, checkpoints and the config of the run go.
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
 
 
@@ -296,46 +326,81 @@ def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batche
 def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     """Check every cross-field rule; raise ConfigError naming the setting and the fix.
 
-    Runs identically on every rank before any process group exists, so a bad layout stops
-    all ranks with the same error and no rank is left waiting in a collective. Returns the
-    layout's sizes, for `parallel.topology.init_topology`.
+    Independent problems are all reported at once (errors.ConfigErrors, one message each);
+    a rule that builds on another (the pipeline's on the layout's) runs only when that one
+    passed. Runs identically on every rank before any process group exists, so a bad layout
+    stops all ranks with the same error and no rank is left waiting in a collective.
+    Returns the layout's sizes, for `parallel.topology.init_topology`.
     """
-    for name in ("model", "data", "trainer", "optim", "checkpoint", "logging"):
-        getattr(cfg, name).check(name)
-    t, o, d = cfg.trainer, cfg.optim, cfg.data
+    problems = ErrorCollector()
+    fields_ok = [problems.run(getattr(cfg, name).check, name)
+                 for name in ("model", "data", "trainer", "optim", "checkpoint", "logging")]
+    for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_device,
+                 _check_rope_per_document):
+        problems.run(rule, cfg)
+    layout: list[ParallelDims] = []
+    if all(fields_ok):  # the layout's arithmetic needs valid sizes
+        problems.run(lambda: layout.append(_validate_layout(cfg, world_size)))
+    problems.raise_if_any()
+    return layout[0]
+
+
+def _check_warmup(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.trainer
     if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} must lie in [0, trainer.max_steps={t.max_steps}]"
         )
-    if d.seq_len > cfg.model.max_seq_len:
+
+
+def _check_seq_len(cfg: Config) -> None:
+    if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
-            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
-            f"data.seq_len or raise model.max_seq_len"
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+            "lower data.seq_len (it defaults to model.max_seq_len with data=shards or "
+            "data=streaming) or raise model.max_seq_len"
         )
-    if d.vocab_size > cfg.model.vocab_size:
+
+
+def _check_vocab(cfg: Config) -> None:
+    d = cfg.data
+    vocab_size = d.vocab_size if d.vocab_size is not None else data_vocab_size(d)
+    if vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            f"data.vocab_size={d.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; the "
-            "model could not embed every token id: lower data.vocab_size or raise model.vocab_size"
+            f"model.vocab_size={cfg.model.vocab_size} is below the data's vocabulary of "
+            f"{vocab_size} ids (data.vocab_size); the model could not embed every token id: "
+            f"set model.vocab_size={vocab_size} (or more)"
         )
-    dims = check_layout(cfg.parallel, cfg.model, d.seq_len, world_size)
-    micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
-    if dims.pp > 1:
-        _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
-    if t.precision == "fp16" and dims.world_size > 1:
-        raise ConfigError(
-            f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
-            "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
-        )
+
+
+def _check_device(cfg: Config) -> None:
+    t = cfg.trainer
     device = resolve_device(t.device)
     check_precision_device(t.precision, device)
     check_attention_backend(cfg.model.attention, device.type, t.precision)
-    if cfg.model.rope_per_document and not d.document_masking:
+
+
+def _check_rope_per_document(cfg: Config) -> None:
+    if cfg.model.rope_per_document and not cfg.data.document_masking:
         raise ConfigError(
             "model.rope_per_document=true restarts positions at each document, which needs "
             "the batches' document ids: set data.document_masking=true"
         )
+
+
+def _validate_layout(cfg: Config, world_size: int) -> ParallelDims:
+    """The layout's rules: sizes, batch split, pipeline, fp16 and the backend."""
+    dims = check_layout(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
+    micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
+    if dims.pp > 1:
+        _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
+    if cfg.trainer.precision == "fp16" and dims.world_size > 1:
+        raise ConfigError(
+            f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
+            "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
+        )
     if dims.world_size > 1:
-        check_backend(cfg.parallel.backend, device)
+        check_backend(cfg.parallel.backend, resolve_device(cfg.trainer.device))
     return dims
 
 

@@ -89,7 +89,8 @@ def _format(record: dict[str, Any]) -> str:
 
 
 class MetricsLogger:
-    """Writes each logged step to the console, `run_dir/metrics.jsonl` and W&B.
+    """Writes each logged step to the console, `run_dir/metrics.jsonl`, W&B and (with
+    logging.tensorboard) TensorBoard, and every console line to `run_dir/train.log`.
 
     On ranks other than 0 every method is a no-op, so callers never branch on rank.
     """
@@ -105,9 +106,17 @@ class MetricsLogger:
         self.enabled = is_rank0
         if not self.enabled:
             return
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
+        self.jsonl = open(self.jsonl_path, "a", buffering=1)  # noqa: SIM115
+        # Every console line of the run, also when no terminal keeps it.
+        self.console_log = open(Path(run_dir) / "train.log", "a", buffering=1)  # noqa: SIM115
         show_bar = logging_cfg.progress_bar and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=not show_bar)
+        self.tensorboard = None
+        if logging_cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.wandb_run = None
         mode = wandb_mode(logging_cfg.wandb)
         if mode != "disabled":
@@ -126,6 +135,7 @@ class MetricsLogger:
         """Print one line without breaking the progress bar."""
         if not self.enabled:
             return
+        self.console_log.write(text + "\n")
         if self.bar.disable:
             print(text, flush=True)
         else:
@@ -134,6 +144,24 @@ class MetricsLogger:
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
             self.bar.update(steps)
+
+    def resume_at(self, step: int) -> None:
+        """A run resumed from its checkpoint at `step`: drop the records metrics.jsonl holds
+        for later steps (logged before the previous start stopped, and about to be logged
+        again), say so, and move the progress bar to `step`."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        lines = self.jsonl_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if from_json(line)["step"] <= step]
+        if len(kept) < len(lines):
+            partial = self.jsonl_path.with_suffix(".jsonl.partial")
+            partial.write_text("".join(kept))
+            os.replace(partial, self.jsonl_path)
+            self.message(f"metrics.jsonl: dropped {len(lines) - len(kept)} records after "
+                         f"step {step}, the checkpoint this run resumes from")
+        self.jsonl = open(self.jsonl_path, "a", buffering=1)  # noqa: SIM115
+        self.advance(step)
 
     def log(self, record: dict[str, Any]) -> None:
         """Record one step's metrics (a dict with at least `step`)."""
@@ -144,12 +172,19 @@ class MetricsLogger:
         self.message(_format(clean))
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in clean.items() if k != "step"}, step=clean["step"])
+        if self.tensorboard is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, clean["step"])
 
     def close(self) -> None:
         if not self.enabled:
             return
         self.bar.close()
         self.jsonl.close()
+        self.console_log.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

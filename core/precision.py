@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -101,3 +102,38 @@ def tf32_enabled() -> bool:
     if hasattr(matmul, "fp32_precision"):
         return bool(matmul.fp32_precision == "tf32")
     return bool(matmul.allow_tf32)
+
+
+# bf16 matmuls this many times slower than fp32 ones mean the CPU emulates bf16 (measured
+# 0.5x on a Xeon with AVX512-BF16; emulation is several times slower; the margin keeps a
+# busy machine's timing noise from raising the warning).
+SLOW_BF16_RATIO = 2.5
+
+
+def cpu_bf16_slowdown(size: int = 512, repeats: int = 5) -> float:
+    """How many times longer a (size x size) bf16 matmul takes than an fp32 one on this CPU,
+    measured now (best of `repeats` each; a few milliseconds on a CPU with bf16 units)."""
+    timings = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size).to(dtype)
+        torch.mm(a, a)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, a)
+            best = min(best, time.perf_counter() - started)
+        timings.append(best)
+    return timings[1] / max(timings[0], 1e-9)
+
+
+def cpu_bf16_warning(precision: str, device: torch.device) -> str | None:
+    """A one-line warning when a run would compute in bf16 on a CPU that emulates it (its
+    bf16 matmuls measured SLOW_BF16_RATIO times slower than fp32 or more); None otherwise."""
+    if precision != "bf16" or device.type != "cpu":
+        return None
+    slowdown = cpu_bf16_slowdown()
+    if slowdown < SLOW_BF16_RATIO:
+        return None
+    return (f"warning: trainer.precision=bf16 on a CPU without bf16 units: a bf16 matmul "
+            f"measured {slowdown:.1f}x slower than fp32 here; trainer.precision=fp32 trains "
+            "faster on this machine")

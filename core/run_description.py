@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omegaconf import OmegaConf
+
+from scaleforge.data_pipeline.manifest import load_manifest
 from scaleforge.models import count_parameters, num_params
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 
 if TYPE_CHECKING:
+    from scaleforge.core.config import Config
     from scaleforge.core.trainer import Trainer
 
 
@@ -41,3 +46,42 @@ def describe_layout(trainer: Trainer) -> str:
         line += (f" | pipeline {p.pp_schedule}, stages {trainer.pipeline.stage_ids} on this "
                  f"rank, theoretical bubble {bubble:.1%}")
     return line
+
+
+def describe_config_changes(saved: Path, cfg: Config) -> str | None:
+    """One line naming each setting whose value differs between the config saved at `saved`
+    (a resumed checkpoint's config.yaml) and `cfg`; None when none does or nothing is saved."""
+    if not saved.is_file():
+        return None
+    before = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    after = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    changed = [f"{key} {before.get(key)} -> {after.get(key)}"
+               for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return f"config changed since the checkpoint: {', '.join(changed)}" if changed else None
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """A nested config as {dotted key: value}."""
+    if isinstance(tree, dict):
+        return {key: value for name, subtree in tree.items()
+                for key, value in _flat(subtree, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def describe_data(cfg: Config, directories: tuple[Path, ...]) -> str | None:
+    """One line: each shard source's directory, training tokens, weight and the epochs of
+    it this run reads (`trainer.max_steps` x `trainer.global_batch_tokens` x its share);
+    None for streaming data, which has no counts up front."""
+    if not directories:
+        return None
+    weights = ([1.0] if cfg.data.mode == "corpus" or cfg.data.path
+               else [source.weight for source in cfg.data.blend])
+    total_weight = sum(weights)
+    run_tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_tokens
+    parts = []
+    for directory, weight in zip(directories, weights, strict=True):
+        tokens = load_manifest(directory)["splits"]["train"]["tokens"]
+        share = weight / total_weight
+        parts.append(f"{directory} ({tokens:,} tokens, weight {share:.2f}, "
+                     f"{run_tokens * share / max(tokens, 1):.2f} epochs)")
+    return f"data: {'; '.join(parts)}; this run reads {run_tokens:,} tokens"

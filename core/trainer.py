@@ -49,7 +49,13 @@ from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
-from scaleforge.core.run_description import describe_layout, describe_run
+from scaleforge.core.profiling import StepProfiler
+from scaleforge.core.run_description import (
+    describe_config_changes,
+    describe_data,
+    describe_layout,
+    describe_run,
+)
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.data_pipeline.pack import split_batch
@@ -127,6 +133,7 @@ class Trainer:
         self.micro_batches = plan.micro_batches
         self.columns = batch_columns(self.topology, cfg.data.seq_len)  # this cp rank's chunks
 
+        self.data_summary: str | None = None  # a line about the data the run reads
         if data is None:
             loaders = self.topology.local_rank0_first(
                 lambda: build_loaders(
@@ -135,6 +142,7 @@ class Trainer:
                 )
             )
             data = (iter(loaders.train), loaders.val)
+            self.data_summary = describe_data(cfg, loaders.prepared.directories)
         self.train_batches, self.val_loader = data
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device,
@@ -154,6 +162,8 @@ class Trainer:
         self.spike_detector = LossSpikeDetector(cfg.trainer.spike_zscore,
                                                 cfg.trainer.spike_warmup_steps)
         self.preemption = PreemptionWatch(cfg.trainer.preemption_signals)
+        self.profiler = StepProfiler(cfg.trainer.profile_steps, self.run_dir,
+                                     self.topology.rank, self.device)
         self.last_step_signals: StepSignals | None = None
         self.skipped: str | None = None  # the non-finite value that made the last step skip
         self.preempted = False
@@ -294,6 +304,11 @@ class Trainer:
         local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         return (self.topology.sum_over_dp(local) / self.cfg.trainer.eval_batches).item()
 
+    def val_metrics(self) -> dict[str, float]:
+        """`evaluate()` as metrics: the validation loss and perplexity."""
+        val_loss = self.evaluate()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
     def fit(self, logger: MetricsLogger | None = None) -> dict:
         """Train for `trainer.max_steps` steps; return the last logged record.
 
@@ -313,24 +328,30 @@ class Trainer:
         )
         tokens_per_step = self.cfg.trainer.global_batch_tokens
         logger.message(describe_run(self))
+        if self.data_summary:
+            logger.message(self.data_summary)
         if self.topology.is_distributed:
             logger.message(describe_layout(self))
         if self.resumed_from is not None:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
-            logger.advance(self.step)
+            if changed := describe_config_changes(self.resumed_from / "config.yaml", self.cfg):
+                logger.message(changed)
+            logger.resume_at(self.step)
             record: dict[str, float | None] = {"step": self.step}
         else:
             if self.initialised_from is not None:
                 logger.message(f"weights from {self.initialised_from}")
-            val_loss = self.evaluate()
-            record = {"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            record = {"step": 0, **(self.val_metrics() if cfg.evaluates_at(0) else {})}
             logger.log(record)
 
         every = self.cfg.checkpoint.every
         start, start_step = time.perf_counter(), self.step
         self.throughput.restart()
         while self.step < cfg.max_steps:
+            self.profiler.before_step(self.step + 1)
             loss, grad_norm = self.train_step(self.train_batches)
+            if trace := self.profiler.after_step(self.step):
+                logger.message(f"profile: {trace} (rank 0's; each rank writes its own)")
             self.throughput.step()
             logger.advance()
             events = self._step_events(logger)
@@ -338,9 +359,10 @@ class Trainer:
             preempted = self.step_signals.preemption_requested and self.step < cfg.max_steps
             self.checkpointer.poll()
             if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
-                self.save_checkpoint()
-            is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-            if not (self.step % cfg.log_every == 0 or is_eval or events or preempted):
+                logger.message(f"checkpoint: {self.save_checkpoint()}")
+            is_eval = cfg.evaluates_at(self.step)
+            last = self.step == cfg.max_steps  # logged even when evaluation is off
+            if not (self.step % cfg.log_every == 0 or is_eval or last or events or preempted):
                 continue
             speed = self.throughput.read()
             now = time.perf_counter()
@@ -355,8 +377,7 @@ class Trainer:
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
             if is_eval:
-                val_loss = self.evaluate()
-                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                record |= self.val_metrics()
             logger.log(record | events)
             if preempted:
                 return self._stop_for_preemption(logger, record, own_logger)

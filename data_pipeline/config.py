@@ -35,24 +35,32 @@ class DataConfig:
       jsonl/parquet files) tokenized on the fly with `tokenizer`.
     """
 
-    mode: str = "corpus"
-    corpus: str = "stdlib"
-    cache_dir: str = "data_cache"
-    vocab_size: int = 4096
-    max_corpus_bytes: int = 8_000_000
+    mode: str = "corpus"  # corpus, shards or streaming (see above)
+    corpus: str = "stdlib"  # corpus mode: "stdlib" or a glob of text files
+    cache_dir: str = "data_cache"  # corpus mode: where its tokenizer and shards are cached
+    # Token ids of the tokenizer; null (shards and streaming modes' default): the
+    # tokenizer's own, read from the shards' manifest or data.tokenizer. Corpus mode trains
+    # a tokenizer of this size.
+    vocab_size: int | None = 4096
+    max_corpus_bytes: int = 8_000_000  # corpus mode: read at most this much text
+    # Corpus and streaming modes: the share of documents held out for validation (shards
+    # mode: set by `sf-preprocess shards val_fraction=`).
     val_fraction: float = 0.05
+    # Tokens per training sequence; data=shards and data=streaming default to
+    # model.max_seq_len.
     seq_len: int = 256
-    seed: int = 1234
-    path: str | None = None
+    seed: int = 1234  # shuffling seed of the training windows
+    path: str | None = None  # shards mode: a directory written by sf-preprocess shards
+    # shards mode: several shard directories with weights, instead of path.
     blend: list[BlendSourceConfig] = field(default_factory=list)
-    dataset: str | None = None
-    tokenizer: str | None = None
-    text_field: str = "text"
+    dataset: str | None = None  # streaming mode: hub name, save_to_disk dir or file glob
+    tokenizer: str | None = None  # streaming mode: a tokenizer directory or tokenizer.json
+    text_field: str = "text"  # streaming mode: the field holding each document's text
     # DataLoader worker processes preparing training batches ahead; -1 (auto): one when
     # training on CUDA (batches are ready while the GPU computes), none on CPU (a worker
     # would compete with the ranks for the cores).
     num_workers: int = -1
-    verify_shards: bool = True
+    verify_shards: bool = True  # check every shard's sha256 and token range at start
     # Hand the model each packed window's document ids (a new document after each EOS), so
     # no token attends to an earlier document of its window (model.attention masks them).
     document_masking: bool = False

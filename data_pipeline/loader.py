@@ -31,8 +31,10 @@ from scaleforge.data_pipeline.samples import (
     document_ids,
 )
 from scaleforge.data_pipeline.sources import open_streaming_dataset
+from scaleforge.data_pipeline.split import val_fraction_for
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
+from scaleforge.data_pipeline.vocabulary import missing_shard_source
 from scaleforge.errors import ConfigError
 
 
@@ -225,7 +227,7 @@ def build_loaders(
     seq_len = data_cfg.seq_len
     val = TokenWindows(TokenStream([s for _, val_shards, _ in opened for s in val_shards]),
                        seq_len)
-    _check_validation_size(data_cfg, len(val))
+    _check_validation_size(data_cfg, len(val), directories)
     train = BlendedSamples(
         [TokenWindows(TokenStream(train_shards), seq_len) for train_shards, _, _ in opened],
         [weight for _, weight in sources],
@@ -253,10 +255,7 @@ def _shard_sources(data_cfg: DataConfig) -> list[tuple[Path, float]]:
         return [(Path(data_cfg.path), 1.0)]
     if data_cfg.blend:
         return [(Path(source.path), source.weight) for source in data_cfg.blend]
-    raise ConfigError(
-        "data.mode=shards needs data.path=DIR (a directory written by sf-preprocess shards) "
-        "or data.blend (a list of {path, weight}); see configs/data/blend.yaml"
-    )
+    raise missing_shard_source()
 
 
 def _open_shards(
@@ -294,21 +293,36 @@ def _streaming_loaders(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int
 
 
 def _check_vocab(data_cfg: DataConfig, tokenizer: Tokenizer, where: Path) -> None:
-    if tokenizer.vocab_size != data_cfg.vocab_size:
+    if data_cfg.vocab_size is not None and tokenizer.vocab_size != data_cfg.vocab_size:
         raise ConfigError(
             f"data.vocab_size={data_cfg.vocab_size} but the tokenizer of {where} has "
-            f"{tokenizer.vocab_size} ids; set data.vocab_size={tokenizer.vocab_size} (and "
-            "model.vocab_size at least that)"
+            f"{tokenizer.vocab_size} ids; set data.vocab_size={tokenizer.vocab_size} or null "
+            "(the tokenizer's), and model.vocab_size at least that"
         )
 
 
-def _check_validation_size(data_cfg: DataConfig, val_windows: int) -> None:
-    if val_windows == 0:
+def _check_validation_size(data_cfg: DataConfig, val_windows: int,
+                           directories: tuple[Path, ...]) -> None:
+    if val_windows:
+        return
+    needed = data_cfg.seq_len + 1
+    if data_cfg.mode == "corpus":
         raise ConfigError(
-            f"data.val_fraction={data_cfg.val_fraction}: the validation split holds fewer tokens "
-            f"than data.seq_len + 1 = {data_cfg.seq_len + 1}; raise data.val_fraction (or "
-            "val_fraction of sf-preprocess shards) or the corpus size, or lower data.seq_len"
+            f"data.val_fraction={data_cfg.val_fraction}: the validation split holds fewer "
+            f"tokens than data.seq_len + 1 = {needed}; raise data.val_fraction or the corpus "
+            "size (data.max_corpus_bytes), or lower data.seq_len"
         )
+    manifests = [load_manifest(directory) for directory in directories]
+    splits = [split for m in manifests for split in m["splits"].values()]
+    total, documents = (sum(s[key] for s in splits) for key in ("tokens", "documents"))
+    fraction = val_fraction_for(4 * needed, total, documents)
+    raise ConfigError(
+        f"data.path: the validation split of {', '.join(map(str, directories))} holds fewer "
+        f"tokens than data.seq_len + 1 = {needed} (sf-preprocess shards held out "
+        f"val_fraction={manifests[0]['val_fraction']} of the documents); rerun sf-preprocess "
+        f"shards with val_fraction={fraction} into a new out= "
+        "directory, or lower data.seq_len"
+    )
 
 
 def _check_training_size(data_cfg: DataConfig, train_samples: int,

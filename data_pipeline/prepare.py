@@ -24,6 +24,8 @@ from scaleforge.data_pipeline.manifest import MANIFEST
 from scaleforge.data_pipeline.shards import ShardsJob, write_shards
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import train_sentencepiece
+from scaleforge.data_pipeline.vocabulary import data_vocab_size
+from scaleforge.errors import ConfigError
 
 # Bump when the output of prepare changes for the same inputs (tokenizer options, file
 # layout), so old cache directories are not reused.
@@ -35,9 +37,10 @@ SHARDS_DIR = "shards"
 _UNIT_BYTES = 1 << 21
 
 
-def prepare(data_cfg: DataConfig) -> Path:
+def prepare(data_cfg: DataConfig, build: bool = True) -> Path:
     """The shard directory of `data_cfg.corpus`: reused from the cache, or built (train a
-    tokenizer on the training documents, then tokenize every document into shards).
+    tokenizer on the training documents, then tokenize every document into shards); with
+    `build` false a missing cache is a ConfigError instead.
 
     Safe to call from several processes at once: each builds privately and the first to
     finish wins (calling it on one rank first avoids the duplicated work).
@@ -49,6 +52,12 @@ def prepare(data_cfg: DataConfig) -> Path:
     if (final / SHARDS_DIR / MANIFEST).exists():
         print(f"data: reusing {final}")
         return final / SHARDS_DIR
+    if not build:
+        raise ConfigError(
+            f"data.cache_dir={str(cache_dir)!r} holds no prepared data for data.corpus="
+            f"{data_cfg.corpus!r} (run from the directory the run was started in, or "
+            "rebuild it with sf-preprocess prepare and the run's data.* settings)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=cache_dir))
     try:
@@ -85,10 +94,11 @@ def _build(data_cfg: DataConfig, documents: list[Path], directory: Path) -> None
     # The tokenizer learns from training documents only, so validation text stays unseen.
     texts = (read_document(path) for path in documents)
     training_texts = (t for t in texts if not is_validation(t, data_cfg.val_fraction))
+    vocab_size = data_vocab_size(data_cfg)
     tokenizer_path = train_sentencepiece(
-        training_texts, data_cfg.vocab_size, directory / TOKENIZER_DIR, setting="data.vocab_size"
+        training_texts, vocab_size, directory / TOKENIZER_DIR, setting="data.vocab_size"
     )
-    print(f"data: trained a {data_cfg.vocab_size}-piece tokenizer in "
+    print(f"data: trained a {vocab_size}-piece tokenizer in "
           f"{time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     job = ShardsJob(input=data_cfg.corpus, tokenizer=str(tokenizer_path),

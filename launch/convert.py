@@ -7,6 +7,8 @@ to-hf: `ckpt` is a checkpoint directory (`RUN_DIR/checkpoints/step_<N>`) or a ru
 whose newest complete checkpoint is converted, else its `final_model.pt` (with the run's
 `config.yaml`). Writes config.json + model.safetensors, loadable with
 `transformers.AutoModelForCausalLM.from_pretrained(out)`; `dtype` is fp32 (default) or bf16.
+The tokenizer of the run's data is written too (tokenizer.json + tokenizer_config.json, with
+its BOS/EOS/PAD tokens): `AutoTokenizer.from_pretrained(out)` encodes as training did.
 
 from-hf: `hf` is a local Llama (3.1+ RoPE scaling included), Mistral, Qwen2 (2.5), Qwen3 or
 GPT-2 directory (config.json + safetensors; pickled .bin
@@ -89,7 +91,23 @@ def to_hf(settings: ToHfSettings) -> Path:
     config, state = read_training_weights(ckpt)
     out = hf_conversion().save_hf(state, config.model, Path(settings.out), DTYPES[settings.dtype])
     print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
+    _export_tokenizer(config, out)
     return out
+
+
+def _export_tokenizer(config: Config, out: Path) -> None:
+    """Write the tokenizer of the run's data beside the model (a warning when the data's
+    tokenizer cannot be found, e.g. the run's corpus cache or shards are gone)."""
+    from scaleforge.data_pipeline.hf_tokenizer import export_hf_tokenizer
+    from scaleforge.data_pipeline.vocabulary import data_tokenizer
+
+    try:
+        tokenizer = data_tokenizer(config.data)
+    except ConfigError as error:
+        print(f"warning: no tokenizer written (the run's data tokenizer: {error})")
+        return
+    export_hf_tokenizer(tokenizer, out)
+    print(f"tokenizer ({tokenizer.vocab_size} ids) from {tokenizer.path} -> {out}")
 
 
 def from_hf(settings: FromHfSettings) -> Path:
@@ -102,9 +120,26 @@ def from_hf(settings: FromHfSettings) -> Path:
     out = save_model_checkpoint(
         state, Config(model=model_cfg, run_dir=settings.out), Path(settings.out)
     )
+    _import_tokenizer(Path(settings.hf), out)
     print(f"{model_cfg.family} model from {settings.hf} -> {out}; train from it with:")
     print(" ".join(["sf-train", f"trainer.init_from={out}", *model_overrides(model_cfg)]))
     return out
+
+
+def _import_tokenizer(hf_dir: Path, out: Path) -> None:
+    """Copy the model's tokenizer.json (when it has one) beside the checkpoint, checked to
+    load as ours, and say how to tokenize data with it."""
+    import shutil
+
+    from scaleforge.data_pipeline.tokenizer import Tokenizer
+
+    source = hf_dir / "tokenizer.json"
+    if not source.is_file():
+        print(f"{hf_dir} has no tokenizer.json; tokenize data with the model's own tokenizer")
+        return
+    tokenizer = Tokenizer.load(shutil.copy(source, out / "tokenizer.json"))
+    print(f"tokenizer ({tokenizer.vocab_size} ids) -> {tokenizer.path}; tokenize data with "
+          f"sf-preprocess shards tokenizer={tokenizer.path} input=... out=...")
 
 
 # The settings that fix a model's tensor shapes and its function; name and init_std do not.
@@ -148,7 +183,7 @@ _HANDLERS: Handlers = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSetting
 
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
-    run_subcommand("sf-convert", _HANDLERS, argv)
+    run_subcommand("sf-convert", _HANDLERS, argv, __doc__ or "")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scaleforge.errors import ConfigError
+from scaleforge.launch.help import nearest, setting_lines
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -87,8 +88,10 @@ def parse_settings(schema: type[T], arguments: list[str], command: str) -> T:
 def _not_a_setting(argument: str, key: str | None, declared: dict[str, Field]) -> str:
     names = ", ".join(declared)
     if key is None:
-        return f"{argument!r} is not key=value; the settings are {names}"
-    return f"{argument!r} is not one of {names} ({key!r} is not a setting of this command)"
+        return (f"{argument!r} is not key=value; the settings are "
+                f"{names}{nearest(argument, declared)}")
+    return (f"{argument!r} is not one of {names} ({key!r} is not a setting of this "
+            f"command{nearest(key, declared)})")
 
 
 def _argument_config(key: str, text: str, kind: Any) -> DictConfig:
@@ -149,10 +152,36 @@ def _listed(items: Iterable[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def run_subcommand(program: str, handlers: Handlers, argv: list[str]) -> None:
+def settings_help(schema: type[DataclassInstance], command: str) -> str:
+    """`command`'s settings, one line each: key=default and its meaning (launch/help.py)."""
+    defaults = {f.name: f.default if f.default is not MISSING
+                else f.default_factory() if f.default_factory is not MISSING else MISSING
+                for f in fields(schema)}
+    return "\n".join([f"{command} settings (key=value):", *setting_lines(schema, defaults)])
+
+
+def print_help(schema: type[DataclassInstance], command: str, doc: str) -> None:
+    """Print `doc` (a module docstring) and `command`'s settings to stdout."""
+    print(f"{doc.strip()}\n\n{settings_help(schema, command)}")
+
+
+def is_help(argv: list[str]) -> bool:
+    """Whether the arguments ask for help (-h or --help)."""
+    return any(argument in ("-h", "--help") for argument in argv)
+
+
+def run_subcommand(program: str, handlers: Handlers, argv: list[str], doc: str = "") -> None:
     """Run `program`'s subcommand `argv[0]`: `handlers` maps its name to (settings
-    dataclass, function); the function gets the settings parsed from `argv[1:]`."""
+    dataclass, function); the function gets the settings parsed from `argv[1:]`.
+    `--help` prints `doc` and the settings of every subcommand (or of the one named)."""
+    if is_help(argv):
+        chosen = [argv[0]] if argv[0] in handlers else list(handlers)
+        sections = [settings_help(handlers[name][0], f"{program} {name}") for name in chosen]
+        print("\n\n".join([doc.strip(), *sections]))
+        return
     if not argv or argv[0] not in handlers:
-        raise ConfigError(f"give a command: {program} {{{'|'.join(handlers)}}} key=value ...")
+        given = f"{argv[0]!r} is not a command{nearest(argv[0], handlers)} " if argv else ""
+        raise ConfigError(f"{given}give a command: {program} {{{'|'.join(handlers)}}} "
+                          "key=value ...")
     schema, handler = handlers[argv[0]]
     handler(parse_settings(schema, argv[1:], f"{program} {argv[0]}"))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleforge.errors import ConfigError, exit_on_config_error
-from scaleforge.launch.key_value import parse_settings, required
+from scaleforge.launch.key_value import is_help, parse_settings, print_help, required
 
 CONFIG_GROUPS = ("model", "data", "trainer", "parallel", "optim", "checkpoint", "logging")
 DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024
@@ -123,6 +123,9 @@ def plan(argv: list[str]) -> None:
 
 
 def main() -> None:
+    if is_help(sys.argv[1:]):
+        print_help(PlanSettings, "sf-plan", __doc__ or "")
+        return
     exit_on_config_error(plan, sys.argv[1:])
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scaleforge.data_pipeline import shards
+from scaleforge.data_pipeline.split import ENOUGH_VAL_TOKENS, val_fraction_for
 from scaleforge.errors import exit_on_config_error
-from scaleforge.launch.key_value import Handlers, required, run_subcommand
+from scaleforge.launch.key_value import Handlers, is_help, required, run_subcommand
 
 
 @dataclass
@@ -63,6 +64,14 @@ def write_shards(job: shards.ShardsJob) -> None:
         summary = manifest["splits"][split]
         print(f"{split}: {summary['tokens']:,} tokens, {summary['documents']:,} documents, "
               f"{len(summary['shards'])} shards")
+    val_tokens = manifest["splits"]["val"]["tokens"]
+    if val_tokens < ENOUGH_VAL_TOKENS:
+        splits = manifest["splits"].values()
+        total, documents = (sum(s[key] for s in splits) for key in ("tokens", "documents"))
+        print(f"warning: validation holds {val_tokens:,} tokens, fewer than "
+              f"{ENOUGH_VAL_TOKENS:,} (8 sequences of 1,024); rerun with "
+              f"val_fraction={val_fraction_for(ENOUGH_VAL_TOKENS, total, documents)} (now "
+              f"{job.val_fraction}) into a new out= directory", file=sys.stderr)
 
 
 _HANDLERS: Handlers = {
@@ -91,11 +100,17 @@ def _prepare() -> None:
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
-    if command == "prepare":
+    if command == "prepare" and is_help(sys.argv[2:]):
+        from scaleforge.launch.train_help import train_help
+
+        # prepare takes sf-train's overrides; it reads the data.* settings
+        print(train_help(__doc__ or "", [a for a in sys.argv[2:] if not a.startswith("-")]))
+    elif command == "prepare":
         sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads its overrides from sys.argv
         _prepare()
-    elif command in _HANDLERS:
-        exit_on_config_error(run_subcommand, "sf-preprocess", _HANDLERS, sys.argv[1:])
+    elif command in _HANDLERS or command in ("-h", "--help"):
+        exit_on_config_error(run_subcommand, "sf-preprocess", _HANDLERS, sys.argv[1:],
+                             __doc__ or "")
     else:
         print(f"usage: sf-preprocess {{{','.join([*_HANDLERS, 'prepare'])}}} key=value ...\n"
               f"{__doc__}", file=sys.stderr)

@@ -109,10 +109,14 @@ class ReportSettings:
     """Settings of `report` (see scaling/report.py)."""
 
     fit: str = required("DIR/fit.json (sf-sweep fit's result)")
-    table: str = required("PATH.csv (sf-sweep collect's table)")
     out: str = required("DIR")
+    # The runs to plot; null: the table the fit read (recorded in fit.json's `inputs`).
+    table: str | None = None
+    # Compute budgets to predict the optimum for (empty: the report's defaults).
     budgets: list[float] = field(default_factory=list)
-    loss_column: str = "loss"
+    # The loss column; null: the fit's.
+    loss_column: str | None = None
+    # Rows whose column is non-zero are left out; null: the fit's exclude_column.
     exclude_column: str | None = None
     wandb: str = "auto"
     wandb_project: str = "scaleforge-scaling"
@@ -260,6 +264,12 @@ def fit(settings: FitSettings) -> Path:
                            budget_tolerance_dex=settings.budget_tolerance_dex)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
+    # What the fit read, so `report` (and a reader) reproduces it without the flags.
+    result["inputs"] = {"table": settings.table, "loss_column": settings.loss_column,
+                        "exclude_column": settings.exclude_column, "bootstrap": settings.bootstrap,
+                        "seed": settings.seed, "budgets": settings.budgets,
+                        "budget_tolerance_dex": settings.budget_tolerance_dex,
+                        "rows": len(rows)}
     path = write_fit(result, Path(settings.out))
     law = result["approach3"]["params"]
     print(f"approach 3: L(N, D) = {law['E']['value']:.3f} + {law['A']['value']:.4g} / "
@@ -333,10 +343,16 @@ def report(settings: ReportSettings) -> None:
     from scaleforge.scaling.table import read_table
 
     result = read_fit(Path(settings.fit))
-    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
-                             settings.exclude_column, settings.table)
+    inputs = result.get("inputs", {})
+    table = settings.table or inputs.get("table")
+    if not table:
+        raise ConfigError(f"report needs table=PATH.csv ({settings.fit} records no table)")
+    loss_column = settings.loss_column or inputs.get("loss_column") or "loss"
+    exclude_column = settings.exclude_column or inputs.get("exclude_column")
+    rows = _without_excluded(read_table(Path(table), ("N", "D", loss_column)), exclude_column,
+                             table)
     paths = write_report(result, rows, Path(settings.out), settings.budgets,
-                         loss_column=settings.loss_column, wandb=settings.wandb,
+                         loss_column=loss_column, wandb=settings.wandb,
                          wandb_project=settings.wandb_project)
     for path in paths:
         print(f"report -> {path}")
@@ -352,7 +368,7 @@ _HANDLERS: Handlers = {
 
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand `argv[0]` with the key=value settings `argv[1:]`."""
-    run_subcommand("sf-sweep", _HANDLERS, argv)
+    run_subcommand("sf-sweep", _HANDLERS, argv, __doc__ or "")
 
 
 def main() -> None:

@@ -5,10 +5,11 @@
 
 Every rank validates the config before any process group exists, so a bad setting stops all
 ranks with exit status 2 and one `error:` line (from rank 0), and none waits in a collective.
-Hydra's own output (.hydra/, train.log) is written by rank 0 only.
+Hydra's own output (.hydra/) and the console's copy (train.log) are written by rank 0 only.
 
 `trainer.dry_run=true` builds everything on every rank, prints each rank's memory and exits
-0 before step 1 (planner/dry_run.py).
+0 before step 1 (planner/dry_run.py). `trainer.eval_only=true trainer.init_from=CKPT` prints
+the validation loss and perplexity of a checkpoint on the configured data and exits.
 
 SIGTERM or SIGUSR1 (`trainer.preemption_signals`) during training saves a checkpoint and
 exits with status 0 (without scaling.json, which marks a finished run); see core/preemption.py.
@@ -19,17 +20,26 @@ Under `--multirun` each job trains in its own `<hydra.sweep.dir>/<hydra.sweep.su
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from scaleforge.core.config import register_configs, to_config
-from scaleforge.errors import exit_on_config_error
+from scaleforge.core.derived_settings import derive_settings
+from scaleforge.errors import ConfigError, exit_on_config_error, messages_of
+from scaleforge.launch.key_value import is_help
+
+if TYPE_CHECKING:
+    from scaleforge.core.trainer import Trainer
 
 register_configs()
 
@@ -51,6 +61,9 @@ def train(cfg: DictConfig) -> dict:
     from scaleforge.scaling.run_record import write_run_record
 
     config = to_config(cfg)
+    for warning in derive_settings(config):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(warning, flush=True)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         # every job of a sweep gets its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>;
         # a run_dir shared by all jobs would mix their metrics
@@ -65,6 +78,8 @@ def train(cfg: DictConfig) -> dict:
 
                 report_dry_run(trainer)
                 return {}
+            if config.trainer.eval_only:
+                return evaluate_only(trainer)
             record = trainer.fit()
         if topology.is_rank0:
             if not trainer.preempted:  # scaling.json marks a finished run
@@ -76,12 +91,53 @@ def train(cfg: DictConfig) -> dict:
             dist.destroy_process_group()
 
 
+def evaluate_only(trainer: Trainer) -> dict:
+    """`trainer.eval_only=true`: the validation loss and perplexity of the loaded weights,
+    printed by rank 0 as one line and returned as a metrics record."""
+    source = trainer.resumed_from or trainer.initialised_from
+    if source is None:
+        raise ConfigError(
+            "trainer.eval_only=true evaluates a checkpoint: set trainer.init_from=RUN_OR_STEP_DIR "
+            "(or trainer.resume= a checkpoint)"
+        )
+    record = {"step": trainer.step, **trainer.val_metrics()}
+    if trainer.topology.is_rank0:
+        print(f"eval: {source} on {trainer.cfg.trainer.eval_batches} validation batches: "
+              f"val_loss {record['val_loss']:.4f}, val_ppl {record['val_ppl']:.2f}", flush=True)
+    return record
+
+
+@record
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    exit_on_config_error(train, cfg)
+    exit_on_config_error(train, cfg, on_error=_record_for_torchrun)
+
+
+def _record_for_torchrun(error: BaseException) -> None:
+    """Write `error` into torchrun's error file ($TORCHELASTIC_ERROR_FILE, the format of
+    torch.distributed.elastic's ErrorHandler), so torchrun's failure summary shows its
+    `error:` lines where it would show a traceback (nothing when run alone)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    lines = messages_of(error) if isinstance(error, ConfigError) else [str(error)]
+    text = "\n".join(f"error: {line}" for line in lines)
+    record = {"message": {"message": f"{type(error).__name__}: {text}",
+                          "extraInfo": {"py_callstack": text,
+                                        "timestamp": str(int(time.time()))}}}
+    Path(path).write_text(json.dumps(record))
 
 
 def main() -> None:
+    arguments = sys.argv[1:]
+    if is_help(arguments):
+        from scaleforge.launch.train_help import train_help
+
+        print(train_help(__doc__ or "", [a for a in arguments if not a.startswith("-")]))
+        return
+    from scaleforge.launch.train_help import check_override_keys
+
+    exit_on_config_error(check_override_keys, arguments)
     if int(os.environ.get("RANK", 0)) != 0:
         sys.argv.extend(_NON_ZERO_RANK_OVERRIDES)
     _hydra_main()

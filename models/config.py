@@ -75,21 +75,21 @@ class TransformerConfig:
     to itself and the window - 1 tokens before it, Mistral; None: the whole causal prefix).
     """
 
-    name: str = "custom"
-    family: str = "llama"
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None
+    name: str = "custom"  # the preset's name, for logs
+    family: str = "llama"  # llama or gpt (see above)
+    n_layers: int = 2  # transformer blocks
+    d_model: int = 128  # hidden width
+    n_heads: int = 4  # attention (query) heads
+    n_kv_heads: int | None = None  # key/value heads (GQA); null: n_heads
+    ffn_hidden: int | None = None  # MLP width; null: derived (see above)
     ffn_multiplier: float = 1.0
     ffn_multiple_of: int = 256
-    vocab_size: int = 4096
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    vocab_size: int = 4096  # embedding rows; at least the data's vocabulary
+    max_seq_len: int = 256  # longest sequence (RoPE tables, gpt positions)
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
+    tie_embeddings: bool = False  # the LM head shares the embedding matrix
+    init_std: float = 0.02  # standard deviation of the initial weights
     attention: str = "sdpa"
     rope_per_document: bool = False
     kernels: str = "auto"

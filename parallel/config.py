@@ -24,14 +24,14 @@ class ParallelConfig:
     mesh order (pp outermost, tp innermost).
     """
 
-    tp: int = 1
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
+    tp: int = 1  # tensor-parallel size (Megatron's column/row split)
+    pp: int = 1  # pipeline-parallel stages
+    dp_replicate: int = 1  # data-parallel replicas (HSDP's replicate axis)
+    dp_shard: int = 1  # FSDP shards per replica; -1: the rest of the world
+    cp: int = 1  # context parallel (reserved, must be 1)
     # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
     pp_schedule: str = "1F1B"
-    pp_stages_per_rank: int = 1
+    pp_stages_per_rank: int = 1  # virtual stages per rank
     # Layers of each of the pp x pp_stages_per_rank stages, e.g. [1, 3]; null splits evenly.
     pp_layers_per_stage: list[int] | None = None
     # auto: nccl when training on CUDA, gloo on CPU.

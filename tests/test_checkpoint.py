@@ -235,3 +235,26 @@ def test_a_tied_embedding_is_stored_once_and_resumes_into_both(tmp_path):
     )
     for name, value in weights(full).items():
         assert torch.equal(value, weights(resumed)[name]), name
+
+
+def test_resumed_run_truncates_metrics_and_records_its_console(tmp_path, capsys):
+    """A run restarted from step 4 of 8 keeps one record per step in metrics.jsonl (the
+    records the first start logged after step 4 are dropped), says which setting changed
+    since the checkpoint, and train.log holds the console lines of both starts, each
+    checkpoint save included."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "checkpoint.every=2", "trainer.log_every=1")
+    for step in (6, 8):
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step}")
+    resumed = train(run_dir, "checkpoint.every=2", "trainer.log_every=1",
+                    "trainer.spike_zscore=5.0")
+    assert resumed.resumed_from.name == "step_4"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    assert steps == list(range(9))
+    console = capsys.readouterr().out
+    assert "metrics.jsonl: dropped 4 records after step 4" in console
+    assert "config changed since the checkpoint: trainer.spike_zscore 6.0 -> 5.0\n" in console
+    log = (run_dir / "train.log").read_text()
+    assert f"checkpoint: {run_dir / 'checkpoints' / 'step_2'}" in log
+    assert log.count(f"checkpoint: {run_dir / 'checkpoints' / 'step_6'}") == 2
+    assert "metrics.jsonl: dropped 4 records" in log and log.count("step      8 |") == 2

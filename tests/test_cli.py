@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from commands import run_tool
+from commands import BIN, run_tool
 from run_metrics import metrics_records
 
 
@@ -98,3 +102,151 @@ def test_preprocess_bad_arguments_name_the_key(tmp_path, arguments, named):
     result = run_tool("sf-preprocess", *arguments, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert named in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def fresh_shards(tmp_path_factory) -> Path:
+    """A shards directory as a new user makes one: 400 small standard-library documents,
+    a 512-piece tokenizer and `sf-preprocess shards` with its defaults (val_fraction=0.01)."""
+    from scaleforge.data_pipeline.corpus import find_documents, read_document
+
+    directory = tmp_path_factory.mktemp("fresh")
+    sources = [p for p in find_documents("stdlib", 8_000_000) if p.stat().st_size > 1000]
+    with open(directory / "docs.jsonl", "w") as stream:
+        for path in sources[:400]:
+            stream.write(json.dumps({"text": read_document(path)[:800]}) + "\n")
+    corpus = str(directory / "docs.jsonl")
+    result = run_tool("sf-preprocess", "tokenizer", f"input={corpus}", "vocab_size=512",
+                      f"out={directory / 'tok'}", cwd=directory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool("sf-preprocess", "shards", f"input={corpus}",
+                      f"tokenizer={directory / 'tok'}", f"out={directory / 'shards'}",
+                      cwd=directory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory / "shards"
+
+
+def test_fresh_shards_train_with_no_other_setting(fresh_shards, tmp_path):
+    """The data's vocabulary comes from the manifest, data.seq_len from the model, and the
+    preset's warmup is clamped to the run (the global batch is made small for speed)."""
+    result = run_tool("sf-train", "data=shards", f"data.path={fresh_shards}", "model=llama_micro",
+                      "trainer.max_steps=5", "trainer.global_batch_tokens=2048",
+                      f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: optim.warmup_steps=100 exceeds trainer.max_steps=5" in result.stdout
+    assert f"data: {fresh_shards} (" in result.stdout  # the data summary line
+    assert "weight 1.00" in result.stdout and "this run reads 10,240 tokens" in result.stdout
+    records = metrics_records(tmp_path / "run")
+    assert records[-1]["step"] == 5 and "val_loss" in records[-1]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "vocab_size: 512" in config and "seq_len: 64" in config
+
+
+@pytest.mark.slow
+def test_fresh_shards_train_exactly_as_the_issue_says(fresh_shards, tmp_path):
+    result = run_tool("sf-train", "data=shards", f"data.path={fresh_shards}", "model=llama_micro",
+                      "trainer.max_steps=5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_preprocess_warns_about_a_small_validation_split(jsonl_corpus, tokenizer_dir, tmp_path):
+    result = run_tool("sf-preprocess", "shards", f"input={jsonl_corpus}",
+                      f"tokenizer={tokenizer_dir}", f"out={tmp_path / 'shards'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "rerun with val_fraction=0." in warning[0], result.stderr
+
+
+def test_demo_without_evaluation_and_with_a_clamped_warmup(tmp_path, stdlib_overrides):
+    result = run_tool("sf-train", "+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
+                      "trainer.max_steps=5", "trainer.eval_every=0",
+                      "trainer.global_batch_tokens=4096", "logging.wandb=disabled",
+                      f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: optim.warmup_steps=20 exceeds trainer.max_steps=5" in result.stdout
+    records = metrics_records(tmp_path / "run")
+    assert records[-1]["step"] == 5 and not any("val_loss" in r for r in records)
+
+
+def test_three_mistakes_are_three_error_lines_in_one_start(tmp_path, stdlib_overrides):
+    result = run_tool("sf-train", *stdlib_overrides, "trainer.precision=fp8",
+                      "optim.schedule=step", "data.seq_len=4096", "logging.wandb=disabled",
+                      f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert [line.split("=")[0] for line in lines] == [
+        "error: trainer.precision", "error: optim.schedule", "error: data.seq_len"]
+
+
+@pytest.mark.parametrize(
+    ("command", "described"),
+    [
+        (["sf-train"], "trainer.eval_every=100"),
+        (["sf-train", "model=llama_micro"], "model.vocab_size=512"),
+        (["sf-sweep"], "sf-sweep fit settings"),
+        (["sf-sweep", "fit", "--help"], "sf-sweep fit settings"),
+        (["sf-convert"], "sf-convert to-hf settings"),
+        (["sf-preprocess"], "sf-preprocess shards settings"),
+        (["sf-preprocess", "prepare", "--help"], "data.max_corpus_bytes=8000000"),
+        (["sf-plan"], "sf-plan settings"),
+        (["sf-generate"], "temperature=0.8"),
+    ],
+)
+def test_help_exits_0_and_describes_the_keys(tmp_path, command, described):
+    arguments = command[1:] if "--help" in command else [*command[1:], "--help"]
+    result = run_tool(command[0], *arguments, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if described in line)
+    assert line == described or len(line.split(None, 1)) == 2 or "settings" in line, line
+
+
+def test_help_meanings_come_from_the_dataclasses(tmp_path):
+    result = run_tool("sf-train", "--help", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    eval_every = next(line for line in lines if line.strip().startswith("trainer.eval_every="))
+    assert "0: never" in eval_every
+    assert any("peak learning rate" in line for line in lines if "optim.lr=" in line)
+
+
+def test_a_typo_in_a_key_suggests_the_nearest_one(tmp_path):
+    result = run_tool("sf-train", "trainer.max_step=3", "optim.lrr=1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: trainer.max_step is not a setting; did you mean trainer.max_steps?",
+        "error: optim.lrr is not a setting; did you mean optim.lr?"]
+    result = run_tool("sf-sweep", "fit", "tabel=x.csv", cwd=tmp_path)
+    assert result.returncode == 2 and "did you mean table?" in result.stderr
+
+
+def readme_block(marker: str) -> list[str]:
+    """The command lines of the README's code block between <!-- marker --> and
+    <!-- /marker -->."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    return [line for line in block.splitlines() if line and not line.startswith("```")]
+
+
+def test_readme_first_run_commands_run_as_written(tmp_path, texts):
+    """The README's "A first run on your own text", line by line in a shell, in a folder
+    holding raw/*.jsonl and .venv (a link to this environment)."""
+    (tmp_path / ".venv").symlink_to(BIN.parent)
+    (tmp_path / "raw").mkdir()
+    for part in range(2):
+        with open(tmp_path / "raw" / f"part{part}.jsonl", "w") as stream:
+            for text in texts[part * 30:(part + 1) * 30]:
+                for piece in range(0, len(text), 500):  # 360 documents, ~8 in validation
+                    stream.write(json.dumps({"text": text[piece:piece + 500]}) + "\n")
+    lines = readme_block("first-run")
+    assert [line.split()[0] for line in lines] == [
+        ".venv/bin/sf-preprocess", ".venv/bin/sf-preprocess", ".venv/bin/sf-train",
+        ".venv/bin/sf-generate", ".venv/bin/sf-convert"]
+    outputs = []
+    for line in lines:
+        result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+        outputs.append(result.stdout)
+    assert "run directory:" in outputs[2]
+    assert "\ndef " in "\n" + outputs[3].splitlines()[-1]
+    assert (tmp_path / "hf" / "mine" / "tokenizer.json").is_file()

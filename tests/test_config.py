@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from scaleforge.core.config import compose, micro_batches_per_step, to_config, validate
-from scaleforge.errors import ConfigError
+from scaleforge.core.derived_settings import derive_settings
+from scaleforge.errors import ConfigError, ConfigErrors
 
 
 def _error_text(error: BaseException) -> str:
@@ -87,3 +88,92 @@ def test_micro_batches_per_step_fills_the_global_batch():
                              "data.seq_len=256"]))
     assert micro_batches_per_step(cfg) == 32
     assert micro_batches_per_step(cfg, dp_size=4) == 8
+
+
+def test_independent_mistakes_are_all_reported_at_once():
+    cfg = to_config(compose(["trainer.precision=fp8", "optim.schedule=step", "data.seq_len=512",
+                             "logging.wandb=maybe"]))
+    with pytest.raises(ConfigErrors) as info:
+        validate(cfg)
+    messages = info.value.messages
+    assert len(messages) == 4 and all("\n" not in m for m in messages)
+    for named in ("trainer.precision", "optim.schedule", "data.seq_len", "logging.wandb"):
+        assert sum(m.startswith(named) for m in messages) == 1, (named, messages)
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning():
+    cfg = to_config(compose(["trainer.max_steps=5", "optim.warmup_steps=20",
+                             "trainer.precision=fp32"]))
+    warnings = derive_settings(cfg)
+    assert cfg.optim.warmup_steps == 5 and len(warnings) == 1
+    assert warnings[0].startswith("warning: optim.warmup_steps=20 exceeds trainer.max_steps=5")
+    validate(cfg)
+    assert derive_settings(cfg) == []  # nothing left to clamp
+
+
+def test_eval_every_zero_turns_evaluation_off():
+    cfg = to_config(compose(["trainer.eval_every=0"]))
+    validate(cfg)
+    assert not any(cfg.trainer.evaluates_at(step) for step in range(cfg.trainer.max_steps + 1))
+    cfg.trainer.eval_every = 4
+    assert [s for s in range(11) if cfg.trainer.evaluates_at(s)] == [0, 4, 8]
+    cfg.trainer.eval_every = -1
+    with pytest.raises(ConfigError, match=r"trainer\.eval_every=-1 .*0 turns evaluation off"):
+        validate(cfg)
+
+
+def test_shards_mode_infers_vocab_size_and_seq_len(shard_dir):
+    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro",
+                             "trainer.precision=fp32"]))
+    assert cfg.data.vocab_size is None and cfg.data.seq_len == cfg.model.max_seq_len == 64
+    assert derive_settings(cfg) == []
+    assert cfg.data.vocab_size == 400  # the manifest's tokenizer
+    validate(cfg)
+
+
+def test_model_vocab_below_the_datas_states_both(shard_dir):
+    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro",
+                             "model.vocab_size=300"]))
+    derive_settings(cfg)
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=300 is below the data's "
+                                          r"vocabulary of 400 ids.*model\.vocab_size=400"):
+        validate(cfg)
+
+
+def test_shards_mode_without_a_path_is_reported_with_the_other_mistakes():
+    cfg = to_config(compose(["data=shards", "optim.schedule=step", "trainer.precision=fp32"]))
+    assert derive_settings(cfg) == [] and cfg.data.vocab_size is None
+    with pytest.raises(ConfigErrors) as info:
+        validate(cfg)
+    assert [m.split("=")[0] for m in info.value.messages] == ["optim.schedule", "data.mode"]
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_measured_slowdown(monkeypatch):
+    from scaleforge.core import precision
+
+    assert precision.cpu_bf16_slowdown(size=64, repeats=2) > 0  # a real measurement
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 6.25)
+    cfg = to_config(compose(["trainer.precision=bf16", "trainer.device=cpu"]))
+    assert derive_settings(cfg) == [
+        "warning: trainer.precision=bf16 on a CPU without bf16 units: a bf16 matmul measured "
+        "6.2x slower than fp32 here; trainer.precision=fp32 trains faster on this machine"]
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 0.6)  # bf16 units
+    assert derive_settings(cfg) == []
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 6.25)
+    cfg = to_config(compose(["trainer.precision=fp32", "trainer.device=cpu"]))
+    assert derive_settings(cfg) == []
+
+
+def test_data_summary_names_each_source_its_share_and_epochs(shard_dir):
+    from scaleforge.core.run_description import describe_data
+    from scaleforge.data_pipeline.manifest import load_manifest
+
+    cfg = to_config(compose(["data=blend", f"data.blend.0.path={shard_dir}",
+                             f"data.blend.1.path={shard_dir}", "trainer.max_steps=10",
+                             "trainer.global_batch_tokens=4000"]))
+    tokens = load_manifest(shard_dir)["splits"]["train"]["tokens"]
+    line = describe_data(cfg, (shard_dir, shard_dir))
+    first, second = line.removeprefix("data: ").split("; ")[:2]
+    assert first == (f"{shard_dir} ({tokens:,} tokens, weight 0.70, "
+                     f"{40_000 * 0.7 / tokens:.2f} epochs)")
+    assert "weight 0.30" in second and line.endswith("this run reads 40,000 tokens")

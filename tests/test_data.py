@@ -21,6 +21,7 @@ from scaleforge.data_pipeline.samples import (
     TokenWindows,
     document_ids,
 )
+from scaleforge.data_pipeline.split import val_fraction_for
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
@@ -389,3 +390,17 @@ def test_streaming_with_document_ids_resumes_at_the_same_batch(jsonl_corpus, tok
     expected, actual = next(run), next(resumed)
     assert len(actual) == 3
     assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
+
+
+def test_empty_shards_validation_split_names_sf_preprocess_val_fraction(shard_dir):
+    with pytest.raises(ConfigError) as info:
+        build_loaders(replace(shards_cfg(shard_dir), seq_len=100_000), 1)
+    message = str(info.value)
+    assert "rerun sf-preprocess shards with val_fraction=0.5" in message
+    assert "held out val_fraction=0.1" in message and "data.val_fraction" not in message
+
+
+def test_val_fraction_for_covers_tokens_and_whole_documents():
+    assert val_fraction_for(8200, 100_000, 1000) == 0.16
+    assert val_fraction_for(100, 100_000, 60) == 0.05  # three of 60 documents
+    assert val_fraction_for(10**6, 100_000, 60) == 0.5

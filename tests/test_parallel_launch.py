@@ -101,6 +101,21 @@ def test_bad_layout_under_torchrun_stops_every_rank_with_one_error_line(tmp_path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_config_errors_reach_torchruns_failure_summary(tmp_path):
+    """Each rank records its error: lines for torchrun, whose summary shows them where it
+    would show a traceback."""
+    result = _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *TRAIN,
+                       *SMALL_RUN, "trainer.precision=fp8", "optim.schedule=step",
+                       f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith(
+        "error: trainer.precision='fp8' is not one of fp32, bf16, fp16\n"
+        "error: optim.schedule='step' is not one of cosine, linear, wsd, constant\n")
+    summary = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert "traceback : error: trainer.precision='fp8'" in summary
+    assert "error: optim.schedule='step'" in summary and "Traceback" not in summary
+
+
 def test_slurm_template_starts_one_torchrun_per_node_with_rendezvous_on_the_first(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()

@@ -55,6 +55,10 @@ def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
     assert fit.returncode == 0, fit.stderr[-3000:]
     result = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert result["n_runs"] == 240
+    assert result["inputs"] == {  # what report reuses, and what reproduces the fit
+        "table": str(CHINCHILLA), "loss_column": "loss", "exclude_column": "excluded_by_epoch",
+        "bootstrap": 3, "seed": 0, "budgets": json.loads(HOFFMANN_BUDGETS.replace("e", ".0e")),
+        "budget_tolerance_dex": 0.05, "rows": 240}
     law = result["approach3"]["params"]
     assert set(law) == {"E", "A", "B", "alpha", "beta"}
     assert all({"value", "low", "high"} <= set(entry) for entry in law.values())
@@ -76,8 +80,9 @@ def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
     assert "(C = 6 N D)" in optimum.stdout
     assert re.search(r"N_opt=\S+ \[\S+, \S+\] D_opt=\S+ \[\S+, \S+\]", optimum.stdout)
 
+    # table and exclude_column come from the fit's inputs
     report = run_tool("sf-sweep", "report", f"fit={tmp_path / 'fit' / 'fit.json'}",
-                  f"table={CHINCHILLA}", f"out={tmp_path / 'report'}", "budgets=[5.76e23]",
+                  f"out={tmp_path / 'report'}", "budgets=[5.76e23]",
                   "wandb=offline", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     for name in ("isoflop_curves.png", "optimal_allocation.png", "loss_contours.png",

@@ -12,6 +12,7 @@ from micro_runs import micro_config, synthetic_data
 from run_metrics import metrics_records
 from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import Trainer
+from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -119,3 +120,38 @@ def test_weight_decay_applies_to_matrices_only(tmp_path):
     assert all(p.ndim == 1 for p in plain["params"])
     total = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
     assert total == len(list(trainer.model.parameters()))
+
+
+def test_profile_steps_write_a_chrome_trace_of_those_steps(tmp_path, capsys):
+    import json
+
+    from scaleforge.core.config import validate
+
+    cfg = micro_config(tmp_path / "run", "trainer.max_steps=3", "trainer.profile_steps=[2,3]")
+    Trainer(cfg, tmp_path / "run", data=synthetic_data(cfg)).fit()
+    trace = tmp_path / "run" / "profile" / "rank0_steps2-3.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("aten::mm" in str(event.get("name")) for event in events)
+    assert f"profile: {trace}" in capsys.readouterr().out
+    cfg.trainer.profile_steps = [0, 5]
+    with pytest.raises(ConfigError, match=r"trainer\.profile_steps=\[0, 5\] must be"):
+        validate(cfg)
+
+
+def test_tensorboard_logs_the_same_scalars_as_metrics_jsonl(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scaleforge.core.config import validate
+
+    cfg = micro_config(tmp_path / "run", "trainer.max_steps=3", "trainer.log_every=1",
+                       "logging.tensorboard=true")
+    Trainer(cfg, tmp_path / "run", data=synthetic_data(cfg)).fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(r["step"], r["loss"]) for r in metrics_records(tmp_path / "run") if "loss" in r]
+    scalars = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in scalars] == [step for step, _ in logged] == [1, 2, 3]
+    assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"logging\.tensorboard=true needs the tensorboard"):
+        validate(cfg)
