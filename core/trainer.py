@@ -52,8 +52,10 @@ from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.data_pipeline.loader import build_loaders
 from scaleforge.data_pipeline.pack import split_batch
-from scaleforge.models import count_parameters, num_params, uses_fused
+from scaleforge.models import uses_fused
+from scaleforge.models.param_count import describe_parameters
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
+from scaleforge.parallel.expert_load import ExpertLoad
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
     build_model,
@@ -144,6 +146,7 @@ class Trainer:
         self.model = (self.pipeline.model_parts if self.pipeline
                       else build_model(plan, self.topology))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.expert_load = ExpertLoad(self.model, self.topology, cfg.model, self.micro_batches)
         self.throughput = ThroughputMeter(cfg.model, cfg.data.seq_len,
                                           cfg.trainer.global_batch_tokens, self.topology,
                                           cfg.trainer.precision)
@@ -219,6 +222,7 @@ class Trainer:
         elif not self.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.expert_load.step()  # MoE: expert-bias update, load figures (parallel/expert_load.py)
         self.step += 1
         return total_loss, grad_norm
 
@@ -350,6 +354,7 @@ class Trainer:
                 "grad_norm": grad_norm.item(),
                 "tokens": self.step * tokens_per_step,
                 **speed,  # tokens/s, TFLOP/s per GPU and total, MFU, GiB: ThroughputMeter.read
+                **self.expert_load.metrics(),  # MoE: aux loss, expert load, dropped tokens
                 "elapsed_s": now - start,
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }
@@ -422,16 +427,11 @@ class Trainer:
 
     def _describe(self) -> str:
         cfg = self.cfg
-        if self.pipeline is not None:  # this rank holds only its stages: count from config
-            params, non_embedding = num_params(cfg.model), num_params(cfg.model, False)
-        else:  # DTensor parameters report their full size, so this counts the whole model.
-            params = count_parameters(self.model)
-            non_embedding = count_parameters(self.model, embeddings=False)
+        params = describe_parameters(cfg.model, None if self.pipeline else self.model)
         return (
-            f"model {cfg.model.name} ({cfg.model.family}): {params / 1e6:.2f}M parameters "
-            f"({non_embedding / 1e6:.2f}M non-embedding) | device {self.device} | precision "
-            f"{cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/step = "
-            f"{self.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
+            f"model {cfg.model.name} ({cfg.model.family}): {params} | device {self.device} | "
+            f"precision {cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/"
+            f"step = {self.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
             f"{cfg.data.seq_len} | {self.throughput.describe()} | "
             f"run dir {self.run_dir}"
         )

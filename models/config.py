@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
+from scaleforge.models.moe import MoEConfig
 
 FAMILIES = ("llama", "gpt")
 KERNELS = ("auto", "torch", "fused")  # models/kernels.py
@@ -27,6 +29,7 @@ class TransformerConfig:
     `ffn_hidden` of None derives the MLP width: 4*d_model for gpt; for llama 2/3 of
     4*d_model times `ffn_multiplier`, rounded up to a multiple of `ffn_multiple_of` (Llama's rule).
     `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention.py).
+    `moe` makes layers Mixture-of-Experts (models/moe.py; num_experts 0: dense).
     `rope_per_document` restarts the RoPE positions at 0 at each document of a packed row
     (llama; the model is then given document ids, data.document_masking=true).
     """
@@ -49,6 +52,7 @@ class TransformerConfig:
     attention: str = "sdpa"
     rope_per_document: bool = False
     kernels: str = "auto"
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +106,7 @@ class TransformerConfig:
                 f"{prefix}.rope_per_document=true: the {self.family} family has learned "
                 "positions, not RoPE; leave it false"
             )
+        self.moe.check(f"{prefix}.moe", self.family, self.n_layers)
         if self.family == "gpt" and self.kv_heads != self.n_heads:
             raise ConfigError(
                 f"{prefix}.n_kv_heads={self.n_kv_heads}: the gpt family has no grouped-query "
@@ -126,4 +131,18 @@ def as_transformer_config(
             f"model.{unknown[0]} is not a model setting; the settings are "
             f"{', '.join(sorted(known))}"
         )
+    if isinstance(settings.get("moe"), Mapping):
+        settings["moe"] = as_moe_config(settings["moe"])
     return TransformerConfig(**settings)
+
+
+def as_moe_config(settings: Mapping[str, Any]) -> MoEConfig:
+    """`model.moe` from a plain dict; unknown keys raise ConfigError."""
+    known = {f.name for f in fields(MoEConfig)}
+    unknown = sorted(set(map(str, settings)) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.moe.{unknown[0]} is not a MoE setting; the settings are "
+            f"{', '.join(sorted(known))}"
+        )
+    return MoEConfig(**{str(key): value for key, value in settings.items()})

@@ -37,7 +37,7 @@ from scaleforge.models.config import TransformerConfig
 from scaleforge.models.init import (
     fill_parameter,
     init_rules,
-    reset_rope_tables,
+    reset_buffers,
     rule_key,
     seed_from_global_rng,
 )
@@ -148,8 +148,8 @@ def init_sharded_weights(model: Transformer, seed: int) -> None:
     at a time beside the shards (see the module docstring).
 
     A DTensor parameter's full value is drawn on its device and cut to this rank's shard
-    locally; ones and zeros fill the shard directly. Buffers outside the state dict (RoPE
-    tables) are recomputed from the config.
+    locally; ones and zeros fill the shard directly. Buffers (RoPE tables, MoE state) are
+    reset (`models.init.reset_buffers`).
     """
     cfg = model.cfg
     rules = init_rules(cfg)
@@ -167,7 +167,7 @@ def init_sharded_weights(model: Transformer, seed: int) -> None:
         fill_parameter(full, rule, seed, key)
         local.copy_(_local_piece(full, param))
         del full
-    reset_rope_tables(model)
+    reset_buffers(model)
 
 
 def _local_piece(full: torch.Tensor, param: DTensor) -> torch.Tensor:
