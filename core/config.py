@@ -23,6 +23,7 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.attention import check_attention_backend
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
+from scaleforge.parallel.expert_parallel import check_expert_parallel
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline_schedules import validate_pipeline
@@ -318,6 +319,7 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
             "model could not embed every token id: lower data.vocab_size or raise model.vocab_size"
         )
     dims = check_layout(cfg.parallel, cfg.model, d.seq_len, world_size)
+    check_expert_parallel(cfg.parallel.ep, dims, cfg.model)
     micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
     if dims.pp > 1:
         _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)

@@ -34,6 +34,7 @@ split sizes: the reads a token-choice MoE needs (as Megatron's and torchtitan's)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +46,7 @@ from scaleforge.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUPED_MM = ("auto", "grouped", "loop")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Expert weight names, each (E, out, in) like a stack of nn.Linear weights: w1 gate, w3 up,
 # w2 down (the residual projection).
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
@@ -167,19 +169,23 @@ class Experts(nn.Module):
     """`num_experts` SwiGLU experts stacked: w1, w3 (E, hidden, d), w2 (E, d, hidden).
 
     Under expert parallelism the weights are DTensors sharded on dim 0 and each rank runs
-    its local experts (`to_local`), so forward takes this rank's groups only.
+    its local experts (`to_local`), so forward takes this rank's groups only; an expert's
+    gradient then sums every data-parallel rank's tokens and `grad_scale` (1 / dp size)
+    turns it into their mean, as data parallelism does for the other weights.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, grouped_mm: str):
         super().__init__()
         self.grouped_mm = grouped_mm
+        self.grad_scale = 1.0
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (n, d) grouped by expert, counts (E_local,) -> (n, d)."""
-        w1, w3, w2 = (_local(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (_ScaleGrad.apply(_local(w), self.grad_scale).to(x.dtype)
+                      for w in (self.w1, self.w3, self.w2))
         if use_grouped_mm(self.grouped_mm, x):
             offsets = counts.cumsum(0).to(torch.int32)
 
@@ -197,6 +203,19 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     """This rank's experts of a weight sharded over expert-parallel ranks (a DTensor)."""
     to_local = getattr(weight, "to_local", None)
     return to_local() if to_local is not None else weight
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale if ctx.scale != 1.0 else grad, None
 
 
 class _AddAuxLossGrad(torch.autograd.Function):
@@ -308,9 +327,10 @@ def expert_hidden(cfg: Any) -> int:
 
 
 def moe_layers(model: nn.Module) -> dict[int, MoE]:
-    """The MoE modules of `model` (or of a pipeline stage) by layer index."""
-    return {int(name.split(".")[1]): module for name, module in model.named_modules()
-            if isinstance(module, MoE) and name.startswith("layers.")}
+    """The MoE modules of `model` (a Transformer, a pipeline stage or a pipeline's
+    model_parts) by layer index (from the `layers.<i>` in their names)."""
+    return {int(found.group(1)): module for name, module in model.named_modules()
+            if isinstance(module, MoE) and (found := _LAYER.search(name))}
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

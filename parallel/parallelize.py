@@ -47,6 +47,7 @@ from scaleforge.parallel.compile import apply_compile
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.data_parallel import apply_data_parallel
 from scaleforge.parallel.dtensor import full_value
+from scaleforge.parallel.expert_parallel import apply_expert_parallel
 from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
@@ -70,7 +71,10 @@ class BuildPlan:
 
 def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None:
     """Apply this layout's parallelism to `model` in place, in the architecture's order:
-    tensor parallel, activation checkpointing, compile (optional), data-parallel sharding."""
+    expert and tensor parallel, activation checkpointing, compile (optional), data-parallel
+    sharding."""
+    if plan.parallel.ep > 1:
+        apply_expert_parallel(model, topology, plan.parallel.ep)
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.submesh("tp"))
     apply_activation_checkpointing(
