@@ -1,6 +1,7 @@
 """Configuration conversion between ScaleForge and Hugging Face `transformers`.
 
     llama <-> LlamaConfig      gpt <-> GPT2Config
+    llama with model.moe <-> MixtralConfig (models/hf_mixtral.py)
 
 A setting one side cannot represent (scaled RoPE, biases on a Llama, a non-SwiGLU MLP, ...)
 raises ConfigError naming it. The weights are converted by models/hf.py.
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+from transformers import GPT2Config, LlamaConfig, MixtralConfig, PretrainedConfig
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.hf_mixtral import mixtral_moe_config, to_mixtral_config
 
 # Both compute GELU's tanh approximation, as models/transformer.GeluMLP does.
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -30,13 +32,16 @@ class _SharedHFSettings(TypedDict):
     eos_token_id: None
 
 
-def to_hf_config(cfg: TransformerConfig) -> LlamaConfig | GPT2Config:
-    """The Hugging Face config of `cfg`: LlamaConfig (llama) or GPT2Config (gpt).
+def to_hf_config(cfg: TransformerConfig) -> LlamaConfig | MixtralConfig | GPT2Config:
+    """The Hugging Face config of `cfg`: LlamaConfig (llama), MixtralConfig (llama with
+    experts) or GPT2Config (gpt).
 
     Dropouts are 0 (our models have none); bos/eos token ids are left unset because the
     tokenizer is not part of the model config.
     """
     cfg.check("model")
+    if cfg.moe.enabled:
+        return to_mixtral_config(cfg)
     common = _SharedHFSettings(
         vocab_size=cfg.vocab_size,
         tie_word_embeddings=cfg.tie_embeddings,
@@ -85,12 +90,16 @@ def from_hf_config(hf_config: PretrainedConfig, name: str | None = None) -> Tran
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "llama":
         cfg = _llama_config(hf_config, name or "hf_llama")
+    elif model_type == "mixtral":
+        cfg = _llama_config(hf_config, name or "hf_mixtral")
+        cfg.moe = mixtral_moe_config(hf_config)
     elif model_type == "gpt2":
         cfg = _gpt2_config(hf_config, name or "hf_gpt2")
     else:
         raise ConfigError(
             f"Hugging Face model_type={model_type!r} is not supported; sf-convert converts "
-            "'llama' (LlamaForCausalLM) and 'gpt2' (GPT2LMHeadModel)"
+            "'llama' (LlamaForCausalLM), 'mixtral' (MixtralForCausalLM) and 'gpt2' "
+            "(GPT2LMHeadModel)"
         )
     cfg.check("model")
     return cfg

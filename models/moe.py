@@ -20,7 +20,8 @@ the reported loss stays the cross-entropy alone.
 
 Dispatch: the (token, choice) assignments are sorted by expert (stable), the tokens gathered
 in that order and the experts run as one grouped GEMM over the groups (`torch._grouped_mm`
-where it works: CUDA bf16; a loop over experts otherwise, `grouped_mm`), then the outputs
+where it works: CPU, CUDA bf16 on Hopper; a loop over experts otherwise, `grouped_mm`),
+then the outputs
 are weighted and summed back per token (`index_add_`). Dropless by default; a
 `capacity_factor` keeps at most ceil(cf x N x k / E) assignments per expert (in token
 order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
@@ -60,7 +61,7 @@ class MoEConfig:
     multiple of every_n_layers (1: every layer after the dense ones; 2: every second, as
     Llama 4). Dense layers keep the model's SwiGLU (model.ffn_hidden). expert_hidden null
     takes the model's MLP width. capacity_factor null is dropless. grouped_mm: auto uses
-    torch._grouped_mm on CUDA in bf16 and the loop elsewhere.
+    torch._grouped_mm where it runs (`use_grouped_mm`) and the loop elsewhere.
     """
 
     num_experts: int = 0
@@ -133,11 +134,16 @@ class MoEConfig:
 
 
 def use_grouped_mm(setting: str, x: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs the experts: `grouped` always; `auto` on CUDA in
-    bf16 (torch 2.13 on CPU computes fp32 forward but fails its backward: bench/moe_gemm.py)."""
-    if setting == "grouped":
+    """Whether `torch._grouped_mm` runs the experts: `grouped` always, `loop` never; `auto`
+    on the CPU (torch 2.13: fp32 and bf16, forward and backward; 0.5-0.9x the loop's time,
+    bench/moe_gemm.py) and on CUDA in bf16 from compute capability 9.0 (Hopper), the
+    kernel's requirement; the loop elsewhere."""
+    if setting != "auto":
+        return setting == "grouped"
+    if x.device.type == "cpu":
         return True
-    return setting == "auto" and x.is_cuda and x.dtype == torch.bfloat16
+    return (x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 class Dispatcher(Protocol):

@@ -18,6 +18,8 @@ from scaleforge.errors import ConfigError
 from scaleforge.models import build, count_parameters, num_params
 from scaleforge.models.config import as_transformer_config
 from scaleforge.models.moe import MoE, moe_layers, update_expert_bias
+from scaleforge.scaling.flops import model_size
+from scaleforge.scaling.run_record import summarize_run
 
 MICRO_MOE = dict(name="m", n_layers=3, d_model=32, n_heads=4, vocab_size=128, max_seq_len=32,
                  ffn_hidden=64)
@@ -54,15 +56,17 @@ def test_routing_matches_token_by_token_reference(score_func: str, shared: int) 
     torch.testing.assert_close(module(x), reference(module, x), rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_mm_matches_loop() -> None:
-    module = build(moe_config(), seed=2).layers["0"].feed_forward
+def test_grouped_mm_matches_loop_forward_and_backward() -> None:
     x = torch.randn(3, 7, 32)
-    with torch.no_grad():
-        module.experts.grouped_mm = "loop"
-        loop = module(x)
-        module.experts.grouped_mm = "grouped"  # torch 2.13's CPU kernel: forward only
-        grouped = module(x)
-    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
+    results = []
+    for mode in ("loop", "grouped"):
+        module = build(moe_config(grouped_mm=mode), seed=2).layers["0"].feed_forward
+        out = module(x)
+        out.square().sum().backward()
+        results.append([out, *(w.grad for w in (module.experts.w1, module.experts.w3,
+                                                 module.experts.w2, module.router.weight))])
+    for loop, grouped in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
 
 
 def test_capacity_factor_drops_and_counts_overflow() -> None:
@@ -154,3 +158,13 @@ def test_trainer_logs_moe_metrics_and_balances(tmp_path) -> None:
     assert last["expert_load"] >= 1 and last["aux_loss"] > 0 and last["dropped_tokens"] > 0
     bias = trainer.model.layers["0"].feed_forward.expert_bias
     assert 0 < bias.abs().max() <= 5 * 0.01 + 1e-6  # at most the rate per step, 5 steps
+    record = summarize_run(cfg, tmp_path)  # the scaling tools' record: both counts
+    assert record["N_active"] == num_params(cfg.model, False, active=True) < record["N"]
+
+
+def test_scaling_counts_use_active_parameters() -> None:
+    cfg = to_config(compose(["model=moe_tiny"])).model
+    size = model_size(cfg, 256)
+    assert size.active_non_embedding_params == num_params(cfg, False, active=True)
+    assert size.active_non_embedding_params < size.non_embedding_params
+    assert size.flops_per_token_6n == 6 * num_params(cfg, active=True)
