@@ -66,6 +66,13 @@ def check_expert_parallel(ep: int, dims: ParallelDims, model: TransformerConfig)
         )
 
 
+def widest_ep(model: TransformerConfig, dp_shard: int, dp_replicate: int = 1) -> int:
+    """The expert-parallel size a planner picks for a layout: every dp_shard rank when the
+    model has experts that dp_shard divides (and no replica groups), else 1."""
+    fits = model.moe.enabled and model.moe.num_experts % dp_shard == 0 and dp_replicate == 1
+    return dp_shard if fits else 1
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with variable splits; backward sends the gradients back."""
 

@@ -20,7 +20,8 @@ def layout_record(row: PlannedLayout) -> dict[str, Any]:
     layout, memory = row.layout, row.memory
     return {
         "parallel": {"tp": layout.tp, "pp": layout.pp, "dp_replicate": layout.dp_replicate,
-                     "dp_shard": layout.dp_shard, "cp": 1, "pp_schedule": layout.schedule,
+                     "dp_shard": layout.dp_shard, "cp": 1, "ep": row.config.parallel.ep,
+                     "pp_schedule": layout.schedule,
                      "pp_stages_per_rank": layout.stages_per_rank},
         "activation_checkpointing": layout.checkpointing,
         "micro_batch_size": layout.micro_batch_size,

@@ -18,6 +18,10 @@ from scaleforge.errors import ConfigError
 from scaleforge.models import build, count_parameters, num_params
 from scaleforge.models.config import as_transformer_config
 from scaleforge.models.moe import MoE, moe_layers, update_expert_bias
+from scaleforge.planner.hardware import gpu_spec
+from scaleforge.planner.search import plan_layouts
+from scaleforge.planner.shards import ShardProbe, fake_world
+from scaleforge.planner.table import layout_record
 from scaleforge.scaling.flops import model_size
 from scaleforge.scaling.run_record import summarize_run
 
@@ -168,3 +172,19 @@ def test_scaling_counts_use_active_parameters() -> None:
     assert size.active_non_embedding_params == num_params(cfg, False, active=True)
     assert size.active_non_embedding_params < size.non_embedding_params
     assert size.flops_per_token_6n == 6 * num_params(cfg, active=True)
+
+
+def test_sf_plan_shards_experts_over_the_data_parallel_ranks(tmp_path) -> None:
+    """The planner picks ep = dp_shard for a MoE model and counts each rank's share of the
+    experts: deepseek_v3_16b on 16 GPUs holds fewer parameter bytes per rank at dp_shard 16
+    (4 experts per rank) than at tp 8 x dp_shard 2 (32 experts per rank, ep 2)."""
+    cfg = to_config(compose(["model=deepseek_v3_16b", "trainer.global_batch_tokens=1048576",
+                             "data.seq_len=4096", "trainer.precision=bf16"]))
+    with fake_world(16):
+        rows = plan_layouts(cfg, 16, gpu_spec("h100"), 8, {"parallel.pp"}, ShardProbe(cfg))
+    by_layout = {(row.layout.tp, row.layout.dp_shard): row for row in rows}
+    wide, narrow = by_layout[(1, 16)], by_layout[(8, 2)]
+    assert wide.config.parallel.ep == 16 and narrow.config.parallel.ep == 2
+    assert layout_record(wide)["parallel"]["ep"] == 16
+    total = num_params(cfg.model) * 4  # fp32 master weights
+    assert wide.memory.params < total / 16 * 1.1 < narrow.memory.params
