@@ -34,8 +34,10 @@ split sizes: the reads a token-choice MoE needs (as Megatron's and torchtitan's)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -260,6 +262,7 @@ class MoE(nn.Module):
         self.score_func, self.normalize_weights = moe.score_func, moe.normalize_weights
         self.aux_loss_coef, self.capacity_factor = moe.aux_loss_coef, moe.capacity_factor
         self.aux_loss_scale = 1.0  # 1 / micro-batches per step (set_aux_loss_scale)
+        self.recording = True  # add to the statistics (off: statistics_paused)
         self.router = nn.Linear(cfg.d_model, moe.num_experts, bias=False)
         self.experts = Experts(moe.num_experts, cfg.d_model, expert_hidden(cfg), moe.grouped_mm)
         self.shared = shared
@@ -316,7 +319,7 @@ class MoE(nn.Module):
                 aux: torch.Tensor | None = None) -> None:
         """Add to this step's statistics: training forwards only, not the recomputation
         activation checkpointing runs inside backward (a graph task is then running)."""
-        if not self.training or torch._C._current_graph_task_id() != -1:
+        if not (self.training and self.recording) or torch._C._current_graph_task_id() != -1:
             return
         if load is not None:
             self.load += load
@@ -337,6 +340,20 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
     model_parts) by layer index (from the `layers.<i>` in their names)."""
     return {int(found.group(1)): module for name, module in model.named_modules()
             if isinstance(module, MoE) and (found := _LAYER.search(name))}
+
+
+@contextlib.contextmanager
+def statistics_paused(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model`'s MoE layers route without counting (a forward on
+    stand-in tensors, such as a pipeline stage's shape inference)."""
+    layers = moe_layers(model).values()
+    for module in layers:
+        module.recording = False
+    try:
+        yield
+    finally:
+        for module in layers:
+            module.recording = True
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

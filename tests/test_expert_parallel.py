@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from layout_runs import COMMON, LOSS_RTOL, WEIGHT_ATOL, WEIGHT_RTOL, run_layout, train_and_record
+from layout_runs import (
+    COMMON,
+    LOSS_RTOL,
+    PIPELINE_MODEL,
+    WEIGHT_ATOL,
+    WEIGHT_RTOL,
+    run_layout,
+    train_and_record,
+)
 from micro_runs import micro_config
 from scaleforge.core.checkpoint.paths import is_complete, read_info, step_dir
 from scaleforge.core.config import Config, validate
@@ -70,6 +78,16 @@ def test_ep2_tp2_matches_single_process_in_fp32(tmp_path: Path) -> None:
                                 "parallel.tp=2"), 4, STEPS)
     assert _placements(result)[EXPERT] == ((2,), "(Shard(dim=0),)")
     assert _placements(result)["layers.0.attention.wq.weight"][0] == (2, 2)  # dp x tp
+    _assert_matches(result, reference)
+
+
+@pytest.mark.slow
+def test_pp2_ep2_matches_single_process_in_fp32(tmp_path: Path) -> None:
+    """Pipeline stages with expert parallelism; torch's first-step shape inference must not
+    count as routed tokens (the expert bias would move differently)."""
+    reference = _reference(tmp_path, *PIPELINE_MODEL)
+    result = run_layout(_config(tmp_path, "pp2_ep2", *PIPELINE_MODEL, "parallel.pp=2",
+                                "parallel.dp_shard=2", "parallel.ep=2"), 4, STEPS)
     _assert_matches(result, reference)
 
 
