@@ -15,14 +15,16 @@ import torch
 
 from scaleforge.core.precision import tf32_enabled
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.param_count import attention_params, mlp_params
+from scaleforge.models.param_count import attention_params, ffn_params
 
 
 def matmul_params(cfg: TransformerConfig) -> int:
     """Parameters that take part in a matmul per token: every block's projections and the
-    LM head (embedding and position lookups cost no FLOPs)."""
-    layer = attention_params(cfg, biases=False) + mlp_params(cfg, biases=False)
-    return cfg.n_layers * layer + cfg.d_model * cfg.vocab_size
+    LM head (embedding and position lookups cost no FLOPs); of a MoE layer the router and
+    the experts a token is routed to (the active parameters), not every expert."""
+    layers = sum(attention_params(cfg, biases=False) + ffn_params(cfg, i, True, biases=False)
+                 for i in range(cfg.n_layers))
+    return layers + cfg.d_model * cfg.vocab_size
 
 
 def attention_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool = True) -> float:

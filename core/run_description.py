@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from scaleforge.data_pipeline.manifest import load_manifest
-from scaleforge.models import count_parameters, num_params
+from scaleforge.models.param_count import describe_parameters
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 
 if TYPE_CHECKING:
@@ -19,16 +19,11 @@ if TYPE_CHECKING:
 def describe_run(trainer: Trainer) -> str:
     """The run's first line: model, parameters, device, precision, batch, run directory."""
     cfg = trainer.cfg
-    if trainer.pipeline is not None:  # this rank holds only its stages: count from config
-        params, non_embedding = num_params(cfg.model), num_params(cfg.model, False)
-    else:  # DTensor parameters report their full size, so this counts the whole model.
-        params = count_parameters(trainer.model)
-        non_embedding = count_parameters(trainer.model, embeddings=False)
+    params = describe_parameters(cfg.model, None if trainer.pipeline else trainer.model)
     return (
-        f"model {cfg.model.name} ({cfg.model.family}): {params / 1e6:.2f}M parameters "
-        f"({non_embedding / 1e6:.2f}M non-embedding) | device {trainer.device} | precision "
-        f"{cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/step = "
-        f"{trainer.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
+        f"model {cfg.model.name} ({cfg.model.family}): {params} | device {trainer.device} | "
+        f"precision {cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/"
+        f"step = {trainer.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
         f"{cfg.data.seq_len} | {trainer.throughput.describe()} | "
         f"run dir {trainer.run_dir}"
     )

@@ -62,6 +62,7 @@ from scaleforge.data_pipeline.pack import split_batch
 from scaleforge.models import uses_fused
 from scaleforge.parallel.context_parallel import batch_columns
 from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
+from scaleforge.parallel.expert_load import ExpertLoad
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import (
     build_model,
@@ -154,6 +155,7 @@ class Trainer:
         self.model = (self.pipeline.model_parts if self.pipeline
                       else build_model(plan, self.topology))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.expert_load = ExpertLoad(self.model, self.topology, cfg.model, self.micro_batches)
         self.throughput = ThroughputMeter(cfg.model, cfg.data.seq_len,
                                           cfg.trainer.global_batch_tokens, self.topology,
                                           cfg.trainer.precision)
@@ -231,6 +233,7 @@ class Trainer:
         elif not self.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.expert_load.step()  # MoE: expert-bias update, load figures (parallel/expert_load.py)
         self.step += 1
         return total_loss, grad_norm
 
@@ -373,6 +376,7 @@ class Trainer:
                 "grad_norm": grad_norm.item(),
                 "tokens": self.step * tokens_per_step,
                 **speed,  # tokens/s, TFLOP/s per GPU and total, MFU, GiB: ThroughputMeter.read
+                **self.expert_load.metrics(),  # MoE: aux loss, expert load, dropped tokens
                 "elapsed_s": now - start,
                 "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
             }

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
+from scaleforge.models.moe import MoEConfig
 
 FAMILIES = ("llama", "gpt")
 KERNELS = ("auto", "torch", "fused")  # models/kernels.py
@@ -27,11 +28,11 @@ class RopeScaling:
     Llama 3.1's values; `low_freq_factor` and the rest are read by llama3 only.
     """
 
-    type: str = "none"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    type: str = "none"  # none, linear or llama3
+    factor: float = 8.0  # how much longer a context than the original
+    low_freq_factor: float = 1.0  # llama3: wavelengths beyond original / this are scaled
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    original_max_position_embeddings: int = 8192  # the context the model was trained at
 
     def check(self, prefix: str = "model.rope_scaling") -> None:
         if self.type not in ROPE_SCALINGS:
@@ -66,6 +67,7 @@ class TransformerConfig:
     `ffn_hidden` of None derives the MLP width: 4*d_model for gpt; for llama 2/3 of
     4*d_model times `ffn_multiplier`, rounded up to a multiple of `ffn_multiple_of` (Llama's rule).
     `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention.py).
+    `moe` makes layers Mixture-of-Experts (models/moe.py; num_experts 0: dense).
     `rope_per_document` restarts the RoPE positions at 0 at each document of a packed row
     (llama; the model is then given document ids, data.document_masking=true).
     The llama family's variants (Llama 3.1+, Qwen 2.5 / 3, Mistral): `rope_scaling`
@@ -93,11 +95,12 @@ class TransformerConfig:
     attention: str = "sdpa"
     rope_per_document: bool = False
     kernels: str = "auto"
-    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    head_dim: int | None = None
-    sliding_window: int | None = None
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # llama3 / linear
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen 2.5)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen 3)
+    head_dim: int | None = None  # a head's width; null: d_model / n_heads
+    sliding_window: int | None = None  # attend to the last this-many tokens; null: all
+    moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts layers
 
     @property
     def head_size(self) -> int:
@@ -158,6 +161,7 @@ class TransformerConfig:
                 f"{prefix}.rope_per_document=true: the {self.family} family has learned "
                 "positions, not RoPE; leave it false"
             )
+        self.moe.check(f"{prefix}.moe", self.family, self.n_layers)
         if self.family == "gpt" and self.kv_heads != self.n_heads:
             raise ConfigError(
                 f"{prefix}.n_kv_heads={self.n_kv_heads}: the gpt family has no grouped-query "
@@ -193,4 +197,18 @@ def as_transformer_config(
             f"model.{unknown[0]} is not a model setting; the settings are "
             f"{', '.join(sorted(known))}"
         )
+    if isinstance(settings.get("moe"), Mapping):
+        settings["moe"] = as_moe_config(settings["moe"])
     return TransformerConfig(**settings)
+
+
+def as_moe_config(settings: Mapping[str, Any]) -> MoEConfig:
+    """`model.moe` from a plain dict; unknown keys raise ConfigError."""
+    known = {f.name for f in fields(MoEConfig)}
+    unknown = sorted(set(map(str, settings)) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.moe.{unknown[0]} is not a MoE setting; the settings are "
+            f"{', '.join(sorted(known))}"
+        )
+    return MoEConfig(**{str(key): value for key, value in settings.items()})

@@ -2,6 +2,7 @@
 
     llama <-> LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
     gpt   <-> GPT2LMHeadModel
+    llama with model.moe <-> MixtralForCausalLM (experts: models/hf_mixtral.py)
 
 The config conversion is models/hf_config.py. The state-dict functions are pure (no I/O):
 state dicts map our single-process keys (`layers.0.attention.wq.weight`, see
@@ -31,6 +32,12 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.build import build
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.hf_config import from_hf_config, to_hf_config
+from scaleforge.models.hf_mixtral import (
+    DENSE_MLP_KEYS,
+    from_mixtral_experts,
+    fused_expert_layout,
+    to_mixtral_experts,
+)
 from scaleforge.models.state_dict import check_state_dict_shapes
 
 StateDict = dict[str, torch.Tensor]
@@ -86,6 +93,13 @@ CONV1D = tuple(GPT2_LAYER_KEYS[name] for name in LINEAR_AS_CONV1D)
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
+def llama_layer_keys(cfg: TransformerConfig) -> dict[str, str]:
+    """The Llama per-layer table; a Mixtral layer has experts (models/hf_mixtral.py)
+    instead of the dense MLP."""
+    dense = not cfg.moe.enabled
+    return {k: v for k, v in LLAMA_LAYER_KEYS.items() if dense or k not in DENSE_MLP_KEYS}
+
+
 def expected_state_dict(cfg: TransformerConfig) -> StateDict:
     """Our model's state dict for `cfg` as meta tensors: the names and shapes, no memory."""
     return build(cfg, device="meta").state_dict()
@@ -118,10 +132,10 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: TransformerCon
             state,
             cfg.n_layers,
             LLAMA_GLOBAL_KEYS,
-            LLAMA_LAYER_KEYS,
+            llama_layer_keys(cfg),
             "layers.{}.",
             "model.layers.{}.",
-        )
+        ) | to_mixtral_experts(state, cfg)
     hf = _rename(
         state,
         cfg.n_layers,
@@ -162,6 +176,7 @@ def from_hf_state_dict(
         }
     embed, output = to_hf_key(cfg, "tok_embeddings.weight"), to_hf_key(cfg, "output.weight")
     state = _with_tied_output(state, embed, output, cfg.tie_embeddings)
+    state = fused_expert_layout(state, cfg)
     expected = to_hf_state_dict(expected_state_dict(cfg), cfg)
     check_state_dict_shapes(expected, state, "Hugging Face state dict")
     if cfg.family == "llama":
@@ -169,10 +184,10 @@ def from_hf_state_dict(
             state,
             cfg.n_layers,
             _inverse(LLAMA_GLOBAL_KEYS),
-            _inverse(LLAMA_LAYER_KEYS),
+            _inverse(llama_layer_keys(cfg)),
             "model.layers.{}.",
             "layers.{}.",
-        )
+        ) | from_mixtral_experts(state, cfg)
     else:
         ours = _rename(
             state,

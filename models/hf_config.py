@@ -2,6 +2,7 @@
 
     llama <-> LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config (`ARCHITECTURES`)
     gpt   <-> GPT2Config
+    llama with model.moe <-> MixtralConfig (models/hf_mixtral.py)
 
 The four llama-family architectures differ only in what their class fixes (Qwen 2's q/k/v
 biases, Qwen 3's q/k norms) and in how their config spells a sliding window; the table
@@ -29,6 +30,7 @@ from transformers import (
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import RopeScaling, TransformerConfig
+from scaleforge.models.hf_mixtral import mixtral_moe_config, to_mixtral_config
 
 # Both compute GELU's tanh approximation, as models/transformer.GeluMLP does.
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -82,12 +84,15 @@ class _SharedHFSettings(TypedDict):
 
 def to_hf_config(cfg: TransformerConfig) -> PretrainedConfig:
     """The Hugging Face config of `cfg`: the first of `ARCHITECTURES` that represents a llama
-    model (Llama, then Mistral, Qwen2, Qwen3), or GPT2Config (gpt).
+    model (Llama, then Mistral, Qwen2, Qwen3), MixtralConfig (llama with experts) or
+    GPT2Config (gpt).
 
     Dropouts are 0 (our models have none); bos/eos token ids are left unset because the
     tokenizer is not part of the model config.
     """
     cfg.check("model")
+    if cfg.moe.enabled:
+        return to_mixtral_config(cfg)
     common = _SharedHFSettings(
         vocab_size=cfg.vocab_size,
         tie_word_embeddings=cfg.tie_embeddings,
@@ -164,13 +169,17 @@ def from_hf_config(hf_config: PretrainedConfig, name: str | None = None) -> Tran
     model_type = getattr(hf_config, "model_type", None)
     if model_type in ARCHITECTURES:
         cfg = _decoder_config(hf_config, ARCHITECTURES[model_type], name or f"hf_{model_type}")
+    elif model_type == "mixtral":  # Mistral's attention with Mixtral's experts
+        cfg = _decoder_config(hf_config, ARCHITECTURES["mistral"], name or "hf_mixtral")
+        cfg.moe = mixtral_moe_config(hf_config)
     elif model_type == "gpt2":
         cfg = _gpt2_config(hf_config, name or "hf_gpt2")
     else:
         raise ConfigError(
             f"Hugging Face model_type={model_type!r} is not supported; sf-convert converts "
-            f"{', '.join(map(repr, [*ARCHITECTURES, 'gpt2']))} (LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel)"
+            f"{', '.join(map(repr, [*ARCHITECTURES, 'mixtral', 'gpt2']))} (LlamaForCausalLM, "
+            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, "
+            "GPT2LMHeadModel)"
         )
     cfg.check("model")
     return cfg

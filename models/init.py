@@ -11,7 +11,9 @@ device, so CPU and CUDA runs start from different, equally distributed, weights)
 
 The rules (`InitRule`): Linear and embedding weights ~ N(0, init_std); the residual output
 projections (`wo`, `w2`) ~ N(0, init_std / sqrt(2 * n_layers)) (GPT-2); biases 0; norm
-weights 1. A tied LM head is the token embedding and takes its draw.
+weights 1. Stacked expert weights (models/moe.py) draw like Linear weights, w2 as a
+residual projection; MoE buffers (expert bias, statistics) start at 0. A tied LM head is
+the token embedding and takes its draw.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.moe import EXPERT_WEIGHTS, Experts, reset_moe_state
 from scaleforge.models.transformer import RESIDUAL_PROJECTIONS, RMSNorm, Transformer
 
 # Prefixes that module wrappers add to parameter names (activation checkpointing's wrapper,
@@ -72,6 +75,10 @@ def init_rules(cfg: TransformerConfig) -> dict[str, InitRule]:
             residual = module_name.endswith(RESIDUAL_PROJECTIONS)
             rules.setdefault(f"{prefix}weight",
                              InitRule("normal", residual_std if residual else cfg.init_std))
+        if isinstance(module, Experts):
+            for weight in EXPERT_WEIGHTS:
+                std = residual_std if weight == "w2" else cfg.init_std
+                rules[f"{prefix}{weight}"] = InitRule("normal", std)
         if isinstance(module, (RMSNorm, nn.LayerNorm)):
             rules[f"{prefix}weight"] = InitRule("ones")
         if getattr(module, "bias", None) is not None:
@@ -117,7 +124,13 @@ def init_weights(model: Transformer, seed: int) -> None:
     for name, param in model.named_parameters():  # a shared (tied) parameter once
         key = rule_key(cfg, name)
         fill_parameter(param, rules[key], seed, key)
+    reset_buffers(model)
+
+
+def reset_buffers(model: Transformer) -> None:
+    """Set the buffers `to_empty` leaves undefined: RoPE tables and MoE state."""
     reset_rope_tables(model)
+    reset_moe_state(model)
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ Two conventions are in use. Kaplan et al. (2020) fit scaling laws to the non-emb
 count N (no token embedding, position embedding or unembedding matrix); Hoffmann et al.
 (2022, Chinchilla) count every parameter. `embeddings=True` gives the latter,
 `embeddings=False` the former. A tied unembedding is the token embedding and counts once.
+A Mixture-of-Experts model (models/moe.py) has a total count (every expert) and an active
+one (`active=True`: the top_k routed and the shared experts a token passes through, and the
+router), which is what a token's FLOPs follow.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from scaleforge.models.config import TransformerConfig, as_transformer_config
+from scaleforge.models.moe import expert_hidden
 
 EMBEDDING_MODULES = ("tok_embeddings", "pos_embeddings", "output")
 
@@ -51,20 +55,35 @@ def mlp_params(cfg: TransformerConfig, biases: bool = True) -> int:
     return weights + cfg.mlp_hidden + cfg.d_model if biases else weights
 
 
+def ffn_params(cfg: TransformerConfig, layer: int, active: bool = False,
+               biases: bool = True) -> int:
+    """Parameters of layer `layer`'s feed-forward: its MLP (`mlp_params`), or for a MoE
+    layer the router and the experts, all of them or (active=True) the top_k routed ones,
+    plus the shared experts."""
+    moe = cfg.moe
+    if not moe.is_moe_layer(layer):
+        return mlp_params(cfg, biases)
+    expert = 3 * cfg.d_model * expert_hidden(cfg)
+    routed = moe.top_k if active else moe.num_experts
+    return cfg.d_model * moe.num_experts + (routed + moe.shared_experts) * expert
+
+
 def num_params(
-    cfg: TransformerConfig | DictConfig | Mapping[str, Any], embeddings: bool = True
+    cfg: TransformerConfig | DictConfig | Mapping[str, Any], embeddings: bool = True,
+    active: bool = False,
 ) -> int:
     """Number of parameters of the model `cfg` describes, without building it.
 
     embeddings=False leaves out the token embedding, the learned position embedding (gpt)
     and the output (unembedding) matrix: Kaplan's non-embedding N. Norm weights and biases
-    are included in both counts.
+    are included in both counts. active=True counts a MoE model's active parameters.
     """
     cfg = as_transformer_config(cfg)
     d = cfg.d_model
     norm = d if cfg.family == "llama" else 2 * d  # RMSNorm weight; LayerNorm weight and bias
-    layer = attention_params(cfg) + mlp_params(cfg) + 2 * norm
-    body = cfg.n_layers * layer + norm  # layers and the final norm
+    layers = sum(attention_params(cfg) + ffn_params(cfg, i, active) + 2 * norm
+                 for i in range(cfg.n_layers))
+    body = layers + norm  # layers and the final norm
     if not embeddings:
         return body
     token = cfg.vocab_size * d
@@ -87,3 +106,17 @@ def count_parameters(model: nn.Module, embeddings: bool = True) -> int:
                 for p in module.parameters():
                     params.pop(id(p), None)
     return sum(p.numel() for p in params.values())
+
+
+def describe_parameters(cfg: TransformerConfig, model: nn.Module | None = None) -> str:
+    """e.g. '1.31M parameters (0.79M non-embedding)', with ', 1.32M active' for a MoE
+    model: counted on `model` (DTensor parameters report their full size) or, without it
+    (a pipeline rank holds only its stages), from the config."""
+    if model is None:
+        params, non_embedding = num_params(cfg), num_params(cfg, False)
+    else:
+        params, non_embedding = count_parameters(model), count_parameters(model, False)
+    line = f"{params / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding"
+    if cfg.moe.enabled:
+        line += f", {num_params(cfg, active=True) / 1e6:.2f}M active"
+    return line + ")"

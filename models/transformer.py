@@ -30,12 +30,13 @@ from scaleforge.models.kernels import (
     load_fused,
     uses_fused,
 )
+from scaleforge.models.moe import MoE, expert_hidden
 from scaleforge.models.rope import apply_rope, rope_tables
 from scaleforge.models.sequence_shard import SequenceShard, ShardedMask
 
 # Output projections that write into the residual stream; their init is scaled down by
 # sqrt(2 * n_layers) so the residual variance does not grow with depth (GPT-2).
-RESIDUAL_PROJECTIONS = ("attention.wo", "feed_forward.w2")
+RESIDUAL_PROJECTIONS = ("attention.wo", "feed_forward.w2", "feed_forward.shared.w2")
 
 
 class RMSNorm(nn.Module):
@@ -116,12 +117,13 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """Llama MLP: w2(silu(w1 x) * w3 x), w1 the gate, w3 the up projection (Shazeer 2020)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, hidden: int | None = None):
         super().__init__()
         self.kernels = cfg.kernels
-        self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        hidden = hidden or cfg.mlp_hidden
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w1(x), self.w3(x)
@@ -142,15 +144,24 @@ class GeluMLP(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
+def make_feed_forward(cfg: TransformerConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s MLP: SwiGLU (llama) or GELU (gpt), or Mixture-of-Experts where
+    model.moe makes it one (models/moe.py; shared experts as one wider SwiGLU)."""
+    if cfg.moe.is_moe_layer(layer):
+        shared = cfg.moe.shared_experts * expert_hidden(cfg)
+        return MoE(cfg, SwiGLU(cfg, shared) if shared else None)
+    return SwiGLU(cfg) if cfg.family == "llama" else GeluMLP(cfg)
+
+
 class Block(nn.Module):
     """One pre-norm transformer layer."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
         self.ffn_norm = make_norm(cfg)
-        self.feed_forward = SwiGLU(cfg) if cfg.family == "llama" else GeluMLP(cfg)
+        self.feed_forward = make_feed_forward(cfg, layer)
 
     def forward(
         self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -186,7 +197,7 @@ class Transformer(nn.Module):
         self.pos_embeddings = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt" else None
         )
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: nn.Module | None = make_norm(cfg)
         output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.output: nn.Linear | None = output

@@ -28,7 +28,10 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel stages
     dp_replicate: int = 1  # data-parallel replicas (HSDP's replicate axis)
     dp_shard: int = 1  # FSDP shards per replica; -1: the rest of the world
-    cp: int = 1  # context parallel (reserved, must be 1)
+    cp: int = 1  # context-parallel ranks each sequence is split over
+    # Expert parallelism: MoE experts sharded over ep of the dp_shard ranks
+    # (parallel/expert_parallel.py).
+    ep: int = 1  # expert-parallel size (MoE models); 1: every rank holds every expert
     # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
     pp_schedule: str = "1F1B"
     pp_stages_per_rank: int = 1  # virtual stages per rank
@@ -44,7 +47,7 @@ class ParallelConfig:
     def check(self, prefix: str = "parallel") -> None:
         """Raise ConfigError (the setting, its value, the fix) for a size < 1 (other than
         dp_shard=-1), an unknown pipeline schedule or backend, a timeout <= 0."""
-        for name in ("tp", "pp", "dp_replicate", "cp", "pp_stages_per_rank"):
+        for name in ("tp", "pp", "dp_replicate", "cp", "ep", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
         if self.dp_shard < 1 and self.dp_shard != -1:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from scaleforge.models.transformer import Transformer
+from scaleforge.parallel.expert_parallel import expert_parameters
 from scaleforge.parallel.topology import Topology
 
 
@@ -67,13 +68,16 @@ def apply_data_parallel(
 
     With a shard group of one (plain replication) nothing is gathered, so weights are never
     resharded. The root is not resharded after forward: its head runs first in backward.
+    Experts sharded by expert parallelism are left out (parallel/expert_parallel.py).
     """
     mesh = topology.submesh(data_parallel_mesh_dims(topology))
     reshard = reshard_after_forward and topology.dims.dp_shard * topology.dims.cp > 1
     policy = mixed_precision_policy(precision)
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard,
+                    ignored_params=expert_parameters(block))
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,
+                ignored_params=expert_parameters(model))
 
 
 def autocast_precision(precision: str, topology: Topology) -> str:

@@ -37,7 +37,7 @@ from scaleforge.models.config import TransformerConfig
 from scaleforge.models.init import (
     fill_parameter,
     init_rules,
-    reset_rope_tables,
+    reset_buffers,
     rule_key,
     seed_from_global_rng,
 )
@@ -48,6 +48,7 @@ from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.context_parallel import apply_context_parallel
 from scaleforge.parallel.data_parallel import apply_data_parallel, uses_data_parallel
 from scaleforge.parallel.dtensor import full_value
+from scaleforge.parallel.expert_parallel import apply_expert_parallel
 from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
@@ -71,8 +72,10 @@ class BuildPlan:
 
 def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None:
     """Apply this layout's parallelism to `model` in place, in the architecture's order:
-    tensor parallel, context parallel, activation checkpointing, compile (optional),
+    expert and tensor parallel, context parallel, activation checkpointing, compile (optional),
     data-parallel sharding."""
+    if plan.parallel.ep > 1:
+        apply_expert_parallel(model, topology, plan.parallel.ep)
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.submesh("tp"))
     apply_context_parallel(model, topology)
@@ -151,8 +154,8 @@ def init_sharded_weights(model: Transformer, seed: int) -> None:
     at a time beside the shards (see the module docstring).
 
     A DTensor parameter's full value is drawn on its device and cut to this rank's shard
-    locally; ones and zeros fill the shard directly. Buffers outside the state dict (RoPE
-    tables) are recomputed from the config.
+    locally; ones and zeros fill the shard directly. Buffers (RoPE tables, MoE state) are
+    reset (`models.init.reset_buffers`).
     """
     cfg = model.cfg
     rules = init_rules(cfg)
@@ -170,7 +173,7 @@ def init_sharded_weights(model: Transformer, seed: int) -> None:
         fill_parameter(full, rule, seed, key)
         local.copy_(_local_piece(full, param))
         del full
-    reset_rope_tables(model)
+    reset_buffers(model)
 
 
 def _local_piece(full: torch.Tensor, param: DTensor) -> torch.Tensor:

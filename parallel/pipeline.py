@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,8 +57,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining._backward import stage_backward
+from torch.distributed.pipelining.stage import _StageForwardMeta
 
 from scaleforge.errors import ConfigError
+from scaleforge.models.moe import statistics_paused
 from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.data_parallel import set_gradient_reduction
 from scaleforge.parallel.dtensor import full_value
@@ -141,6 +144,15 @@ class ShardedGradientStage(PipelineStage):
     backward of the zero-bubble schedules (input, then weight) and stages without FSDP take
     torch's path unchanged.
     """
+
+    def _forward_metadata_inference(
+        self, args: tuple[torch.Tensor, ...] | _StageForwardMeta | None,
+        kwargs: dict[str, Any] | None = None, has_backward: bool = False,
+    ) -> _StageForwardMeta | None:
+        """torch's first-step shape inference runs the stage on stand-in tensors: MoE
+        layers must not count those as routed tokens (models/moe.py)."""
+        with statistics_paused(self.submod):
+            return super()._forward_metadata_inference(args, kwargs, has_backward)
 
     def backward_maybe_with_nosync(
         self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False

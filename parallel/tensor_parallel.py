@@ -20,6 +20,10 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
                              reduce-scattered on T -> Shard(1)
     pos_embeddings (gpt)     position rows Shard(0); output (T, d) reduce-scattered on T ->
                              Shard(0), added to h's Shard(1) by broadcasting
+    feed_forward (MoE)       not split (models/moe.py): input all-gathered on T as a local
+                             tensor, every tp rank routes the same tokens (experts sharded
+                             by expert parallelism instead), output cut to this rank's T/t
+                             positions -> Shard(1) (backward: all-gather)
     norm                     SequenceParallel
     output (LM head)         ColwiseParallel by vocabulary: input all-gathered on T, logits
                              kept sharded on V -> DTensor (B, T, V) Shard(2); the loss runs
@@ -45,17 +49,21 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from scaleforge.models.moe import MoE
 from scaleforge.models.transformer import Transformer
 
 
-def block_plan(family: str, qk_norm: bool = False) -> dict[str, ParallelStyle]:
-    """The TP/SP plan of one transformer block, module path -> style."""
+def block_plan(family: str, qk_norm: bool = False, moe: bool = False) -> dict[str, ParallelStyle]:
+    """The TP/SP plan of one transformer block, module path -> style. A MoE feed-forward
+    (models/moe.py) is not split: it takes the whole sequence as a local tensor and its
+    output is cut to this rank's sequence shard (backward: all-gathered)."""
     plan: dict[str, ParallelStyle] = {
         "attention_norm": SequenceParallel(),
         # forward(x, rope, mask): x all-gathered on the sequence, so attention sees every
@@ -75,7 +83,15 @@ def block_plan(family: str, qk_norm: bool = False) -> dict[str, ParallelStyle]:
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
     }
-    if family == "llama":
+    if moe:
+        for name in ("feed_forward.w1", "feed_forward.w2"):
+            del plan[name]
+        plan["feed_forward"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+            use_local_input=True, output_layouts=(Replicate(),),
+            desired_output_layouts=(Shard(1),), use_local_output=False,
+        )
+    elif family == "llama":
         plan["feed_forward.w3"] = ColwiseParallel()
     if qk_norm:  # each rank normalises its own heads (dim 2) with the one shared weight
         for norm in ("attention.q_norm", "attention.k_norm"):
@@ -113,9 +129,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, outer_plan(model))
     if model.cfg.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight
-    plan = block_plan(model.cfg.family, model.cfg.qk_norm)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, plan)
+        moe = isinstance(block.feed_forward, MoE)
+        parallelize_module(block, tp_mesh, block_plan(model.cfg.family, model.cfg.qk_norm, moe))
     if model.tok_embeddings is None:  # a later pipeline stage: receives local shards
         model.register_forward_pre_hook(partial(_sequence_shard_to_dtensor, tp_mesh))
     if model.output is None:  # an earlier pipeline stage: sends local shards

@@ -148,6 +148,12 @@ def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_le
             "parallelism attends over the gathered keys with a position mask, which only "
             "the sdpa kernel takes; set model.attention=sdpa"
         )
+    if model.moe.enabled:
+        raise ConfigError(
+            f"parallel.cp={dims.cp} with a Mixture-of-Experts model (model.moe.num_experts="
+            f"{model.moe.num_experts}): the router's load statistics are not yet gathered "
+            "over the cp group; set parallel.cp=1"
+        )
     if model.sliding_window is not None:
         raise ConfigError(
             f"parallel.cp={dims.cp} with model.sliding_window={model.sliding_window}: the "

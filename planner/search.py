@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from scaleforge.core.config import Config, micro_batches_per_step, validate
 from scaleforge.core.flops import training_flops_per_token
 from scaleforge.errors import ConfigError
+from scaleforge.parallel.expert_parallel import widest_ep
 from scaleforge.parallel.pipeline_schedules import (
     SCHEDULES,
     schedule_spec,
@@ -166,6 +167,8 @@ def layout_config(cfg: Config, layout: Layout, pinned: set[str]) -> Config:
     """`cfg` with `layout`'s settings (see the module docstring for the two filled in)."""
     parallel = replace(cfg.parallel, tp=layout.tp, pp=layout.pp,
                        dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard)
+    if "parallel.ep" not in pinned:  # MoE: experts over every dp_shard rank that divides them
+        parallel.ep = widest_ep(cfg.model, layout.dp_shard, layout.dp_replicate)
     trainer = replace(cfg.trainer, activation_checkpointing=layout.checkpointing,
                       micro_batch_size=layout.micro_batch_size)
     if layout.schedule is not None:

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from scaleforge.core.config import Config, build_plan
 from scaleforge.models import build
+from scaleforge.parallel.expert_parallel import widest_ep
 from scaleforge.parallel.parallelize import parallelize
 from scaleforge.parallel.pipeline_schedules import (
     schedule_spec,
@@ -158,8 +159,12 @@ class ShardProbe:
 
     def _build(self, tp: int, dp_shard: int) -> dict[str, ParamShard]:
         cfg = self.cfg
-        one_block = replace(cfg.model, n_layers=1)
-        parallel = replace(cfg.parallel, tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard)
+        # A MoE model's probe block is a MoE one (its few dense layers counted as MoE, an
+        # overestimate of 3% for deepseek_v3_16b), experts sharded as layout_config shards.
+        moe = replace(cfg.model.moe, first_dense_layers=0, every_n_layers=1)
+        one_block = replace(cfg.model, n_layers=1, moe=moe)
+        parallel = replace(cfg.parallel, tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard,
+                           ep=widest_ep(cfg.model, dp_shard))
         dims = ParallelDims(tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard)
         model = build(one_block, device="meta")
         if dims.world_size > 1:

@@ -21,6 +21,7 @@ def layout_record(row: PlannedLayout) -> dict[str, Any]:
     return {
         "parallel": {"tp": layout.tp, "pp": layout.pp, "dp_replicate": layout.dp_replicate,
                      "dp_shard": layout.dp_shard, "cp": row.config.parallel.cp,
+                     "ep": row.config.parallel.ep,
                      "pp_schedule": layout.schedule,
                      "pp_stages_per_rank": layout.stages_per_rank},
         "activation_checkpointing": layout.checkpointing,

@@ -8,6 +8,9 @@ approximations scaling-law papers use:
   parameter (embeddings included), attention scores ignored;
 - "6N+attention" (Kaplan et al. 2020, eq. 2.2): 6 N_non-embedding + 6 n_layers seq_len
   d_attn, the attention term counted for every key (no causal halving).
+
+For a Mixture-of-Experts model N is the active count (the experts a token passes through,
+`num_params(active=True)`), what a token's FLOPs follow; `ModelSize` keeps both counts.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ FLOP_METHODS = ("exact", "6N", "6N+attention")
 
 def six_n_flops_per_token(cfg: TransformerConfig) -> float:
     """Hoffmann's C/D = 6N, N = all parameters (embeddings included). FLOPs per token."""
-    return 6.0 * num_params(cfg, embeddings=True)
+    return 6.0 * num_params(cfg, embeddings=True, active=True)
 
 
 def kaplan_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
@@ -31,7 +34,8 @@ def kaplan_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     seq_len, or the sliding window when shorter."""
     d_attn = cfg.n_heads * cfg.head_size
     context = attended_keys(cfg, seq_len, causal=False)  # seq_len, or a sliding window
-    return 6.0 * num_params(cfg, embeddings=False) + 6.0 * cfg.n_layers * context * d_attn
+    active = num_params(cfg, embeddings=False, active=True)  # a MoE model's active ones
+    return 6.0 * active + 6.0 * cfg.n_layers * context * d_attn
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, method: str = "exact") -> float:
@@ -47,10 +51,12 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, method: str = "exact")
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Sizes of one model: parameters with and without embeddings, FLOPs per token 3 ways."""
+    """Sizes of one model: parameters with and without embeddings (every expert), the
+    active non-embedding parameters (a dense model: all of them), FLOPs per token 3 ways."""
 
     params: int
     non_embedding_params: int
+    active_non_embedding_params: int
     flops_per_token: float
     flops_per_token_6n: float
     flops_per_token_6n_attention: float
@@ -61,6 +67,7 @@ def model_size(cfg: TransformerConfig, seq_len: int) -> ModelSize:
     return ModelSize(
         params=num_params(cfg, embeddings=True),
         non_embedding_params=num_params(cfg, embeddings=False),
+        active_non_embedding_params=num_params(cfg, embeddings=False, active=True),
         flops_per_token=flops_per_token(cfg, seq_len, "exact"),
         flops_per_token_6n=flops_per_token(cfg, seq_len, "6N"),
         flops_per_token_6n_attention=flops_per_token(cfg, seq_len, "6N+attention"),

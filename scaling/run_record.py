@@ -40,7 +40,9 @@ def smoothed_final_loss(records: list[dict], max_steps: int) -> float:
 def summarize_run(cfg: Config, run_dir: Path) -> dict:
     """The scaling record of the finished run in `run_dir` trained with `cfg`.
 
-    N: non-embedding parameters; N_total: all parameters; D: tokens trained; C: exact
+    N: non-embedding parameters; N_total: all parameters; N_active: the non-embedding
+    parameters a token passes through (a MoE model's active ones; N for a dense model);
+    D: tokens trained; C: exact
     training FLOPs (C_6N and C_6N_attention: the approximations); loss, val_loss: nats.
     """
     records = read_metrics(run_dir)
@@ -51,6 +53,7 @@ def summarize_run(cfg: Config, run_dir: Path) -> dict:
         "run": Path(run_dir).name,
         "N": size.non_embedding_params,
         "N_total": size.params,
+        "N_active": size.active_non_embedding_params,
         "D": tokens,
         "C": size.flops_per_token * tokens,
         "C_6N": size.flops_per_token_6n * tokens,
