@@ -10,7 +10,7 @@ whose newest complete checkpoint is converted, else its `final_model.pt` (with t
 The tokenizer of the run's data is written too (tokenizer.json + tokenizer_config.json, with
 its BOS/EOS/PAD tokens): `AutoTokenizer.from_pretrained(out)` encodes as training did.
 
-from-hf: `hf` is a local Llama (3.1+ RoPE scaling included), Mistral, Qwen2 (2.5), Qwen3 or
+from-hf: `hf` is a local Llama (3.1+ RoPE scaling included), Mistral, Qwen2 (2.5), Qwen3, Mixtral or
 GPT-2 directory (config.json + safetensors; pickled .bin
 files are refused). Writes a model-only checkpoint directory with fp32 weights and prints
 the sf-train command that starts from it (`trainer.init_from=out` and the model settings).
@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 
 from scaleforge.core.config import Config
+from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.errors import ConfigError, exit_on_config_error
 from scaleforge.launch.key_value import Handlers, required, run_subcommand
 from scaleforge.models.config import TransformerConfig
@@ -121,9 +122,20 @@ def from_hf(settings: FromHfSettings) -> Path:
         state, Config(model=model_cfg, run_dir=settings.out), Path(settings.out)
     )
     _import_tokenizer(Path(settings.hf), out)
-    print(f"{model_cfg.family} model from {settings.hf} -> {out}; train from it with:")
-    print(" ".join(["sf-train", f"trainer.init_from={out}", *model_overrides(model_cfg)]))
+    print(f"{model_cfg.family} model from {settings.hf} -> {out}; train from it (here on the "
+          "built-in corpus, whose tokenizer has at most the model's ids and whose windows "
+          "fit its context) with:")
+    print(" ".join(["sf-train", f"trainer.init_from={out}", *model_overrides(model_cfg),
+                    *smoke_data_overrides(model_cfg)]))
     return out
+
+
+def smoke_data_overrides(model_cfg: TransformerConfig) -> list[str]:
+    """Data settings under which the default corpus run fits `model_cfg`: a tokenizer
+    vocabulary no larger than the model's, windows no longer than its context."""
+    data = DataConfig()
+    vocab = min(model_cfg.vocab_size, data.vocab_size or model_cfg.vocab_size)
+    return [f"data.vocab_size={vocab}", f"data.seq_len={min(data.seq_len, model_cfg.max_seq_len)}"]
 
 
 def _import_tokenizer(hf_dir: Path, out: Path) -> None:
@@ -167,8 +179,12 @@ def model_overrides(model_cfg: TransformerConfig) -> list[str]:
     """sf-train overrides (`model.d_model=4096`, ...) that rebuild `model_cfg`'s model."""
     values = {name: getattr(model_cfg, name) for name in SHAPE_SETTINGS}
     values["ffn_hidden"] = model_cfg.mlp_hidden
-    scaling = values.pop("rope_scaling")  # a RopeScaling: one override per field
-    values.update({f"rope_scaling.{f.name}": getattr(scaling, f.name) for f in fields(scaling)})
+    for group in ("rope_scaling", "moe"):  # nested settings: one override per field
+        nested = getattr(model_cfg, group)
+        if group == "moe" and not nested.enabled:
+            continue
+        values.update({f"{group}.{f.name}": getattr(nested, f.name) for f in fields(nested)})
+    values.pop("rope_scaling")
     return [f"model.{name}={_override_value(value)}" for name, value in values.items()]
 
 

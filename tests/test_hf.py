@@ -19,6 +19,7 @@ from transformers import (  # noqa: E402
 )
 
 from micro_runs import micro_config, synthetic_data  # noqa: E402
+from scaleforge.core.config import compose, to_config, validate  # noqa: E402
 from scaleforge.errors import ConfigError  # noqa: E402
 from scaleforge.launch import convert  # noqa: E402
 from scaleforge.models import TransformerConfig, build  # noqa: E402
@@ -328,6 +329,9 @@ def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path, capsys):
 
     command = capsys.readouterr().out.splitlines()[-1].split()
     assert command[:2] == ["sf-train", f"trainer.init_from={back}"]
+    # As printed, with the default data settings (the built-in corpus), it passes every
+    # check a start makes: its data settings fit the model.
+    validate(to_config(compose([*command[1:], f"run_dir={tmp_path / 'as_printed'}"])))
     fresh = micro_config(tmp_path / "fresh", *command[1:])
     for setting in (*convert.SHAPE_SETTINGS, "mlp_hidden", "kv_heads"):
         assert getattr(fresh.model, setting) == getattr(back_cfg.model, setting), setting
