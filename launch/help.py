@@ -19,7 +19,18 @@ _FIELD = re.compile(r"^(\w+)\s*:[^=#]*(?:=\s*(.*?))?\s*(?:#\s*(.*))?$")
 
 
 def field_meanings(cls: type) -> dict[str, str]:
-    """Field name -> its meaning, from the comments and docstring of dataclass `cls`."""
+    """Field name -> its meaning, from the comments and docstrings of dataclass `cls` and of
+    the dataclasses it inherits fields from (its own meaning first)."""
+    meanings: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            meanings.update({name: meaning for name, meaning in _own_meanings(klass).items()
+                             if meaning or name not in meanings})
+    return meanings
+
+
+def _own_meanings(cls: type) -> dict[str, str]:
+    """Field name -> its meaning as `cls`'s own source and docstring give it."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

@@ -62,18 +62,39 @@ class CollectSettings:
     out: str | None = None
 
 
-@dataclass
-class FitSettings:
+@dataclass(kw_only=True)
+class FitInputs:
+    """What a fit reads and how it fits it (scaling/fit.py), shared by `fit` and `backtest`."""
+
+    table: str = required("PATH.csv (sf-sweep collect's table)")  # the runs: N, D, losses
+    bootstrap: int = 200  # bootstrap resamples behind the intervals
+    loss_column: str = "loss"  # the column fitted
+    seed: int = 0  # the bootstrap's seed
+    # FLOP budgets the runs are grouped under (the nearest one); []: the runs' own budgets
+    budgets: list[float] = field(default_factory=list)
+    budget_tolerance_dex: float = 0.1  # runs farther than this (log10) from every budget: left out
+    # Rows whose column is non-zero are left out (e.g. excluded_by_epoch); null: none.
+    exclude_column: str | None = None
+
+    def rows(self) -> list[dict]:
+        """The table's runs (N, D and the loss column read) less those whose
+        `exclude_column` is non-zero (e.g. excluded_by_epoch)."""
+        from scaleforge.scaling.table import read_table
+
+        rows = read_table(Path(self.table), ("N", "D", self.loss_column))
+        if not self.exclude_column:
+            return rows
+        if self.exclude_column not in rows[0]:
+            raise ConfigError(f"exclude_column={self.exclude_column} is not a column of "
+                              f"{self.table}")
+        return [row for row in rows if not row[self.exclude_column]]
+
+
+@dataclass(kw_only=True)
+class FitSettings(FitInputs):
     """Settings of `fit` (see scaling/fit.py)."""
 
-    table: str = required("PATH.csv (sf-sweep collect's table)")
     out: str = required("DIR")
-    bootstrap: int = 200
-    loss_column: str = "loss"
-    seed: int = 0
-    budgets: list[float] = field(default_factory=list)
-    budget_tolerance_dex: float = 0.1
-    exclude_column: str | None = None
 
 
 @dataclass
@@ -87,21 +108,14 @@ class PredictSettings:
     approach: str = "approach3"
 
 
-@dataclass
-class BacktestSettings:
+@dataclass(kw_only=True)
+class BacktestSettings(FitInputs):
     """Settings of `backtest` (see scaling/backtest.py): `cutoff` (FLOPs) or
     `holdout_budgets` (the k largest budgets) picks the held-out runs."""
 
-    table: str = required("PATH.csv (sf-sweep collect's table)")
     out: str | None = None
     cutoff: float | None = None
     holdout_budgets: int | None = None
-    bootstrap: int = 200
-    loss_column: str = "loss"
-    seed: int = 0
-    budgets: list[float] = field(default_factory=list)
-    budget_tolerance_dex: float = 0.1
-    exclude_column: str | None = None
 
 
 @dataclass
@@ -240,22 +254,11 @@ def collect(settings: CollectSettings) -> Path:
     return out
 
 
-def _without_excluded(rows: list[dict], exclude_column: str | None, table: str) -> list[dict]:
-    """`rows` less those whose `exclude_column` is non-zero (e.g. excluded_by_epoch)."""
-    if not exclude_column:
-        return rows
-    if exclude_column not in rows[0]:
-        raise ConfigError(f"exclude_column={exclude_column} is not a column of {table}")
-    return [row for row in rows if not row[exclude_column]]
-
-
 def fit(settings: FitSettings) -> Path:
     """Fit approaches 1, 2 and 3 to `table`; write and return `out/fit.json`."""
     from scaleforge.scaling.fit import fit_table, write_fit
-    from scaleforge.scaling.table import read_table
 
-    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
-                             settings.exclude_column, settings.table)
+    rows = settings.rows()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fit_table(rows, loss_column=settings.loss_column,
@@ -318,13 +321,10 @@ def backtest(settings: BacktestSettings) -> Path | None:
     `out`)."""
     from scaleforge.scaling.backtest import backtest as run_backtest
     from scaleforge.scaling.backtest import summary_lines, write_backtest
-    from scaleforge.scaling.table import read_table
 
-    rows = _without_excluded(read_table(Path(settings.table), ("N", "D", settings.loss_column)),
-                             settings.exclude_column, settings.table)
-    result = run_backtest(rows, settings.loss_column, settings.cutoff, settings.holdout_budgets,
-                          settings.bootstrap, settings.seed, settings.budgets or None,
-                          settings.budget_tolerance_dex)
+    result = run_backtest(settings.rows(), settings.loss_column, settings.cutoff,
+                          settings.holdout_budgets, settings.bootstrap, settings.seed,
+                          settings.budgets or None, settings.budget_tolerance_dex)
     for raised in result["flags"]:
         print(f"warning: fit up to the cutoff: {raised['message']}", file=sys.stderr)
     print("\n".join(summary_lines(result)))
@@ -340,7 +340,6 @@ def report(settings: ReportSettings) -> None:
     """Write the plots, the markdown/HTML summary and the W&B report of a fit."""
     from scaleforge.scaling.fit import read_fit
     from scaleforge.scaling.report import write_report
-    from scaleforge.scaling.table import read_table
 
     result = read_fit(Path(settings.fit))
     inputs = result.get("inputs", {})
@@ -349,8 +348,7 @@ def report(settings: ReportSettings) -> None:
         raise ConfigError(f"report needs table=PATH.csv ({settings.fit} records no table)")
     loss_column = settings.loss_column or inputs.get("loss_column") or "loss"
     exclude_column = settings.exclude_column or inputs.get("exclude_column")
-    rows = _without_excluded(read_table(Path(table), ("N", "D", loss_column)), exclude_column,
-                             table)
+    rows = FitInputs(table=table, loss_column=loss_column, exclude_column=exclude_column).rows()
     paths = write_report(result, rows, Path(settings.out), settings.budgets,
                          loss_column=loss_column, wandb=settings.wandb,
                          wandb_project=settings.wandb_project)
