@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from scaleforge.core.precision import check_precision_device
+from scaleforge.core.precision import check_precision_device, resolve_precision
 from scaleforge.core.preemption import parse_signals
 from scaleforge.core.profiling import check_profile_steps
 from scaleforge.data_pipeline.config import DataConfig
@@ -37,7 +37,7 @@ from scaleforge.parallel.topology import (
     resolve_device,
 )
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
@@ -94,7 +94,9 @@ class TrainerConfig:
     max_steps: int = 1000  # optimizer steps to train
     global_batch_tokens: int = 65536  # tokens per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    precision: str = "bf16"  # compute precision: fp32, bf16 (fp32 master weights) or fp16
+    # Compute precision: fp32, bf16 (fp32 master weights), fp16, or auto = bf16 on CUDA and
+    # fp32 on CPU (CPUs often emulate bf16, several times slower).
+    precision: str = "auto"
     activation_checkpointing: str = "none"  # recompute activations: none, selective, full
     # Checkpoint every k-th block only (1 = every block); applies to "full" and "selective".
     checkpoint_every_n_blocks: int = 1
@@ -377,8 +379,9 @@ def _check_vocab(cfg: Config) -> None:
 def _check_device(cfg: Config) -> None:
     t = cfg.trainer
     device = resolve_device(t.device)
-    check_precision_device(t.precision, device)
-    check_attention_backend(cfg.model.attention, device.type, t.precision)
+    precision = resolve_precision(t.precision, t.device)
+    check_precision_device(precision, device)
+    check_attention_backend(cfg.model.attention, device.type, precision)
 
 
 def _check_rope_per_document(cfg: Config) -> None:

@@ -1,4 +1,5 @@
 """Mixed precision: fp32 master weights always; bf16 or fp16 compute through autocast.
+The default, `trainer.precision=auto`, is bf16 on CUDA and fp32 on CPU (`resolve_precision`).
 
 fp16 needs dynamic loss scaling (torch.amp.GradScaler) and CUDA; bf16 needs neither.
 
@@ -41,6 +42,17 @@ def check_precision_device(name: str, device: torch.device) -> None:
             "trainer.precision=fp16 needs CUDA (dynamic loss scaling); use bf16 or fp32 on "
             f"{device.type}"
         )
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """`trainer.precision` for a run on `device` (the `trainer.device` setting): auto is bf16
+    on CUDA and fp32 on a CPU, where bf16 matmuls are often emulated and several times slower
+    (`cpu_bf16_warning`); any other name is returned as it is."""
+    if name != "auto":
+        return name
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if device == "cuda" else "fp32"
 
 
 def build_precision(name: str, device: torch.device) -> Precision:

@@ -47,7 +47,7 @@ from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
-from scaleforge.core.precision import build_precision, set_numerics
+from scaleforge.core.precision import build_precision, resolve_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
 from scaleforge.core.profiling import StepProfiler
 from scaleforge.core.run_description import (
@@ -88,10 +88,12 @@ class ValidationSource(Protocol):
 
 def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
     """Validate `cfg` for `world_size` processes (every rule, once) and start this process's
-    part of the layout: torch.distributed and the DeviceMesh when world_size > 1.
+    part of the layout: torch.distributed and the DeviceMesh when world_size > 1. Resolves
+    `trainer.precision=auto` in place (`core.precision.resolve_precision`).
 
     `world_size` defaults to $WORLD_SIZE (torchrun sets it; 1 when run alone)."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.device)
     return init_topology(cfg.parallel, validate(cfg, world_size), cfg.trainer.device)
 
 

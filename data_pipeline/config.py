@@ -55,7 +55,8 @@ class DataConfig:
     blend: list[BlendSourceConfig] = field(default_factory=list)
     dataset: str | None = None  # streaming mode: hub name, save_to_disk dir or file glob
     tokenizer: str | None = None  # streaming mode: a tokenizer directory or tokenizer.json
-    text_field: str = "text"  # streaming mode: the field holding each document's text
+    # corpus and streaming modes: the field holding each JSONL/parquet document's text
+    text_field: str = "text"
     # DataLoader worker processes preparing training batches ahead; -1 (auto): one when
     # training on CUDA (batches are ready while the GPU computes), none on CPU (a worker
     # would compete with the ranks for the cores).

@@ -1,4 +1,5 @@
-"""Find the documents of a corpus: one file is one document.
+"""Find the files of a corpus (a text file is one document; a JSONL or parquet file holds one
+per record, read by sources.read_documents).
 
 `data.corpus` is either "stdlib" (the running Python's standard library `.py` files, a demo
 corpus that needs no download) or a glob of local text files (`**` recurses).

@@ -1,6 +1,7 @@
 """The corpus mode (the demo's): tokenizer and shards for `data.corpus`, built on first use.
 
-A corpus is "stdlib" or a glob of text files, one file per document (corpus.py). The result
+A corpus is "stdlib" or a glob of files (corpus.py): a text file is one document, a JSONL or
+parquet file one per record (sources.py), counted as documents, not files. The result
 is an ordinary shard directory (shards.py) in `<data.cache_dir>/<key>/`, where the key
 hashes the corpus (its spec and every file's path, size and modification time) and the
 settings that change the tokens. It is built in a temporary directory and renamed into
@@ -19,9 +20,10 @@ import time
 from pathlib import Path
 
 from scaleforge.data_pipeline.config import DataConfig
-from scaleforge.data_pipeline.corpus import find_documents, read_document
+from scaleforge.data_pipeline.corpus import find_documents
 from scaleforge.data_pipeline.manifest import MANIFEST
 from scaleforge.data_pipeline.shards import ShardsJob, write_shards
+from scaleforge.data_pipeline.sources import read_documents
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.tokenizer import train_sentencepiece
 from scaleforge.data_pipeline.vocabulary import data_vocab_size
@@ -82,17 +84,19 @@ def cache_key(data_cfg: DataConfig, documents: list[Path]) -> str:
         "vocab_size": data_cfg.vocab_size,
         "max_corpus_bytes": data_cfg.max_corpus_bytes,
         "val_fraction": data_cfg.val_fraction,
+        "text_field": data_cfg.text_field,
     }
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
 
 
-def _build(data_cfg: DataConfig, documents: list[Path], directory: Path) -> None:
-    corpus_bytes = sum(path.stat().st_size for path in documents)
-    print(f"data: {len(documents)} documents ({corpus_bytes / 1e6:.1f} MB) from "
-          f"{data_cfg.corpus!r}")
+def _build(data_cfg: DataConfig, files: list[Path], directory: Path) -> None:
+    corpus_bytes = sum(path.stat().st_size for path in files)
+    print(f"data: {len(files)} files ({corpus_bytes / 1e6:.1f} MB) from {data_cfg.corpus!r}")
     started = time.perf_counter()
-    # The tokenizer learns from training documents only, so validation text stays unseen.
-    texts = (read_document(path) for path in documents)
+    # The tokenizer learns from training documents only, so validation text stays unseen;
+    # each is split off by its text, exactly as write_shards splits them.
+    texts = (document.text for path in files
+             for document in read_documents(str(path), data_cfg.text_field))
     training_texts = (t for t in texts if not is_validation(t, data_cfg.val_fraction))
     vocab_size = data_vocab_size(data_cfg)
     tokenizer_path = train_sentencepiece(
@@ -102,11 +106,12 @@ def _build(data_cfg: DataConfig, documents: list[Path], directory: Path) -> None
           f"{time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     job = ShardsJob(input=data_cfg.corpus, tokenizer=str(tokenizer_path),
-                    out=str(directory / SHARDS_DIR), workers=0,
+                    out=str(directory / SHARDS_DIR), workers=0, text_field=data_cfg.text_field,
                     val_fraction=data_cfg.val_fraction, unit_bytes=_UNIT_BYTES, progress=False)
-    manifest = write_shards(job, inputs=[str(path) for path in documents])
-    print(f"data: tokenized {manifest['splits']['train']['tokens']:,} train / "
-          f"{manifest['splits']['val']['tokens']:,} val tokens in "
+    manifest = write_shards(job, inputs=[str(path) for path in files])
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    print(f"data: tokenized {train['documents'] + val['documents']:,} documents into "
+          f"{train['tokens']:,} train / {val['tokens']:,} val tokens in "
           f"{time.perf_counter() - started:.1f} s")
 
 

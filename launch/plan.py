@@ -69,6 +69,7 @@ def run_config(overrides: list[str]) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     from scaleforge.core.config import compose, to_config
+    from scaleforge.core.precision import resolve_precision
 
     given = {argument.partition("=")[0] for argument in overrides}
     try:
@@ -79,6 +80,7 @@ def run_config(overrides: list[str]) -> Any:
         cfg.data.seq_len = cfg.model.max_seq_len
     if "trainer.global_batch_tokens" not in given:
         cfg.trainer.global_batch_tokens = DEFAULT_BATCH_TOKENS
+    cfg.trainer.precision = resolve_precision(cfg.trainer.precision, "cuda")  # planned for GPUs
     return cfg
 
 

@@ -8,6 +8,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaleforge.core.config import compose, micro_batches_per_step, to_config, validate
 from scaleforge.core.derived_settings import derive_settings
+from scaleforge.core.precision import resolve_precision
 from scaleforge.errors import ConfigError, ConfigErrors
 
 
@@ -26,10 +27,11 @@ def test_default_config_composes_and_validates():
     assert cfg.model.name == "llama_tiny" and cfg.data.corpus == "stdlib"
 
 
-def test_demo_experiment_selects_tiny_llama_in_fp32():
-    cfg = to_config(compose(["+experiment=demo"]))
+def test_demo_experiment_selects_tiny_llama_in_fp32_on_cpu():
+    cfg = to_config(compose(["+experiment=demo", "trainer.device=cpu"]))
     validate(cfg)
-    assert (cfg.model.name, cfg.trainer.precision) == ("llama_tiny", "fp32")
+    assert (cfg.model.name, cfg.trainer.precision) == ("llama_tiny", "auto")
+    assert resolve_precision(cfg.trainer.precision, cfg.trainer.device) == "fp32"
     assert cfg.run_dir.startswith("runs/demo/")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from scaleforge.data_pipeline import prepare as prepare_module
 from scaleforge.data_pipeline.config import BlendSourceConfig, DataConfig
 from scaleforge.data_pipeline.corpus import find_documents
 from scaleforge.data_pipeline.loader import TrainBatches, ValBatches, build_loaders
+from scaleforge.data_pipeline.manifest import load_manifest
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.samples import (
     BlendedSamples,
@@ -85,9 +85,21 @@ def test_corpus_mode_builds_shards_once_and_reuses_them(corpus_cfg, monkeypatch)
         raise AssertionError("prepare retrained instead of reusing the cache")
 
     monkeypatch.setattr(prepare_module, "train_sentencepiece", must_not_train)
-    started = time.perf_counter()
     assert prepare(corpus_cfg) == prepared.directories[0]
-    assert time.perf_counter() - started < 1.0
+
+
+def test_corpus_of_jsonl_files_counts_and_learns_from_records(jsonl_corpus, tmp_path, capsys):
+    """A corpus glob of JSONL files: each record is a document (60 in 3 files), and the
+    tokenizer learns from the records' text, not from the JSON around it."""
+    cfg = DataConfig(corpus=jsonl_corpus, cache_dir=str(tmp_path), vocab_size=VOCAB,
+                     val_fraction=0.15, seq_len=32)
+    splits = load_manifest(prepare(cfg))["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 60
+    out = capsys.readouterr().out
+    assert "3 files" in out and "tokenized 60 documents" in out
+    vocab = next(tmp_path.glob(f"*/{prepare_module.TOKENIZER_DIR}/tokenizer.vocab"))
+    pieces = [line.split("\t")[0] for line in vocab.read_text().splitlines()]
+    assert '\\"' not in pieces  # JSON's escaped quote is not text
 
 
 def test_too_short_validation_split_names_data_val_fraction(corpus_cfg):

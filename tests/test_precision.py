@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from micro_runs import micro_config, synthetic_data
-from scaleforge.core.precision import resolve_deterministic, set_numerics, tf32_enabled
+from scaleforge.core.config import compose, to_config
+from scaleforge.core.precision import (
+    resolve_deterministic,
+    resolve_precision,
+    set_numerics,
+    tf32_enabled,
+)
 from scaleforge.core.trainer import Trainer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -32,6 +38,23 @@ def restore_numerics(monkeypatch):
 def test_deterministic_auto_is_on_for_cpu_and_off_for_cuda():
     assert resolve_deterministic(None, CPU) and not resolve_deterministic(None, CUDA)
     assert resolve_deterministic(True, CUDA) and not resolve_deterministic(False, CPU)
+
+
+def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice stays
+    expected = "bf16" if torch.cuda.is_available() else "fp32"
+    assert resolve_precision("auto", "auto") == expected
+
+
+def test_cpu_run_defaults_to_fp32(tmp_path, restore_numerics):
+    assert to_config(compose()).trainer.precision == "auto"  # the shipped default
+    cfg = micro_config(tmp_path, "trainer.precision=auto")
+    trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
+    assert cfg.trainer.precision == "fp32" and trainer.precision.name == "fp32"
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "precision: fp32" in saved  # the run records what it ran in
 
 
 def test_cuda_defaults_take_tf32_and_default_kernels(restore_numerics):
