@@ -109,7 +109,7 @@ def test_config_errors_reach_torchruns_failure_summary(tmp_path):
                        f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.startswith(
-        "error: trainer.precision='fp8' is not one of fp32, bf16, fp16\n"
+        "error: trainer.precision='fp8' is not one of auto, fp32, bf16, fp16\n"
         "error: optim.schedule='step' is not one of cosine, linear, wsd, constant\n")
     summary = result.stderr.split("Root Cause (first observed failure):")[1]
     assert "traceback : error: trainer.precision='fp8'" in summary
