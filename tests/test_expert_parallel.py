@@ -1,7 +1,9 @@
 """Expert parallelism (parallel/expert_parallel.py) in real gloo processes against the
-single-process MoE run of the same model and data: per-step losses, grad norms and final
-weights (experts, router, expert bias included) within the layout tests' fp32 tolerances;
-an ep2 checkpoint resumed in one process (ep1); the layout's errors."""
+single-process MoE run of the same model and data: per-step losses, grad norms, MoE metrics
+(aux loss, expert load per layer) and final weights (experts, router, expert bias included)
+within the layout tests' fp32 tolerances; ep borrowed from dp_shard x cp with FSDP over the
+rest (efsdp), HSDP replicas and context parallelism; ep checkpoints resumed in one process
+(ep1); the layout's errors."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ STEPS, STOP = 4, 2
 MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=32", "model.moe.aux_loss_coef=0.01",
        "model.moe.bias_update_rate=0.01"]
 EXPERT = "layers.0.feed_forward.experts.w1"
+# The experts' placements on the (efsdp, ep) mesh with ep = dp_shard 2: FSDP's efsdp of one.
+EP2_ALONE = ((1, 2), "(_StridedShard(dim=0, sf=2), Shard(dim=0))")
 
 
 def _placements(result: dict) -> dict:
@@ -54,6 +58,9 @@ def _assert_matches(result: dict, reference: dict, start: int = 0) -> None:
     torch.testing.assert_close(torch.tensor(result["grad_norms"]),
                                torch.tensor(reference["grad_norms"][start:]), rtol=LOSS_RTOL,
                                atol=0)
+    for got, want in zip(result["moe_metrics"], reference["moe_metrics"][start:], strict=True):
+        assert got.keys() == want.keys() and "aux_loss" in got and "expert_load.1" in got
+        torch.testing.assert_close(got, want, rtol=LOSS_RTOL, atol=0)
     assert result["final"].keys() == reference["final"].keys()
     assert "layers.1.feed_forward.expert_bias" in result["final"]
     for name, tensor in reference["final"].items():
@@ -67,7 +74,7 @@ def test_ep2_matches_single_process_in_fp32(tmp_path: Path, extra: list[str]) ->
     reference = _reference(tmp_path)
     result = run_layout(_config(tmp_path, "ep2", "parallel.dp_shard=2", "parallel.ep=2",
                                 *extra), 2, STEPS)
-    assert _placements(result)[EXPERT] == ((2,), "(Shard(dim=0),)")  # two experts each
+    assert _placements(result)[EXPERT] == EP2_ALONE  # two experts each
     _assert_matches(result, reference)
 
 
@@ -76,7 +83,7 @@ def test_ep2_tp2_matches_single_process_in_fp32(tmp_path: Path) -> None:
     reference = _reference(tmp_path)
     result = run_layout(_config(tmp_path, "ep2_tp2", "parallel.dp_shard=2", "parallel.ep=2",
                                 "parallel.tp=2"), 4, STEPS)
-    assert _placements(result)[EXPERT] == ((2,), "(Shard(dim=0),)")
+    assert _placements(result)[EXPERT] == EP2_ALONE
     assert _placements(result)["layers.0.attention.wq.weight"][0] == (2, 2)  # dp x tp
     _assert_matches(result, reference)
 
@@ -91,14 +98,49 @@ def test_pp2_ep2_matches_single_process_in_fp32(tmp_path: Path) -> None:
     _assert_matches(result, reference)
 
 
-def test_ep2_checkpoint_resumes_under_ep1(tmp_path: Path) -> None:
+# ep borrowed from dp_shard x cp: overrides, processes, the experts' (mesh shape, placements)
+# on the expert mesh (dp_replicate under HSDP, efsdp, ep).
+BORROWED = {
+    "ep2_dp_shard4": (["parallel.dp_shard=4", "parallel.ep=2"], 4,
+                      ((2, 2), "(_StridedShard(dim=0, sf=2), Shard(dim=0))")),
+    "ep2_dp_replicate2_dp_shard2": (
+        ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], 4,
+        ((2, 1, 2), "(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))")),
+    "ep2_cp2": (["parallel.cp=2", "parallel.ep=2"], 2, EP2_ALONE),
+    # No ep: the experts are FSDP-sharded over dp_shard x cp like any weight.
+    "cp2": (["parallel.cp=2"], 2, ((2,), "(Shard(dim=0),)")),
+}
+
+
+@pytest.mark.parametrize("name", [
+    "ep2_dp_shard4", "ep2_cp2", "cp2",
+    # 10 s alone, 21 s on a loaded machine
+    pytest.param("ep2_dp_replicate2_dp_shard2", marks=pytest.mark.slow),
+])
+def test_ep_borrowed_from_dp_shard_x_cp_matches_single_process_in_fp32(tmp_path: Path,
+                                                                        name: str) -> None:
+    """Experts FSDP-sharded over efsdp and averaged over replicas, or routed per cp chunk:
+    the aux loss's fractions and the load counts cover the whole sequences."""
+    overrides, world_size, placements = BORROWED[name]
     reference = _reference(tmp_path)
-    saved = run_layout(_config(tmp_path, "saved", "parallel.dp_shard=2", "parallel.ep=2"), 2,
-                       STOP, save_at=(STOP,))
+    result = run_layout(_config(tmp_path, name, *overrides), world_size, STEPS)
+    assert _placements(result)[EXPERT] == placements
+    _assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("layout,world_size", [
+    (["parallel.dp_shard=2", "parallel.ep=2"], 2),
+    (["parallel.dp_shard=4", "parallel.ep=2"], 4),
+], ids=["ep2", "ep2_dp_shard4"])
+def test_ep_checkpoint_resumes_under_ep1(tmp_path: Path, layout: list[str],
+                                         world_size: int) -> None:
+    reference = _reference(tmp_path)
+    saved = run_layout(_config(tmp_path, "saved", *layout), world_size, STOP, save_at=(STOP,))
     torch.testing.assert_close(torch.tensor(saved["losses"]),
                                torch.tensor(reference["losses"][:STOP]), rtol=LOSS_RTOL, atol=0)
     checkpoint = step_dir(tmp_path / "saved", STOP)
-    assert is_complete(checkpoint) and read_info(checkpoint)["layout"]["dp_shard"] == 2
+    assert is_complete(checkpoint)
+    assert read_info(checkpoint)["layout"]["dp_shard"] == world_size
     resumed = train_and_record(_config(tmp_path, "resumed", f"trainer.resume={checkpoint}"),
                                tmp_path / "resumed", STEPS - STOP, 1)
     assert resumed["start_step"] == STOP
@@ -108,9 +150,12 @@ def test_ep2_checkpoint_resumes_under_ep1(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides,world_size,message", [
     (["parallel.ep=2", "parallel.dp_shard=2", "model.moe.num_experts=0"], 2,
      "parallel.ep=2 shards experts, but the model has none"),
-    (["parallel.ep=2", "parallel.dp_shard=4"], 4, r"must equal parallel.dp_shard x cp = 4"),
-    (["parallel.ep=2", "parallel.dp_shard=2", "parallel.dp_replicate=2"], 4,
-     "parallel.dp_replicate=1"),
+    (["parallel.ep=4", "parallel.dp_shard=2"], 2,
+     r"parallel.ep=4 does not divide parallel.dp_shard x cp = 2 x 1 = 2"),
+    (["parallel.ep=4", "parallel.dp_shard=3", "parallel.cp=2"], 6,
+     r"does not divide parallel.dp_shard x cp = 3 x 2 = 6"),
+    (["parallel.cp=2", "model.moe.capacity_factor=1.5"], 2,
+     r"model.moe.capacity_factor=1.5 with parallel.cp=2"),
     (["parallel.ep=3", "parallel.dp_shard=3"], 3, "does not divide model.moe.num_experts=4"),
     (["parallel.ep=0"], 1, "parallel.ep=0 must be at least 1"),
 ])
