@@ -27,9 +27,10 @@ are weighted and summed back per token (`index_add_`). Dropless by default; a
 order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
 holding their experts and back (parallel/expert_parallel.py; the local one moves nothing).
 
-Host syncs: the loop over experts reads the group sizes on the host (the grouped GEMM does
-not), a capacity factor reads the number kept, and expert parallelism reads the all-to-all
-split sizes: the reads a token-choice MoE needs (as Megatron's and torchtitan's).
+Host syncs: none in the dropless grouped-GEMM path (the group offsets stay on the device;
+tests/test_host_syncs.py). The loop over experts reads the group sizes on the host, a
+capacity factor reads the number kept, and expert parallelism reads the all-to-all split
+sizes once per layer: the reads a token-choice MoE needs (as Megatron's and torchtitan's).
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         flat = chosen.flatten()  # (N*k,) expert of each assignment
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # A scatter, not bincount: CUDA's bincount reads the largest index on the host.
+        counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
         routed = counts
         if self.capacity_factor is not None:
             order, counts = self._drop_overflow(flat, order, counts, self.capacity_factor)

@@ -107,6 +107,16 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, input_splits, output_splits, ctx.group), None, None, None
 
 
+def split_sizes_on_host(send: torch.Tensor, receive: torch.Tensor
+                        ) -> tuple[list[int], list[int]]:
+    """The tokens this rank sends to and receives from each ep rank, (ep,) each, read on
+    the host: all-to-all takes its split sizes as Python integers. The one host sync of a
+    MoE layer's forward under expert parallelism (again in backward when activation
+    checkpointing recomputes the layer), as in Megatron's and torchtitan's dispatchers."""
+    sizes: list[list[int]] = torch.stack([send, receive]).tolist()
+    return sizes[0], sizes[1]
+
+
 class AllToAllDispatcher:
     """Sends expert-sorted tokens to the ranks of `group` holding their experts (expert e on
     rank e // local_experts) and the outputs back (the `models.moe.Dispatcher` contract)."""
@@ -119,8 +129,7 @@ class AllToAllDispatcher:
         received = torch.empty_like(counts)  # (ep x local): each source's tokens per expert
         dist.all_to_all_single(received, counts, group=self.group)
         received = received.view(self.ep, self.local_experts)
-        sizes = torch.stack([counts.view(self.ep, -1).sum(1), received.sum(1)])
-        send, receive = sizes.tolist()  # host sync: the split sizes all-to-all needs
+        send, receive = split_sizes_on_host(counts.view(self.ep, -1).sum(1), received.sum(1))
         tokens = _AllToAll.apply(x, receive, send, self.group)  # by (source, local expert)
         expert = torch.arange(self.local_experts, device=x.device).repeat(self.ep)
         expert = expert.repeat_interleave(received.flatten(), output_size=sum(receive))
