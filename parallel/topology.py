@@ -8,8 +8,11 @@ layout stops every rank with the same ConfigError and none waits in a collective
 `parallel.backend`) and builds one DeviceMesh with the named dims
 ("pp", "dp_replicate", "dp_shard", "cp", "tp"); every dim is present, size-1 ones included,
 so `topology.mesh["tp"]` always exists; with context parallelism it also has the flattened
-dim "dp_shard_cp" that FSDP shards over. In a single process no group is created and the
-mesh is None: the single-process path runs exactly as without this module.
+dim "dp_shard_cp" that FSDP shards over. With expert parallelism (parallel.ep > 1) a
+second mesh over the same ranks, `Topology.expert_mesh` ("pp", "dp_replicate", "efsdp",
+"ep", "tp"), cuts dp_shard x cp into efsdp x ep (`build_expert_mesh`). In a single process
+no group is created and the mesh is None: the single-process path runs exactly as without
+this module.
 """
 
 from __future__ import annotations
