@@ -26,6 +26,9 @@ from scaleforge.core.checkpoint.paths import is_complete, read_info, step_dir
 from scaleforge.core.config import Config, validate
 from scaleforge.errors import ConfigError
 from scaleforge.models.init import canonical_name
+from scaleforge.parallel.config import ParallelConfig
+from scaleforge.parallel.topology import ParallelDims, init_topology
+from scaleforge.planner.shards import fake_world
 
 STEPS, STOP = 4, 2
 # llama_micro with 4 experts of width 32, top 2, in both layers; both balancing mechanisms.
@@ -96,6 +99,23 @@ def test_pp2_ep2_matches_single_process_in_fp32(tmp_path: Path) -> None:
     result = run_layout(_config(tmp_path, "pp2_ep2", *PIPELINE_MODEL, "parallel.pp=2",
                                 "parallel.dp_shard=2", "parallel.ep=2"), 4, STEPS)
     _assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("sizes,ep,groups", [
+    ({"dp_shard": 4}, 2, {"ep": [0, 1], "efsdp": [0, 2]}),
+    # cp inner: the ep pair is a cp pair; tp innermost of all
+    ({"dp_shard": 2, "cp": 2, "tp": 2}, 2, {"ep": [0, 2], "efsdp": [0, 4], "tp": [0, 1]}),
+    ({"dp_shard": 2, "cp": 2}, 4, {"ep": [0, 1, 2, 3], "efsdp": [0]}),
+    ({"dp_replicate": 2, "dp_shard": 2}, 2, {"ep": [0, 1], "efsdp": [0], "dp_replicate": [0, 2]}),
+], ids=["dp_shard4_ep2", "dp_shard2_cp2_tp2_ep2", "dp_shard2_cp2_ep4", "hsdp_ep2"])
+def test_expert_mesh_cuts_dp_shard_x_cp_into_efsdp_x_ep(sizes: dict, ep: int,
+                                                       groups: dict) -> None:
+    """Rank 0's groups on the expert mesh, built by torch's fake process group."""
+    dims = ParallelDims(**{"tp": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1} | sizes)
+    with fake_world(dims.world_size):
+        topology = init_topology(ParallelConfig(ep=ep, **sizes), dims, "cpu")
+        for name, ranks in groups.items():
+            assert topology.expert_submesh(name).mesh.flatten().tolist() == ranks, name
 
 
 # ep borrowed from dp_shard x cp: overrides, processes, the experts' (mesh shape, placements)
