@@ -107,7 +107,8 @@ def test_pp2_ep2_matches_single_process_in_fp32(tmp_path: Path) -> None:
     ({"dp_shard": 2, "cp": 2, "tp": 2}, 2, {"ep": [0, 2], "efsdp": [0, 4], "tp": [0, 1]}),
     ({"dp_shard": 2, "cp": 2}, 4, {"ep": [0, 1, 2, 3], "efsdp": [0]}),
     ({"dp_replicate": 2, "dp_shard": 2}, 2, {"ep": [0, 1], "efsdp": [0], "dp_replicate": [0, 2]}),
-], ids=["dp_shard4_ep2", "dp_shard2_cp2_tp2_ep2", "dp_shard2_cp2_ep4", "hsdp_ep2"])
+    ({"cp": 4}, 2, {"ep": [0, 1], "efsdp": [0, 2]}),  # ep within the cp group
+], ids=["dp_shard4_ep2", "dp_shard2_cp2_tp2_ep2", "dp_shard2_cp2_ep4", "hsdp_ep2", "cp4_ep2"])
 def test_expert_mesh_cuts_dp_shard_x_cp_into_efsdp_x_ep(sizes: dict, ep: int,
                                                        groups: dict) -> None:
     """Rank 0's groups on the expert mesh, built by torch's fake process group."""
