@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from scaleforge.models.moe import MoE
 from scaleforge.models.transformer import Transformer
@@ -90,15 +91,27 @@ def _shard_experts(block: nn.Module, topology: Topology, policy: MixedPrecisionP
     `expert_gradient_divisor`: a sum reduction then a division, which every backend runs
     (FSDP would reduce-scatter with NCCL's pre-multiplied sum, which gloo lacks). With an
     efsdp of one FSDP divides without a reduce-scatter, and (torch 2.13) a forced sum
-    would divide a second time, so the sum is forced only over more ranks."""
+    would divide a second time, so the sum is forced only over more ranks.
+
+    FSDP shards dim 0 (experts) when efsdp divides this rank's experts, else dim 1 (each
+    expert's rows, as torchtitan does): fewer experts than efsdp ranks on dim 0 would leave
+    some ranks padding and others whole experts (Mixtral's 8 at ep 8 x efsdp 4: no saving).
+    """
     dims = ("dp_replicate", "efsdp") if topology.dims.dp_replicate > 1 else "efsdp"
     mesh = topology.expert_submesh(dims)
+    efsdp = topology.expert_submesh("efsdp").size()
+    ep = topology.expert_submesh("ep").size()
     for module in block.modules():
         if isinstance(module, MoE):
+            dim = 0 if (module.num_experts // ep) % efsdp == 0 else 1
+
+            def placement(_: nn.Parameter, dim: int = dim) -> Shard:
+                return Shard(dim)
+
             experts = fully_shard(module.experts, mesh=mesh, mp_policy=policy,
-                                  reshard_after_forward=reshard)
+                                  reshard_after_forward=reshard, shard_placement_fn=placement)
             experts.set_gradient_divide_factor(expert_gradient_divisor(topology))
-            experts.set_force_sum_reduction_for_comms(topology.expert_submesh("efsdp").size() > 1)
+            experts.set_force_sum_reduction_for_comms(efsdp > 1)
 
 
 def autocast_precision(precision: str, topology: Topology) -> str:

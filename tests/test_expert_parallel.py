@@ -119,6 +119,7 @@ def test_expert_mesh_cuts_dp_shard_x_cp_into_efsdp_x_ep(sizes: dict, ep: int,
             assert topology.expert_submesh(name).mesh.flatten().tolist() == ranks, name
 
 
+TWO_EXPERTS = ["model.moe.num_experts=2", "model.moe.top_k=1"]
 # ep borrowed from dp_shard x cp: overrides, processes, the experts' (mesh shape, placements)
 # on the expert mesh (dp_replicate under HSDP, efsdp, ep).
 BORROWED = {
@@ -128,13 +129,16 @@ BORROWED = {
         ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], 4,
         ((2, 1, 2), "(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))")),
     "ep2_cp2": (["parallel.cp=2", "parallel.ep=2"], 2, EP2_ALONE),
+    # One expert per ep rank, efsdp 2: FSDP splits each expert's rows (dim 1) instead.
+    "ep2_dp_shard4_2_experts": (["parallel.dp_shard=4", "parallel.ep=2", *TWO_EXPERTS], 4,
+                                ((2, 2), "(Shard(dim=1), Shard(dim=0))")),
     # No ep: the experts are FSDP-sharded over dp_shard x cp like any weight.
     "cp2": (["parallel.cp=2"], 2, ((2,), "(Shard(dim=0),)")),
 }
 
 
 @pytest.mark.parametrize("name", [
-    "ep2_dp_shard4", "ep2_cp2", "cp2",
+    "ep2_dp_shard4", "ep2_cp2", "cp2", "ep2_dp_shard4_2_experts",
     # 10 s alone, 21 s on a loaded machine
     pytest.param("ep2_dp_replicate2_dp_shard2", marks=pytest.mark.slow),
 ])
@@ -143,26 +147,29 @@ def test_ep_borrowed_from_dp_shard_x_cp_matches_single_process_in_fp32(tmp_path:
     """Experts FSDP-sharded over efsdp and averaged over replicas, or routed per cp chunk:
     the aux loss's fractions and the load counts cover the whole sequences."""
     overrides, world_size, placements = BORROWED[name]
-    reference = _reference(tmp_path)
+    reference = _reference(tmp_path, *(TWO_EXPERTS if "2_experts" in name else []))
     result = run_layout(_config(tmp_path, name, *overrides), world_size, STEPS)
     assert _placements(result)[EXPERT] == placements
     _assert_matches(result, reference)
 
 
-@pytest.mark.parametrize("layout,world_size", [
-    (["parallel.dp_shard=2", "parallel.ep=2"], 2),
-    (["parallel.dp_shard=4", "parallel.ep=2"], 4),
-], ids=["ep2", "ep2_dp_shard4"])
-def test_ep_checkpoint_resumes_under_ep1(tmp_path: Path, layout: list[str],
-                                         world_size: int) -> None:
-    reference = _reference(tmp_path)
-    saved = run_layout(_config(tmp_path, "saved", *layout), world_size, STOP, save_at=(STOP,))
+@pytest.mark.parametrize("layout,world_size,model", [
+    (["parallel.dp_shard=2", "parallel.ep=2"], 2, []),
+    (["parallel.dp_shard=4", "parallel.ep=2"], 4, []),
+    (["parallel.dp_shard=4", "parallel.ep=2"], 4, TWO_EXPERTS),  # experts' rows FSDP-sharded
+], ids=["ep2", "ep2_dp_shard4", "ep2_dp_shard4_2_experts"])
+def test_ep_checkpoint_resumes_under_ep1(tmp_path: Path, layout: list[str], world_size: int,
+                                         model: list[str]) -> None:
+    reference = _reference(tmp_path, *model)
+    saved = run_layout(_config(tmp_path, "saved", *model, *layout), world_size, STOP,
+                       save_at=(STOP,))
     torch.testing.assert_close(torch.tensor(saved["losses"]),
                                torch.tensor(reference["losses"][:STOP]), rtol=LOSS_RTOL, atol=0)
     checkpoint = step_dir(tmp_path / "saved", STOP)
     assert is_complete(checkpoint)
     assert read_info(checkpoint)["layout"]["dp_shard"] == world_size
-    resumed = train_and_record(_config(tmp_path, "resumed", f"trainer.resume={checkpoint}"),
+    resumed = train_and_record(_config(tmp_path, "resumed", *model,
+                                       f"trainer.resume={checkpoint}"),
                                tmp_path / "resumed", STEPS - STOP, 1)
     assert resumed["start_step"] == STOP
     _assert_matches(resumed, reference, start=STOP)
