@@ -27,9 +27,10 @@ are weighted and summed back per token (`index_add_`). Dropless by default; a
 order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
 holding their experts and back (parallel/expert_parallel.py; the local one moves nothing).
 
-Host syncs: the loop over experts reads the group sizes on the host (the grouped GEMM does
-not), a capacity factor reads the number kept, and expert parallelism reads the all-to-all
-split sizes: the reads a token-choice MoE needs (as Megatron's and torchtitan's).
+Host syncs: none in the dropless grouped-GEMM path (the group offsets stay on the device;
+tests/test_host_syncs.py). The loop over experts reads the group sizes on the host, a
+capacity factor reads the number kept, and expert parallelism reads the all-to-all split
+sizes once per layer: the reads a token-choice MoE needs (as Megatron's and torchtitan's).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -177,23 +178,19 @@ class Experts(nn.Module):
     """`num_experts` SwiGLU experts stacked: w1, w3 (E, hidden, d), w2 (E, d, hidden).
 
     Under expert parallelism the weights are DTensors sharded on dim 0 and each rank runs
-    its local experts (`to_local`), so forward takes this rank's groups only; an expert's
-    gradient then sums every data-parallel rank's tokens and `grad_scale` (1 / dp size)
-    turns it into their mean, as data parallelism does for the other weights.
+    its local experts (`to_local`), so forward takes this rank's groups only.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, grouped_mm: str):
         super().__init__()
         self.grouped_mm = grouped_mm
-        self.grad_scale = 1.0
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (n, d) grouped by expert, counts (E_local,) -> (n, d)."""
-        w1, w3, w2 = (_ScaleGrad.apply(_local(w), self.grad_scale).to(x.dtype)
-                      for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (_local(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
         if use_grouped_mm(self.grouped_mm, x):
             offsets = counts.cumsum(0).to(torch.int32)
 
@@ -211,19 +208,6 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     """This rank's experts of a weight sharded over expert-parallel ranks (a DTensor)."""
     to_local = getattr(weight, "to_local", None)
     return to_local() if to_local is not None else weight
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity whose backward multiplies the gradient by `scale`."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale if ctx.scale != 1.0 else grad, None
 
 
 class _AddAuxLossGrad(torch.autograd.Function):
@@ -267,6 +251,9 @@ class MoE(nn.Module):
         self.experts = Experts(moe.num_experts, cfg.d_model, expert_hidden(cfg), moe.grouped_mm)
         self.shared = shared
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # The sum of a tensor over the ranks holding the other chunks of this micro-batch's
+        # sequences (context parallelism, parallel/expert_parallel.py); one rank: itself.
+        self.sum_over_sequence: Callable[[torch.Tensor], torch.Tensor] = _itself
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts))
         self.register_buffer("load", torch.zeros(moe.num_experts), persistent=False)
         self.register_buffer("dropped", torch.zeros(()), persistent=False)
@@ -284,7 +271,8 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         flat = chosen.flatten()  # (N*k,) expert of each assignment
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # A scatter, not bincount: CUDA's bincount reads the largest index on the host.
+        counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
         routed = counts
         if self.capacity_factor is not None:
             order, counts = self._drop_overflow(flat, order, counts, self.capacity_factor)
@@ -296,9 +284,12 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(tokens)
         if self.training and self.aux_loss_coef > 0:
-            # Switch: E * sum_i f_i P_i, f the assignment fractions, P the mean (normalised) scores.
+            # Switch: E * sum_i f_i P_i, f the assignment fractions, P the mean (normalised)
+            # scores. Sequences split over ranks: f of the whole sequences, P of this rank's
+            # tokens; the mean of the ranks' losses is the whole sequences' (equal chunks).
             probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, True)
-            fraction = routed.float() / flat.numel()
+            all_routed = self.sum_over_sequence(routed.float())
+            fraction = all_routed / all_routed.sum()
             aux = self.aux_loss_coef * self.num_experts * (fraction * probs.mean(0)).sum()
             out = _AddAuxLossGrad.apply(out, aux, self.aux_loss_scale)
             self._record(aux=aux.detach())
@@ -327,6 +318,10 @@ class MoE(nn.Module):
             self.dropped += dropped
         if aux is not None:
             self.aux_loss += aux
+
+
+def _itself(value: torch.Tensor) -> torch.Tensor:
+    return value
 
 
 def expert_hidden(cfg: Any) -> int:

@@ -29,9 +29,9 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas (HSDP's replicate axis)
     dp_shard: int = 1  # FSDP shards per replica; -1: the rest of the world
     cp: int = 1  # context-parallel ranks each sequence is split over
-    # Expert parallelism: MoE experts sharded over ep of the dp_shard ranks
-    # (parallel/expert_parallel.py).
-    ep: int = 1  # expert-parallel size (MoE models); 1: every rank holds every expert
+    # Expert parallelism: MoE experts sharded over ep of the dp_shard x cp ranks, and
+    # FSDP-sharded over the other dp_shard x cp / ep (parallel/expert_parallel.py).
+    ep: int = 1  # expert-parallel size (MoE models): divides dp_shard x cp; 1: no ep
     # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
     pp_schedule: str = "1F1B"
     pp_stages_per_rank: int = 1  # virtual stages per rank

@@ -32,9 +32,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
+from scaleforge.models.moe import MoE
 from scaleforge.models.transformer import Transformer
-from scaleforge.parallel.expert_parallel import expert_parameters
+from scaleforge.parallel.expert_parallel import expert_gradient_divisor
 from scaleforge.parallel.topology import Topology
 
 
@@ -68,16 +70,48 @@ def apply_data_parallel(
 
     With a shard group of one (plain replication) nothing is gathered, so weights are never
     resharded. The root is not resharded after forward: its head runs first in backward.
-    Experts sharded by expert parallelism are left out (parallel/expert_parallel.py).
+    Experts sharded by expert parallelism are their own FSDP unit inside their block
+    (`_shard_experts`).
     """
     mesh = topology.submesh(data_parallel_mesh_dims(topology))
     reshard = reshard_after_forward and topology.dims.dp_shard * topology.dims.cp > 1
     policy = mixed_precision_policy(precision)
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard,
-                    ignored_params=expert_parameters(block))
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,
-                ignored_params=expert_parameters(model))
+        if topology.expert_mesh is not None:
+            _shard_experts(block, topology, policy, reshard)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def _shard_experts(block: nn.Module, topology: Topology, policy: MixedPrecisionPolicy,
+                   reshard: bool) -> None:
+    """`fully_shard` the experts of `block`'s MoE layer, already sharded over "ep", over the
+    expert mesh's "efsdp" (with "dp_replicate": HSDP) as torchtitan does. Their gradient
+    is summed (the ep group's tokens by all-to-all, the rest by FSDP) and divided by
+    `expert_gradient_divisor`: a sum reduction then a division, which every backend runs
+    (FSDP would reduce-scatter with NCCL's pre-multiplied sum, which gloo lacks). With an
+    efsdp of one FSDP divides without a reduce-scatter, and (torch 2.13) a forced sum
+    would divide a second time, so the sum is forced only over more ranks.
+
+    FSDP shards dim 0 (experts) when efsdp divides this rank's experts, else dim 1 (each
+    expert's rows, as torchtitan does): fewer experts than efsdp ranks on dim 0 would leave
+    some ranks padding and others whole experts (Mixtral's 8 at ep 8 x efsdp 4: no saving).
+    """
+    dims = ("dp_replicate", "efsdp") if topology.dims.dp_replicate > 1 else "efsdp"
+    mesh = topology.expert_submesh(dims)
+    efsdp = topology.expert_submesh("efsdp").size()
+    ep = topology.expert_submesh("ep").size()
+    for module in block.modules():
+        if isinstance(module, MoE):
+            dim = 0 if (module.num_experts // ep) % efsdp == 0 else 1
+
+            def placement(_: nn.Parameter, dim: int = dim) -> Shard:
+                return Shard(dim)
+
+            experts = fully_shard(module.experts, mesh=mesh, mp_policy=policy,
+                                  reshard_after_forward=reshard, shard_placement_fn=placement)
+            experts.set_gradient_divide_factor(expert_gradient_divisor(topology))
+            experts.set_force_sum_reduction_for_comms(efsdp > 1)
 
 
 def autocast_precision(precision: str, topology: Topology) -> str:

@@ -4,10 +4,12 @@ per-step MoE metrics.
 Each MoE layer counts, during the step's training forwards, the (token, expert) assignments
 its router made on this rank (`MoE.load`), the assignments a capacity factor dropped and its
 auxiliary loss (models/moe.py). After the optimizer step, `ExpertLoad.step` sums the counts
-over the data-parallel ranks (tensor-parallel ranks route the same tokens and pipeline
-stages hold different layers, so neither is summed), moves DeepSeek-V3's expert bias by
-`model.moe.bias_update_rate` towards the mean load, and keeps the step's figures for
-`metrics`. All of it stays on the device; `metrics` reads it on the host at log time only.
+over the ranks that route different tokens: the data-parallel ranks and the
+context-parallel ones, each with its chunks of the sequences (tensor-parallel ranks route the
+same tokens and pipeline stages hold different layers, so neither is summed); it moves
+DeepSeek-V3's expert bias by `model.moe.bias_update_rate` towards the mean load, and keeps
+the step's figures for `metrics`. All of it stays on the device; `metrics` reads it on the
+host at log time only.
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ class ExpertLoad:
 
     @torch.no_grad()
     def step(self) -> None:
-        """After the optimizer step: sum this step's loads over data-parallel ranks, update
-        the expert bias, keep the figures, zero the counters."""
+        """After the optimizer step: sum this step's loads over the data- and
+        context-parallel ranks, update the expert bias, keep the figures, zero the
+        counters."""
         for index, module in self.layers.items():
             counts = torch.cat([module.load, module.dropped.view(1), module.aux_loss.view(1)])
-            counts = self.topology.sum_over_dp(counts)
+            counts = self.topology.sum_over_tokens(counts)
             load = counts[:-2]
             if self.moe.bias_update_rate > 0:
                 update_expert_bias(module, load, self.moe.bias_update_rate)
-            aux = counts[-1] / (self.topology.dp_size * self.micro_batches)
+            # Each rank's aux loss is already of whole sequences (models/moe.py): their mean.
+            aux = counts[-1] / (self.topology.dp_size * self.topology.dims.cp
+                                * self.micro_batches)
             self.last[index] = torch.stack([load.max() / load.mean().clamp(min=1), counts[-2], aux])
             for buffer in (module.load, module.dropped, module.aux_loss):
                 buffer.zero_()

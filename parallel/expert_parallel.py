@@ -1,76 +1,93 @@
 """Expert parallelism (`parallel.ep`): each MoE layer's experts sharded over ep ranks
-borrowed from the data-parallel shard group (torchtitan's scheme), tokens moved to them and
-back by all-to-all with variable splits.
+borrowed from the dp_shard x cp ranks (torchtitan's scheme), tokens moved to them and back
+by all-to-all with variable splits.
 
-    experts.w1, w3, w2   DTensor (E, ., .) Shard(0) on the "dp_shard" mesh: rank r holds
-                         experts [r E/ep, (r+1) E/ep); not sharded further by FSDP (each
-                         rank's experts are its share, as FSDP's would be)
+    expert mesh          ("pp", "dp_replicate", "efsdp", "ep", "tp") over the world
+                         (`topology.build_expert_mesh`): the dp_shard x cp ranks cut into
+                         efsdp x ep, ep inner. e.g. dp_shard 4, ep 2: ep groups [0, 1],
+                         [2, 3]; efsdp groups [0, 2], [1, 3].
+    experts.w1, w3, w2   DTensor (E, ., .) Shard(0) on "ep": ep rank r holds experts
+                         [r E/ep, (r+1) E/ep); FSDP shards those again over "efsdp" and
+                         replicates them over "dp_replicate" (HSDP), like the dense weights
+                         over dp_shard x cp (parallel/data_parallel.py)
     router, shared       plain parameters of the block, sharded by FSDP like any other
     dispatch             counts per expert exchanged (all_to_all_single of E integers),
                          split sizes read on the host (the one sync of the layer), tokens
                          sent (all_to_all_single, variable splits) and regrouped by local
                          expert; combine sends the outputs back the same way. Both are
                          autograd functions: backward runs the reverse all-to-all.
-    gradients            FSDP averages the dense gradients over the dp ranks; an expert's
-                         gradient arrives summed over every rank's tokens, so the
-                         experts divide it by the dp size (`Experts.grad_scale`): the
-                         same mean as one process.
+    gradients            an expert's gradient arrives summed over its ep group's tokens;
+                         FSDP sums it over efsdp and dp_replicate and divides by every
+                         rank that saw different tokens (dp_replicate x dp_shard x cp,
+                         `expert_gradient_divisor`): the same mean as the dense weights.
 
-Under tensor parallelism the MoE layer sees the whole sequence (all-gathered, as the MLP
-does) and every tp rank of an ep group routes the same tokens; its output is cut back to
-this rank's sequence shard (parallel/tensor_parallel.py). Within this build ep equals
-dp_shard x cp and dp_replicate is 1 (`check_expert_parallel`).
+Under tensor parallelism the MoE layer sees the whole (local) sequence, all-gathered as the
+MLP does, and every tp rank of an ep group routes the same tokens; its output is cut back to
+this rank's sequence shard (parallel/tensor_parallel.py). Under context parallelism each
+rank routes its own chunks; the auxiliary loss takes its assignment fractions over the cp
+group (`share_routing_over_cp`), so it equals the one of the whole sequences.
 """
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.moe import EXPERT_WEIGHTS, MoE, moe_layers
+from scaleforge.models.moe import EXPERT_WEIGHTS, moe_layers
 from scaleforge.parallel.topology import ParallelDims, Topology
 
 
 def check_expert_parallel(ep: int, dims: ParallelDims, model: TransformerConfig) -> None:
-    """Raise ConfigError (setting, value, fix) when `parallel.ep` does not fit the model or
+    """Raise ConfigError (setting, value, fix) when `parallel.ep` or a MoE model does not fit
     the layout."""
+    moe = model.moe
+    if moe.enabled and dims.cp > 1 and moe.capacity_factor is not None:
+        raise ConfigError(
+            f"model.moe.capacity_factor={moe.capacity_factor} with parallel.cp={dims.cp}: the "
+            "capacity counts a micro-batch's tokens in order, and a context-parallel rank "
+            "holds only its chunks; set model.moe.capacity_factor=null (dropless) or "
+            "parallel.cp=1"
+        )
     if ep == 1:
         return
-    if not model.moe.enabled:
+    if not moe.enabled:
         raise ConfigError(
             f"parallel.ep={ep} shards experts, but the model has none (model.moe.num_experts="
             "0); set parallel.ep=1 or give the model experts"
         )
-    if ep != dims.dp_shard * dims.cp:  # cp > 1 with experts is refused by check_layout
+    borrowed = dims.dp_shard * dims.cp
+    if borrowed % ep:
         raise ConfigError(
-            f"parallel.ep={ep} must equal parallel.dp_shard x cp = {dims.dp_shard * dims.cp}: "
-            "expert-parallel ranks are the data-parallel shard ranks; set parallel.ep="
-            f"{dims.dp_shard * dims.cp}"
+            f"parallel.ep={ep} does not divide parallel.dp_shard x cp = {dims.dp_shard} x "
+            f"{dims.cp} = {borrowed}: expert-parallel ranks are borrowed from the data-parallel "
+            f"shard and context-parallel ranks; pick an ep that divides {borrowed}"
         )
-    if dims.dp_replicate != 1:
+    if moe.num_experts % ep:
         raise ConfigError(
-            f"parallel.ep={ep} with parallel.dp_replicate={dims.dp_replicate}: experts are "
-            "not replicated across replica groups in this build; set parallel.dp_replicate=1"
-        )
-    if model.moe.num_experts % ep:
-        raise ConfigError(
-            f"parallel.ep={ep} does not divide model.moe.num_experts={model.moe.num_experts}; "
+            f"parallel.ep={ep} does not divide model.moe.num_experts={moe.num_experts}; "
             "pick an ep that divides the experts"
         )
 
 
-def widest_ep(model: TransformerConfig, dp_shard: int, dp_replicate: int = 1) -> int:
-    """The expert-parallel size a planner picks for a layout: every dp_shard rank when the
-    model has experts that dp_shard divides (and no replica groups), else 1."""
-    fits = model.moe.enabled and model.moe.num_experts % dp_shard == 0 and dp_replicate == 1
-    return dp_shard if fits else 1
+def widest_ep(model: TransformerConfig, dp_shard: int, cp: int = 1) -> int:
+    """The expert-parallel size a planner picks for a layout: the largest that divides both
+    the experts and dp_shard x cp (1 for a dense model)."""
+    return math.gcd(model.moe.num_experts, dp_shard * cp) if model.moe.enabled else 1
+
+
+def expert_gradient_divisor(topology: Topology) -> int:
+    """What an expert's summed gradient is divided by: every rank that saw different
+    tokens (dp_replicate x dp_shard x cp), as the dense gradients are averaged."""
+    return topology.dp_size * topology.dims.cp
 
 
 class _AllToAll(torch.autograd.Function):
@@ -90,6 +107,16 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, input_splits, output_splits, ctx.group), None, None, None
 
 
+def split_sizes_on_host(send: torch.Tensor, receive: torch.Tensor
+                        ) -> tuple[list[int], list[int]]:
+    """The tokens this rank sends to and receives from each ep rank, (ep,) each, read on
+    the host: all-to-all takes its split sizes as Python integers. The one host sync of a
+    MoE layer's forward under expert parallelism (again in backward when activation
+    checkpointing recomputes the layer), as in Megatron's and torchtitan's dispatchers."""
+    sizes: list[list[int]] = torch.stack([send, receive]).tolist()
+    return sizes[0], sizes[1]
+
+
 class AllToAllDispatcher:
     """Sends expert-sorted tokens to the ranks of `group` holding their experts (expert e on
     rank e // local_experts) and the outputs back (the `models.moe.Dispatcher` contract)."""
@@ -102,8 +129,7 @@ class AllToAllDispatcher:
         received = torch.empty_like(counts)  # (ep x local): each source's tokens per expert
         dist.all_to_all_single(received, counts, group=self.group)
         received = received.view(self.ep, self.local_experts)
-        sizes = torch.stack([counts.view(self.ep, -1).sum(1), received.sum(1)])
-        send, receive = sizes.tolist()  # host sync: the split sizes all-to-all needs
+        send, receive = split_sizes_on_host(counts.view(self.ep, -1).sum(1), received.sum(1))
         tokens = _AllToAll.apply(x, receive, send, self.group)  # by (source, local expert)
         expert = torch.arange(self.local_experts, device=x.device).repeat(self.ep)
         expert = expert.repeat_interleave(received.flatten(), output_size=sum(receive))
@@ -117,24 +143,33 @@ class AllToAllDispatcher:
 
 
 def apply_expert_parallel(model: nn.Module, topology: Topology, ep: int) -> None:
-    """Shard every MoE layer's experts of `model` (meta or materialised) over the dp_shard
-    mesh and give the layer the all-to-all dispatcher (module docstring)."""
-    mesh: DeviceMesh = topology.submesh("dp_shard")
-    group = topology.group("dp_shard")
-    dp = topology.dp_size
+    """Shard every MoE layer's experts of `model` (meta or materialised) over the "ep" mesh
+    and give the layer the all-to-all dispatcher (module docstring); FSDP shards them
+    further (parallel/data_parallel.py)."""
+    mesh: DeviceMesh = topology.expert_submesh("ep")
+    group = mesh.get_group()
     for module in moe_layers(model).values():
         experts = module.experts
         for name in EXPERT_WEIGHTS:
             full = getattr(experts, name)
             sharded = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
             setattr(experts, name, nn.Parameter(sharded))
-        experts.grad_scale = 1.0 / dp
         module.dispatcher = AllToAllDispatcher(group, ep, module.num_experts)
 
 
-def expert_parameters(module: nn.Module) -> set[nn.Parameter]:
-    """The expert weights of `module`'s MoE layers: sharded by expert parallelism, so FSDP
-    leaves them out (an empty set without experts or without expert parallelism)."""
-    return {getattr(layer.experts, name) for layer in module.modules()
-            if isinstance(layer, MoE) for name in EXPERT_WEIGHTS
-            if isinstance(getattr(layer.experts, name), DTensor)}
+def share_routing_over_cp(model: nn.Module, topology: Topology) -> None:
+    """Under context parallelism, make every MoE layer sum its routed-token counts over the
+    cp group before its auxiliary loss (`MoE.sum_over_sequence`): the loss's assignment
+    fractions are then those of whole sequences; a no-op without cp."""
+    if topology.dims.cp == 1:
+        return
+    group = topology.group("cp")
+    for module in moe_layers(model).values():
+        module.sum_over_sequence = partial(_all_reduce_sum, group=group)
+
+
+def _all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The sum of `value` (on this rank's device) over `group`; no gradient."""
+    total = value.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total

@@ -48,7 +48,7 @@ from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.context_parallel import apply_context_parallel
 from scaleforge.parallel.data_parallel import apply_data_parallel, uses_data_parallel
 from scaleforge.parallel.dtensor import full_value
-from scaleforge.parallel.expert_parallel import apply_expert_parallel
+from scaleforge.parallel.expert_parallel import apply_expert_parallel, share_routing_over_cp
 from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
@@ -79,6 +79,7 @@ def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.submesh("tp"))
     apply_context_parallel(model, topology)
+    share_routing_over_cp(model, topology)
     apply_activation_checkpointing(
         model, plan.activation_checkpointing, plan.checkpoint_every_n_blocks
     )

@@ -8,8 +8,11 @@ layout stops every rank with the same ConfigError and none waits in a collective
 `parallel.backend`) and builds one DeviceMesh with the named dims
 ("pp", "dp_replicate", "dp_shard", "cp", "tp"); every dim is present, size-1 ones included,
 so `topology.mesh["tp"]` always exists; with context parallelism it also has the flattened
-dim "dp_shard_cp" that FSDP shards over. In a single process no group is created and the
-mesh is None: the single-process path runs exactly as without this module.
+dim "dp_shard_cp" that FSDP shards over. With expert parallelism (parallel.ep > 1) a
+second mesh over the same ranks, `Topology.expert_mesh` ("pp", "dp_replicate", "efsdp",
+"ep", "tp"), cuts dp_shard x cp into efsdp x ep (`build_expert_mesh`). In a single process
+no group is created and the mesh is None: the single-process path runs exactly as without
+this module.
 """
 
 from __future__ import annotations
@@ -148,12 +151,6 @@ def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_le
             "parallelism attends over the gathered keys with a position mask, which only "
             "the sdpa kernel takes; set model.attention=sdpa"
         )
-    if model.moe.enabled:
-        raise ConfigError(
-            f"parallel.cp={dims.cp} with a Mixture-of-Experts model (model.moe.num_experts="
-            f"{model.moe.num_experts}): the router's load statistics are not yet gathered "
-            "over the cp group; set parallel.cp=1"
-        )
     if model.sliding_window is not None:
         raise ConfigError(
             f"parallel.cp={dims.cp} with model.sliding_window={model.sliding_window}: the "
@@ -168,10 +165,12 @@ class Topology:
     Single process (world size 1): `mesh` is None and every collective helper is a no-op.
     """
 
-    def __init__(self, dims: ParallelDims, device: torch.device, mesh: DeviceMesh | None):
+    def __init__(self, dims: ParallelDims, device: torch.device, mesh: DeviceMesh | None,
+                 expert_mesh: DeviceMesh | None = None):
         self.dims = dims
         self.device = device
         self.mesh = mesh
+        self.expert_mesh = expert_mesh  # parallel.ep > 1 only (`build_expert_mesh`)
         self.rank = dist.get_rank() if mesh is not None else 0
         coordinate = mesh.get_coordinate() if mesh is not None else None
         self.coordinates = dict(zip(MESH_DIMS, coordinate or (0,) * len(MESH_DIMS), strict=True))
@@ -223,6 +222,13 @@ class Topology:
         distributed runs only."""
         return self._distributed_mesh().get_group(dim)
 
+    def expert_submesh(self, dims: str | tuple[str, ...]) -> DeviceMesh:
+        """The expert mesh along `dims` ("ep", "efsdp", or ("dp_replicate", "efsdp"));
+        runs with parallel.ep > 1 only (`build_expert_mesh`)."""
+        if self.expert_mesh is None:
+            raise RuntimeError("the expert mesh exists only with parallel.ep > 1")
+        return self.expert_mesh[dims]
+
     def _distributed_mesh(self) -> DeviceMesh:
         if self.mesh is None:
             raise RuntimeError(
@@ -230,6 +236,16 @@ class Topology:
                 "them only along a mesh dim larger than one"
             )
         return self.mesh
+
+    def sum_over_tokens(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over every rank that sees different tokens: the data-parallel
+        ranks and, under context parallelism, the cp ranks (each holds its chunks of the
+        replica's sequences), e.g. routed-token counts."""
+        total = value.detach().clone()
+        for name in ("cp", "dp_replicate", "dp_shard"):
+            if getattr(self.dims, name) > 1:
+                dist.all_reduce(total, group=self.group(name))
+        return total
 
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a per-replica scalar over all data-parallel ranks (for logging)."""
@@ -241,15 +257,8 @@ class Topology:
         """The sum of a per-replica tensor over all data-parallel ranks. Under context
         parallelism each cp rank holds its chunks' value (a mean loss over its tokens), and
         the replica's is their mean, taken first."""
-        total = value.detach().clone()
-        if self.dims.cp > 1:
-            dist.all_reduce(total, group=self.group("cp"))
-            total /= self.dims.cp
-        if self.dims.dp_replicate > 1:
-            dist.all_reduce(total, group=self.group("dp_replicate"))
-        if self.dims.dp_shard > 1:
-            dist.all_reduce(total, group=self.group("dp_shard"))
-        return total
+        total = self.sum_over_tokens(value)
+        return total / self.dims.cp if self.dims.cp > 1 else total
 
     def sum_over_world(self, value: torch.Tensor) -> torch.Tensor:
         """The sum of a tensor over every rank (one all-reduce on the default group); the
@@ -339,11 +348,11 @@ class Topology:
     def groups(self) -> str:
         """The ranks of this rank's groups along each mesh dim larger than one, e.g.
         'dp_shard group [0, 2], tp group [0, 1]': the groups a failing collective ran in."""
-        return ", ".join(
-            f"{name} group {self.mesh[name].mesh.flatten().tolist()}"
-            for name in MESH_DIMS
-            if self.mesh is not None and self.mesh[name].size() > 1
-        )
+        meshes = [] if self.mesh is None else [(name, self.mesh[name]) for name in MESH_DIMS]
+        if self.expert_mesh is not None:
+            meshes.append(("ep", self.expert_mesh["ep"]))
+        return ", ".join(f"{name} group {mesh.mesh.flatten().tolist()}"
+                         for name, mesh in meshes if mesh.size() > 1)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -426,7 +435,25 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
         fake = dist.get_backend() == "fake"
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override="fake" if fake else (
             backend, _group_options(backend, timeout)))
-    return Topology(dims, torch_device, mesh)
+    expert_mesh = None
+    if parallel.ep > 1:
+        fake = dist.get_backend() == "fake"
+        expert_mesh = build_expert_mesh(mesh, dims, parallel.ep, "fake" if fake else (
+            backend, _group_options(backend, timeout)))
+    return Topology(dims, torch_device, mesh, expert_mesh)
+
+
+def build_expert_mesh(mesh: DeviceMesh, dims: ParallelDims, ep: int,
+                      backend: str | tuple[str, C10dBackend.Options]) -> DeviceMesh:
+    """The mesh ("pp", "dp_replicate", "efsdp", "ep", "tp") of expert parallelism, over the
+    same ranks as `mesh` (torchtitan's sparse mesh): the dp_shard x cp ranks (flattened, cp
+    inner) cut into efsdp x ep, ep inner. Experts are sharded over "ep" and their shards
+    FSDP-sharded over "efsdp" (and replicated over "dp_replicate"); `check_expert_parallel`
+    made sure ep divides dp_shard x cp."""
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    efsdp = dims.dp_shard * dims.cp // ep
+    return mesh["pp", "dp_replicate", shard, "tp"]._unflatten(
+        shard, (efsdp, ep), ("efsdp", "ep"), backend_override={"efsdp": backend, "ep": backend})
 
 
 def _torchrun_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:

@@ -167,8 +167,8 @@ def layout_config(cfg: Config, layout: Layout, pinned: set[str]) -> Config:
     """`cfg` with `layout`'s settings (see the module docstring for the two filled in)."""
     parallel = replace(cfg.parallel, tp=layout.tp, pp=layout.pp,
                        dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard)
-    if "parallel.ep" not in pinned:  # MoE: experts over every dp_shard rank that divides them
-        parallel.ep = widest_ep(cfg.model, layout.dp_shard, layout.dp_replicate)
+    if "parallel.ep" not in pinned:  # MoE: the widest ep that divides experts and dp_shard x cp
+        parallel.ep = widest_ep(cfg.model, layout.dp_shard, parallel.cp)
     trainer = replace(cfg.trainer, activation_checkpointing=layout.checkpointing,
                       micro_batch_size=layout.micro_batch_size)
     if layout.schedule is not None:

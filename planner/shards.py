@@ -49,8 +49,9 @@ ADAM_STEP_BYTES = 4
 
 @dataclass(frozen=True)
 class ParamShard:
-    """One parameter on the measured rank: its local shard, and the tensor-parallel shard
-    before FSDP split it (what FSDP all-gathers), in elements; its dtype's size in bytes."""
+    """One parameter on the measured rank: its local shard, and the tensor-parallel (for
+    experts, expert-parallel) shard before FSDP split it (what FSDP all-gathers), in
+    elements; its dtype's size in bytes."""
 
     local_elements: int
     tp_local_elements: int
@@ -122,7 +123,7 @@ def _shard(param: nn.Parameter) -> ParamShard:
     if isinstance(param, DTensor) and param.device_mesh.mesh_dim_names is not None:
         for name, placement in zip(param.device_mesh.mesh_dim_names, param.placements,
                                    strict=True):
-            if name == "tp" and isinstance(placement, Shard):
+            if name in ("tp", "ep") and isinstance(placement, Shard):
                 tp_local //= param.device_mesh[name].size()
     return ParamShard(local.numel(), tp_local, local.element_size())
 

@@ -71,7 +71,8 @@ def train_and_record(
     forget_optimizer_state: bool = False,
 ) -> dict[str, Any]:
     """Train `steps` steps; return initial and final full weights, losses, grad norms,
-    validation loss, the parameter layouts and, under pipeline parallelism, every rank's
+    MoE metrics per step (`ExpertLoad.metrics`, empty for a dense model), validation loss,
+    the parameter layouts and, under pipeline parallelism, every rank's
     stage ids (full weights on rank 0 only).
 
     The Trainer resumes as `cfg.trainer.resume` says ("start_step" in the result is the step
@@ -85,11 +86,12 @@ def train_and_record(
         trainer.optimizer.state.clear()
     start_step = trainer.step
     initial = _copy(gathered_state_dict(trainer.model, topology))
-    losses, grad_norms = [], []
+    losses, grad_norms, moe_metrics = [], [], []
     for _ in range(steps):
         loss, grad_norm = trainer.train_step(trainer.train_batches)
         losses.append(topology.mean_over_dp(loss).item())
         grad_norms.append(grad_norm.item())
+        moe_metrics.append(trainer.expert_load.metrics())
         if trainer.step in save_at:
             trainer.save_checkpoint()
     trainer.checkpointer.wait()
@@ -101,6 +103,7 @@ def train_and_record(
         "final": _copy(final),
         "losses": losses,
         "grad_norms": grad_norms,
+        "moe_metrics": moe_metrics,
         "val_loss": val_loss,
         "placements": placements_by_name(trainer.model),
         "stage_ids": _stage_ids_of_every_rank(trainer, topology),

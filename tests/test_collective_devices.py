@@ -134,6 +134,7 @@ class _CollectiveCalls(ast.NodeVisitor):
         self.modules, self.functions = _distributed_names(tree)
         self.scope: ast.AST = tree
         self.found: list[str] = []
+        self.checked: list[str] = []  # every collective call seen, by name
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         outer, self.scope = self.scope, node
@@ -144,6 +145,7 @@ class _CollectiveCalls(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         if _is_collective(node, self.modules, self.functions):
+            self.checked.append(ast.unparse(node.func))
             arguments = [*node.args, *(keyword.value for keyword in node.keywords)]
             if any(next(_host_tensors(arg, self.scope), None) is not None for arg in arguments):
                 self.found.append(f"line {node.lineno}: {ast.unparse(node)}")
@@ -156,6 +158,37 @@ def host_tensors_in_collectives(source: str) -> list[str]:
     calls = _CollectiveCalls(tree)
     calls.visit(tree)
     return calls.found
+
+
+# An expert-parallel dispatch that counts on the host: the counts exchange, a split-size
+# tensor and an aux-loss count all-reduce, each of a tensor made without device=.
+CPU_EXPERT_DISPATCH = '''
+import torch
+import torch.distributed as dist
+
+def dispatch(x, flat, group, ep, experts):
+    counts = torch.zeros(experts, dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
+    received = torch.empty(experts, dtype=torch.long)
+    dist.all_to_all_single(received, counts, group=group)
+    dist.all_reduce(torch.tensor([x.size(0)]), group=group)
+    out = x.new_empty(x.shape)
+    dist.all_to_all_single(out, x, group=group)
+'''
+
+
+def test_checker_flags_host_tensors_of_an_expert_dispatch():
+    found = host_tensors_in_collectives(CPU_EXPERT_DISPATCH)
+    assert [line.split(":")[0] for line in found] == ["line 8", "line 9"], found
+
+
+def test_expert_parallel_collectives_are_checked_and_on_the_device():
+    """The checker sees expert parallelism's collectives (the counts and tokens all-to-all,
+    the cp count all-reduce) and none is given a host tensor."""
+    tree = ast.parse((REPO / "parallel" / "expert_parallel.py").read_text())
+    calls = _CollectiveCalls(tree)
+    calls.visit(tree)
+    assert calls.checked.count("dist.all_to_all_single") == 2, calls.checked
+    assert "dist.all_reduce" in calls.checked and calls.found == [], calls.found
 
 
 def test_checker_flags_every_host_tensor_of_the_old_pipeline_shape_exchange():

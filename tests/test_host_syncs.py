@@ -1,9 +1,10 @@
 """A training step waits for the device once: the health decision's read,
-`core.health.read_on_host`. Any other read (`.item()`, `float()`, `bool()`, `.tolist()`,
-`.numpy()`, `torch.equal`, a copy to the CPU) would make the host wait for the GPU on every
-step, in one process and in every layout, and so would a tensor made from host data on the
-GPU (`torch.tensor(value, device=...)`: a copy from pageable memory, which waits for the
-stream).
+`core.health.read_on_host`; under expert parallelism also once per MoE layer forward, for
+the all-to-all's split sizes (`parallel.expert_parallel.split_sizes_on_host`). Any other
+read (`.item()`, `float()`, `bool()`, `.tolist()`, `.numpy()`, `torch.equal`, a copy to the
+CPU) would make the host wait for the GPU on every step, in one process and in every
+layout, and so would a tensor made from host data on the GPU (`torch.tensor(value,
+device=...)`: a copy from pageable memory, which waits for the stream).
 
 `HostSyncs` sees the ones that reach torch's dispatcher through a TorchDispatchMode
 (`aten._local_scalar_dense` behind item/float/int, `is_nonzero` behind bool, `equal`,
@@ -27,12 +28,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import scaleforge.core.health as health
 import scaleforge.core.trainer as trainer_module
+import scaleforge.parallel.expert_parallel as expert_parallel
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
+from scaleforge.core.config import micro_batches_per_step
 from scaleforge.core.trainer import Trainer, start_topology
 
 aten = torch.ops.aten
 DOCUMENTED = "read_on_host"
+SPLIT_SIZES = "split_sizes_on_host"
+# llama_micro with 4 experts of width 32, top 2, in both layers, both balancing mechanisms.
+MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=32", "model.moe.aux_loss_coef=0.01",
+       "model.moe.bias_update_rate=0.01"]
 STEPS = 2
 REPO = Path(__file__).resolve().parent.parent
 # Ops that read a tensor's data on the host.
@@ -49,28 +56,32 @@ def _is_ours(filename: str) -> bool:
 
 class HostSyncs(TorchDispatchMode):
     """Within its block, lists every host sync: DOCUMENTED for a read inside
-    `core.health.read_on_host`, else the op and the innermost line of ours that made it."""
+    `core.health.read_on_host`, SPLIT_SIZES for one inside
+    `expert_parallel.split_sizes_on_host`, else the op and the innermost line of ours that
+    made it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.syncs: list[str] = []
-        self._documented = False
+        self._documented: str | None = None  # the documented read running, if one is
         self._patches = pytest.MonkeyPatch()
 
     def __enter__(self) -> HostSyncs:
         for method in ("tolist", "numpy"):
             self._patches.setattr(torch.Tensor, method, self._counting(method))
-        read_on_host = health.read_on_host
-
-        def documented_read(values: torch.Tensor) -> list[float]:
-            self._documented = True
-            try:
-                return read_on_host(values)
-            finally:
-                self._documented = False
-
-        self._patches.setattr(health, "read_on_host", documented_read)
+        for module, name in ((health, DOCUMENTED), (expert_parallel, SPLIT_SIZES)):
+            self._patches.setattr(module, name, self._labelled(getattr(module, name), name))
         return super().__enter__()
+
+    def _labelled(self, read: Any, label: str) -> Any:
+        def documented_read(*args: Any) -> Any:
+            self._documented = label
+            try:
+                return read(*args)
+            finally:
+                self._documented = None
+
+        return documented_read
 
     def __exit__(self, *exc_info: Any) -> None:
         self._patches.undo()
@@ -93,8 +104,8 @@ class HostSyncs(TorchDispatchMode):
                     and not (frame.filename == __file__ and frame.name in _MACHINERY_FUNCTIONS))
 
     def _record(self, sync: str) -> None:
-        if self._documented:
-            self.syncs.append(DOCUMENTED)
+        if self._documented is not None:
+            self.syncs.append(self._documented)
             return
         ours = [frame for frame in traceback.extract_stack()
                 if _is_ours(frame.filename) and frame.filename != __file__]
@@ -135,6 +146,24 @@ def test_training_step_waits_for_the_device_once_for_the_health_decision(tmp_pat
     cfg = micro_config(tmp_path)  # 2 micro-batches per step, clipping at 1.0
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     assert _steps_syncs(trainer) == [DOCUMENTED] * STEPS
+
+
+def test_dropless_moe_step_waits_for_the_device_once(tmp_path):
+    """The grouped GEMM keeps the experts' group offsets on the device, and the routing
+    counts, aux loss, load statistics and expert-bias update stay there too."""
+    cfg = micro_config(tmp_path, *MOE, "model.moe.grouped_mm=grouped")
+    trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
+    assert _steps_syncs(trainer) == [DOCUMENTED] * STEPS
+
+
+def test_moe_loop_over_experts_reads_the_group_sizes(tmp_path):
+    """The loop (CUDA without the grouped GEMM) reads each layer's group sizes: counted
+    here, so the grouped path's zero above is a measurement."""
+    cfg = micro_config(tmp_path, *MOE, "model.moe.grouped_mm=loop")
+    trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
+    syncs = [sync for sync in _steps_syncs(trainer) if sync != DOCUMENTED]
+    assert len(syncs) == STEPS * trainer.micro_batches * cfg.model.n_layers, syncs
+    assert all("models/moe.py" in sync for sync in syncs), syncs
 
 
 def test_host_syncs_catches_syncs_added_to_a_step(tmp_path, monkeypatch):
@@ -180,3 +209,17 @@ def test_parallel_training_step_waits_for_the_device_once_on_every_rank(tmp_path
     for rank_syncs in run_distributed_test(_syncs_in_rank, world_size=2,
                                            func_args=(cfg, uncounted_steps)):
         assert rank_syncs == [DOCUMENTED] * STEPS
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp_shard=2", "parallel.ep=2"],
+    ["parallel.cp=2", "parallel.ep=2"],
+], ids=["ep2", "ep2_cp2"])
+def test_ep_step_reads_the_split_sizes_once_per_moe_layer_forward(tmp_path, layout):
+    """Under expert parallelism each MoE layer's forward reads its all-to-all split sizes
+    (every layer is MoE), and nothing else but the health decision reads."""
+    cfg = micro_config(tmp_path, *MOE, *layout)
+    micro_batches = micro_batches_per_step(cfg, dp_size=2 if "parallel.dp_shard=2" in layout else 1)
+    per_step = [SPLIT_SIZES] * (micro_batches * cfg.model.n_layers) + [DOCUMENTED]
+    for rank_syncs in run_distributed_test(_syncs_in_rank, world_size=2, func_args=(cfg, 0)):
+        assert rank_syncs == per_step * STEPS
