@@ -154,12 +154,6 @@ def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_le
             f"{model.moe.num_experts}): the router's load statistics are not yet gathered "
             "over the cp group; set parallel.cp=1"
         )
-    if model.sliding_window is not None:
-        raise ConfigError(
-            f"parallel.cp={dims.cp} with model.sliding_window={model.sliding_window}: the "
-            "context-parallel mask does not apply a sliding window yet; set parallel.cp=1 or "
-            "model.sliding_window=null"
-        )
 
 
 class Topology:

@@ -43,20 +43,30 @@ def test_split_batch_keeps_this_ranks_chunks_of_inputs_and_targets_and_whole_doc
     assert kept_documents is documents
 
 
-def test_mask_is_causal_by_global_position_over_keys_in_rank_order():
+def test_plain_causal_attention_has_no_mask_and_puts_the_keys_in_sequence_order():
     shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
-    mask = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32).mask[0, 0] == 0
-    # Rank 0 holds positions 0, 1, 6, 7; the keys arrive as rank 0's then rank 1's:
+    plan = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32)
+    assert plan.mask is None
+    # Rank 0 holds positions 0, 1 and 6, 7; the keys arrive as rank 0's then rank 1's:
     # positions 0, 1, 6, 7, 2, 3, 4, 5.
-    keys = [0, 1, 6, 7, 2, 3, 4, 5]
-    expected = [[key <= query for key in keys] for query in (0, 1, 6, 7)]
-    assert mask.tolist() == expected
+    keys = torch.tensor([0, 1, 6, 7, 2, 3, 4, 5])
+    assert plan.key_order is not None and keys[plan.key_order].tolist() == list(range(8))
+    assert plan.query_starts == (0, 6)
+
+
+def test_mask_is_causal_by_global_position_within_documents_and_the_window():
+    shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
+    keys, queries = [0, 1, 6, 7, 2, 3, 4, 5], (0, 1, 6, 7)  # as above
     documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
-    masked = shard.attention_mask(documents, 4, torch.device("cpu"), torch.float32).mask[0, 0]
-    masked = masked == 0
-    same = [[documents[0, key] == documents[0, query] for key in keys] for query in (0, 1, 6, 7)]
-    assert masked.tolist() == [[e and bool(s) for e, s in zip(row, same_row, strict=True)]
-                               for row, same_row in zip(expected, same, strict=True)]
+    masked = shard.attention_mask(documents, 4, torch.device("cpu"), torch.float32).mask
+    assert masked is not None
+    assert (masked[0, 0] == 0).tolist() == [
+        [key <= query and bool(documents[0, key] == documents[0, query]) for key in keys]
+        for query in queries]
+    windowed = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32, window=3).mask
+    assert windowed is not None
+    assert (windowed[0, 0] == 0).tolist() == [[0 <= query - key < 3 for key in keys]
+                                              for query in queries]
 
 
 def _gather_forward_and_backward() -> tuple[torch.Tensor, torch.Tensor]:

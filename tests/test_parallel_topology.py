@@ -48,7 +48,6 @@ from scaleforge.parallel.topology import MESH_DIMS, check_backend, check_layout
         (["parallel.cp=2", "data.seq_len=62"], 2, "divisible by 4"),
         (["parallel.cp=2", "parallel.tp=2", "data.seq_len=36"], 4,
          "2 x parallel.cp x parallel.tp=8 does not divide data.seq_len=36"),
-        (["parallel.cp=2", "model.sliding_window=8"], 2, "model.sliding_window=8"),
         (["parallel.cp=2", "model.moe.num_experts=4"], 2, "Mixture-of-Experts"),
         (["parallel.cp=2"], 3, "world size 3"),
         (["parallel.pp_schedule=ZigZag"], 1, "parallel.pp_schedule='ZigZag'"),
