@@ -15,6 +15,9 @@ sequence, except at two places:
   keys (in the gathered rank order) is built from the global positions of queries and keys,
   the whole sequence's document ids and the window (`SequenceShard.attention_mask`).
 
+Under parallel.cp_impl=torch, plain causal layers run torch's context-parallel SDPA instead
+(`SequenceShard.ring`, supplied by parallel/context_parallel.py; CUDA only).
+
 Memory: the mask is T / N x T per micro-batch (32 MiB at 4,096 tokens and cp 2 in fp32;
 1 GiB at 128k tokens and cp 16 in bf16), which is why plain causal attention does without.
 """
@@ -50,6 +53,10 @@ def head_tail_positions(seq_len: int, rank: int, size: int,
                       for part in head_tail_chunks(seq_len, rank, size)])
 
 
+# (q, k, v) of this rank's chunks -> this rank's rows of causal attention over the group.
+RingAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class ShardedMask(NamedTuple):
     """What each attention layer gets under context parallelism, made once per forward: the
     function that gathers keys or values (B, kv heads, T / N, hd) -> (B, kv heads, T, hd)
@@ -57,16 +64,20 @@ class ShardedMask(NamedTuple):
     over those keys (0: attend, -inf: not; in the queries' dtype, since SDPA would turn a
     boolean one into a float copy in every layer and keep each for backward), or, for plain
     causal attention, no mask and the order (T,) that puts the gathered keys in sequence
-    order, with the global starts of this rank's two query chunks."""
+    order, with the global starts of this rank's two query chunks. With `ring`
+    (`SequenceShard.ring`) that function is the whole attention instead."""
 
     gather: Callable[[torch.Tensor], torch.Tensor]
     mask: torch.Tensor | None
     key_order: torch.Tensor | None = None
     query_starts: tuple[int, ...] = ()
+    ring: RingAttention | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of this rank's q (B, n_heads, T / N, hd) over the keys and values of
         every rank, k, v (B, n_kv_heads, T / N, hd) here; returns (B, n_heads, T / N, hd)."""
+        if self.ring is not None:
+            return self.ring(q, k, v)
         k, v = self.gather(k), self.gather(v)  # (B, n_kv_heads, T, hd), in rank order
         if self.mask is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
@@ -79,11 +90,14 @@ class ShardedMask(NamedTuple):
 class SequenceShard:
     """This rank's place in the cp group (`rank` of `size`) and the all-gather over it
     (`gather`: (B, heads, T / N, hd) -> (B, heads, T, hd), the ranks' parts in rank order,
-    with a backward that sums the gradients of each rank's part back to it)."""
+    with a backward that sums the gradients of each rank's part back to it). `ring`, when
+    given (parallel.cp_impl=torch), is the attention of plain causal layers: q, k, v of this
+    rank's chunks (B, heads, T / N, hd) -> its rows (B, n_heads, T / N, hd)."""
 
     rank: int
     size: int
     gather: Callable[[torch.Tensor], torch.Tensor]
+    ring: RingAttention | None = None
 
     def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """(local_len,) int64: the global positions of this rank's `local_len` tokens."""
@@ -99,6 +113,8 @@ class SequenceShard:
         keys = torch.cat([head_tail_positions(local_len * self.size, rank, self.size, device)
                           for rank in range(self.size)])  # in the order `gather` returns them
         if document_ids is None and window is None:
+            if self.ring is not None:
+                return ShardedMask(self.gather, None, ring=self.ring)
             starts = tuple(part.start for part in
                            head_tail_chunks(local_len * self.size, self.rank, self.size))
             return ShardedMask(self.gather, None, keys.argsort(), starts)

@@ -11,8 +11,11 @@ import torch.distributed as dist
 
 from distributed import run_distributed_test
 from scaleforge.data_pipeline.pack import split_batch
+from scaleforge.errors import ConfigError
+from scaleforge.models.config import TransformerConfig
 from scaleforge.models.sequence_shard import SequenceShard, head_tail_chunks
-from scaleforge.parallel.context_parallel import gather_sequence
+from scaleforge.parallel.context_parallel import check_cp_impl, gather_sequence
+from scaleforge.parallel.topology import ParallelDims
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -87,3 +90,14 @@ def test_gather_concatenates_ranks_in_order_and_backward_sums_each_parts_gradien
     # The gradient of each rank's part: the sum over both ranks (weights x1 and x2).
     assert grad0[0, 0, :, 0].tolist() == [3 * 1, 3 * 2, 3 * 3]
     assert grad1[0, 0, :, 0].tolist() == [3 * 4, 3 * 5, 3 * 6]
+
+
+@pytest.mark.parametrize(("document_masking", "window", "named"), [
+    (True, None, "data.document_masking=true"), (False, 8, "model.sliding_window=8")])
+def test_torch_cp_impl_refuses_a_mask_on_cuda(document_masking, window, named):
+    dims = ParallelDims(tp=1, pp=1, dp_replicate=1, dp_shard=1, cp=2)
+    model = TransformerConfig(sliding_window=window)
+    check_cp_impl("torch", dims, TransformerConfig(), False, "cuda")  # plain causal: runs
+    check_cp_impl("allgather", dims, model, document_masking, "cpu")
+    with pytest.raises(ConfigError, match=f"parallel.cp_impl=torch with {named}"):
+        check_cp_impl("torch", dims, model, document_masking, "cuda")
