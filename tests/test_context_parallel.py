@@ -101,3 +101,21 @@ def test_torch_cp_impl_refuses_a_mask_on_cuda(document_masking, window, named):
     check_cp_impl("allgather", dims, model, document_masking, "cpu")
     with pytest.raises(ConfigError, match=f"parallel.cp_impl=torch with {named}"):
         check_cp_impl("torch", dims, model, document_masking, "cuda")
+
+
+def _torch_cp_on_cpu() -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from scaleforge.parallel.context_parallel import torch_ring_attention
+
+    ring = torch_ring_attention(init_device_mesh("cpu", (1,), mesh_dim_names=("cp",)))
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    with pytest.raises(NotImplementedError) as info:
+        ring(q, k, v)
+    return str(info.value)
+
+
+def test_torch_cp_impl_has_no_cpu_kernel_which_is_why_it_is_refused_on_cpu():
+    # When torch gains one, this fails: then parallel.cp_impl=torch may run on CPU too.
+    (message,) = run_distributed_test(_torch_cp_on_cpu, world_size=1)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in message
