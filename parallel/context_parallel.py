@@ -23,9 +23,9 @@ plain causal layers call torch's context-parallel SDPA instead
 holds chunks r and 2N-1-r), which passes the K/V shards round the cp group by all-to-all
 (`set_rotate_method("alltoall")`) and merges the partial results. It has no CPU kernel and
 takes no mask, so it needs CUDA and refuses documents and sliding windows
-(`check_cp_impl`). torch's ring kernels take as many kv heads as query heads: K and V are
-repeated to the query heads before the call (n_heads / n_kv_heads times the traffic of the
-kv heads alone).
+(`check_cp_impl`). Its ring calls the CUDA kernels SDPA picks, and the memory-efficient one
+(fp32) takes equal head counts: K and V are repeated to the query heads before the call
+(n_heads / n_kv_heads times the traffic of the kv heads alone).
 
 Loss and counts: each rank's loss is the mean over its T / N tokens of each sequence; the
 mean over the cp ranks (`Topology.sum_over_dp`, and the world mean of
