@@ -111,7 +111,9 @@ class _ChunkedCausalAttention(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         length = q.size(2) // len(ctx.starts)
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # The pieces' gradients are summed in fp32 (at least), rounded once as one kernel would.
+        accumulate = torch.promote_types(q.dtype, torch.float32)
+        dq, dk, dv = (torch.zeros_like(t, dtype=accumulate) for t in (q, k, v))
         extras = iter(ctx.extras)
         for index, start in enumerate(ctx.starts):
             rows = slice(index * length, (index + 1) * length)
@@ -123,7 +125,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
                 dq[:, :, rows] += piece_dq
                 dk[:, :, keys] += piece_dk
                 dv[:, :, keys] += piece_dv
-        return dq, dk, dv, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

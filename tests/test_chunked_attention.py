@@ -40,6 +40,28 @@ def test_every_ranks_chunks_match_sdpa_over_the_whole_sequence(cp, n_heads, n_kv
         torch.testing.assert_close(actual, reference, rtol=tolerance, atol=tolerance)
 
 
+def test_bf16_chunks_stay_within_bf16_rounding_of_the_fp32_reference():
+    torch.manual_seed(0)
+    B, T, hd, cp = 2, 64, 16, 2
+    q, k, v = (torch.randn(B, heads, T, hd, requires_grad=True) for heads in (4, 2, 2))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    grads = [torch.zeros_like(t, dtype=torch.float32) for t in low]
+    for rank in range(cp):
+        chunks = head_tail_chunks(T, rank, cp)
+        rows = torch.cat([torch.arange(chunk.start, chunk.stop) for chunk in chunks])
+        out = chunked_causal_attention(low[0][:, :, rows], low[1], low[2],
+                                       tuple(c.start for c in chunks))
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected[:, :, rows], rtol=2e-2, atol=2e-2)
+        parts = torch.autograd.grad(out, low, grad[:, :, rows].bfloat16())
+        grads = [total + part.float() for total, part in zip(grads, parts, strict=True)]
+    for actual, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, reference, rtol=3e-2, atol=3e-2)
+
+
 def test_backward_keeps_q_k_v_the_output_and_its_log_sum_exp_only():
     q = torch.randn(1, 2, 64, 8, requires_grad=True)  # two chunks of 32 queries
     k = torch.randn(1, 2, 128, 8, requires_grad=True)
