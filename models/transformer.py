@@ -105,12 +105,11 @@ class Attention(nn.Module):
             q, k = fused_rope(q, k, *rope)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if isinstance(mask, ShardedMask):  # context parallel: attend over every rank's keys
-            k, v, mask = mask.gather(k), mask.gather(v), mask.mask
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
         # within documents when the batch has them, within the window when there is one.
-        # y: (B, n_heads, T, hd)
-        y = attend(q, k, v, self.backend, mask, self.window)
+        # Under context parallelism over every rank's keys. y: (B, n_heads, T, hd)
+        y = (mask.attend(q, k, v) if isinstance(mask, ShardedMask)
+             else attend(q, k, v, self.backend, mask, self.window))
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -272,7 +271,8 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(torch.arange(T, device=h.device) if positions is None
                                         else positions)
         rope = self._rope(T, document_ids, positions)
-        mask = (shard.attention_mask(document_ids, T, h.device, h.dtype) if shard
+        mask = (shard.attention_mask(document_ids, T, h.device, h.dtype,
+                                     self.cfg.sliding_window) if shard
                 else attention_mask(self.cfg.attention, document_ids, T, h.device,
                                     self.cfg.sliding_window))
         for layer in self.layers.values():

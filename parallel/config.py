@@ -1,7 +1,7 @@
 """The layout settings (`parallel.*`) and the checks of their own fields.
 
 How the layout fits the world size and the model (products, divisibility) is
-`parallel.topology.check_layout`; the pipeline's rules are
+`parallel.layout.check_layout`; the pipeline's rules are
 `parallel.pipeline_schedules.validate_pipeline`.
 """
 
@@ -13,6 +13,7 @@ from scaleforge.errors import ConfigError
 from scaleforge.parallel.pipeline_schedules import schedule_spec
 
 BACKENDS = ("auto", "nccl", "gloo")
+CP_IMPLS = ("allgather", "torch")
 
 
 @dataclass
@@ -29,6 +30,9 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas (HSDP's replicate axis)
     dp_shard: int = 1  # FSDP shards per replica; -1: the rest of the world
     cp: int = 1  # context-parallel ranks each sequence is split over
+    # How cp attends over the group: allgather (K/V all-gathered, any device) or torch
+    # (torch's context-parallel SDPA, K/V shards passed round the ring; CUDA, causal only).
+    cp_impl: str = "allgather"
     # Expert parallelism: MoE experts sharded over ep of the dp_shard x cp ranks, and
     # FSDP-sharded over the other dp_shard x cp / ep (parallel/expert_parallel.py).
     ep: int = 1  # expert-parallel size (MoE models): divides dp_shard x cp; 1: no ep
@@ -46,7 +50,7 @@ class ParallelConfig:
 
     def check(self, prefix: str = "parallel") -> None:
         """Raise ConfigError (the setting, its value, the fix) for a size < 1 (other than
-        dp_shard=-1), an unknown pipeline schedule or backend, a timeout <= 0."""
+        dp_shard=-1), an unknown pipeline schedule, backend or cp_impl, a timeout <= 0."""
         for name in ("tp", "pp", "dp_replicate", "cp", "ep", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
@@ -59,6 +63,10 @@ class ParallelConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(
                 f"{prefix}.backend={self.backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        if self.cp_impl not in CP_IMPLS:
+            raise ConfigError(
+                f"{prefix}.cp_impl={self.cp_impl!r} is not one of {', '.join(CP_IMPLS)}"
             )
         if self.timeout_s <= 0:
             raise ConfigError(f"{prefix}.timeout_s={self.timeout_s} must be positive (seconds)")

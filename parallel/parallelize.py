@@ -78,7 +78,7 @@ def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None
         apply_expert_parallel(model, topology, plan.parallel.ep)
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.submesh("tp"))
-    apply_context_parallel(model, topology)
+    apply_context_parallel(model, topology, plan.parallel.cp_impl)
     share_routing_over_cp(model, topology)
     apply_activation_checkpointing(
         model, plan.activation_checkpointing, plan.checkpoint_every_n_blocks

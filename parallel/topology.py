@@ -2,9 +2,9 @@
 
     world = pp x dp_replicate x dp_shard x cp x tp       (Megatron order, tp innermost)
 
-`check_layout` runs before any process group exists (identically on every rank, so a bad
-layout stops every rank with the same ConfigError and none waits in a collective).
-`init_topology` then starts torch.distributed (NCCL on CUDA, gloo on CPU, or
+`parallel.layout.check_layout` runs before any process group exists (identically on every
+rank, so a bad layout stops every rank with the same ConfigError and none waits in a
+collective). `init_topology` then starts torch.distributed (NCCL on CUDA, gloo on CPU, or
 `parallel.backend`) and builds one DeviceMesh with the named dims
 ("pp", "dp_replicate", "dp_shard", "cp", "tp"); every dim is present, size-1 ones included,
 so `topology.mesh["tp"]` always exists; with context parallelism it also has the flattened
@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from scaleforge.errors import ConfigError
-from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 
 if TYPE_CHECKING:
@@ -70,93 +69,6 @@ class ParallelDims:
         """e.g. 'pp 1 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 = 4 processes'."""
         sizes = " x ".join(f"{name} {getattr(self, name)}" for name in MESH_DIMS)
         return f"{sizes} = {self.world_size} processes"
-
-
-def _resolve_dp_shard(parallel: ParallelConfig, world_size: int) -> int:
-    if parallel.dp_shard != -1:
-        return parallel.dp_shard
-    others = parallel.tp * parallel.pp * parallel.dp_replicate * parallel.cp
-    if others <= 0 or world_size % others:
-        raise ConfigError(
-            f"parallel.dp_shard=-1 takes the rest of the world, but the world size {world_size} "
-            f"is not a multiple of tp x pp x dp_replicate x cp = {others}; set the sizes so "
-            "their product divides the number of processes"
-        )
-    return world_size // others
-
-
-def _divides(setting: str, size: int, target_name: str, target: int, fix: str) -> None:
-    if target % size:
-        raise ConfigError(
-            f"{setting}={size} does not divide {target_name}={target}; {fix}"
-        )
-
-
-def check_layout(
-    parallel: ParallelConfig, model: TransformerConfig, seq_len: int, world_size: int
-) -> ParallelDims:
-    """Validate the layout against the world size, the model and the sequence length (the
-    data.seq_len setting); return its sizes.
-
-    Raises ConfigError (one line: the setting, its value, the fix) for a bad field
-    (`ParallelConfig.check`), a product that is not WORLD_SIZE, tp not dividing the heads,
-    kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence length
-    that does not split into 2 x cp (x tp) equal chunks or an attention kernel other than
-    sdpa. The pipeline's own rules (stages,
-    layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`, called by
-    `core.config.validate`.
-    """
-    parallel.check()
-    p = parallel
-    dims = ParallelDims(p.tp, p.pp, p.dp_replicate, _resolve_dp_shard(p, world_size), p.cp)
-    if dims.world_size != world_size:
-        raise ConfigError(
-            f"parallel.tp x pp x dp_replicate x dp_shard x cp = {dims.tp} x {dims.pp} x "
-            f"{dims.dp_replicate} x {dims.dp_shard} x {dims.cp} = {dims.world_size} does not "
-            f"match the world size {world_size} (WORLD_SIZE); make the product equal the number "
-            "of processes, or set parallel.dp_shard=-1"
-        )
-    if dims.tp > 1:
-        tp_fix = "pick a parallel.tp that divides it"
-        _divides("parallel.tp", dims.tp, "model.n_heads", model.n_heads, tp_fix)
-        _divides(
-            "parallel.tp", dims.tp, "model.n_kv_heads", model.kv_heads,
-            "kv heads are split across tensor-parallel ranks, not replicated; pick a "
-            "parallel.tp that divides the kv heads",
-        )
-        _divides("parallel.tp", dims.tp, "the MLP width (model.ffn_hidden)", model.mlp_hidden,
-                 tp_fix)
-        _divides(
-            "parallel.tp", dims.tp, "model.vocab_size", model.vocab_size,
-            "the embedding and LM head are split by vocabulary rows; pad model.vocab_size up to "
-            f"{-(-model.vocab_size // dims.tp) * dims.tp} (extra rows are never a target)",
-        )
-        _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,
-                 "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
-    if dims.cp > 1:
-        _check_context_parallel(dims, model, seq_len)
-    return dims
-
-
-def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> None:
-    chunks = 2 * dims.cp * dims.tp
-    _divides(f"2 x parallel.cp{' x parallel.tp' if dims.tp > 1 else ''}", chunks,
-             "data.seq_len", seq_len,
-             f"each sequence is cut into 2 x cp chunks (head and tail per rank), each split "
-             f"again by tensor-parallel sequence parallelism; pick a data.seq_len divisible "
-             f"by {chunks}")
-    if model.attention != "sdpa":
-        raise ConfigError(
-            f"parallel.cp={dims.cp} with model.attention={model.attention}: context "
-            "parallelism attends over the gathered keys with a position mask, which only "
-            "the sdpa kernel takes; set model.attention=sdpa"
-        )
-    if model.sliding_window is not None:
-        raise ConfigError(
-            f"parallel.cp={dims.cp} with model.sliding_window={model.sliding_window}: the "
-            "context-parallel mask does not apply a sliding window yet; set parallel.cp=1 or "
-            "model.sliding_window=null"
-        )
 
 
 class Topology:

@@ -11,8 +11,11 @@ import torch.distributed as dist
 
 from distributed import run_distributed_test
 from scaleforge.data_pipeline.pack import split_batch
+from scaleforge.errors import ConfigError
+from scaleforge.models.config import TransformerConfig
 from scaleforge.models.sequence_shard import SequenceShard, head_tail_chunks
-from scaleforge.parallel.context_parallel import gather_sequence
+from scaleforge.parallel.context_parallel import check_cp_impl, gather_sequence
+from scaleforge.parallel.topology import ParallelDims
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -43,20 +46,30 @@ def test_split_batch_keeps_this_ranks_chunks_of_inputs_and_targets_and_whole_doc
     assert kept_documents is documents
 
 
-def test_mask_is_causal_by_global_position_over_keys_in_rank_order():
+def test_plain_causal_attention_has_no_mask_and_puts_the_keys_in_sequence_order():
     shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
-    mask = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32).mask[0, 0] == 0
-    # Rank 0 holds positions 0, 1, 6, 7; the keys arrive as rank 0's then rank 1's:
+    plan = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32)
+    assert plan.mask is None
+    # Rank 0 holds positions 0, 1 and 6, 7; the keys arrive as rank 0's then rank 1's:
     # positions 0, 1, 6, 7, 2, 3, 4, 5.
-    keys = [0, 1, 6, 7, 2, 3, 4, 5]
-    expected = [[key <= query for key in keys] for query in (0, 1, 6, 7)]
-    assert mask.tolist() == expected
+    keys = torch.tensor([0, 1, 6, 7, 2, 3, 4, 5])
+    assert plan.key_order is not None and keys[plan.key_order].tolist() == list(range(8))
+    assert plan.query_starts == (0, 6)
+
+
+def test_mask_is_causal_by_global_position_within_documents_and_the_window():
+    shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
+    keys, queries = [0, 1, 6, 7, 2, 3, 4, 5], (0, 1, 6, 7)  # as above
     documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
-    masked = shard.attention_mask(documents, 4, torch.device("cpu"), torch.float32).mask[0, 0]
-    masked = masked == 0
-    same = [[documents[0, key] == documents[0, query] for key in keys] for query in (0, 1, 6, 7)]
-    assert masked.tolist() == [[e and bool(s) for e, s in zip(row, same_row, strict=True)]
-                               for row, same_row in zip(expected, same, strict=True)]
+    masked = shard.attention_mask(documents, 4, torch.device("cpu"), torch.float32).mask
+    assert masked is not None
+    assert (masked[0, 0] == 0).tolist() == [
+        [key <= query and bool(documents[0, key] == documents[0, query]) for key in keys]
+        for query in queries]
+    windowed = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32, window=3).mask
+    assert windowed is not None
+    assert (windowed[0, 0] == 0).tolist() == [[0 <= query - key < 3 for key in keys]
+                                              for query in queries]
 
 
 def _gather_forward_and_backward() -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,3 +90,32 @@ def test_gather_concatenates_ranks_in_order_and_backward_sums_each_parts_gradien
     # The gradient of each rank's part: the sum over both ranks (weights x1 and x2).
     assert grad0[0, 0, :, 0].tolist() == [3 * 1, 3 * 2, 3 * 3]
     assert grad1[0, 0, :, 0].tolist() == [3 * 4, 3 * 5, 3 * 6]
+
+
+@pytest.mark.parametrize(("document_masking", "window", "named"), [
+    (True, None, "data.document_masking=true"), (False, 8, "model.sliding_window=8")])
+def test_torch_cp_impl_refuses_a_mask_on_cuda(document_masking, window, named):
+    dims = ParallelDims(tp=1, pp=1, dp_replicate=1, dp_shard=1, cp=2)
+    model = TransformerConfig(sliding_window=window)
+    check_cp_impl("torch", dims, TransformerConfig(), False, "cuda")  # plain causal: runs
+    check_cp_impl("allgather", dims, model, document_masking, "cpu")
+    with pytest.raises(ConfigError, match=f"parallel.cp_impl=torch with {named}"):
+        check_cp_impl("torch", dims, model, document_masking, "cuda")
+
+
+def _torch_cp_on_cpu() -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from scaleforge.parallel.context_parallel import torch_ring_attention
+
+    ring = torch_ring_attention(init_device_mesh("cpu", (1,), mesh_dim_names=("cp",)))
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    with pytest.raises(NotImplementedError) as info:
+        ring(q, k, v)
+    return str(info.value)
+
+
+def test_torch_cp_impl_has_no_cpu_kernel_which_is_why_it_is_refused_on_cpu():
+    # When torch gains one, this fails: then parallel.cp_impl=torch may run on CPU too.
+    (message,) = run_distributed_test(_torch_cp_on_cpu, world_size=1)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in message

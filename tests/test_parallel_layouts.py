@@ -259,17 +259,19 @@ def test_bf16_pp2_stays_close_to_single_process_bf16(tmp_path):
 
 # Context parallel with the model's other options, against one process with the same ones:
 # GPT's learned positions (global positions) and tied embeddings, selective checkpointing
-# (the gathered K/V recomputed in backward), the fused kernels (RoPE at global positions, the
-# fused loss on the rank's tokens) and compiled blocks.
+# (the gathered K/V recomputed in backward), a sliding window, the fused kernels (RoPE at
+# global positions, the fused loss on the rank's tokens) and compiled blocks.
 CP_OPTIONS = {
     "gpt": GPT_MICRO,
     "selective": ["trainer.activation_checkpointing=selective"],
     "fused_kernels": ["model.kernels=fused"],
     "compile": ["trainer.compile=true"],
+    # A window of 20 keys (the mask of global positions): it ends inside other chunks of 16.
+    "sliding_window": ["model.sliding_window=20"],
 }
 
 
-@pytest.mark.parametrize("option", ["selective", "gpt",
+@pytest.mark.parametrize("option", ["selective", "gpt", "sliding_window",
                                     pytest.param("fused_kernels", marks=pytest.mark.slow),
                                     pytest.param("compile", marks=pytest.mark.slow)])
 def test_cp2_with_model_options_matches_single_process_in_fp32(tmp_path, option):

@@ -13,7 +13,8 @@ from micro_runs import micro_config
 from scaleforge.core.config import validate
 from scaleforge.core.trainer import start_topology
 from scaleforge.errors import ConfigError
-from scaleforge.parallel.topology import MESH_DIMS, check_backend, check_layout
+from scaleforge.parallel.layout import check_layout
+from scaleforge.parallel.topology import MESH_DIMS, check_backend
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,8 @@ from scaleforge.parallel.topology import MESH_DIMS, check_backend, check_layout
         (["parallel.cp=2", "data.seq_len=62"], 2, "divisible by 4"),
         (["parallel.cp=2", "parallel.tp=2", "data.seq_len=36"], 4,
          "2 x parallel.cp x parallel.tp=8 does not divide data.seq_len=36"),
-        (["parallel.cp=2", "model.sliding_window=8"], 2, "model.sliding_window=8"),
+        (["parallel.cp=2", "parallel.cp_impl=torch"], 2, "parallel.cp_impl=torch runs on CUDA"),
+        (["parallel.cp_impl=ring"], 1, "parallel.cp_impl='ring' is not one of allgather, torch"),
         (["parallel.cp=2"], 3, "world size 3"),
         (["parallel.pp_schedule=ZigZag"], 1, "parallel.pp_schedule='ZigZag'"),
         (["parallel.backend=mpi"], 1, "parallel.backend='mpi'"),

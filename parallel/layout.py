@@ -1,0 +1,94 @@
+"""The layout's rules, checked before any process group exists: the sizes' product against
+the world size, tensor parallelism against the model's heads, widths and vocabulary, and
+context parallelism against the sequence length and the attention kernel (`check_layout`).
+Runs identically on every rank, so a bad layout stops every rank with the same ConfigError
+and none waits in a collective; `parallel.topology.init_topology` then builds the mesh.
+"""
+
+from __future__ import annotations
+
+from scaleforge.errors import ConfigError
+from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.config import ParallelConfig
+from scaleforge.parallel.topology import ParallelDims
+
+
+def _resolve_dp_shard(parallel: ParallelConfig, world_size: int) -> int:
+    if parallel.dp_shard != -1:
+        return parallel.dp_shard
+    others = parallel.tp * parallel.pp * parallel.dp_replicate * parallel.cp
+    if others <= 0 or world_size % others:
+        raise ConfigError(
+            f"parallel.dp_shard=-1 takes the rest of the world, but the world size {world_size} "
+            f"is not a multiple of tp x pp x dp_replicate x cp = {others}; set the sizes so "
+            "their product divides the number of processes"
+        )
+    return world_size // others
+
+
+def _divides(setting: str, size: int, target_name: str, target: int, fix: str) -> None:
+    if target % size:
+        raise ConfigError(
+            f"{setting}={size} does not divide {target_name}={target}; {fix}"
+        )
+
+
+def check_layout(
+    parallel: ParallelConfig, model: TransformerConfig, seq_len: int, world_size: int
+) -> ParallelDims:
+    """Validate the layout against the world size, the model and the sequence length (the
+    data.seq_len setting); return its sizes.
+
+    Raises ConfigError (one line: the setting, its value, the fix) for a bad field
+    (`ParallelConfig.check`), a product that is not WORLD_SIZE, tp not dividing the heads,
+    kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence length
+    that does not split into 2 x cp (x tp) equal chunks or an attention kernel other than
+    sdpa. The pipeline's own rules (stages,
+    layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`, called by
+    `core.config.validate`.
+    """
+    parallel.check()
+    p = parallel
+    dims = ParallelDims(p.tp, p.pp, p.dp_replicate, _resolve_dp_shard(p, world_size), p.cp)
+    if dims.world_size != world_size:
+        raise ConfigError(
+            f"parallel.tp x pp x dp_replicate x dp_shard x cp = {dims.tp} x {dims.pp} x "
+            f"{dims.dp_replicate} x {dims.dp_shard} x {dims.cp} = {dims.world_size} does not "
+            f"match the world size {world_size} (WORLD_SIZE); make the product equal the number "
+            "of processes, or set parallel.dp_shard=-1"
+        )
+    if dims.tp > 1:
+        tp_fix = "pick a parallel.tp that divides it"
+        _divides("parallel.tp", dims.tp, "model.n_heads", model.n_heads, tp_fix)
+        _divides(
+            "parallel.tp", dims.tp, "model.n_kv_heads", model.kv_heads,
+            "kv heads are split across tensor-parallel ranks, not replicated; pick a "
+            "parallel.tp that divides the kv heads",
+        )
+        _divides("parallel.tp", dims.tp, "the MLP width (model.ffn_hidden)", model.mlp_hidden,
+                 tp_fix)
+        _divides(
+            "parallel.tp", dims.tp, "model.vocab_size", model.vocab_size,
+            "the embedding and LM head are split by vocabulary rows; pad model.vocab_size up to "
+            f"{-(-model.vocab_size // dims.tp) * dims.tp} (extra rows are never a target)",
+        )
+        _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,
+                 "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
+    if dims.cp > 1:
+        _check_context_parallel(dims, model, seq_len)
+    return dims
+
+
+def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> None:
+    chunks = 2 * dims.cp * dims.tp
+    _divides(f"2 x parallel.cp{' x parallel.tp' if dims.tp > 1 else ''}", chunks,
+             "data.seq_len", seq_len,
+             f"each sequence is cut into 2 x cp chunks (head and tail per rank), each split "
+             f"again by tensor-parallel sequence parallelism; pick a data.seq_len divisible "
+             f"by {chunks}")
+    if model.attention != "sdpa":
+        raise ConfigError(
+            f"parallel.cp={dims.cp} with model.attention={model.attention}: context "
+            "parallelism attends over the gathered keys with a position mask, which only "
+            "the sdpa kernel takes; set model.attention=sdpa"
+        )
