@@ -1,5 +1,5 @@
 """Context parallelism's CUDA paths on one GPU (marked `cuda`: skipped without one): the
-masked-free causal attention of query chunks on CUDA's memory-efficient kernel, and
+mask-free causal attention of query chunks on CUDA's memory-efficient kernel, and
 parallel.cp_impl=torch (torch's context-parallel SDPA) on a cp mesh of one rank, where it
 must give the plain model's numbers. cp = 2 needs two GPUs; the parity of the layouts is
 proven on CPU with the allgather implementation (test_parallel_layouts.py). Seconds each."""
