@@ -80,6 +80,12 @@ def check_expert_tensor_parallel(etp: int, tp: int, model: TransformerConfig) ->
         )
 
 
+def etp_for_layout(etp: int, tp: int) -> int:
+    """The etp a planned layout of tensor-parallel size `tp` takes for the setting
+    parallel.etp=`etp`: tp when experts are to be split (etp > 1), else 1."""
+    return tp if etp > 1 else 1
+
+
 def expert_placements(name: str, etp: int) -> list[Placement]:
     """The tp placement of expert weight `name` (w1, w3, w2) under `etp` (none at 1)."""
     return [Shard(EXPERT_WIDTH_DIMS[name])] if etp > 1 else []

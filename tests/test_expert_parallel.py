@@ -29,7 +29,8 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.init import canonical_name
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.topology import ParallelDims, init_topology
-from scaleforge.planner.shards import fake_world
+from scaleforge.planner.search import Layout, layout_config
+from scaleforge.planner.shards import ShardProbe, fake_world
 
 STEPS, STOP = 4, 2
 # llama_micro with 4 experts of width 32, top 2, in both layers; both balancing mechanisms.
@@ -223,6 +224,20 @@ def test_tp2_etp2_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
                                tmp_path / "resumed", STEPS - STOP, 1)
     assert resumed["start_step"] == STOP
     _assert_matches(resumed, reference, start=STOP)
+
+
+def test_planner_counts_experts_split_by_etp(tmp_path: Path) -> None:
+    """sf-plan's shards come from the real sharded model: at tp2 each rank holds half of
+    every expert and shared expert under etp=tp, all of them under etp 1; a layout of
+    another tp takes etp = its tp."""
+    shards = {}
+    for etp in (1, 2):
+        cfg = _config(tmp_path, f"plan{etp}", *SHARED, f"parallel.etp={etp}")
+        with fake_world(2):
+            shards[etp] = ShardProbe(cfg).shards(2, 1)
+    for name in (EXPERT, SHARED_W2):
+        assert shards[2][name].local_elements * 2 == shards[1][name].local_elements, name
+    assert layout_config(cfg, Layout(4, 1, 1, 1, None, 1, "none", 1), set()).parallel.etp == 4
 
 
 @pytest.mark.parametrize("overrides,world_size,message", [
