@@ -212,6 +212,31 @@ def test_ep2_tp2_etp2_matches_single_process_in_fp32(tmp_path: Path) -> None:
     _assert_matches(result, reference)
 
 
+# etp2 with the other axes and MoE options: layout overrides, model overrides, processes.
+ETP2_WITH = {
+    "full_ac": (["trainer.activation_checkpointing=full"], SHARED, 2),
+    "capacity_loop_sigmoid": ([], ["model.moe.capacity_factor=1.0", "model.moe.grouped_mm=loop",
+                                   "model.moe.score_func=sigmoid"], 2),
+    "dp_shard2": (["parallel.dp_shard=2"], SHARED, 4),
+    "cp2": (["parallel.cp=2"], SHARED, 4),
+    "pp2": (["parallel.pp=2"], PIPELINE_MODEL, 4),
+}
+
+
+@pytest.mark.parametrize("name", [  # 4 processes: slow (5 s alone, more on a loaded machine)
+    pytest.param(name, marks=pytest.mark.slow) if world_size == 4 else name
+    for name, (_, _, world_size) in ETP2_WITH.items()
+])
+def test_tp2_etp2_with_other_axes_matches_single_process_in_fp32(tmp_path: Path,
+                                                                 name: str) -> None:
+    """Recomputation runs the gathers again; capacity drops, the loop over experts and
+    sigmoid scores route alike on every tp rank; FSDP shards the split experts again."""
+    layout, model, world_size = ETP2_WITH[name]
+    reference = _reference(tmp_path, *model)
+    result = run_layout(_config(tmp_path, name, *model, *ETP2, *layout), world_size, STEPS)
+    _assert_matches(result, reference)
+
+
 def test_tp2_etp2_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
     reference = _reference(tmp_path, *SHARED)
     saved = run_layout(_config(tmp_path, "saved", *SHARED, *ETP2), 2, STOP, save_at=(STOP,))
