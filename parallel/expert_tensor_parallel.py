@@ -28,8 +28,13 @@ parallel/tensor_parallel.py; h an expert's width, E_local the experts of this ep
 Each expert weight's gradient is whole for its shard (every tp rank gets the whole output
 gradient), so FSDP and the optimizer see ordinary sharded parameters; the expert load and
 the auxiliary loss's value are equal on the tp ranks and counted once (parallel/expert_load.py).
-The expert weights and activations per rank are 1/t of etp 1's, for an all-gather and a
-reduce-scatter of (B, T, d) per layer that etp 1 (all-gather, then a local cut) half has.
+Cost against etp 1: expert weights, their gradients and optimizer state and the experts'
+activations per rank are 1/t; per MoE layer the output's reduce-scatter of (B, T, d) is
+added (etp 1 cuts its whole output locally; backward: the input's reduce-scatter against a
+local cut, the output's all-gather either way) and an all-reduce of the router's gradient
+(E x d) per backward. Under expert parallelism every tp rank still sends the same tokens
+through its ep group's all-to-all (t-fold dispatch traffic: one reason torchtitan dropped
+its expert tensor parallelism in favour of ep borrowing tp ranks).
 """
 
 from __future__ import annotations
