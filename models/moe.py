@@ -26,6 +26,9 @@ are weighted and summed back per token (`index_add_`). Dropless by default; a
 `capacity_factor` keeps at most ceil(cf x N x k / E) assignments per expert (in token
 order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
 holding their experts and back (parallel/expert_parallel.py; the local one moves nothing).
+Under expert tensor parallelism (parallel/expert_tensor_parallel.py) the expert and shared
+expert weights read here are this rank's slices of their width (`_local`), so the layer's
+output is this rank's partial sum, which the parallel code reduces.
 
 Host syncs: none in the dropless grouped-GEMM path (the group offsets stay on the device;
 tests/test_host_syncs.py). The loop over experts reads the group sizes on the host, a
