@@ -22,7 +22,8 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
                              Shard(0), added to h's Shard(1) by broadcasting
     feed_forward (MoE)       parallel.etp=1: not split (models/moe.py): input all-gathered
                              on T as a local tensor, every tp rank routes the same tokens
-                             (experts sharded by expert parallelism instead), output cut to
+                             (router and experts replicated over tp, or the experts sharded
+                             by expert parallelism), output cut to
                              this rank's T/t positions -> Shard(1) (backward: all-gather).
                              parallel.etp=tp: experts split by width, output reduce-scattered
                              on T (parallel/expert_tensor_parallel.py)
