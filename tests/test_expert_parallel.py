@@ -220,11 +220,14 @@ ETP2_WITH = {
     "dp_shard2": (["parallel.dp_shard=2"], SHARED, 4),
     "cp2": (["parallel.cp=2"], SHARED, 4),
     "pp2": (["parallel.pp=2"], PIPELINE_MODEL, 4),
+    # FSDP over efsdp 2 on top of (ep, tp): by expert, or by rows with one expert per ep rank
+    "ep2_dp_shard4": (["parallel.dp_shard=4", "parallel.ep=2"], SHARED, 8),
+    "ep2_dp_shard4_2_experts": (["parallel.dp_shard=4", "parallel.ep=2"], TWO_EXPERTS, 8),
 }
 
 
-@pytest.mark.parametrize("name", [  # 4 processes: slow (5 s alone, more on a loaded machine)
-    pytest.param(name, marks=pytest.mark.slow) if world_size == 4 else name
+@pytest.mark.parametrize("name", [  # 4 or 8 processes: slow (5-15 s alone, more when loaded)
+    pytest.param(name, marks=pytest.mark.slow) if world_size > 2 else name
     for name, (_, _, world_size) in ETP2_WITH.items()
 ])
 def test_tp2_etp2_with_other_axes_matches_single_process_in_fp32(tmp_path: Path,
