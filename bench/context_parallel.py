@@ -33,12 +33,12 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__} | {' '.join(LONG_SEQUENCE + args.overrides)} | "
           f"{args.steps} timed steps after {WARMUP_STEPS}, median")
-    baseline_seconds, baseline_bytes = time_layout(LONG_SEQUENCE + args.overrides, args.steps,
-                                                   WARMUP_STEPS)
+    baseline_seconds, baseline_bytes, _ = time_layout(LONG_SEQUENCE + args.overrides,
+                                                      args.steps, WARMUP_STEPS)
     print(f"cp=1: {baseline_bytes / 2**20:8.1f} MiB activations per rank | "
           f"{baseline_seconds * 1e3:8.1f} ms/step", flush=True)
-    seconds, activations = time_layout(LONG_SEQUENCE + args.overrides + [f"parallel.cp={args.cp}"],
-                                       args.steps, WARMUP_STEPS)
+    seconds, activations, _ = time_layout(
+        LONG_SEQUENCE + args.overrides + [f"parallel.cp={args.cp}"], args.steps, WARMUP_STEPS)
     print(f"cp={args.cp}: {activations / 2**20:8.1f} MiB activations per rank "
           f"({activations / baseline_bytes:.2f}x) | {seconds * 1e3:8.1f} ms/step "
           f"({seconds / baseline_seconds:.2f}x one process's step time)")

@@ -5,9 +5,10 @@
 Each layout runs in real processes (torch.multiprocessing, gloo on CPU / NCCL on CUDA, one
 thread per rank on CPU) on the same model and global batch; the single-process run uses one
 thread too, so a ratio above 1 is parallel speed-up and below 1 is communication and
-oversubscription cost. Prints seconds per step, tokens/s, the ratio to one process and the
+oversubscription cost. Prints seconds per step, tokens/s, the ratio to one process, the
 activations one rank keeps for backward per micro-batch (`saved_activation_bytes`, measured
-in the first warm-up step).
+in the first warm-up step) and, for a MoE model, the expert weights (routed and shared) one
+rank holds.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from scaleforge.core.config import Config, compose, to_config
 from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.planner.shards import local_bytes
 
 LAYOUTS = {
     "single": [],
@@ -36,6 +39,8 @@ LAYOUTS = {
     "dp_replicate2": ["parallel.dp_replicate=2"],
     "tp2_dp_shard2": ["parallel.tp=2", "parallel.dp_shard=2"],
     "cp2": ["parallel.cp=2"],
+    # MoE models (model=moe_tiny): the experts whole on both tp ranks, or split by width.
+    "tp2_etp2": ["parallel.tp=2", "parallel.etp=2"],
 }
 DEFAULTS = [
     "model=llama_tiny", "data.seq_len=256", "trainer.micro_batch_size=4",
@@ -63,8 +68,8 @@ def saved_activation_bytes(step: Callable[[], object]) -> int:
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if not (tensor.is_leaf and tensor.requires_grad):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage
+            for storage in _storages(tensor):
+                storages[storage.data_ptr()] = storage
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -72,10 +77,27 @@ def saved_activation_bytes(step: Callable[[], object]) -> int:
     return sum(storage.nbytes() for storage in storages.values())
 
 
+def expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's pieces of the MoE layers' routed and shared expert weights."""
+    return sum(local_bytes(param) for name, param in model.named_parameters()
+               if ".experts." in name or ".shared." in name)
+
+
+def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages holding `tensor`'s data: its own, or for a wrapper subclass without one
+    (DTensor, an async collective's result) those of the tensors it wraps."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor.untyped_storage()]
+    names, _ = tensor.__tensor_flatten__()
+    inner = [value for name in names if isinstance(value := getattr(tensor, name), torch.Tensor)]
+    return [storage for value in inner for storage in _storages(value)]
+
+
 def _time_steps(world_size: int, cfg: Config, steps: int,
-                warmup: int) -> tuple[list[float], int]:
-    """Seconds of each timed step on this rank (steps separated by a barrier), and the
-    activation bytes this rank saved per micro-batch in the first warm-up step."""
+                warmup: int) -> tuple[list[float], int, int]:
+    """Seconds of each timed step on this rank (steps separated by a barrier), the
+    activation bytes this rank saved per micro-batch in the first warm-up step and its
+    expert weights' bytes."""
     topology = start_topology(cfg, world_size)
     generator = torch.Generator().manual_seed(topology.dp_rank)
     window = torch.randint(cfg.model.vocab_size, (cfg.trainer.micro_batch_size,
@@ -97,7 +119,7 @@ def _time_steps(world_size: int, cfg: Config, steps: int,
             dist.barrier()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return times, activations
+    return times, activations, expert_bytes(trainer.model)
 
 
 def _rank(rank: int, world_size: int, port: int, cfg: Config, steps: int, warmup: int,
@@ -114,9 +136,9 @@ def _rank(rank: int, world_size: int, port: int, cfg: Config, steps: int, warmup
             dist.destroy_process_group()
 
 
-def time_layout(overrides: list[str], steps: int, warmup: int) -> tuple[float, int]:
-    """(median seconds per step, rank 0's saved activation bytes per micro-batch) of
-    `overrides` (a layout plus model settings, after DEFAULTS)."""
+def time_layout(overrides: list[str], steps: int, warmup: int) -> tuple[float, int, int]:
+    """(median seconds per step, rank 0's saved activation bytes per micro-batch, rank 0's
+    expert weight bytes) of `overrides` (a layout plus model settings, after DEFAULTS)."""
     cfg = to_config(compose(DEFAULTS + overrides))
     world_size = _world_size(overrides)
     with socket.socket() as sock:
@@ -125,8 +147,8 @@ def time_layout(overrides: list[str], steps: int, warmup: int) -> tuple[float, i
     out = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-")) / "times.pt"
     mp.start_processes(_rank, args=(world_size, port, cfg, steps, warmup, str(out)),
                        nprocs=world_size, join=True, start_method="spawn")
-    times, activations = torch.load(out)
-    return statistics.median(times), activations
+    times, activations, experts = torch.load(out)
+    return statistics.median(times), activations, experts
 
 
 def main() -> None:
@@ -143,12 +165,14 @@ def main() -> None:
     names = ["single"] + [n for n in args.layouts.split(",") if n != "single"]
     baseline = None
     for name in names:
-        seconds, activations = time_layout(LAYOUTS[name] + args.overrides, args.steps,
-                                           args.warmup)
+        seconds, activations, experts = time_layout(LAYOUTS[name] + args.overrides,
+                                                    args.steps, args.warmup)
         baseline = baseline or seconds
         print(f"{name:>14}: {_world_size(LAYOUTS[name])} ranks | {seconds * 1e3:8.1f} ms/step | "
               f"{tokens / seconds:10,.0f} tokens/s | {baseline / seconds:.2f}x single process | "
-              f"activations {activations / 2**20:,.1f} MiB per rank", flush=True)
+              f"activations {activations / 2**20:,.1f} MiB per rank"
+              + (f" | experts {experts / 2**20:,.2f} MiB per rank" if experts else ""),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.context_parallel import check_cp_impl
 from scaleforge.parallel.expert_parallel import check_expert_parallel
+from scaleforge.parallel.expert_tensor_parallel import check_expert_tensor_parallel
 from scaleforge.parallel.layout import check_layout
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
@@ -397,6 +398,7 @@ def _validate_layout(cfg: Config, world_size: int) -> ParallelDims:
     """The layout's rules: sizes, batch split, pipeline, fp16 and the backend."""
     dims = check_layout(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
     check_expert_parallel(cfg.parallel.ep, dims, cfg.model)
+    check_expert_tensor_parallel(cfg.parallel.etp, dims.tp, cfg.model)
     check_cp_impl(cfg.parallel.cp_impl, dims, cfg.model, cfg.data.document_masking,
                   resolve_device(cfg.trainer.device).type)
     micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)

@@ -26,6 +26,9 @@ are weighted and summed back per token (`index_add_`). Dropless by default; a
 `capacity_factor` keeps at most ceil(cf x N x k / E) assignments per expert (in token
 order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
 holding their experts and back (parallel/expert_parallel.py; the local one moves nothing).
+Under expert tensor parallelism (parallel/expert_tensor_parallel.py) the expert and shared
+expert weights read here are this rank's slices of their width (`_local`), so the layer's
+output is this rank's partial sum, which the parallel code reduces.
 
 Host syncs: none in the dropless grouped-GEMM path (the group offsets stay on the device;
 tests/test_host_syncs.py). The loop over experts reads the group sizes on the host, a
@@ -251,6 +254,14 @@ class MoE(nn.Module):
         self.experts = Experts(moe.num_experts, cfg.d_model, expert_hidden(cfg), moe.grouped_mm)
         self.shared = shared
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # The router weight is read through `read_router` (this rank's copy when it is
+        # replicated over tp). Expert tensor parallelism (parallel/expert_tensor_parallel.py)
+        # splits the experts' width over the tp ranks, whose routing gradients are then
+        # partial sums: there `read_router`'s backward sums the gradient over tp, and the
+        # auxiliary loss's gradient, whole on every tp rank, is divided by
+        # `gradient_copies` (tp) so that the sum counts it once.
+        self.read_router: Callable[[torch.Tensor], torch.Tensor] = _local
+        self.gradient_copies = 1
         # The sum of a tensor over the ranks holding the other chunks of this micro-batch's
         # sequences (context parallelism, parallel/expert_parallel.py); one rank: itself.
         self.sum_over_sequence: Callable[[torch.Tensor], torch.Tensor] = _itself
@@ -262,7 +273,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         tokens = x.reshape(-1, d)  # (N, d)
-        scores = self.router(tokens).float()  # (N, E)
+        scores = F.linear(tokens, self.read_router(self.router.weight)).float()  # (N, E)
         scores = scores.softmax(-1) if self.score_func == "softmax" else scores.sigmoid()
         with torch.no_grad():
             chosen = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
@@ -282,7 +293,7 @@ class MoE(nn.Module):
         y = y * weights.flatten()[order, None].to(y.dtype)
         out = torch.zeros_like(tokens).index_add_(0, order // self.top_k, y.to(tokens.dtype))
         if self.shared is not None:
-            out = out + self.shared(tokens)
+            out = out + self._shared_experts(tokens)
         if self.training and self.aux_loss_coef > 0:
             # Switch: E * sum_i f_i P_i, f the assignment fractions, P the mean (normalised)
             # scores. Sequences split over ranks: f of the whole sequences, P of this rank's
@@ -291,10 +302,21 @@ class MoE(nn.Module):
             all_routed = self.sum_over_sequence(routed.float())
             fraction = all_routed / all_routed.sum()
             aux = self.aux_loss_coef * self.num_experts * (fraction * probs.mean(0)).sum()
-            out = _AddAuxLossGrad.apply(out, aux, self.aux_loss_scale)
+            out = _AddAuxLossGrad.apply(out, aux, self.aux_loss_scale / self.gradient_copies)
             self._record(aux=aux.detach())
         self._record(load=routed.float(), dropped=float(flat.numel()) - counts.sum())
         return out.view(B, T, d)
+
+    def _shared_experts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared experts' SwiGLU of tokens (N, d) -> (N, d). Under expert tensor
+        parallelism their weights are sharded like the routed experts' (w1, w3 by columns,
+        w2 by rows) and this rank's pieces give its partial sum over tp."""
+        assert self.shared is not None
+        linears = [getattr(self.shared, name) for name in ("w1", "w3", "w2")]
+        if not any(hasattr(linear.weight, "to_local") for linear in linears):
+            return self.shared(tokens)
+        w1, w3, w2 = (_local(linear.weight) for linear in linears)
+        return F.linear(F.silu(F.linear(tokens, w1)) * F.linear(tokens, w3), w2)
 
     def _drop_overflow(self, flat: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
                        factor: float) -> tuple[torch.Tensor, torch.Tensor]:

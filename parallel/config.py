@@ -36,6 +36,10 @@ class ParallelConfig:
     # Expert parallelism: MoE experts sharded over ep of the dp_shard x cp ranks, and
     # FSDP-sharded over the other dp_shard x cp / ep (parallel/expert_parallel.py).
     ep: int = 1  # expert-parallel size (MoE models): divides dp_shard x cp; 1: no ep
+    # Expert tensor parallelism: 1 (every tp rank runs its experts whole) or tp (each
+    # expert's and the shared experts' width split over the tp ranks, the MoE output
+    # reduce-scattered back to sequence shards; parallel/expert_tensor_parallel.py).
+    etp: int = 1  # expert tensor-parallel size: 1 or parallel.tp
     # Pipeline: schedule name and virtual stages per rank (interleaved and V schedules).
     pp_schedule: str = "1F1B"
     pp_stages_per_rank: int = 1  # virtual stages per rank
@@ -51,7 +55,7 @@ class ParallelConfig:
     def check(self, prefix: str = "parallel") -> None:
         """Raise ConfigError (the setting, its value, the fix) for a size < 1 (other than
         dp_shard=-1), an unknown pipeline schedule, backend or cp_impl, a timeout <= 0."""
-        for name in ("tp", "pp", "dp_replicate", "cp", "ep", "pp_stages_per_rank"):
+        for name in ("tp", "pp", "dp_replicate", "cp", "ep", "etp", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
         if self.dp_shard < 1 and self.dp_shard != -1:

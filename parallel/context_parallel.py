@@ -35,10 +35,8 @@ mean over the cp ranks (`Topology.sum_over_dp`, and the world mean of
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -47,35 +45,8 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.sequence_shard import RingAttention, SequenceShard, head_tail_chunks
 from scaleforge.models.transformer import Transformer
+from scaleforge.parallel.sequence_collectives import gather_sequence
 from scaleforge.parallel.topology import ParallelDims, Topology
-
-
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 2 over `group`; backward reduce-scatters (sums) the gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        size = dist.get_world_size(group)
-        parts = local.movedim(2, 0).contiguous()  # (T / N, B, heads, hd)
-        gathered = parts.new_empty((size * parts.size(0), *parts.shape[1:]))
-        dist.all_gather_into_tensor(gathered, parts, group=group)
-        return gathered.movedim(0, 2)  # (B, heads, T, hd)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        size = dist.get_world_size(ctx.group)
-        parts = grad.movedim(2, 0).contiguous()  # (T, B, heads, hd)
-        local = parts.new_empty((parts.size(0) // size, *parts.shape[1:]))
-        dist.reduce_scatter_tensor(local, parts, group=ctx.group)
-        return local.movedim(0, 2), None
-
-
-def gather_sequence(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """(B, heads, T / N, hd) on every cp rank -> (B, heads, T, hd), the ranks' parts in rank
-    order; the gradient of each part is summed over the group and returned to its rank."""
-    gathered: torch.Tensor = _GatherSequence.apply(local, group)
-    return gathered
 
 
 def _torch_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -23,7 +23,9 @@ by all-to-all with variable splits.
 
 Under tensor parallelism the MoE layer sees the whole (local) sequence, all-gathered as the
 MLP does, and every tp rank of an ep group routes the same tokens; its output is cut back to
-this rank's sequence shard (parallel/tensor_parallel.py). Under context parallelism each
+this rank's sequence shard (parallel/tensor_parallel.py), or with parallel.etp = tp each
+expert is split by width over tp and the partial outputs reduce-scattered
+(parallel/expert_tensor_parallel.py). Under context parallelism each
 rank routes its own chunks; the auxiliary loss takes its assignment fractions over the cp
 group (`share_routing_over_cp`), so it equals the one of the whole sequences.
 """
@@ -43,6 +45,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.moe import EXPERT_WEIGHTS, moe_layers
+from scaleforge.parallel.expert_tensor_parallel import expert_placements
 from scaleforge.parallel.topology import ParallelDims, Topology
 
 
@@ -142,17 +145,19 @@ class AllToAllDispatcher:
         return _AllToAll.apply(unsorted, send, receive, self.group)
 
 
-def apply_expert_parallel(model: nn.Module, topology: Topology, ep: int) -> None:
+def apply_expert_parallel(model: nn.Module, topology: Topology, ep: int, etp: int = 1) -> None:
     """Shard every MoE layer's experts of `model` (meta or materialised) over the "ep" mesh
-    and give the layer the all-to-all dispatcher (module docstring); FSDP shards them
-    further (parallel/data_parallel.py)."""
-    mesh: DeviceMesh = topology.expert_submesh("ep")
-    group = mesh.get_group()
+    (and by width over "tp" when `etp` > 1: the ("ep", "tp") mesh, parallel/
+    expert_tensor_parallel.py) and give the layer the all-to-all dispatcher (module
+    docstring); FSDP shards them further (parallel/data_parallel.py)."""
+    mesh: DeviceMesh = topology.expert_submesh(("ep", "tp") if etp > 1 else "ep")
+    group = topology.expert_submesh("ep").get_group()
     for module in moe_layers(model).values():
         experts = module.experts
         for name in EXPERT_WEIGHTS:
             full = getattr(experts, name)
-            sharded = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+            placements = [Shard(0), *expert_placements(name, etp)]
+            sharded = distribute_tensor(full, mesh, placements, src_data_rank=None)
             setattr(experts, name, nn.Parameter(sharded))
         module.dispatcher = AllToAllDispatcher(group, ep, module.num_experts)
 

@@ -75,9 +75,9 @@ def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None
     expert and tensor parallel, context parallel, activation checkpointing, compile (optional),
     data-parallel sharding."""
     if plan.parallel.ep > 1:
-        apply_expert_parallel(model, topology, plan.parallel.ep)
+        apply_expert_parallel(model, topology, plan.parallel.ep, plan.parallel.etp)
     if topology.dims.tp > 1:
-        apply_tensor_parallel(model, topology.submesh("tp"))
+        apply_tensor_parallel(model, topology.submesh("tp"), plan.parallel.etp > 1)
     apply_context_parallel(model, topology, plan.parallel.cp_impl)
     share_routing_over_cp(model, topology)
     apply_activation_checkpointing(

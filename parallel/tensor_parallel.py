@@ -20,10 +20,13 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
                              reduce-scattered on T -> Shard(1)
     pos_embeddings (gpt)     position rows Shard(0); output (T, d) reduce-scattered on T ->
                              Shard(0), added to h's Shard(1) by broadcasting
-    feed_forward (MoE)       not split (models/moe.py): input all-gathered on T as a local
-                             tensor, every tp rank routes the same tokens (experts sharded
-                             by expert parallelism instead), output cut to this rank's T/t
-                             positions -> Shard(1) (backward: all-gather)
+    feed_forward (MoE)       parallel.etp=1: not split (models/moe.py): input all-gathered
+                             on T as a local tensor, every tp rank routes the same tokens
+                             (router and experts replicated over tp, or the experts sharded
+                             by expert parallelism), output cut to
+                             this rank's T/t positions -> Shard(1) (backward: all-gather).
+                             parallel.etp=tp: experts split by width, output reduce-scattered
+                             on T (parallel/expert_tensor_parallel.py)
     norm                     SequenceParallel
     output (LM head)         ColwiseParallel by vocabulary: input all-gathered on T, logits
                              kept sharded on V -> DTensor (B, T, V) Shard(2); the loss runs
@@ -49,7 +52,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
-    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -58,12 +60,16 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from scaleforge.models.moe import MoE
 from scaleforge.models.transformer import Transformer
+from scaleforge.parallel.expert_tensor_parallel import MoETensorParallel
 
 
-def block_plan(family: str, qk_norm: bool = False, moe: bool = False) -> dict[str, ParallelStyle]:
+def block_plan(family: str, qk_norm: bool = False, moe: bool = False,
+               expert_tp: bool = False) -> dict[str, ParallelStyle]:
     """The TP/SP plan of one transformer block, module path -> style. A MoE feed-forward
-    (models/moe.py) is not split: it takes the whole sequence as a local tensor and its
-    output is cut to this rank's sequence shard (backward: all-gathered)."""
+    (models/moe.py) takes the whole sequence as a local tensor; its experts are not split
+    and its output is cut to this rank's sequence shard (backward: all-gathered), or, with
+    `expert_tp` (parallel.etp = tp), its experts are split by width and its partial output
+    reduce-scattered (parallel/expert_tensor_parallel.py)."""
     plan: dict[str, ParallelStyle] = {
         "attention_norm": SequenceParallel(),
         # forward(x, rope, mask): x all-gathered on the sequence, so attention sees every
@@ -86,11 +92,7 @@ def block_plan(family: str, qk_norm: bool = False, moe: bool = False) -> dict[st
     if moe:
         for name in ("feed_forward.w1", "feed_forward.w2"):
             del plan[name]
-        plan["feed_forward"] = PrepareModuleInputOutput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-            use_local_input=True, output_layouts=(Replicate(),),
-            desired_output_layouts=(Shard(1),), use_local_output=False,
-        )
+        plan["feed_forward"] = MoETensorParallel(split=expert_tp)
     elif family == "llama":
         plan["feed_forward.w3"] = ColwiseParallel()
     if qk_norm:  # each rank normalises its own heads (dim 2) with the one shared weight
@@ -119,8 +121,10 @@ def outer_plan(model: Transformer) -> dict[str, ParallelStyle]:
     return plan
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
-    """Shard `model` (a Transformer or a pipeline stage of one) over `tp_mesh` in place.
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh,
+                          expert_tp: bool = False) -> None:
+    """Shard `model` (a Transformer or a pipeline stage of one) over `tp_mesh` in place;
+    `expert_tp` splits the MoE layers' experts too (parallel.etp = tp).
 
     Every parameter becomes a DTensor on `tp_mesh`; the model's output is a DTensor of
     logits sharded on the vocabulary (core/loss.py computes the loss on the shards), or the
@@ -131,7 +135,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
         moe = isinstance(block.feed_forward, MoE)
-        parallelize_module(block, tp_mesh, block_plan(model.cfg.family, model.cfg.qk_norm, moe))
+        plan = block_plan(model.cfg.family, model.cfg.qk_norm, moe, expert_tp)
+        parallelize_module(block, tp_mesh, plan)
     if model.tok_embeddings is None:  # a later pipeline stage: receives local shards
         model.register_forward_pre_hook(partial(_sequence_shard_to_dtensor, tp_mesh))
     if model.output is None:  # an earlier pipeline stage: sends local shards

@@ -26,6 +26,7 @@ from scaleforge.core.config import Config, micro_batches_per_step, validate
 from scaleforge.core.flops import training_flops_per_token
 from scaleforge.errors import ConfigError
 from scaleforge.parallel.expert_parallel import widest_ep
+from scaleforge.parallel.expert_tensor_parallel import etp_for_layout
 from scaleforge.parallel.pipeline_schedules import (
     SCHEDULES,
     schedule_spec,
@@ -169,6 +170,7 @@ def layout_config(cfg: Config, layout: Layout, pinned: set[str]) -> Config:
                        dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard)
     if "parallel.ep" not in pinned:  # MoE: the widest ep that divides experts and dp_shard x cp
         parallel.ep = widest_ep(cfg.model, layout.dp_shard, parallel.cp)
+    parallel.etp = etp_for_layout(cfg.parallel.etp, layout.tp)  # experts split over tp, or not
     trainer = replace(cfg.trainer, activation_checkpointing=layout.checkpointing,
                       micro_batch_size=layout.micro_batch_size)
     if layout.schedule is not None:

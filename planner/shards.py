@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor, Shard
 from scaleforge.core.config import Config, build_plan
 from scaleforge.models import build
 from scaleforge.parallel.expert_parallel import widest_ep
+from scaleforge.parallel.expert_tensor_parallel import etp_for_layout
 from scaleforge.parallel.parallelize import parallelize
 from scaleforge.parallel.pipeline_schedules import (
     schedule_spec,
@@ -165,7 +166,8 @@ class ShardProbe:
         moe = replace(cfg.model.moe, first_dense_layers=0, every_n_layers=1)
         one_block = replace(cfg.model, n_layers=1, moe=moe)
         parallel = replace(cfg.parallel, tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard,
-                           ep=widest_ep(cfg.model, dp_shard))
+                           ep=widest_ep(cfg.model, dp_shard),
+                           etp=etp_for_layout(cfg.parallel.etp, tp))
         dims = ParallelDims(tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard)
         model = build(one_block, device="meta")
         if dims.world_size > 1:

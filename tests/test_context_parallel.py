@@ -14,7 +14,8 @@ from scaleforge.data_pipeline.pack import split_batch
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.sequence_shard import SequenceShard, head_tail_chunks
-from scaleforge.parallel.context_parallel import check_cp_impl, gather_sequence
+from scaleforge.parallel.context_parallel import check_cp_impl
+from scaleforge.parallel.sequence_collectives import gather_sequence
 from scaleforge.parallel.topology import ParallelDims
 
 

@@ -2,7 +2,8 @@
 single-process MoE run of the same model and data: per-step losses, grad norms, MoE metrics
 (aux loss, expert load per layer) and final weights (experts, router, expert bias included)
 within the layout tests' fp32 tolerances; ep borrowed from dp_shard x cp with FSDP over the
-rest (efsdp), HSDP replicas and context parallelism; ep checkpoints resumed in one process
+rest (efsdp), HSDP replicas and context parallelism; expert tensor parallelism (etp = tp,
+with and without ep; etp 1 under tp alone); ep and etp checkpoints resumed in one process
 (ep1); the layout's errors."""
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.init import canonical_name
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.topology import ParallelDims, init_topology
-from scaleforge.planner.shards import fake_world
+from scaleforge.planner.search import Layout, layout_config
+from scaleforge.planner.shards import ShardProbe, fake_world
 
 STEPS, STOP = 4, 2
 # llama_micro with 4 experts of width 32, top 2, in both layers; both balancing mechanisms.
@@ -175,7 +177,104 @@ def test_ep_checkpoint_resumes_under_ep1(tmp_path: Path, layout: list[str], worl
     _assert_matches(resumed, reference, start=STOP)
 
 
+# Expert tensor parallelism: one shared expert too, so its split is checked as well.
+SHARED = ["model.moe.shared_experts=1"]
+ETP2 = ["parallel.tp=2", "parallel.etp=2"]
+SHARED_W2 = "layers.0.feed_forward.shared.w2.weight"
+
+
+@pytest.mark.parametrize("etp,placements", [
+    (1, ("(Replicate(),)", "(Replicate(),)", "(Replicate(),)")),
+    # w1 by columns of each expert, w2 by rows; the shared experts' w2 by rows
+    (2, ("(Shard(dim=1),)", "(Shard(dim=2),)", "(Shard(dim=1),)")),
+], ids=["etp1", "etp2"])
+def test_tp2_moe_matches_single_process_in_fp32(tmp_path: Path, etp: int,
+                                                placements: tuple[str, ...]) -> None:
+    """etp 1: experts whole on every tp rank, replicated like the router. etp 2: experts and
+    shared experts split by width over tp, the router's and the input's partial gradients
+    summed over tp, the auxiliary loss's gradient counted once."""
+    reference = _reference(tmp_path, *SHARED)
+    result = run_layout(_config(tmp_path, f"tp2_etp{etp}", *SHARED, "parallel.tp=2",
+                                f"parallel.etp={etp}"), 2, STEPS)
+    names = (EXPERT, EXPERT.replace("w1", "w2"), SHARED_W2)
+    assert tuple(_placements(result)[name] for name in names) == tuple(
+        ((2,), placement) for placement in placements)
+    _assert_matches(result, reference)
+
+
+@pytest.mark.slow
+def test_ep2_tp2_etp2_matches_single_process_in_fp32(tmp_path: Path) -> None:
+    reference = _reference(tmp_path, *SHARED)
+    result = run_layout(_config(tmp_path, "ep2_tp2_etp2", *SHARED, *ETP2,
+                                "parallel.dp_shard=2", "parallel.ep=2"), 4, STEPS)
+    assert _placements(result)[EXPERT] == (
+        (1, 2, 2), "(_StridedShard(dim=0, sf=2), Shard(dim=0), Shard(dim=1))")
+    _assert_matches(result, reference)
+
+
+# etp2 with the other axes and MoE options: layout overrides, model overrides, processes.
+ETP2_WITH = {
+    "full_ac": (["trainer.activation_checkpointing=full"], SHARED, 2),
+    "capacity_loop_sigmoid": ([], ["model.moe.capacity_factor=1.0", "model.moe.grouped_mm=loop",
+                                   "model.moe.score_func=sigmoid"], 2),
+    "dp_shard2": (["parallel.dp_shard=2"], SHARED, 4),
+    "cp2": (["parallel.cp=2"], SHARED, 4),
+    "pp2": (["parallel.pp=2"], PIPELINE_MODEL, 4),
+    # FSDP over efsdp 2 on top of (ep, tp): by expert, or by rows with one expert per ep rank
+    "ep2_dp_shard4": (["parallel.dp_shard=4", "parallel.ep=2"], SHARED, 8),
+    "ep2_dp_shard4_2_experts": (["parallel.dp_shard=4", "parallel.ep=2"], TWO_EXPERTS, 8),
+}
+
+
+@pytest.mark.parametrize("name", [  # 4 or 8 processes: slow (5-15 s alone, more when loaded)
+    pytest.param(name, marks=pytest.mark.slow) if world_size > 2 else name
+    for name, (_, _, world_size) in ETP2_WITH.items()
+])
+def test_tp2_etp2_with_other_axes_matches_single_process_in_fp32(tmp_path: Path,
+                                                                 name: str) -> None:
+    """Recomputation runs the gathers again; capacity drops, the loop over experts and
+    sigmoid scores route alike on every tp rank; FSDP shards the split experts again."""
+    layout, model, world_size = ETP2_WITH[name]
+    reference = _reference(tmp_path, *model)
+    result = run_layout(_config(tmp_path, name, *model, *ETP2, *layout), world_size, STEPS)
+    _assert_matches(result, reference)
+
+
+def test_tp2_etp2_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    reference = _reference(tmp_path, *SHARED)
+    saved = run_layout(_config(tmp_path, "saved", *SHARED, *ETP2), 2, STOP, save_at=(STOP,))
+    torch.testing.assert_close(torch.tensor(saved["losses"]),
+                               torch.tensor(reference["losses"][:STOP]), rtol=LOSS_RTOL, atol=0)
+    checkpoint = step_dir(tmp_path / "saved", STOP)
+    assert read_info(checkpoint)["layout"]["tp"] == 2
+    resumed = train_and_record(_config(tmp_path, "resumed", *SHARED,
+                                       f"trainer.resume={checkpoint}"),
+                               tmp_path / "resumed", STEPS - STOP, 1)
+    assert resumed["start_step"] == STOP
+    _assert_matches(resumed, reference, start=STOP)
+
+
+def test_planner_counts_experts_split_by_etp(tmp_path: Path) -> None:
+    """sf-plan's shards come from the real sharded model: at tp2 each rank holds half of
+    every expert and shared expert under etp=tp, all of them under etp 1; a layout of
+    another tp takes etp = its tp."""
+    shards = {}
+    for etp in (1, 2):
+        cfg = _config(tmp_path, f"plan{etp}", *SHARED, f"parallel.etp={etp}")
+        with fake_world(2):
+            shards[etp] = ShardProbe(cfg).shards(2, 1)
+    for name in (EXPERT, SHARED_W2):
+        assert shards[2][name].local_elements * 2 == shards[1][name].local_elements, name
+    assert layout_config(cfg, Layout(4, 1, 1, 1, None, 1, "none", 1), set()).parallel.etp == 4
+
+
 @pytest.mark.parametrize("overrides,world_size,message", [
+    (["parallel.etp=2"], 1, r"parallel.etp=2 must be 1 or parallel.tp=1"),
+    (["parallel.tp=2", "parallel.etp=2", "model.moe.num_experts=0"], 2,
+     "parallel.etp=2 splits experts, but the model has none"),
+    (["parallel.tp=2", "parallel.etp=2", "model.moe.expert_hidden=33"], 2,
+     "model.moe.expert_hidden=33 is not divisible by parallel.tp=2"),
+    (["parallel.etp=0"], 1, "parallel.etp=0 must be at least 1"),
     (["parallel.ep=2", "parallel.dp_shard=2", "model.moe.num_experts=0"], 2,
      "parallel.ep=2 shards experts, but the model has none"),
     (["parallel.ep=4", "parallel.dp_shard=2"], 2,

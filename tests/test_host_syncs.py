@@ -196,12 +196,15 @@ def _syncs_in_rank(cfg: Any, uncounted_steps: int) -> list[str]:
     [
         (["parallel.dp_shard=2"], 0),
         (["parallel.tp=2"], 0),
+        # Experts split over tp: the gathers, reduce-scatters and the router's gradient sum
+        # stay on the device (dropless grouped GEMM).
+        (["parallel.tp=2", "parallel.etp=2", *MOE], 0),
         # torch's schedule exchanges the stages' shapes as pickled objects in its first
         # step (recv_object_list reads sizes on the host): once per run, so not counted.
         (["parallel.pp=2", "model.n_layers=2", "trainer.micro_batch_size=2",
           "trainer.eval_batches=4"], 1),
     ],
-    ids=["dp_shard2", "tp2", "pp2"],
+    ids=["dp_shard2", "tp2", "tp2_etp2_moe", "pp2"],
 )
 def test_parallel_training_step_waits_for_the_device_once_on_every_rank(tmp_path, layout,
                                                                         uncounted_steps):
