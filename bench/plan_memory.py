@@ -45,6 +45,8 @@ BASE = [
     "trainer.device=cpu", "trainer.eval_batches=8", "logging.wandb=disabled",
     "logging.progress_bar=false",
 ]
+# The same blocks with a MoE feed-forward: 8 experts of half the MLP width, top 2 (moe_tiny's).
+MOE = ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=192"]
 LAYOUTS: list[tuple[str, int, list[str]]] = [
     ("single process", 1, []),
     ("single, AC full", 1, ["trainer.activation_checkpointing=full"]),
@@ -59,6 +61,11 @@ LAYOUTS: list[tuple[str, int, list[str]]] = [
                                       "parallel.pp_stages_per_rank=2"]),
     ("pp 2 x dp_shard 2", 4, ["parallel.pp=2", "parallel.dp_shard=2",
                               "trainer.micro_batch_size=1"]),
+    *((f"MoE 8 x top 2{name}", world_size, [*MOE, *overrides]) for name, world_size, overrides in (
+        ("", 1, []), (", shared 1, dense first", 1, ["model.moe.shared_experts=1",
+                                                     "model.moe.first_dense_layers=1"]),
+        (", tp 2", 2, ["parallel.tp=2"]), (", tp 2 etp 2", 2, ["parallel.tp=2", "parallel.etp=2"]),
+    )),
 ]
 
 

@@ -37,6 +37,14 @@ one block at a time, so one block's full activations come on top (`recompute_byt
 Pipelines keep several micro-batches in flight (`in_flight_micro_batches`), plus each
 stage's received input and sent output per micro-batch.
 
+Mixture-of-Experts layers (model.moe, models/moe.py) replace the MLP's tensors with the
+router's (its fp32 softmax, the top-k weights and the int64 indices that sort, gather and
+scatter the k assignments of each token) and, per assignment, its input and output rows and
+the expert's four SwiGLU tensors of the expert width (split by tp only under
+`parallel.etp`), plus the shared experts' SwiGLU per token. Under tp the MoE layer takes the
+whole sequence on every tp rank (parallel/expert_tensor_parallel.py), so these count every
+token, not a tp shard.
+
 Context parallelism (cp): a rank holds seq_len / cp tokens of each sequence, so every
 per-token term is divided by cp; attention also keeps the K and V gathered from the other
 cp - 1 ranks for SDPA's backward.
@@ -47,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.moe import expert_hidden
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class ActivationSetting:
 
     precision: trainer.precision; fsdp: data-parallel size > 1 (bf16 then comes from FSDP's
     policy, not autocast); checkpointing / every_n: trainer.activation_checkpointing and
-    trainer.checkpoint_every_n_blocks; cp: parallel.cp.
+    trainer.checkpoint_every_n_blocks; cp: parallel.cp; etp: parallel.etp.
     """
 
     model: TransformerConfig
@@ -67,6 +76,7 @@ class ActivationSetting:
     checkpointing: str = "none"
     every_n: int = 1
     cp: int = 1
+    etp: int = 1
 
     @property
     def compute_bytes(self) -> int:
@@ -99,8 +109,19 @@ def _norm_bytes_per_token(x: ActivationSetting, consumers: int) -> float:
     return norm + copies * e * m.d_model
 
 
-def block_bytes(x: ActivationSetting) -> float:
-    """Bytes one block keeps for one micro-batch without checkpointing, on one tp rank."""
+def _moe_bytes_per_token(x: ActivationSetting) -> float:
+    """A MoE layer's feed-forward per token (the module docstring), on one tp rank."""
+    m, e = x.model, x.compute_bytes
+    k, width = m.moe.top_k, expert_hidden(m) / x.etp
+    routing = 4 * m.moe.num_experts + 4 * (2 * k + 1) + 8 * 4 * k  # softmax, weights, indices
+    experts = k * (2 * e * m.d_model + 4 * e * width)  # rows in and out, SwiGLU's four
+    shared = 4 * e * m.moe.shared_experts * width
+    return _norm_bytes_per_token(x, 1) + routing + experts + shared
+
+
+def block_bytes(x: ActivationSetting, layer: int = 0) -> float:
+    """Bytes block `layer` keeps for one micro-batch without checkpointing, on one tp
+    rank (its MLP a MoE one where model.moe says so)."""
     m, t, e = x.model, x.tp, x.compute_bytes
     qkv_width = (m.n_heads + 2 * m.kv_heads) * m.head_size
     attention = (
@@ -113,6 +134,8 @@ def block_bytes(x: ActivationSetting) -> float:
     if m.qk_norm:  # RMSNorm of q and k per head: fp32 input, rstd, the normalised tensor
         qk_width, qk_heads = (m.n_heads + m.kv_heads) * m.head_size, m.n_heads + m.kv_heads
         attention += (4 * qk_width + 4 * qk_heads + e * qk_width) / t
+    if m.moe.is_moe_layer(layer):
+        return x.tokens * (attention + _moe_bytes_per_token(x))
     mlp_tensors = 4 if m.family == "llama" else 2
     mlp = _norm_bytes_per_token(x, 2 if m.family == "llama" else 1)
     mlp += mlp_tensors * e * m.mlp_hidden / t
@@ -161,15 +184,21 @@ def layers_bytes(x: ActivationSetting, layer_indices: range | list[int]) -> floa
     blocks whose index among the stage's blocks is a multiple of every_n, as
     parallel/activation_checkpoint.py wraps them)."""
     total = 0.0
-    for position, _ in enumerate(layer_indices):
+    for position, layer in enumerate(layer_indices):
         wrapped = x.checkpointing != "none" and position % x.every_n == 0
-        total += checkpointed_block_bytes(x) if wrapped else block_bytes(x)
+        total += checkpointed_block_bytes(x) if wrapped else block_bytes(x, layer)
     return total
 
 
+def peak_block_bytes(x: ActivationSetting) -> float:
+    """`block_bytes` of the model's largest block (a MoE one, where it has both kinds)."""
+    return max(block_bytes(x, layer) for layer in range(x.model.n_layers))
+
+
 def recompute_bytes(x: ActivationSetting) -> float:
-    """What backward adds on top under checkpointing: one block recomputed at a time."""
-    return block_bytes(x) if x.checkpointing != "none" else 0.0
+    """What backward adds on top under checkpointing: one block recomputed at a time (the
+    largest)."""
+    return peak_block_bytes(x) if x.checkpointing != "none" else 0.0
 
 
 def in_flight_micro_batches(

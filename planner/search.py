@@ -36,10 +36,10 @@ from scaleforge.parallel.pipeline_schedules import (
 from scaleforge.parallel.topology import ParallelDims
 from scaleforge.planner.activations import (
     ActivationSetting,
-    block_bytes,
     head_bytes,
     in_flight_micro_batches,
     layers_bytes,
+    peak_block_bytes,
     recompute_bytes,
     stage_io_bytes,
 )
@@ -212,7 +212,8 @@ def activation_setting(cfg: Config, dims: ParallelDims) -> ActivationSetting:
     t = cfg.trainer
     return ActivationSetting(cfg.model, cfg.data.seq_len, t.micro_batch_size, dims.tp,
                              t.precision, dims.dp_size * dims.cp > 1,
-                             t.activation_checkpointing, t.checkpoint_every_n_blocks, dims.cp)
+                             t.activation_checkpointing, t.checkpoint_every_n_blocks, dims.cp,
+                             cfg.parallel.etp)
 
 
 def rank_activation_bytes(
@@ -362,4 +363,4 @@ def largest_block_bytes(cfg: Config, gpus: int, gpus_per_node: int, probe: Shard
     state = sum(4 * shard.local_elements * shard.element_bytes for shard in block)
     gathered = sum(6 * shard.tp_local_elements for shard in block)  # bf16 weights, fp32 grads
     setting = ActivationSetting(m, cfg.data.seq_len, 1, tp, cfg.trainer.precision, True)
-    return state + gathered + block_bytes(setting)
+    return state + gathered + peak_block_bytes(setting)

@@ -11,10 +11,11 @@ local shard (`DTensor.to_local()`): shapes only, no memory.
 What is built. Shard shapes depend on tp and dp_shard only (dp_replicate replicates whole
 shards; the pipeline only decides which parameters a rank holds), so one probe per
 (tp, dp_shard) serves every layout with those sizes. The probe is the model with one
-block: every block of the real model has the same parameter shapes and FSDP shards each
-parameter on its own (dim 0 over dp_shard), so a block's shards are the same in every
-position and a rank's bytes are its ends (embeddings; final norm and head) plus its block
-count times one block's. The rank measured is dp rank 0, tp rank 0: FSDP gives the first
+block: blocks of one kind have the same parameter shapes and FSDP shards each parameter on
+its own (dim 0 over dp_shard), so a block's shards are the same in every position and a
+rank's bytes are its ends (embeddings; final norm and head) plus, per kind, its block count
+times one block's. A Mixture-of-Experts model has two kinds (model.moe's dense layers and
+MoE ones), probed apart. The rank measured is dp rank 0, tp rank 0: FSDP gives the first
 dp ranks the rounded-up rows, so it holds the most; tp ranks hold equal shards (tp divides
 every split dimension). Which layers and ends pipeline rank r holds comes from the
 pipeline's own rules (`stage_indices`, `stage_layer_ranges`), as `split_model` cuts them.
@@ -150,24 +151,27 @@ class ShardProbe:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self._probes: dict[tuple[int, int], dict[str, ParamShard]] = {}
+        self._probes: dict[tuple[int, int, bool], dict[str, ParamShard]] = {}
 
-    def shards(self, tp: int, dp_shard: int) -> dict[str, ParamShard]:
-        """FQN -> ParamShard of the one-block model at dp rank 0, tp rank 0."""
-        key = (tp, dp_shard)
+    def shards(self, tp: int, dp_shard: int, moe: bool | None = None) -> dict[str, ParamShard]:
+        """FQN -> ParamShard of the one-block model at dp rank 0, tp rank 0; its block a MoE
+        one when `moe` (default: when the model has experts), else a dense one."""
+        moe = self.cfg.model.moe.enabled if moe is None else moe
+        key = (tp, dp_shard, moe)
         if key not in self._probes:
-            self._probes[key] = self._build(tp, dp_shard)
+            self._probes[key] = self._build(tp, dp_shard, moe)
         return self._probes[key]
 
-    def _build(self, tp: int, dp_shard: int) -> dict[str, ParamShard]:
+    def _build(self, tp: int, dp_shard: int, moe_block: bool) -> dict[str, ParamShard]:
         cfg = self.cfg
-        # A MoE model's probe block is a MoE one (its few dense layers counted as MoE, an
-        # overestimate of 3% for deepseek_v3_16b), experts sharded as layout_config shards.
-        moe = replace(cfg.model.moe, first_dense_layers=0, every_n_layers=1)
+        # One block of the kind asked for: MoE (experts sharded as layout_config shards
+        # them) or dense (a MoE model's dense layers: no experts, no ep).
+        moe = (replace(cfg.model.moe, first_dense_layers=0, every_n_layers=1) if moe_block
+               else replace(cfg.model.moe, num_experts=0))
         one_block = replace(cfg.model, n_layers=1, moe=moe)
         parallel = replace(cfg.parallel, tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard,
-                           ep=widest_ep(cfg.model, dp_shard),
-                           etp=etp_for_layout(cfg.parallel.etp, tp))
+                           ep=widest_ep(one_block, dp_shard) if moe_block else 1,
+                           etp=etp_for_layout(cfg.parallel.etp, tp) if moe_block else 1)
         dims = ParallelDims(tp=tp, pp=1, dp_replicate=1, dp_shard=dp_shard)
         model = build(one_block, device="meta")
         if dims.world_size > 1:
@@ -193,24 +197,33 @@ class ShardProbe:
     ) -> tuple[RankState, GatheredElements]:
         """The state and FSDP's gathered elements of the rank at (pp_rank, dp 0, tp 0) of
         layout `dims` (pipeline `schedule` with `stages_per_rank` when dims.pp > 1)."""
-        shards = self.shards(dims.tp, dims.dp_shard)
-        owned, ranges = [0], [range(self.cfg.model.n_layers)]
+        model = self.cfg.model
+        owned, ranges = [0], [range(model.n_layers)]
         if dims.pp > 1 and schedule is not None:
             num_stages = dims.pp * stages_per_rank
             owned = stage_indices(pp_rank, dims.pp, stages_per_rank,
                                   schedule_spec(schedule).layout)
-            ranges = stage_layer_ranges(self.cfg.model.n_layers, num_stages, layers_per_stage)
-        blocks = sum(len(ranges[stage]) for stage in owned)
+            ranges = stage_layer_ranges(model.n_layers, num_stages, layers_per_stage)
+        layers = [layer for stage in owned for layer in ranges[stage]]
+        moe_blocks = sum(model.moe.is_moe_layer(layer) for layer in layers)
         first, last = 0 in owned, len(ranges) - 1 in owned
-        params = grads = tensors = total = block = ends = 0
-        for name, shard in shards.items():
-            if name.startswith("layers."):
-                count = blocks
-                block += shard.tp_local_elements
-            else:  # embeddings on the first stage; final norm and LM head on the last
+        counted = []  # (FQN, shard, how many of it this rank holds)
+        ends = block = 0
+        for name, shard in self.shards(dims.tp, dims.dp_shard).items():
+            if not name.startswith("layers."):  # embeddings on the first stage; final norm
                 count = int(first if name.startswith(("tok_embeddings.", "pos_embeddings."))
-                            else last)
+                            else last)  # and LM head on the last
+                counted.append((name, shard, count))
                 ends += count * shard.tp_local_elements
+        for moe, blocks in ((False, len(layers) - moe_blocks), (True, moe_blocks)):
+            if blocks:
+                block_shards = [(name, shard) for name, shard
+                                in self.shards(dims.tp, dims.dp_shard, moe).items()
+                                if name.startswith("layers.")]
+                counted += [(name, shard, blocks) for name, shard in block_shards]
+                block = max(block, sum(shard.tp_local_elements for _, shard in block_shards))
+        params = grads = tensors = total = 0
+        for name, shard, count in counted:
             params += count * shard.local_elements * shard.element_bytes
             grads += count * shard.element_bytes * replicated_gradient_elements(
                 name, shard.local_elements, dims)
