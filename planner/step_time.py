@@ -24,6 +24,12 @@ pipeline bubble.
   micro-batch two all-gathers and two reduce-scatters of the (b, s, d) activations in
   forward, as many in backward, again in a `full` recompute; plus the embedding's and the
   head's pair. On the critical path (nothing overlaps them).
+- expert parallel (MoE, `parallel.ep`): each MoE layer sends its tokens' k assignments to
+  their experts' ranks and back by all-to-all, in forward and again in backward (and in a
+  `full` recompute); (ep-1)/ep of the (tokens x k, d) rows leave the rank each time. Under
+  tp every tp rank sends the whole sequence's (parallel/expert_tensor_parallel.py). The ep
+  group is ep consecutive ranks of dp_shard x cp, tp apart: NVLink while ep x tp ranks fit
+  a node. On the critical path.
 - pipeline: each micro-batch's (b, s, d/t) activations and gradients cross each stage
   boundary once per direction; counted on the critical path; the schedule's idle share is
   `parallel.pipeline_schedules.theoretical_bubble_fraction`.
@@ -76,6 +82,7 @@ class StepWork:
     precision: str
     reshard_after_forward: bool
     gathered: GatheredElements  # FSDP's units on the rank that gathers most
+    ep: int = 1  # expert-parallel size (MoE models)
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,16 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         comm["cp"] = (2 * m.n_layers // dims.pp * work.micro_batches
                       * (dims.cp - 1) / dims.cp * kv)
         cp_time = comm["cp"] / axis_bandwidth(dims, "cp", gpu, gpus_per_node)
+    ep_time = 0.0
+    if work.ep > 1:
+        moe_layers = sum(m.moe.is_moe_layer(layer) for layer in range(m.n_layers)) / dims.pp
+        passes = 6 if work.checkpointing == "full" else 4  # dispatch and combine, each way
+        rows = work.micro_batch_size * work.seq_len // dims.cp * m.moe.top_k
+        comm["ep"] = (moe_layers * passes * work.micro_batches * (work.ep - 1) / work.ep
+                      * rows * m.d_model * e)
+        link = (gpu.nvlink_bytes_per_s if work.ep * dims.tp <= gpus_per_node
+                else gpu.internode_bytes_per_s)
+        ep_time = comm["ep"] / (link * LINK_EFFICIENCY)
     pp_time, bubble = 0.0, 0.0
     if dims.pp > 1 and work.schedule is not None:
         comm["pp"] = 2 * work.micro_batches * work.stages_per_rank * activation / dims.tp
@@ -179,7 +196,7 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         bubble = theoretical_bubble_fraction(work.schedule, dims.pp, work.micro_batches,
                                              work.stages_per_rank)
     dp_time, dp_edge = _data_parallel(work, gpu, gpus_per_node, e, comm)
-    busy = compute + tp_time + cp_time + pp_time
+    busy = compute + tp_time + cp_time + ep_time + pp_time
     exposed = dp_edge + max(0.0, dp_time - busy)
     step = busy / (1 - bubble) + exposed
     return StepTime(compute, matmul_s, attention_s, memory_s, tp_time, pp_time, exposed, bubble,

@@ -188,3 +188,14 @@ def test_sf_plan_shards_experts_over_the_data_parallel_ranks(tmp_path) -> None:
     assert layout_record(wide)["parallel"]["ep"] == 16
     total = num_params(cfg.model) * 4  # fp32 master weights
     assert wide.memory.params < total / 16 * 1.1 < narrow.memory.params
+    # Each MoE layer's all-to-all: the k assignments of a rank's tokens out and back, in
+    # forward and backward, (ep - 1) / ep of them leaving the rank; bf16 rows of d_model.
+    # Under tp every tp rank sends the whole sequence's rows.
+    m = cfg.model
+    moe_layers = sum(m.moe.is_moe_layer(layer) for layer in range(m.n_layers))
+    for row in (wide, narrow):
+        t, ep, dp = row.config.trainer, row.config.parallel.ep, row.layout.dp_shard
+        micro_batches = t.global_batch_tokens // (dp * t.micro_batch_size * cfg.data.seq_len)
+        rows = t.micro_batch_size * cfg.data.seq_len * m.moe.top_k
+        assert row.time.comm_bytes["ep"] == pytest.approx(
+            moe_layers * 4 * micro_batches * (ep - 1) / ep * rows * m.d_model * 2)
