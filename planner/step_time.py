@@ -8,7 +8,9 @@ pipeline bubble.
   - matmuls: the projection and head FLOPs of a step (core/flops.py
     `training_flops_per_token`, 3x forward for forward + backward) plus those
     checkpointing recomputes (`full`: the block up to its last matmul; `selective`: every
-    other matmul), at `matmul_efficiency` x the GPU's peak;
+    other matmul), at `matmul_efficiency` x the GPU's peak; split over tp, except what
+    every tp rank runs whole (`tp_whole_flops_per_token`: a MoE layer's router, and its
+    experts unless `parallel.etp` splits them);
   - attention: the scores and values FLOPs (forward + backward, again under `full`) at
     `attention_efficiency` x peak (FlashAttention-2's measured rate on that GPU);
   - memory-bound work: the HBM traffic of norms, casts, RoPE, activations, residual adds,
@@ -48,6 +50,7 @@ from dataclasses import dataclass
 
 from scaleforge.core.flops import attention_flops_per_token, training_flops_per_token
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.moe import expert_hidden
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import MESH_DIMS, ParallelDims
 from scaleforge.planner.activations import ActivationSetting, block_matmul_widths
@@ -83,6 +86,7 @@ class StepWork:
     reshard_after_forward: bool
     gathered: GatheredElements  # FSDP's units on the rank that gathers most
     ep: int = 1  # expert-parallel size (MoE models)
+    etp: int = 1  # expert tensor parallelism: 1 (experts whole on every tp rank) or tp
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,20 @@ def recompute_flops_per_token(work: StepWork) -> float:
     return wrapped * layer
 
 
+def tp_whole_flops_per_token(work: StepWork) -> float:
+    """Training matmul FLOPs per token that every tp rank runs whole instead of its 1/tp
+    share: each MoE layer's router, and its routed (top_k) and shared experts under etp 1
+    (parallel/expert_tensor_parallel.py)."""
+    m = work.model
+    moe_layers = sum(m.moe.is_moe_layer(layer) for layer in range(m.n_layers))
+    if work.dims.tp == 1 or not moe_layers:
+        return 0.0
+    per_layer = m.d_model * m.moe.num_experts
+    if work.etp == 1:
+        per_layer += (m.moe.top_k + m.moe.shared_experts) * 3 * m.d_model * expert_hidden(m)
+    return 6 * moe_layers * per_layer
+
+
 def _per_rank(work: StepWork, blocks: float, head: float) -> float:
     """A per-token figure of the blocks and of the head, over the tokens and layers of the
     slowest rank (the last pipeline stage, which also runs the head); a context-parallel
@@ -144,7 +162,8 @@ def compute_times(work: StepWork, gpu: GpuSpec) -> tuple[float, float, float]:
     recomputed_attention = (attention / 3 if work.checkpointing == "full" else 0.0) * (
         math.ceil(m.n_layers / work.dims.pp / work.every_n) * work.dims.pp / m.n_layers)
     matmuls = training_flops_per_token(m, work.seq_len) - head - attention
-    matmul_s = _per_rank(work, (matmuls + recomputed - recomputed_attention) / t,
+    whole = tp_whole_flops_per_token(work)
+    matmul_s = _per_rank(work, (matmuls + recomputed - recomputed_attention - whole) / t + whole,
                          head / t) / (gpu.peak_flops * gpu.matmul_efficiency)
     attention_s = _per_rank(work, (attention + recomputed_attention) / t, 0.0) / (
         gpu.peak_flops * gpu.attention_efficiency)

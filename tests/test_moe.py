@@ -18,9 +18,11 @@ from scaleforge.errors import ConfigError
 from scaleforge.models import build, count_parameters, num_params
 from scaleforge.models.config import as_transformer_config
 from scaleforge.models.moe import MoE, moe_layers, update_expert_bias
+from scaleforge.parallel.topology import ParallelDims
 from scaleforge.planner.hardware import gpu_spec
 from scaleforge.planner.search import plan_layouts
-from scaleforge.planner.shards import ShardProbe, fake_world
+from scaleforge.planner.shards import GatheredElements, ShardProbe, fake_world
+from scaleforge.planner.step_time import StepWork, compute_times
 from scaleforge.planner.table import layout_record
 from scaleforge.scaling.flops import model_size
 from scaleforge.scaling.run_record import summarize_run
@@ -199,3 +201,23 @@ def test_sf_plan_shards_experts_over_the_data_parallel_ranks(tmp_path) -> None:
         rows = t.micro_batch_size * cfg.data.seq_len * m.moe.top_k
         assert row.time.comm_bytes["ep"] == pytest.approx(
             moe_layers * 4 * micro_batches * (ep - 1) / ep * rows * m.d_model * 2)
+
+
+@pytest.mark.parametrize("etp", [1, 2])
+def test_sf_plan_step_time_counts_experts_every_tp_rank_runs_whole(etp: int) -> None:
+    """Under tp 2 a MoE layer's router, and under etp 1 its experts too, run whole on every
+    tp rank: the planned matmul time is the dense share / 2 plus those FLOPs whole."""
+    m = to_config(compose(["model=moe_tiny"])).model
+    gpu, tokens = gpu_spec("h100"), 65536
+
+    def matmul_s(tp: int) -> float:
+        dims = ParallelDims(tp=tp, pp=1, dp_replicate=1, dp_shard=1)
+        work = StepWork(m, 256, tokens, 8, tokens // (8 * 256), dims, None, 1, "none", 1,
+                        "bf16", True, GatheredElements(0, 0, 0), 1, etp if tp > 1 else 1)
+        return compute_times(work, gpu)[0]
+
+    expert = 3 * m.d_model * m.moe.expert_hidden
+    whole = 6 * m.n_layers * (m.d_model * m.moe.num_experts
+                              + (m.moe.top_k * expert if etp == 1 else 0))
+    extra = whole / 2 * tokens / (gpu.peak_flops * gpu.matmul_efficiency)
+    assert matmul_s(2) == pytest.approx(matmul_s(1) / 2 + extra)
