@@ -1,6 +1,6 @@
 """Context parallelism's pieces: the head-and-tail split, the cut of a batch, and the K/V
 all-gather whose backward reduce-scatters. The training runs under cp (cp2, cp2 x tp2,
-cp2 x dp_shard2, cp2 x pp2, with documents) are in test_parallel_layouts.py, the cp2
+cp2 x dp_shard2, cp2 x HSDP, cp2 x pp2, with documents) are in test_parallel_layouts.py, the cp2
 checkpoint resumed in one process in test_checkpoint_parallel.py."""
 
 from __future__ import annotations

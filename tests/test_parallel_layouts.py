@@ -110,6 +110,8 @@ LAYOUTS = {
                  "norm.weight": "(Shard(dim=0), Replicate())"}),
     "cp2_dp_shard2": (["parallel.cp=2", "parallel.dp_shard=2"], 4, (4,),
                       {"layers.0.attention.wo.weight": "(Shard(dim=0),)"}),
+    "cp2_hsdp_dp_replicate2": (["parallel.cp=2", "parallel.dp_replicate=2"], 4, (2, 2),
+                               {"layers.0.attention.wo.weight": "(Replicate(), Shard(dim=0))"}),
 }
 NUM_PARAMS_LLAMA_MICRO = 3 + 2 * 9  # embedding, final norm, head; 9 per block
 
@@ -119,7 +121,8 @@ NUM_PARAMS_LLAMA_MICRO = 3 + 2 * 9  # embedding, final norm, head; 9 per block
     ["tp2", "dp_shard2", "dp_replicate2", "tp2_dp_shard2", "cp2",
      pytest.param("hsdp_dp_replicate2_dp_shard2", marks=pytest.mark.slow),
      pytest.param("cp2_tp2", marks=pytest.mark.slow),
-     pytest.param("cp2_dp_shard2", marks=pytest.mark.slow)],
+     pytest.param("cp2_dp_shard2", marks=pytest.mark.slow),
+     pytest.param("cp2_hsdp_dp_replicate2", marks=pytest.mark.slow)],
 )
 def test_layout_matches_single_process_in_fp32(tmp_path, layout):
     overrides, world_size, mesh_shape, placements = LAYOUTS[layout]
