@@ -22,7 +22,7 @@ from scaleforge.core.preemption import parse_signals
 from scaleforge.core.profiling import check_profile_steps
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.vocabulary import data_vocab_size
-from scaleforge.errors import ConfigError, ErrorCollector
+from scaleforge.errors import ConfigError, ErrorCollector, check_choice
 from scaleforge.models.attention import check_attention_backend
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
@@ -47,10 +47,6 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_ACTIONS = ("skip", "stop")
 
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 def _positive(name: str, value: float) -> None:
@@ -79,8 +75,8 @@ class OptimConfig:
 
     def check(self, prefix: str = "optim") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
-        _choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
-        _choice(f"{prefix}.implementation", self.implementation, OPTIMIZER_IMPLEMENTATIONS)
+        check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        check_choice(f"{prefix}.implementation", self.implementation, OPTIMIZER_IMPLEMENTATIONS)
         _positive(f"{prefix}.lr", self.lr)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{prefix}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
@@ -149,11 +145,11 @@ class TrainerConfig:
 
     def check(self, prefix: str = "trainer") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
-        _choice(f"{prefix}.precision", self.precision, PRECISIONS)
-        _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing,
+        check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        check_choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing,
                 CHECKPOINTING_MODES)
-        _choice(f"{prefix}.device", self.device, DEVICES)
-        _choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        check_choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
         if self.eval_every < 0:
             raise ConfigError(f"{prefix}.eval_every={self.eval_every} must be at least 0 "
                               "(0 turns evaluation off)")
@@ -210,7 +206,7 @@ class LoggingConfig:
     def check(self, prefix: str = "logging") -> None:
         """Raise ConfigError unless `wandb` is a known mode and TensorBoard, when asked
         for, is installed."""
-        _choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+        check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(
                 f"{prefix}.tensorboard=true needs the tensorboard package: pip install "

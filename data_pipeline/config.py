@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 
 DATA_MODES = ("corpus", "shards", "streaming")
 
@@ -68,10 +68,7 @@ class DataConfig:
 
     def check(self, prefix: str = "data") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
-        if self.mode not in DATA_MODES:
-            raise ConfigError(
-                f"{prefix}.mode={self.mode!r} is not one of {', '.join(DATA_MODES)}"
-            )
+        check_choice(f"{prefix}.mode", self.mode, DATA_MODES)
         if self.num_workers < -1:
             raise ConfigError(
                 f"{prefix}.num_workers={self.num_workers} must be -1 (auto) or at least 0"

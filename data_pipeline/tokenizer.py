@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -168,8 +168,7 @@ def train_sentencepiece(
     `setting` when the vocabulary is too small for the byte fallback pieces, the special
     pieces and the characters of the text, or larger than the text can fill.
     """
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"model_type={model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    check_choice("model_type", model_type, MODEL_TYPES)
     lines = _training_lines(texts)
     minimum = minimum_vocab_size(lines)
     if vocab_size < minimum:

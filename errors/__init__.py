@@ -4,7 +4,7 @@ Each message names the setting, its value and the fix."""
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -21,6 +21,12 @@ class ConfigErrors(ConfigError):
     def __init__(self, messages: list[str]):
         super().__init__("\n".join(messages))
         self.messages = messages
+
+
+def check_choice(setting: str, value: object, allowed: Collection[str]) -> None:
+    """Raise ConfigError naming `setting` when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{setting}={value!r} is not one of {', '.join(allowed)}")
 
 
 def messages_of(error: ConfigError) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 
 from scaleforge.core.config import Config
 from scaleforge.data_pipeline.config import DataConfig
-from scaleforge.errors import ConfigError, exit_on_config_error
+from scaleforge.errors import ConfigError, check_choice, exit_on_config_error
 from scaleforge.launch.key_value import Handlers, required, run_subcommand
 from scaleforge.models.config import TransformerConfig
 
@@ -84,8 +84,7 @@ def hf_conversion() -> ModuleType:
 
 def to_hf(settings: ToHfSettings) -> Path:
     """Convert a ScaleForge checkpoint to a Hugging Face model directory; return it."""
-    if settings.dtype not in DTYPES:
-        raise ConfigError(f"dtype={settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_choice("dtype", settings.dtype, DTYPES)
     ckpt = Path(settings.ckpt)
     if not ckpt.is_dir():
         raise ConfigError(f"ckpt={ckpt} is not a directory")

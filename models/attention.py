@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 
 BACKENDS = ("sdpa", "flash", "flex")
 
@@ -62,8 +62,7 @@ def check_attention_backend(backend: str, device_type: str, precision: str,
                             prefix: str = "model.attention") -> None:
     """Raise ConfigError, in one line saying what would fix it, when `backend` cannot run
     on `device_type` ("cpu", "cuda") at `precision` ("fp32", "bf16", "fp16") here."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"{prefix}={backend!r} is not one of {', '.join(BACKENDS)}")
+    check_choice(prefix, backend, BACKENDS)
     if backend == "sdpa":
         return
     if device_type != "cuda":

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
 from scaleforge.models.moe import MoEConfig
 
@@ -151,11 +151,7 @@ class TransformerConfig:
             raise ConfigError(
                 f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"
             )
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"{prefix}.attention={self.attention!r} is not one of "
-                f"{', '.join(ATTENTION_BACKENDS)}"
-            )
+        check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
         if self.rope_per_document and self.family != "llama":
             raise ConfigError(
                 f"{prefix}.rope_per_document=true: the {self.family} family has learned "

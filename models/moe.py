@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUPED_MM = ("auto", "grouped", "loop")
@@ -121,14 +121,8 @@ class MoEConfig:
             )
         if self.expert_hidden is not None and self.expert_hidden <= 0:
             raise ConfigError(f"{prefix}.expert_hidden={self.expert_hidden} must be positive")
-        if self.score_func not in SCORE_FUNCS:
-            raise ConfigError(
-                f"{prefix}.score_func={self.score_func!r} is not one of {SCORE_FUNCS}"
-            )
-        if self.grouped_mm not in GROUPED_MM:
-            raise ConfigError(
-                f"{prefix}.grouped_mm={self.grouped_mm!r} is not one of {GROUPED_MM}"
-            )
+        check_choice(f"{prefix}.score_func", self.score_func, SCORE_FUNCS)
+        check_choice(f"{prefix}.grouped_mm", self.grouped_mm, GROUPED_MM)
         for name in ("aux_loss_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 0")

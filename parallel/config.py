@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 from scaleforge.parallel.pipeline_schedules import schedule_spec
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -64,13 +64,7 @@ class ParallelConfig:
                 "the world"
             )
         schedule_spec(self.pp_schedule)
-        if self.backend not in BACKENDS:
-            raise ConfigError(
-                f"{prefix}.backend={self.backend!r} is not one of {', '.join(BACKENDS)}"
-            )
-        if self.cp_impl not in CP_IMPLS:
-            raise ConfigError(
-                f"{prefix}.cp_impl={self.cp_impl!r} is not one of {', '.join(CP_IMPLS)}"
-            )
+        check_choice(f"{prefix}.backend", self.backend, BACKENDS)
+        check_choice(f"{prefix}.cp_impl", self.cp_impl, CP_IMPLS)
         if self.timeout_s <= 0:
             raise ConfigError(f"{prefix}.timeout_s={self.timeout_s} must be positive (seconds)")
