@@ -131,12 +131,16 @@ def recompute_flops_per_token(work: StepWork) -> float:
     return wrapped * layer
 
 
+def _moe_layers(m: TransformerConfig) -> int:
+    return sum(m.moe.is_moe_layer(layer) for layer in range(m.n_layers))
+
+
 def tp_whole_flops_per_token(work: StepWork) -> float:
     """Training matmul FLOPs per token that every tp rank runs whole instead of its 1/tp
     share: each MoE layer's router, and its routed (top_k) and shared experts under etp 1
     (parallel/expert_tensor_parallel.py)."""
     m = work.model
-    moe_layers = sum(m.moe.is_moe_layer(layer) for layer in range(m.n_layers))
+    moe_layers = _moe_layers(m)
     if work.dims.tp == 1 or not moe_layers:
         return 0.0
     per_layer = m.d_model * m.moe.num_experts
@@ -200,7 +204,7 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         cp_time = comm["cp"] / axis_bandwidth(dims, "cp", gpu, gpus_per_node)
     ep_time = 0.0
     if work.ep > 1:
-        moe_layers = sum(m.moe.is_moe_layer(layer) for layer in range(m.n_layers)) / dims.pp
+        moe_layers = _moe_layers(m) / dims.pp
         passes = 6 if work.checkpointing == "full" else 4  # dispatch and combine, each way
         rows = work.micro_batch_size * work.seq_len // dims.cp * m.moe.top_k
         comm["ep"] = (moe_layers * passes * work.micro_batches * (work.ep - 1) / work.ep
