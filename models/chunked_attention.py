@@ -31,13 +31,13 @@ aten = torch.ops.aten
 LSE_ALIGNMENT = 32  # the CUDA memory-efficient kernel pads its lse to a multiple of this
 
 
-def _repeat_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+def repeat_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(B, n_kv_heads, S, hd) -> (B, n_heads, S, hd), kv head j serving heads j*r .. j*r+r-1."""
     return t.repeat_interleave(n_heads // t.size(1), dim=1)
 
 
 def _sum_groups(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(B, n_heads, S, hd) -> (B, n_kv_heads, S, hd): the gradient of `_repeat_kv`."""
+    """(B, n_heads, S, hd) -> (B, n_kv_heads, S, hd): the gradient of `repeat_kv`."""
     B, H, S, hd = grad.shape
     return grad.view(B, n_kv_heads, H // n_kv_heads, S, hd).sum(2)
 
@@ -49,7 +49,7 @@ def _piece_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
         return out, lse, ()
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
-        q, _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1)), None, True, 0.0, causal)
+        q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), None, True, 0.0, causal)
     return out, lse[..., :q.size(2)], (seed, offset)
 
 
@@ -63,7 +63,7 @@ def _piece_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         return grads
     padded = F.pad(lse, (0, -lse.size(-1) % LSE_ALIGNMENT))
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        grad, q, _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1)), None, out, padded,
+        grad, q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), None, out, padded,
         *extra, 0.0, [True, True, True, False], causal)
     return dq, _sum_groups(dk, k.size(1)), _sum_groups(dv, v.size(1))
 

@@ -42,6 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from scaleforge.errors import ConfigError
+from scaleforge.models.chunked_attention import repeat_kv
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.sequence_shard import RingAttention, SequenceShard, head_tail_chunks
 from scaleforge.models.transformer import Transformer
@@ -55,7 +56,7 @@ def _torch_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k, v (B, n_kv_heads, T / N, hd) by torch's context-parallel SDPA over `mesh` (the cp
     group); returns this rank's rows (B, n_heads, T / N, hd)."""
     heads = q.size(1)
-    k, v = (t.repeat_interleave(heads // t.size(1), dim=1) for t in (k, v))
+    k, v = (repeat_kv(t, heads) for t in (k, v))
     q, k, v = (DTensor.from_local(t, mesh, [Shard(2)], run_check=False) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert isinstance(out, DTensor), "torch's context-parallel SDPA returns a DTensor"
