@@ -21,8 +21,15 @@ the reported loss stays the cross-entropy alone.
 Dispatch: the (token, choice) assignments are sorted by expert (stable), the tokens gathered
 in that order and the experts run as one grouped GEMM over the groups (`torch._grouped_mm`
 where it works: CPU, CUDA bf16 on Hopper; a loop over experts otherwise, `grouped_mm`),
-then the outputs
-are weighted and summed back per token (`index_add_`). Dropless by default; a
+then the outputs are weighted (in the residual stream's dtype) and summed back per token
+(`index_add_`). The experts compute in autocast's dtype when autocast is on (bf16: under
+bf16 autocast the residual stream stays fp32, and fp32 experts would miss the bf16 grouped
+GEMM); the sorted tokens are cast before they are dispatched, so expert parallelism's
+all-to-all carries them in that dtype too. For the grouped GEMM each expert's group is
+padded with zero rows to a multiple of `GROUP_ALIGNMENT` rows (CUDA's kernel needs every
+group to start 16 bytes apart along the token dim, which the weight gradient's GEMM
+reduces over: 8 bf16 rows, torchtitan's TOKEN_GROUP_ALIGN_SIZE_M), on the device without
+a host sync (`pad_groups`). Dropless by default; a
 `capacity_factor` keeps at most ceil(cf x N x k / E) assignments per expert (in token
 order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
 holding their experts and back (parallel/expert_parallel.py; the local one moves nothing).
@@ -53,6 +60,9 @@ from scaleforge.errors import ConfigError, check_choice
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUPED_MM = ("auto", "grouped", "loop")
+# Rows each expert's group is padded to a multiple of for torch._grouped_mm (8 bf16 rows are
+# 16 bytes; torchtitan pads alike, and to at least one multiple, for bf16).
+GROUP_ALIGNMENT = 8
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Expert weight names, each (E, out, in) like a stack of nn.Linear weights: w1 gate, w3 up,
 # w2 down (the residual projection).
@@ -189,16 +199,45 @@ class Experts(nn.Module):
         """x (n, d) grouped by expert, counts (E_local,) -> (n, d)."""
         w1, w3, w2 = (_local(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
         if use_grouped_mm(self.grouped_mm, x):
-            offsets = counts.cumsum(0).to(torch.int32)
+            padded, offsets, rows = pad_groups(x, counts)
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets)
 
-            return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+            return mm(F.silu(mm(padded, w1)) * mm(padded, w3), w2)[rows]
         outputs = []
         for e, rows in enumerate(x.split(counts.tolist())):  # host sync: the group sizes
             outputs.append(F.linear(F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e]), w2[e]))
         return torch.cat(outputs) if outputs else x.new_zeros(0, w2.size(1))
+
+
+def pad_groups(x: torch.Tensor, counts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (n, d) in groups of `counts` (E,) rows -> (the groups each padded with zero rows to
+    a multiple of GROUP_ALIGNMENT rows, at least one, in a buffer of n + E x GROUP_ALIGNMENT
+    rows; the padded groups' end offsets (E,) int32 for torch._grouped_mm; the position of
+    each row of x in the buffer (n,)). Shapes depend on n and E only: no host sync. Rows
+    past the last offset belong to no group and are never read back."""
+    n, experts = x.size(0), counts.numel()
+    align = GROUP_ALIGNMENT
+    sizes = (counts.clamp(min=align) + align - 1) // align * align  # padded group sizes
+    ends = sizes.cumsum(0)
+    expert = torch.repeat_interleave(torch.arange(experts, device=x.device), counts,
+                                     output_size=n)  # each row's group
+    first = counts.cumsum(0) - counts  # each group's first row in x
+    rows = (ends - sizes - first)[expert] + torch.arange(n, device=x.device)
+    buffer = x.new_zeros(n + experts * GROUP_ALIGNMENT, x.size(1)).index_copy(0, rows, x)
+    return buffer, ends.to(torch.int32), rows
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's for x's device when autocast is on
+    there (bf16 experts under bf16 autocast, whatever the residual stream's dtype), else
+    x's own."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -282,10 +321,11 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             order, counts = self._drop_overflow(flat, order, counts, self.capacity_factor)
         sorted_x = tokens[order // self.top_k]  # (n, d) grouped by expert
+        sorted_x = sorted_x.to(compute_dtype(sorted_x))
         local_x, local_counts, state = self.dispatcher.dispatch(sorted_x, counts)
         y = self.dispatcher.combine(self.experts(local_x, local_counts), state)
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(tokens).index_add_(0, order // self.top_k, y.to(tokens.dtype))
+        y = y.to(tokens.dtype) * weights.flatten()[order, None].to(tokens.dtype)
+        out = torch.zeros_like(tokens).index_add_(0, order // self.top_k, y)
         if self.shared is not None:
             out = out + self._shared_experts(tokens)
         if self.training and self.aux_loss_coef > 0:

@@ -4,9 +4,10 @@ per-step MoE metrics.
 Each MoE layer counts, during the step's training forwards, the (token, expert) assignments
 its router made on this rank (`MoE.load`), the assignments a capacity factor dropped and its
 auxiliary loss (models/moe.py). After the optimizer step, `ExpertLoad.step` sums the counts
-over the ranks that route different tokens: the data-parallel ranks and the
-context-parallel ones, each with its chunks of the sequences (tensor-parallel ranks route the
-same tokens and pipeline stages hold different layers, so neither is summed); it moves
+of every layer at once (one all-reduce per step) over the ranks that route different
+tokens: the data-parallel ranks and the context-parallel ones, each with its chunks of the
+sequences (tensor-parallel ranks route the same tokens and pipeline stages hold different
+layers, so neither is summed); it moves
 DeepSeek-V3's expert bias by `model.moe.bias_update_rate` towards the mean load, and keeps
 the step's figures for `metrics`. All of it stays on the device; `metrics` reads it on the
 host at log time only.
@@ -41,9 +42,15 @@ class ExpertLoad:
         """After the optimizer step: sum this step's loads over the data- and
         context-parallel ranks, update the expert bias, keep the figures, zero the
         counters."""
-        for index, module in self.layers.items():
-            counts = torch.cat([module.load, module.dropped.view(1), module.aux_loss.view(1)])
-            counts = self.topology.sum_over_tokens(counts)
+        if not self.layers:
+            return
+        # Every layer's counts in one tensor: one all-reduce per step for all of them.
+        packed = self.topology.sum_over_tokens(torch.cat([
+            torch.cat([module.load, module.dropped.view(1), module.aux_loss.view(1)])
+            for module in self.layers.values()]))
+        sizes = [module.load.numel() + 2 for module in self.layers.values()]
+        for (index, module), counts in zip(self.layers.items(), packed.split(sizes),
+                                           strict=True):
             load = counts[:-2]
             if self.moe.bias_update_rate > 0:
                 update_expert_bias(module, load, self.moe.bias_update_rate)

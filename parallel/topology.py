@@ -8,11 +8,13 @@ collective). `init_topology` then starts torch.distributed (NCCL on CUDA, gloo o
 `parallel.backend`) and builds one DeviceMesh with the named dims
 ("pp", "dp_replicate", "dp_shard", "cp", "tp"); every dim is present, size-1 ones included,
 so `topology.mesh["tp"]` always exists; with context parallelism it also has the flattened
-dim "dp_shard_cp" that FSDP shards over. With expert parallelism (parallel.ep > 1) a
-second mesh over the same ranks, `Topology.expert_mesh` ("pp", "dp_replicate", "efsdp",
-"ep", "tp"), cuts dp_shard x cp into efsdp x ep (`build_expert_mesh`). In a single process
-no group is created and the mesh is None: the single-process path runs exactly as without
-this module.
+dim "dp_shard_cp" that FSDP shards over, and when more than one of dp_replicate, dp_shard
+and cp is larger than one, the flattened dim "dp_cp" over all three (the ranks that see
+different tokens: one all-reduce sums over them, `sum_over_tokens`). With expert
+parallelism (parallel.ep > 1) a second mesh over the same ranks, `Topology.expert_mesh`
+("pp", "dp_replicate", "efsdp", "ep", "tp"), cuts dp_shard x cp into efsdp x ep
+(`build_expert_mesh`). In a single process no group is created and the mesh is None: the
+single-process path runs exactly as without this module.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# The dims whose ranks see different tokens (flattened as "dp_cp" when two or more are > 1).
+TOKEN_DIMS = ("dp_replicate", "dp_shard", "cp")
 T = TypeVar("T")
 # How long `local_rank0_first` lets the other ranks wait for a node's local rank 0 (tokenizing
 # a corpus can take hours). A first runner that fails ends the wait at once (its socket
@@ -154,10 +158,19 @@ class Topology:
         ranks and, under context parallelism, the cp ranks (each holds its chunks of the
         replica's sequences), e.g. routed-token counts."""
         total = value.detach().clone()
-        for name in ("cp", "dp_replicate", "dp_shard"):
-            if getattr(self.dims, name) > 1:
-                dist.all_reduce(total, group=self.group(name))
+        group = self.tokens_group()
+        if group is not None:
+            dist.all_reduce(total, group=group)
         return total
+
+    def tokens_group(self) -> dist.ProcessGroup | None:
+        """The one group of the ranks that see different tokens (dp_replicate x dp_shard x
+        cp; the flattened "dp_cp" when more than one of them is larger than one), or None
+        when this rank is alone in seeing its tokens."""
+        larger = [name for name in TOKEN_DIMS if getattr(self.dims, name) > 1]
+        if not larger:
+            return None
+        return self.group(larger[0] if len(larger) == 1 else "dp_cp")
 
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a per-replica scalar over all data-parallel ranks (for logging)."""
@@ -346,6 +359,10 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
     if dims.cp > 1:  # FSDP shards over dp_shard x cp: the cp ranks hold the same weights
         fake = dist.get_backend() == "fake"
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override="fake" if fake else (
+            backend, _group_options(backend, timeout)))
+    if sum(getattr(dims, name) > 1 for name in TOKEN_DIMS) > 1:
+        fake = dist.get_backend() == "fake"
+        mesh[TOKEN_DIMS]._flatten("dp_cp", backend_override="fake" if fake else (
             backend, _group_options(backend, timeout)))
     expert_mesh = None
     if parallel.ep > 1:

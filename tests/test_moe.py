@@ -1,6 +1,8 @@
 """Mixture-of-Experts layers (models/moe.py): routing against a token-by-token reference,
-grouped GEMM against the loop, capacity dropping, the auxiliary loss's gradient, the
-aux-loss-free bias, parameter counts against the papers, and training through the Trainer."""
+grouped GEMM against the loop (uneven and empty groups, padded groups), the experts' dtype
+under autocast, capacity dropping, the auxiliary loss's gradient, the aux-loss-free bias and
+its one all-reduce per step, parameter counts against the papers, and training through the
+Trainer."""
 
 from __future__ import annotations
 
@@ -17,8 +19,17 @@ from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 from scaleforge.models import build, count_parameters, num_params
 from scaleforge.models.config import as_transformer_config
-from scaleforge.models.moe import MoE, moe_layers, update_expert_bias
-from scaleforge.parallel.topology import ParallelDims
+from scaleforge.models.moe import (
+    GROUP_ALIGNMENT,
+    Experts,
+    MoE,
+    moe_layers,
+    pad_groups,
+    update_expert_bias,
+)
+from scaleforge.parallel.config import ParallelConfig
+from scaleforge.parallel.expert_load import ExpertLoad
+from scaleforge.parallel.topology import ParallelDims, init_topology
 from scaleforge.planner.hardware import gpu_spec
 from scaleforge.planner.search import plan_layouts
 from scaleforge.planner.shards import GatheredElements, ShardProbe, fake_world
@@ -73,6 +84,146 @@ def test_grouped_mm_matches_loop_forward_and_backward() -> None:
                                                  module.experts.w2, module.router.weight))])
     for loop, grouped in zip(*results, strict=True):
         torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_pad_groups_pads_each_group_to_the_alignment_without_moving_rows() -> None:
+    x = torch.arange(17.0).unsqueeze(1).expand(17, 3)
+    counts = torch.tensor([5, 0, 11, 1])
+    buffer, offsets, rows = pad_groups(x, counts)
+    # groups of at least one alignment, each a multiple: 8, 8, 16, 8 rows
+    assert GROUP_ALIGNMENT == 8
+    assert offsets.dtype == torch.int32 and offsets.tolist() == [8, 16, 32, 40]
+    assert buffer.shape == (17 + 4 * 8, 3)
+    assert rows.tolist() == [*range(0, 5), *range(16, 27), 32]
+    torch.testing.assert_close(buffer[rows], x, rtol=0, atol=0)
+    padding = torch.ones(buffer.size(0), dtype=torch.bool)
+    padding[rows] = False
+    assert buffer[padding].abs().sum() == 0
+
+
+def _experts(dtype: torch.dtype, device: str, seed: int = 0) -> Experts:
+    torch.manual_seed(seed)
+    experts = Experts(4, 32, 16, "grouped")
+    with torch.no_grad():
+        for weight in (experts.w1, experts.w3, experts.w2):
+            weight.normal_(0, 0.2)
+    return experts.to(device=device, dtype=dtype)
+
+
+GROUP_CASES = [[5, 0, 11, 1], [0, 0, 17, 0], [8, 16, 0, 3], [0, 0, 0, 0]]
+# fp32: both sum in fp32 in a different order; bf16: torch.testing's default for bf16 (each
+# output rounded to bf16's 8-bit mantissa once or twice more on one side than the other).
+GROUPED_TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {}}
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.float32), ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("counts", GROUP_CASES, ids=["uneven", "one", "aligned", "empty"])
+def test_grouped_experts_match_the_loop_with_uneven_and_empty_groups(
+        device: str, dtype: torch.dtype, counts: list[int]) -> None:
+    """Forward and every gradient of the padded grouped GEMM against the loop over experts,
+    groups of 0, 1, uneven and aligned sizes, and no rows at all."""
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm runs on CUDA from compute capability 9.0")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(counts), 32, generator=generator).to(device=device, dtype=dtype)
+    upstream = torch.randn(sum(counts), 32, generator=generator).to(device=device, dtype=dtype)
+    results = []
+    for mode in ("loop", "grouped"):
+        experts = _experts(dtype, device)
+        experts.grouped_mm = mode
+        inputs = x.clone().requires_grad_()
+        out = experts(inputs, torch.tensor(counts, device=device))
+        out.backward(upstream)
+        results.append([out, inputs.grad, experts.w1.grad, experts.w3.grad, experts.w2.grad])
+    for loop, grouped in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, loop, **GROUPED_TOLERANCE[dtype])
+
+
+def test_experts_compute_in_the_autocast_dtype_and_take_the_grouped_path(monkeypatch) -> None:
+    """Under bf16 autocast the residual stream stays fp32; the experts still get bf16 (the
+    dtype CUDA's grouped GEMM runs in) and run as torch._grouped_mm; the layer's output keeps
+    the residual stream's dtype."""
+    module = build(moe_config(), seed=5).layers["0"].feed_forward
+    received: list[torch.dtype] = []
+    module.experts.register_forward_pre_hook(lambda _, args: received.append(args[0].dtype))
+    grouped_calls: list[torch.dtype] = []
+    grouped_mm = torch._grouped_mm
+
+    def counted(a: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        grouped_calls.append(a.dtype)
+        return grouped_mm(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert received == [torch.bfloat16]
+    assert grouped_calls == [torch.bfloat16] * 3
+    assert out.dtype == torch.float32
+    received.clear()
+    module(x)  # without autocast: the stream's own dtype
+    assert received == [torch.float32]
+
+
+@pytest.mark.cuda
+def test_experts_get_bf16_and_the_grouped_path_on_cuda_under_autocast() -> None:
+    from scaleforge.models.moe import use_grouped_mm
+
+    module = build(moe_config(), device="cuda", seed=5).layers["0"].feed_forward
+    received: list[torch.Tensor] = []
+    module.experts.register_forward_pre_hook(lambda _, args: received.append(args[0]))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        module(torch.randn(2, 5, 32, device="cuda")).float().sum().backward()
+    assert received[0].dtype == torch.bfloat16
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert use_grouped_mm("auto", received[0]) == hopper
+
+
+class CountingCollectives:
+    """Counts the torch.distributed collectives called while installed (on torch's fake
+    process group they do nothing else): (name, group size) per call."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "all_to_all_single", "broadcast", "send", "recv")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls: list[tuple[str, int]] = []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.distributed, name, self._counted(name))
+
+    def _counted(self, name: str):
+        real = getattr(torch.distributed, name)
+
+        def counted(*args: object, group=None, **kwargs: object):
+            self.calls.append((name, torch.distributed.get_world_size(group)))
+            return real(*args, group=group, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("sizes", [
+    {"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 2}, {"dp_shard": 2, "cp": 2},
+    {"dp_replicate": 2, "dp_shard": 2, "cp": 2}, {"cp": 2, "tp": 2}, {"tp": 2}])
+def test_expert_load_sums_every_moe_layer_in_one_all_reduce_per_step(
+        sizes: dict, monkeypatch) -> None:
+    """Three MoE layers' loads, dropped counts and aux losses travel in one all-reduce over
+    every rank that sees other tokens (dp_replicate x dp_shard x cp), none when there are
+    none (tp ranks route the same tokens)."""
+    cfg = moe_config(aux_loss_coef=0.01, bias_update_rate=0.001)
+    model = build(cfg, seed=6)
+    assert len(moe_layers(model)) == 3
+    dims = ParallelDims(**{"tp": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1} | sizes)
+    with fake_world(dims.world_size):
+        topology = init_topology(ParallelConfig(**sizes), dims, "cpu")
+        expert_load = ExpertLoad(model, topology, as_transformer_config(cfg), micro_batches=1)
+        model(torch.randint(128, (2, 8)))
+        counter = CountingCollectives(monkeypatch)
+        expert_load.step()
+    token_ranks = dims.dp_replicate * dims.dp_shard * dims.cp
+    assert counter.calls == ([("all_reduce", token_ranks)] if token_ranks > 1 else [])
+    assert sorted(expert_load.last) == [0, 1, 2]
 
 
 def test_capacity_factor_drops_and_counts_overflow() -> None:
