@@ -7,13 +7,23 @@ a later session, loads the built library without compiling, and an edit to any s
 builds afresh. The CUDA sources join when torch was built with CUDA and nvcc is found; a
 machine with a GPU but no nvcc is refused. Loading registers the `scaleforge` operators
 with torch's dispatcher (TORCH_LIBRARY in registration.cpp); nothing else is imported.
+
+A build killed mid-way (a `timeout`, a cut GPU window, Ctrl-C) leaves torch's FileBaton
+file `<build dir>/lock`, on which every later build waits forever. `load()` therefore holds
+an advisory lock of its own (`flock` on `<build dir>/build.flock`, which the kernel releases
+when its holder dies) around torch's, and a `lock` file found while holding it is stale: it
+is removed before building (`_build_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -119,16 +129,18 @@ def load() -> Path:
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
     defines = ["-DSCALEFORGE_WITH_CUDA"] if with_cuda else []
     try:
-        cpp_extension.load(
-            name="scaleforge_kernels",
-            sources=[str(SOURCE_DIR / name) for name in sources],
-            extra_cflags=[*CFLAGS, *defines],
-            extra_cuda_cflags=[*CUDA_CFLAGS, *defines],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
-    except (RuntimeError, OSError, ImportError) as error:
+        with _build_lock(directory):
+            cpp_extension.load(
+                name="scaleforge_kernels",
+                sources=[str(SOURCE_DIR / name) for name in sources],
+                extra_cflags=[*CFLAGS, *defines],
+                extra_cuda_cflags=[*CUDA_CFLAGS, *defines],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
+    # SubprocessError: torch asks a broken compiler its version before it builds.
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise KernelBuildError(
             f"building the scaleforge kernels in {directory} failed ({first_line}); see "
@@ -136,3 +148,17 @@ def load() -> Path:
         ) from error
     _loaded = directory
     return directory
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Within the block this process alone builds in `directory` (other processes wait
+    here, as they would on torch's FileBaton); torch's `lock` file left there by a build that
+    died is removed first."""
+    with open(directory / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by close, or by the holder's death
+        try:
+            (directory / "lock").unlink(missing_ok=True)  # stale: its builder is gone
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

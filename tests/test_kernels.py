@@ -2,20 +2,53 @@
 gradients in fp32 (tight) and bf16 (loose), odd shapes, opcheck and fp64 gradcheck.
 
 The device loop runs every comparison on the CPU and, marked `cuda`, on the GPU when there
-is one (tests/test_kernels_cuda.py runs these on the device). The first import builds the
-library once per machine (csrc/extension.py caches it).
+is one. The library is imported (built, once per machine: csrc/extension.py caches it) at
+the first test that uses it, not when the file is collected: a failed build fails these
+tests alone (or skips them, with SCALEFORGE_KERNELS_OPTIONAL=1, as bench/gpu_check.sh runs
+them), and every other test of the run still runs.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import scaleforge.csrc as kernels
-from scaleforge.csrc import extension
 from scaleforge.errors import KernelBuildError
 from scaleforge.models.rope import apply_rope, rope_tables
+
+
+class LazyKernels:
+    """A module of scaleforge.csrc imported at its first attribute read; a build error is
+    kept and raised again (or the test skipped) without building again."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._error: KernelBuildError | None = None
+
+    def _module(self) -> ModuleType:
+        if self._error is None:
+            try:
+                return importlib.import_module(self._name)
+            except KernelBuildError as error:
+                self._error = error
+        if os.environ.get("SCALEFORGE_KERNELS_OPTIONAL") == "1":
+            pytest.skip(f"the kernels could not be built: {self._error}")
+        raise self._error
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("_") or attribute == "pytestmark":  # pytest's collection asks
+            raise AttributeError(attribute)
+        return getattr(self._module(), attribute)
+
+
+kernels = LazyKernels("scaleforge.csrc")
+extension = LazyKernels("scaleforge.csrc.extension")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # (rtol, atol) per dtype: fp32 as tight as a different summation order allows; bf16 within
@@ -175,9 +208,9 @@ def opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", opcheck_cases(), ids=lambda case: case[0])
-def test_opcheck(case):
-    name, args = case
+@pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu", "linear_cross_entropy"])
+def test_opcheck(name):
+    args = dict(opcheck_cases())[name]
     torch.library.opcheck(getattr(torch.ops.scaleforge, name), args)
 
 
