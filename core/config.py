@@ -23,7 +23,7 @@ from scaleforge.core.profiling import check_profile_steps
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.vocabulary import data_vocab_size
 from scaleforge.errors import ConfigError, ErrorCollector, check_choice
-from scaleforge.models.attention import check_attention_backend
+from scaleforge.models.attention import AttentionRun, check_attention
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.context_parallel import check_cp_impl
@@ -379,7 +379,10 @@ def _check_device(cfg: Config) -> None:
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, t.device)
     check_precision_device(precision, device)
-    check_attention_backend(cfg.model.attention, device.type, precision)
+    m = cfg.model
+    check_attention(m.attention, AttentionRun(
+        device_type=device.type, precision=precision, grouped_query=m.kv_heads != m.n_heads,
+        sliding_window=m.sliding_window, document_masking=cfg.data.document_masking))
 
 
 def _check_rope_per_document(cfg: Config) -> None:

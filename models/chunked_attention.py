@@ -1,7 +1,8 @@
 """Causal attention of a few query chunks over the whole sequence's keys, without a mask.
 
-Under context parallelism (models/sequence_shard.py) a rank's queries are chunks of c tokens
-starting at global positions s_1, s_2, ... and the keys are all T tokens in sequence order.
+Under context parallelism (parallel/allgather_attention.py) a rank's queries are chunks of c
+tokens starting at global positions s_1, s_2, ... and the keys are all T tokens in sequence
+order.
 The queries of the chunk at s see keys [0, s) in full and keys [s, s + c) causally, so each
 chunk is two kernel calls: one over the prefix without a mask, one over the square diagonal
 block with the kernel's own causal flag. Their outputs are merged by their log-sum-exp (the

@@ -66,7 +66,7 @@ class TransformerConfig:
     the first three, only the loss.
     `ffn_hidden` of None derives the MLP width: 4*d_model for gpt; for llama 2/3 of
     4*d_model times `ffn_multiplier`, rounded up to a multiple of `ffn_multiple_of` (Llama's rule).
-    `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention.py).
+    `attention` picks the kernel: "sdpa", "flash" or "flex" (models/attention/).
     `moe` makes layers Mixture-of-Experts (models/moe.py; num_experts 0: dense).
     `rope_per_document` restarts the RoPE positions at 0 at each document of a packed row
     (llama; the model is then given document ids, data.document_masking=true).

@@ -6,8 +6,9 @@ llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases
 gpt:   LayerNorm, learned positions, GELU MLP, biases (GPT-2).
 
 Both are pre-norm: h = h + attention(norm(h)); h = h + feed_forward(norm(h)).
-Attention runs the kernel `cfg.attention` names (models/attention.py); given document ids,
-no token attends to another document of its packed row.
+Attention runs the kernel object `cfg.attention` names (models/attention/), one per attention
+module (`Attention.kernel`); given document ids, no token attends to another document of its
+packed row.
 Module names are a contract: the tensor-parallel plan, the pipeline splitter and the
 Hugging Face conversion address weights as `layers.<i>.attention.wq` and so on.
 `model.kernels` (models/kernels.py) picks PyTorch code or the fused csrc/ operators for
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaleforge.models.attention import AttentionMask, attend, attention_mask, document_positions
+from scaleforge.models.attention import AttentionKernel, document_positions, make_kernel, masks_for
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.kernels import (
     fused_linear_cross_entropy,
@@ -32,7 +33,6 @@ from scaleforge.models.kernels import (
 )
 from scaleforge.models.moe import MoE, expert_hidden
 from scaleforge.models.rope import apply_rope, rope_tables
-from scaleforge.models.sequence_shard import SequenceShard, ShardedMask
 
 # Output projections that write into the residual stream; their init is scaled down by
 # sqrt(2 * n_layers) so the residual variance does not grow with depth (GPT-2).
@@ -74,9 +74,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.head_dim = cfg.head_size
-        self.backend = cfg.attention
         self.kernels = cfg.kernels
-        self.window = cfg.sliding_window
+        # The attention kernel (models/attention/): what it computes and the masks it takes.
+        self.kernel: AttentionKernel = make_kernel(cfg.attention, cfg.sliding_window)
         bias = cfg.family == "gpt"
         qkv_bias = bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_size, bias=qkv_bias)
@@ -89,8 +89,9 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: AttentionMask | ShardedMask | None,
+        mask: object,
     ) -> torch.Tensor:
+        """`mask`: what `self.kernel.mask` built for this batch."""
         B, T, _ = x.shape
         # Head counts are read from the projections' widths (-1), not the config: under
         # tensor parallelism each rank holds only its share of the heads.
@@ -107,9 +108,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
         # within documents when the batch has them, within the window when there is one.
-        # Under context parallelism over every rank's keys. y: (B, n_heads, T, hd)
-        y = (mask.attend(q, k, v) if isinstance(mask, ShardedMask)
-             else attend(q, k, v, self.backend, mask, self.window))
+        y = self.kernel(q, k, v, mask)  # (B, n_heads, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -164,10 +163,17 @@ class Block(nn.Module):
 
     def forward(
         self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: AttentionMask | ShardedMask | None,
+        mask: object,
     ) -> torch.Tensor:
         h = h + self.attention(self.attention_norm(h), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_kernel(block: nn.Module) -> AttentionKernel:
+    """The kernel of a block's attention module (`block.attention.kernel`)."""
+    kernel = getattr(block.get_submodule("attention"), "kernel", None)
+    assert isinstance(kernel, AttentionKernel), "a block's attention holds its kernel"
+    return kernel
 
 
 class Transformer(nn.Module):
@@ -178,9 +184,9 @@ class Transformer(nn.Module):
     `tok_embeddings` (and `pos_embeddings`) the input is already hidden states (B, T, d);
     without `norm` and `output` the hidden states are returned.
 
-    Under context parallelism parallel/ sets `sequence_shard` (models/sequence_shard.py): the
-    input is then this rank's chunks of each sequence and the document ids the whole
-    sequences'.
+    Under context parallelism parallel/ wraps each attention module's kernel and passes the
+    tokens' global `positions`: the input is then this rank's chunks of each sequence and the
+    document ids the whole sequences'.
     """
 
     # RoPE tables (max_seq_len, head_dim); None for the gpt family (learned positions).
@@ -206,7 +212,14 @@ class Transformer(nn.Module):
         cos, sin = (None, None) if cfg.family == "gpt" else self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.sequence_shard: SequenceShard | None = None
+
+    def check_length(self, length: int) -> None:
+        """Raise ValueError when sequences of `length` tokens exceed model.max_seq_len."""
+        if length > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {length} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "shorten the input or raise model.max_seq_len"
+            )
 
     def _rope_tables(
         self, device: torch.device | None = None
@@ -242,6 +255,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len.
 
@@ -256,26 +270,25 @@ class Transformer(nn.Module):
         head's weight as for any forward; the caller passes targets only where the operator
         applies (`model.kernels` picks fused, and the head is not tensor-parallel).
 
+        `positions` (T,) int64: the tokens' positions in their sequences, 0 .. T-1 when not
+        given (context parallelism gives this rank's chunks' global ones; the caller then
+        checks the whole length, `check_length`).
+
         On a pipeline stage the input or output may be hidden states (B, T, d_model).
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, d)
-        T, shard = h.size(1), self.sequence_shard
-        full_length = T * (shard.size if shard else 1)  # of the whole sequences
-        if full_length > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence length {full_length} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                "shorten the input or raise model.max_seq_len"
-            )
-        positions = shard.positions(T, h.device) if shard else None  # global, (T,)
+        T = h.size(1)
+        if positions is None:
+            self.check_length(T)
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(torch.arange(T, device=h.device) if positions is None
                                         else positions)
         rope = self._rope(T, document_ids, positions)
-        mask = (shard.attention_mask(document_ids, T, h.device, h.dtype,
-                                     self.cfg.sliding_window) if shard
-                else attention_mask(self.cfg.attention, document_ids, T, h.device,
-                                    self.cfg.sliding_window))
-        for layer in self.layers.values():
+        layers = list(self.layers.values())
+        # Each kernel's mask, built once per forward (once for all kernels that share it).
+        masks = masks_for([attention_kernel(layer) for layer in layers], document_ids, T,
+                          h.device, h.dtype)
+        for layer, mask in zip(layers, masks, strict=True):
             h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)

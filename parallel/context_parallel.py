@@ -17,15 +17,11 @@ stay local. Parameters are the same on every cp rank and are sharded by FSDP ove
 dp_shard x cp (parallel/data_parallel.py), so the gradient average over that group adds
 the cp ranks' chunk gradients the way it adds replicas' micro-batches.
 
-Implementations (`parallel.cp_impl`): allgather (the above; any device, every mask) or torch:
-plain causal layers call torch's context-parallel SDPA instead
-(torch.distributed.tensor.experimental; its head-tail load balancing is this layout: rank r
-holds chunks r and 2N-1-r), which passes the K/V shards round the cp group by all-to-all
-(`set_rotate_method("alltoall")`) and merges the partial results. It has no CPU kernel and
-takes no mask, so it needs CUDA and refuses documents and sliding windows
-(`check_cp_impl`). Its ring calls the CUDA kernels SDPA picks, and the memory-efficient one
-(fp32) takes equal head counts: K and V are repeated to the query heads before the call
-(n_heads / n_kv_heads times the traffic of the kv heads alone).
+Attention: each attention module's kernel is wrapped in the `parallel.cp_impl` kernel
+(`CP_KERNELS`): allgather (parallel/allgather_attention.py: the above; any device, every
+mask) or torch (parallel/torch_cp_attention.py: torch's context-parallel SDPA; CUDA, plain
+causal attention only). The model is given its tokens' global positions (RoPE, GPT's learned
+positions) by a forward pre-hook; it knows nothing else of the split.
 
 Loss and counts: each rank's loss is the mean over its T / N tokens of each sequence; the
 mean over the cp ranks (`Topology.sum_over_dp`, and the world mean of
@@ -35,80 +31,67 @@ mean over the cp ranks (`Topology.sum_over_dp`, and the world mean of
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch import nn
 
-from scaleforge.errors import ConfigError
-from scaleforge.models.chunked_attention import repeat_kv
+from scaleforge.models.attention import AttentionKernel, AttentionRun
+from scaleforge.models.attention.kernel import check_kernel
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.sequence_shard import RingAttention, SequenceShard, head_tail_chunks
+from scaleforge.models.sequence_shard import head_tail_chunks, head_tail_positions
 from scaleforge.models.transformer import Transformer
-from scaleforge.parallel.sequence_collectives import gather_sequence
+from scaleforge.parallel.allgather_attention import AllGatherKernel
+from scaleforge.parallel.cp_attention import ContextParallelKernel
 from scaleforge.parallel.topology import ParallelDims, Topology
+from scaleforge.parallel.torch_cp_attention import TorchCPKernel
 
-
-def _torch_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mesh: DeviceMesh) -> torch.Tensor:
-    """Causal attention of this rank's chunks q (B, n_heads, T / N, hd) over every rank's
-    k, v (B, n_kv_heads, T / N, hd) by torch's context-parallel SDPA over `mesh` (the cp
-    group); returns this rank's rows (B, n_heads, T / N, hd)."""
-    heads = q.size(1)
-    k, v = (repeat_kv(t, heads) for t in (k, v))
-    q, k, v = (DTensor.from_local(t, mesh, [Shard(2)], run_check=False) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert isinstance(out, DTensor), "torch's context-parallel SDPA returns a DTensor"
-    return out.to_local()
-
-
-def torch_ring_attention(mesh: DeviceMesh) -> RingAttention:
-    """`SequenceShard.ring` for parallel.cp_impl=torch over the cp `mesh`: turns on torch's
-    context-parallel SDPA for DTensors sharded by sequence (for the whole process) and its
-    all-to-all rotation of the K/V shards."""
-    # Imported here: a private module of torch, needed on CUDA only.
-    from torch.distributed.tensor.experimental._attention import (
-        _enable_context_parallel_dispatcher,
-        set_rotate_method,
-    )
-
-    _enable_context_parallel_dispatcher()
-    set_rotate_method("alltoall")
-    return partial(_torch_ring_attention, mesh=mesh)
+# The parallel.cp_impl choices: how an attention module attends over the cp group.
+CP_KERNELS: dict[str, type[ContextParallelKernel]] = {
+    "allgather": AllGatherKernel,
+    "torch": TorchCPKernel,
+}
 
 
 def apply_context_parallel(model: Transformer, topology: Topology,
                            impl: str = "allgather") -> None:
-    """Make `model` (or a pipeline stage) run on this rank's chunks of each sequence, with
-    attention over the cp group's keys and values (`impl`: the `parallel.cp_impl` setting);
-    a no-op without context parallelism."""
+    """Make `model` (or a pipeline stage) run on this rank's chunks of each sequence: wrap
+    the kernel of each attention module in the `impl` kernel (`parallel.cp_impl`) and give
+    forward the chunks' global positions; a no-op without context parallelism. Apply after
+    tensor parallelism (whose pre-hook makes a later stage's input whole on its sequence)."""
     if topology.dims.cp == 1:
         return
-    ring = torch_ring_attention(topology.submesh("cp")) if impl == "torch" else None
-    model.sequence_shard = SequenceShard(topology.coordinates["cp"], topology.dims.cp,
-                                         partial(gather_sequence, group=topology.group("cp")),
-                                         ring)
+    wrap = CP_KERNELS[impl].wrapper(topology)
+    for module in model.modules():
+        kernel = getattr(module, "kernel", None)
+        if isinstance(kernel, AttentionKernel):
+            setattr(module, "kernel", wrap(kernel))  # noqa: B010 (an nn.Module's attribute)
+    model.register_forward_pre_hook(
+        partial(_global_positions, rank=topology.coordinates["cp"], size=topology.dims.cp),
+        with_kwargs=True)
+
+
+def _global_positions(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      rank: int, size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Pass forward the global positions (T / N,) of this rank's chunks of sequences of T,
+    having checked T against the model's max_seq_len."""
+    local: torch.Tensor = args[0]  # tokens (B, T / N) or a stage's hidden states
+    total = local.size(1) * size
+    assert isinstance(module, Transformer)
+    module.check_length(total)
+    return args, {**kwargs, "positions": head_tail_positions(total, rank, size, local.device)}
 
 
 def check_cp_impl(cp_impl: str, dims: ParallelDims, model: TransformerConfig,
                   document_masking: bool, device_type: str) -> None:
-    """Raise ConfigError (one line, with the fix) where `parallel.cp_impl` = torch cannot run
-    this layout: off CUDA, or with attention that needs a mask."""
-    if dims.cp == 1 or cp_impl != "torch":
+    """Raise ConfigError (one line, with the fix) where the `parallel.cp_impl` kernel cannot
+    run this layout (asked of the kernel: its devices, masks)."""
+    if dims.cp == 1:
         return
-    if device_type != "cuda":
-        raise ConfigError(
-            f"parallel.cp_impl=torch runs on CUDA only (torch's context-parallel SDPA has no "
-            f"CPU kernel) and this run's device is {device_type}; set parallel.cp_impl=allgather"
-        )
-    if document_masking or model.sliding_window is not None:
-        masked = ("data.document_masking=true" if document_masking
-                  else f"model.sliding_window={model.sliding_window}")
-        raise ConfigError(
-            f"parallel.cp_impl=torch with {masked}: torch's context-parallel SDPA takes no "
-            "mask; set parallel.cp_impl=allgather (it masks by global position)"
-        )
+    run = AttentionRun(device_type=device_type, grouped_query=model.kv_heads != model.n_heads,
+                       sliding_window=model.sliding_window, document_masking=document_masking,
+                       cp=dims.cp)
+    check_kernel(CP_KERNELS, cp_impl, run, "parallel.cp_impl")
 
 
 def batch_columns(topology: Topology, seq_len: int) -> tuple[slice, slice] | None:

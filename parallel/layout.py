@@ -8,6 +8,7 @@ and none waits in a collective; `parallel.topology.init_topology` then builds th
 from __future__ import annotations
 
 from scaleforge.errors import ConfigError
+from scaleforge.models.attention import AttentionRun, check_attention
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.topology import ParallelDims
@@ -42,8 +43,8 @@ def check_layout(
     Raises ConfigError (one line: the setting, its value, the fix) for a bad field
     (`ParallelConfig.check`), a product that is not WORLD_SIZE, tp not dividing the heads,
     kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence length
-    that does not split into 2 x cp (x tp) equal chunks or an attention kernel other than
-    sdpa. The pipeline's own rules (stages,
+    that does not split into 2 x cp (x tp) equal chunks or an attention kernel without a
+    context-parallel form (asked of the kernel). The pipeline's own rules (stages,
     layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`, called by
     `core.config.validate`.
     """
@@ -86,9 +87,4 @@ def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_le
              f"each sequence is cut into 2 x cp chunks (head and tail per rank), each split "
              f"again by tensor-parallel sequence parallelism; pick a data.seq_len divisible "
              f"by {chunks}")
-    if model.attention != "sdpa":
-        raise ConfigError(
-            f"parallel.cp={dims.cp} with model.attention={model.attention}: context "
-            "parallelism attends over the gathered keys with a position mask, which only "
-            "the sdpa kernel takes; set model.attention=sdpa"
-        )
+    check_attention(model.attention, AttentionRun(cp=dims.cp))  # a kernel with a cp form

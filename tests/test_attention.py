@@ -1,4 +1,4 @@
-"""models/attention.py: the sdpa kernel with grouped-query heads, per-document masks (sdpa's
+"""models/attention/: the sdpa kernel with grouped-query heads, per-document masks (sdpa's
 block-diagonal mask, flex's BlockMask, flash's varlen offsets), RoPE positions per
 document, and the refusal of backends this machine cannot run. Single process, CPU; the
 flash and flex kernels themselves run in tests/test_cuda.py."""
@@ -16,13 +16,13 @@ from scaleforge.core.config import validate
 from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 from scaleforge.models import TransformerConfig, build
-from scaleforge.models import transformer as transformer_module
 from scaleforge.models.attention import (
+    AttentionRun,
+    SdpaKernel,
     VarlenDocuments,
-    attend,
-    attention_mask,
-    check_attention_backend,
+    check_attention,
     document_positions,
+    make_kernel,
 )
 from scaleforge.models.rope import rope_tables
 
@@ -51,8 +51,20 @@ def ids_of(tokens: torch.Tensor) -> torch.Tensor:
     return document_ids(tokens, EOS)
 
 
-def repeated_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                          mask: object, window: int | None = None) -> torch.Tensor:
+def attention_mask(backend: str, document_ids: torch.Tensor | None, seq_len: int,
+                   device: torch.device, window: int | None = None) -> object:
+    """The mask the kernel `backend` builds for a batch."""
+    return make_kernel(backend, window).mask(document_ids, seq_len, device, torch.float32)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, mask: object,
+           window: int | None = None) -> torch.Tensor:
+    """The kernel `backend`'s attention under `mask`."""
+    return make_kernel(backend, window)(q, k, v, mask)
+
+
+def repeated_kv_attention(kernel: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: object) -> torch.Tensor:
     """The attention before enable_gqa: K and V copied per query head, plain causal SDPA."""
     repeats = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
@@ -68,7 +80,7 @@ def test_sdpa_with_enable_gqa_trains_like_copied_kv_heads(tmp_path, monkeypatch)
         return [trainer.train_step(trainer.train_batches)[0].item() for _ in range(3)]
 
     grouped = losses("grouped")
-    monkeypatch.setattr(transformer_module, "attend", repeated_kv_attention)
+    monkeypatch.setattr(SdpaKernel, "__call__", repeated_kv_attention)
     copied = losses("copied")
     torch.testing.assert_close(torch.tensor(grouped), torch.tensor(copied), rtol=1e-6, atol=0)
 
@@ -196,12 +208,12 @@ def test_cuda_backends_are_refused_on_cpu_at_validation(tmp_path, backend):
 )
 def test_flash_without_the_package_stops_with_the_install_line():
     with pytest.raises(ConfigError, match="pip install flash-attn --no-build-isolation"):
-        check_attention_backend("flash", "cuda", "bf16")
+        check_attention("flash", AttentionRun(device_type="cuda", precision="bf16"))
 
 
 def test_flash_in_fp32_is_refused():
     with pytest.raises(ConfigError, match="trainer.precision=bf16"):
-        check_attention_backend("flash", "cuda", "fp32")
+        check_attention("flash", AttentionRun(device_type="cuda", precision="fp32"))
 
 
 def test_unknown_backend_and_rope_per_document_on_gpt_are_config_errors():

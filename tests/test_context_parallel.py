@@ -12,8 +12,10 @@ import torch.distributed as dist
 from distributed import run_distributed_test
 from scaleforge.data_pipeline.pack import split_batch
 from scaleforge.errors import ConfigError
+from scaleforge.models.attention import SdpaKernel
 from scaleforge.models.config import TransformerConfig
-from scaleforge.models.sequence_shard import SequenceShard, head_tail_chunks
+from scaleforge.models.sequence_shard import head_tail_chunks
+from scaleforge.parallel.allgather_attention import AllGatherKernel
 from scaleforge.parallel.context_parallel import check_cp_impl
 from scaleforge.parallel.sequence_collectives import gather_sequence
 from scaleforge.parallel.topology import ParallelDims
@@ -48,8 +50,8 @@ def test_split_batch_keeps_this_ranks_chunks_of_inputs_and_targets_and_whole_doc
 
 
 def test_plain_causal_attention_has_no_mask_and_puts_the_keys_in_sequence_order():
-    shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
-    plan = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32)
+    kernel = AllGatherKernel(SdpaKernel(), rank=0, size=2, gather=lambda part: part)
+    plan = kernel.mask(None, 4, torch.device("cpu"), torch.float32)
     assert plan.mask is None
     # Rank 0 holds positions 0, 1 and 6, 7; the keys arrive as rank 0's then rank 1's:
     # positions 0, 1, 6, 7, 2, 3, 4, 5.
@@ -59,15 +61,16 @@ def test_plain_causal_attention_has_no_mask_and_puts_the_keys_in_sequence_order(
 
 
 def test_mask_is_causal_by_global_position_within_documents_and_the_window():
-    shard = SequenceShard(rank=0, size=2, gather=lambda part: part)
+    kernel = AllGatherKernel(SdpaKernel(), rank=0, size=2, gather=lambda part: part)
     keys, queries = [0, 1, 6, 7, 2, 3, 4, 5], (0, 1, 6, 7)  # as above
     documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
-    masked = shard.attention_mask(documents, 4, torch.device("cpu"), torch.float32).mask
+    masked = kernel.mask(documents, 4, torch.device("cpu"), torch.float32).mask
     assert masked is not None
     assert (masked[0, 0] == 0).tolist() == [
         [key <= query and bool(documents[0, key] == documents[0, query]) for key in keys]
         for query in queries]
-    windowed = shard.attention_mask(None, 4, torch.device("cpu"), torch.float32, window=3).mask
+    windowed = AllGatherKernel(SdpaKernel(window=3), rank=0, size=2, gather=lambda part: part
+                               ).mask(None, 4, torch.device("cpu"), torch.float32).mask
     assert windowed is not None
     assert (windowed[0, 0] == 0).tolist() == [[0 <= query - key < 3 for key in keys]
                                               for query in queries]
@@ -107,7 +110,7 @@ def test_torch_cp_impl_refuses_a_mask_on_cuda(document_masking, window, named):
 def _torch_cp_on_cpu() -> str:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from scaleforge.parallel.context_parallel import torch_ring_attention
+    from scaleforge.parallel.torch_cp_attention import torch_ring_attention
 
     ring = torch_ring_attention(init_device_mesh("cpu", (1,), mesh_dim_names=("cp",)))
     q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)

@@ -18,7 +18,7 @@ from micro_runs import micro_config, synthetic_data
 from scaleforge.core.trainer import Trainer
 from scaleforge.data_pipeline.samples import document_ids
 from scaleforge.models import TransformerConfig, build
-from scaleforge.models.attention import attend, attention_mask
+from scaleforge.models.attention import make_kernel
 
 pytestmark = pytest.mark.cuda
 
@@ -30,6 +30,19 @@ BACKENDS = ["sdpa", "flex", FLASH]
 EOS = 0
 # bf16 operands: relative errors of 1e-3 to 1e-2 against an fp32 reference.
 BF16_RELATIVE = 2e-2
+
+
+def attention_mask(backend: str, document_ids: torch.Tensor | None, seq_len: int,
+                   device: torch.device | str, window: int | None = None) -> object:
+    """The mask the kernel `backend` builds for a batch."""
+    return make_kernel(backend, window).mask(document_ids, seq_len, torch.device(device),
+                                             torch.float32)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, mask: object,
+           window: int | None = None) -> torch.Tensor:
+    """The kernel `backend`'s attention under `mask`."""
+    return make_kernel(backend, window)(q, k, v, mask)
 
 
 def _documents(batch: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:

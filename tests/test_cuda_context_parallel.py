@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from distributed import run_distributed_test
 from scaleforge.models import TransformerConfig, build
 from scaleforge.models.chunked_attention import chunked_causal_attention
-from scaleforge.models.sequence_shard import SequenceShard, head_tail_chunks
+from scaleforge.models.sequence_shard import head_tail_chunks
 
 pytestmark = pytest.mark.cuda
 
@@ -54,7 +54,7 @@ def test_chunked_attention_on_cuda_matches_sdpa_over_the_whole_sequence(dtype):
 def _torch_cp_on_one_rank() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from scaleforge.parallel.context_parallel import torch_ring_attention
+    from scaleforge.parallel.torch_cp_attention import TorchCPKernel, torch_ring_attention
 
     assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
     mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("cp",))
@@ -65,7 +65,8 @@ def _torch_cp_on_one_rank() -> None:
     for ring in (None, torch_ring_attention(mesh)):
         model = build(cfg, device="cuda", seed=3)
         if ring is not None:  # one rank: its head and tail chunks are the whole sequence
-            model.sequence_shard = SequenceShard(0, 1, lambda part: part, ring)
+            for block in model.layers.values():
+                block.attention.kernel = TorchCPKernel(block.attention.kernel, 0, 1, ring)
         logits = model(tokens)
         logits.square().mean().backward()
         runs.append((logits.detach(), [p.grad for p in model.parameters()]))
