@@ -166,7 +166,9 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal
     run_dir = tmp_path / "run"
     job = _torchrun(run_dir, overrides, tmp_path)
     _wait_for_step(job, run_dir, 5, timeout=300)  # step_4 is complete before step 5 runs
-    killed_at = max(_losses(_records(run_dir)))
+    # The first attempt's records, read before the kill: the restarted attempt drops those
+    # after the step it resumes from (MetricsLogger.resume_at).
+    first = _losses(_records(run_dir))
     os.kill(_worker_pid(job.pid, rank=1), signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr[-3000:]
@@ -176,14 +178,13 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint_with_equal
     assert match and match[1] == match[2], stdout[-3000:]
     resumed_at = int(match[1])
     assert resumed_at >= 4 and resumed_at % 2 == 0
-    # metrics.jsonl holds the first attempt's records, then the restarted attempt's, one
-    # per step from the checkpoint on (steps after the checkpoint appear twice).
-    records = _records(run_dir)
-    restarted = records[len(records) - (steps - resumed_at) :]
-    first = _losses(records[: len(records) - len(restarted)])
-    second = _losses(restarted)
+    # metrics.jsonl holds the first attempt's records up to the checkpoint, then the
+    # restarted attempt's, one per step.
+    records = [r for r in _records(run_dir) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    kept, second = _losses(records[:resumed_at]), _losses(records[resumed_at:])
+    assert kept == {step: loss for step, loss in first.items() if step <= resumed_at}
     assert list(second) == list(range(resumed_at + 1, steps + 1))
-    assert max(first) >= max(killed_at, resumed_at)
     for step, loss in second.items():
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
     for step, loss in first.items():  # the first attempt matched too, up to the kill
