@@ -13,7 +13,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 
 from distributed import run_distributed_test
-from layout_runs import run_layout, train_and_record
+from layout_runs import assert_weights_match, run_layout, train_and_record
 from micro_runs import micro_config
 from scaleforge.core.config import build_plan, validate
 from scaleforge.core.loss import cross_entropy
@@ -110,8 +110,7 @@ def test_tied_embeddings_under_a_v_pipeline_train_as_in_one_process(tmp_path):
                                         "parallel.pp_schedule=ZBVZeroBubble",
                                         V_PIPELINE[0]), world_size=2, steps=3)
     assert pipelined["losses"] == pytest.approx(reference["losses"], rel=1e-5)
-    for name, tensor in reference["final"].items():
-        torch.testing.assert_close(pipelined["final"][name], tensor, rtol=0, atol=1e-5)
+    assert_weights_match(pipelined["final"], reference)  # each entry within its Adam bound
 
 
 def test_tied_embeddings_with_pipeline_and_sharding_are_refused(tmp_path):
