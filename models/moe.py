@@ -31,11 +31,17 @@ group to start 16 bytes apart along the token dim, which the weight gradient's G
 reduces over: 8 bf16 rows, torchtitan's TOKEN_GROUP_ALIGN_SIZE_M), on the device without
 a host sync (`pad_groups`). Dropless by default; a
 `capacity_factor` keeps at most ceil(cf x N x k / E) assignments per expert (in token
-order) and counts the rest as dropped. `dispatcher` moves the sorted tokens to the ranks
-holding their experts and back (parallel/expert_parallel.py; the local one moves nothing).
-Under expert tensor parallelism (parallel/expert_tensor_parallel.py) the expert and shared
-expert weights read here are this rank's slices of their width (`_local`), so the layer's
-output is this rank's partial sum, which the parallel code reduces.
+order) and counts the rest as dropped.
+
+Parallelism reaches the layer through one value, `MoE.parallel` (`MoEParallel`), which
+parallel/ replaces and the defaults of which run the layer on one device: its dispatcher
+moves the sorted tokens to the ranks holding their experts and back
+(parallel/expert_parallel.py; the local one moves nothing), `weight` gives the tensor this
+rank computes with for an expert or shared-expert weight (this rank's experts under expert
+parallelism, this rank's slices of their width under expert tensor parallelism,
+parallel/expert_tensor_parallel.py, where the layer's output is then this rank's partial
+sum, which the parallel code reduces), and `router`, `gradient_copies` and
+`sum_over_sequence` serve the router and the auxiliary loss (models/moe_parallel.py).
 
 Host syncs: none in the dropless grouped-GEMM path (the group offsets stay on the device;
 tests/test_host_syncs.py). The loop over experts reads the group sizes on the host, a
@@ -50,13 +56,14 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from scaleforge.errors import ConfigError, check_choice
+from scaleforge.models.moe_parallel import MoEParallel, itself
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUPED_MM = ("auto", "grouped", "loop")
@@ -156,31 +163,6 @@ def use_grouped_mm(setting: str, x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-class Dispatcher(Protocol):
-    """Moves expert-sorted tokens to the ranks holding their experts and back."""
-
-    def dispatch(self, x: torch.Tensor, counts: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """x (n, d) sorted by global expert, counts (E,) -> (this rank's tokens (m, d) sorted
-        by local expert, their counts per local expert, what `combine` needs)."""
-        ...
-
-    def combine(self, y: torch.Tensor, state: Any) -> torch.Tensor:
-        """The experts' outputs (m, d) -> (n, d) in the order `dispatch` was given."""
-        ...
-
-
-class LocalDispatcher:
-    """Every expert on this rank: nothing moves."""
-
-    def dispatch(self, x: torch.Tensor, counts: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return x, counts, None
-
-    def combine(self, y: torch.Tensor, state: Any) -> torch.Tensor:
-        return y
-
-
 class Experts(nn.Module):
     """`num_experts` SwiGLU experts stacked: w1, w3 (E, hidden, d), w2 (E, d, hidden).
 
@@ -195,9 +177,12 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (n, d) grouped by expert, counts (E_local,) -> (n, d)."""
-        w1, w3, w2 = (_local(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
+    def forward(self, x: torch.Tensor, counts: torch.Tensor,
+                local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x (n, d) grouped by expert, counts (E_local,) -> (n, d); `local`: a weight -> the
+        tensor this rank computes with (`MoEParallel.weight`; None: the weight itself)."""
+        local = local or itself
+        w1, w3, w2 = (local(w).to(x.dtype) for w in (self.w1, self.w3, self.w2))
         if use_grouped_mm(self.grouped_mm, x):
             padded, offsets, rows = pad_groups(x, counts)
 
@@ -240,12 +225,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's experts of a weight sharded over expert-parallel ranks (a DTensor)."""
-    to_local = getattr(weight, "to_local", None)
-    return to_local() if to_local is not None else weight
-
-
 class _AddAuxLossGrad(torch.autograd.Function):
     """Identity on `out` that gives `aux` the gradient `scale` in backward: the auxiliary
     loss joins the training objective without changing the loss the model returns."""
@@ -286,18 +265,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.d_model, moe.num_experts, bias=False)
         self.experts = Experts(moe.num_experts, cfg.d_model, expert_hidden(cfg), moe.grouped_mm)
         self.shared = shared
-        self.dispatcher: Dispatcher = LocalDispatcher()
-        # The router weight is read through `read_router` (this rank's copy when it is
-        # replicated over tp). Expert tensor parallelism (parallel/expert_tensor_parallel.py)
-        # splits the experts' width over the tp ranks, whose routing gradients are then
-        # partial sums: there `read_router`'s backward sums the gradient over tp, and the
-        # auxiliary loss's gradient, whole on every tp rank, is divided by
-        # `gradient_copies` (tp) so that the sum counts it once.
-        self.read_router: Callable[[torch.Tensor], torch.Tensor] = _local
-        self.gradient_copies = 1
-        # The sum of a tensor over the ranks holding the other chunks of this micro-batch's
-        # sequences (context parallelism, parallel/expert_parallel.py); one rank: itself.
-        self.sum_over_sequence: Callable[[torch.Tensor], torch.Tensor] = _itself
+        self.parallel = MoEParallel()  # replaced by parallel/ (module docstring)
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts))
         self.register_buffer("load", torch.zeros(moe.num_experts), persistent=False)
         self.register_buffer("dropped", torch.zeros(()), persistent=False)
@@ -306,7 +274,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         tokens = x.reshape(-1, d)  # (N, d)
-        scores = F.linear(tokens, self.read_router(self.router.weight)).float()  # (N, E)
+        hooks = self.parallel
+        scores = F.linear(tokens, hooks.router(self.router.weight)).float()  # (N, E)
         scores = scores.softmax(-1) if self.score_func == "softmax" else scores.sigmoid()
         with torch.no_grad():
             chosen = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
@@ -322,8 +291,8 @@ class MoE(nn.Module):
             order, counts = self._drop_overflow(flat, order, counts, self.capacity_factor)
         sorted_x = tokens[order // self.top_k]  # (n, d) grouped by expert
         sorted_x = sorted_x.to(compute_dtype(sorted_x))
-        local_x, local_counts, state = self.dispatcher.dispatch(sorted_x, counts)
-        y = self.dispatcher.combine(self.experts(local_x, local_counts), state)
+        local_x, local_counts, state = hooks.dispatcher.dispatch(sorted_x, counts)
+        y = hooks.dispatcher.combine(self.experts(local_x, local_counts, hooks.weight), state)
         y = y.to(tokens.dtype) * weights.flatten()[order, None].to(tokens.dtype)
         out = torch.zeros_like(tokens).index_add_(0, order // self.top_k, y)
         if self.shared is not None:
@@ -333,23 +302,24 @@ class MoE(nn.Module):
             # scores. Sequences split over ranks: f of the whole sequences, P of this rank's
             # tokens; the mean of the ranks' losses is the whole sequences' (equal chunks).
             probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, True)
-            all_routed = self.sum_over_sequence(routed.float())
+            all_routed = hooks.sum_over_sequence(routed.float())
             fraction = all_routed / all_routed.sum()
             aux = self.aux_loss_coef * self.num_experts * (fraction * probs.mean(0)).sum()
-            out = _AddAuxLossGrad.apply(out, aux, self.aux_loss_scale / self.gradient_copies)
+            out = _AddAuxLossGrad.apply(out, aux, self.aux_loss_scale / hooks.gradient_copies)
             self._record(aux=aux.detach())
         self._record(load=routed.float(), dropped=float(flat.numel()) - counts.sum())
         return out.view(B, T, d)
 
     def _shared_experts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The shared experts' SwiGLU of tokens (N, d) -> (N, d). Under expert tensor
-        parallelism their weights are sharded like the routed experts' (w1, w3 by columns,
-        w2 by rows) and this rank's pieces give its partial sum over tp."""
+        """The shared experts' SwiGLU of tokens (N, d) -> (N, d), with the weights this rank
+        computes with when they are sharded (`MoEParallel.weight`): under expert tensor
+        parallelism they are sharded like the routed experts' (w1, w3 by columns, w2 by
+        rows) and this rank's pieces give its partial sum over tp."""
         assert self.shared is not None
-        linears = [getattr(self.shared, name) for name in ("w1", "w3", "w2")]
-        if not any(hasattr(linear.weight, "to_local") for linear in linears):
+        local = self.parallel.weight
+        if local is None:
             return self.shared(tokens)
-        w1, w3, w2 = (_local(linear.weight) for linear in linears)
+        w1, w3, w2 = (local(getattr(self.shared, name).weight) for name in ("w1", "w3", "w2"))
         return F.linear(F.silu(F.linear(tokens, w1)) * F.linear(tokens, w3), w2)
 
     def _drop_overflow(self, flat: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
@@ -374,10 +344,6 @@ class MoE(nn.Module):
             self.dropped += dropped
         if aux is not None:
             self.aux_loss += aux
-
-
-def _itself(value: torch.Tensor) -> torch.Tensor:
-    return value
 
 
 def expert_hidden(cfg: Any) -> int:

@@ -27,12 +27,14 @@ this rank's sequence shard (parallel/tensor_parallel.py), or with parallel.etp =
 expert is split by width over tp and the partial outputs reduce-scattered
 (parallel/expert_tensor_parallel.py). Under context parallelism each
 rank routes its own chunks; the auxiliary loss takes its assignment fractions over the cp
-group (`share_routing_over_cp`), so it equals the one of the whole sequences.
+group (`share_routing_over_cp`), so it equals the one of the whole sequences. Each layer
+gets these through its `MoE.parallel` hooks (models/moe.py's `MoEParallel`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
@@ -122,7 +124,7 @@ def split_sizes_on_host(send: torch.Tensor, receive: torch.Tensor
 
 class AllToAllDispatcher:
     """Sends expert-sorted tokens to the ranks of `group` holding their experts (expert e on
-    rank e // local_experts) and the outputs back (the `models.moe.Dispatcher` contract)."""
+    rank e // local_experts) and the outputs back (models/moe_parallel.py's `Dispatcher`)."""
 
     def __init__(self, group: dist.ProcessGroup, ep: int, num_experts: int):
         self.group, self.ep, self.local_experts = group, ep, num_experts // ep
@@ -149,7 +151,8 @@ def apply_expert_parallel(model: nn.Module, topology: Topology, ep: int, etp: in
     """Shard every MoE layer's experts of `model` (meta or materialised) over the "ep" mesh
     (and by width over "tp" when `etp` > 1: the ("ep", "tp") mesh, parallel/
     expert_tensor_parallel.py) and give the layer the all-to-all dispatcher (module
-    docstring); FSDP shards them further (parallel/data_parallel.py)."""
+    docstring) and the local experts to compute with (`MoE.parallel`); FSDP shards them
+    further (parallel/data_parallel.py)."""
     mesh: DeviceMesh = topology.expert_submesh(("ep", "tp") if etp > 1 else "ep")
     group = topology.expert_submesh("ep").get_group()
     for module in moe_layers(model).values():
@@ -159,18 +162,26 @@ def apply_expert_parallel(model: nn.Module, topology: Topology, ep: int, etp: in
             placements = [Shard(0), *expert_placements(name, etp)]
             sharded = distribute_tensor(full, mesh, placements, src_data_rank=None)
             setattr(experts, name, nn.Parameter(sharded))
-        module.dispatcher = AllToAllDispatcher(group, ep, module.num_experts)
+        module.parallel = replace(module.parallel, weight=to_local,
+                                  dispatcher=AllToAllDispatcher(group, ep, module.num_experts))
 
 
 def share_routing_over_cp(model: nn.Module, topology: Topology) -> None:
     """Under context parallelism, make every MoE layer sum its routed-token counts over the
-    cp group before its auxiliary loss (`MoE.sum_over_sequence`): the loss's assignment
+    cp group before its auxiliary loss (`MoEParallel.sum_over_sequence`): the loss's assignment
     fractions are then those of whole sequences; a no-op without cp."""
     if topology.dims.cp == 1:
         return
     group = topology.group("cp")
     for module in moe_layers(model).values():
-        module.sum_over_sequence = partial(_all_reduce_sum, group=group)
+        module.parallel = replace(module.parallel,
+                                  sum_over_sequence=partial(_all_reduce_sum, group=group))
+
+
+def to_local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (or replicated) weight, a DTensor."""
+    assert isinstance(weight, DTensor), "a weight parallel/ sharded is a DTensor"
+    return weight.to_local()
 
 
 def _all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -12,7 +12,7 @@ parallel/tensor_parallel.py; h an expert's width, E_local the experts of this ep
     router               replicated over tp; every tp rank routes the same tokens. Its
                          gradient reaches it through the top-k combine weights from this
                          rank's share of the experts' width only: a partial sum, summed
-                         over tp in backward (`MoE.read_router`)
+                         over tp in backward (`MoEParallel.router`)
     experts.w1, w3       (E_local, h/t, d): Shard(1) on "tp" (columns), with Shard(0) on
                          "ep" under expert parallelism (the expert mesh's ("ep", "tp"))
     experts.w2           (E_local, d, h/t): Shard(2) on "tp" (rows)
@@ -23,7 +23,8 @@ parallel/tensor_parallel.py; h an expert's width, E_local the experts of this ep
                          columns of h), reduce-scattered on T to the Shard(1) shard
                          (`reduce_scatter_sequence`); backward: all-gather
     auxiliary loss       computed whole on every tp rank; its gradient divided by t
-                         (`MoE.gradient_copies`) since the tp ranks' gradients are summed
+                         (`MoEParallel.gradient_copies`) since the tp ranks' gradients are
+                         summed
 
 Each expert weight's gradient is whole for its shard (every tp rank gets the whole output
 gradient), so FSDP and the optimizer see ordinary sharded parameters; the expert load and
@@ -39,6 +40,7 @@ its expert tensor parallelism in favour of ep borrowing tp ranks).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -122,6 +124,9 @@ class MoETensorParallel(ParallelStyle):
         if module.shared is not None:
             for name, dim in SHARED_WIDTH_DIMS.items():
                 _place(getattr(module.shared, name), "weight", device_mesh, self._layout(dim))
+        # Every weight of the layer is now a DTensor on the tp mesh (or, for experts under
+        # expert parallelism, on ("ep", "tp")): the layer computes with the local parts.
+        module.parallel = replace(module.parallel, weight=_to_local, router=_to_local)
         if not self.split:
             return PrepareModuleInputOutput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
@@ -129,14 +134,19 @@ class MoETensorParallel(ParallelStyle):
                 desired_output_layouts=(Shard(1),), use_local_output=False,
             )._apply(module, device_mesh)
         group = device_mesh.get_group()
-        module.read_router = partial(_local_with_gradient_summed, group=group)
-        module.gradient_copies = device_mesh.size()
+        module.parallel = replace(module.parallel, gradient_copies=device_mesh.size(),
+                                  router=partial(_local_with_gradient_summed, group=group))
         module.register_forward_pre_hook(partial(_gather_input, group=group))
         module.register_forward_hook(partial(_scatter_output, mesh=device_mesh))
         return module
 
     def _layout(self, width_dim: int) -> Placement:
         return Shard(width_dim) if self.split else Replicate()
+
+
+def _to_local(weight: torch.Tensor) -> torch.Tensor:
+    assert isinstance(weight, DTensor), "MoETensorParallel made every weight a DTensor"
+    return weight.to_local()
 
 
 def _place(module: nn.Module, name: str, mesh: DeviceMesh, placement: Placement) -> None:

@@ -17,8 +17,10 @@ from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 from scaleforge.models import TransformerConfig, build
 from scaleforge.models.attention import (
+    KERNELS,
     AttentionRun,
     SdpaKernel,
+    Supports,
     VarlenDocuments,
     check_attention,
     document_positions,
@@ -221,3 +223,24 @@ def test_unknown_backend_and_rope_per_document_on_gpt_are_config_errors():
         llama(attention="xformers").check()
     with pytest.raises(ConfigError, match="model.rope_per_document=true"):
         TransformerConfig(family="gpt", rope_per_document=True).check()
+
+
+def test_validation_asks_the_kernel_what_it_supports(monkeypatch):
+    """A kernel registered with one line is a model.attention choice; what its `Supports`
+    leaves out is refused in one line naming the kernels that can run it instead."""
+
+    class CausalOnly(SdpaKernel):
+        name = "causal_only"
+        supports = Supports(sliding_window=False, documents=False)
+
+    monkeypatch.setitem(KERNELS, "causal_only", CausalOnly)
+    check_attention("causal_only", AttentionRun(device_type="cpu", precision="fp32"))
+    with pytest.raises(ConfigError, match=r"model.attention=causal_only with data.document_"
+                       r"masking=true: causal_only takes no document mask; use model.attention"
+                       r"=sdpa$"):
+        check_attention("causal_only", AttentionRun(device_type="cpu", precision="fp32",
+                                                    document_masking=True))
+    with pytest.raises(ConfigError, match="parallel.cp=2 with model.attention=flex"):
+        check_attention("flex", AttentionRun(cp=2))
+    check_attention("sdpa", AttentionRun(device_type="cpu", sliding_window=8, cp=2,
+                                         document_masking=True, grouped_query=True))

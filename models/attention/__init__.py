@@ -50,5 +50,5 @@ def check_attention(name: str, run: AttentionRun, setting: str = "model.attentio
     """Raise ConfigError, in one line saying what would fix it, when the kernel `name` cannot
     run `run` here (device, precision, heads, window, documents, context parallelism, a
     missing package)."""
-    check_choice(setting, name, BACKENDS)
+    check_choice(setting, name, tuple(KERNELS))
     check_kernel(KERNELS, name, run, setting)
