@@ -87,17 +87,27 @@ def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _adam_moments(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """state-dict key -> sqrt of AdamW's bias-corrected second moment after this step (the
-    denominator without eps), for every parameter the optimizer holds; one process only."""
-    beta2 = trainer.optimizer.param_groups[0]["betas"][1]
+def adam_record(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An empty record of AdamW's steps in one process, for adam_weight_bounds: its betas
+    and eps; record_adam_step adds each step's learning rate and sqrt(v)."""
+    group = optimizer.param_groups[0]
+    return {"betas": group["betas"], "eps": group["eps"], "lrs": [], "sqrt_v": []}
+
+
+def record_adam_step(record: dict[str, Any], model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer) -> None:
+    """Add the step `optimizer` just took to `record`: its learning rate and, by state-dict
+    key, the sqrt of each parameter's bias-corrected second moment (the denominator without
+    eps); one process only."""
+    beta2 = optimizer.param_groups[0]["betas"][1]
     moments = {}
-    for name, param in trainer.model.state_dict(keep_vars=True).items():
-        state = trainer.optimizer.state.get(param)
+    for name, param in model.state_dict(keep_vars=True).items():
+        state = optimizer.state.get(param)
         if state:  # tied weights appear under both keys
             correction = 1 - beta2 ** float(state["step"])
             moments[name] = (state["exp_avg_sq"].detach() / correction).sqrt().cpu().clone()
-    return moments
+    record["lrs"].append(optimizer.param_groups[0]["lr"])
+    record["sqrt_v"].append(moments)
 
 
 def _stage_ids_of_every_rank(trainer: Trainer, topology: Topology) -> list[list[int]] | None:
@@ -140,18 +150,14 @@ def train_and_record(
     start_step = trainer.step
     initial = _copy(gathered_state_dict(trainer.model, topology))
     losses, grad_norms, moe_metrics = [], [], []
-    group = trainer.optimizer.param_groups[0]
-    adam: dict[str, Any] | None = None
-    if not topology.is_distributed:
-        adam = {"betas": group["betas"], "eps": group["eps"], "lrs": [], "sqrt_v": []}
+    adam = None if topology.is_distributed else adam_record(trainer.optimizer)
     for _ in range(steps):
         loss, grad_norm = trainer.train_step(trainer.train_batches)
         losses.append(topology.mean_over_dp(loss).item())
         grad_norms.append(grad_norm.item())
         moe_metrics.append(trainer.expert_load.metrics())
         if adam is not None:
-            adam["lrs"].append(group["lr"])
-            adam["sqrt_v"].append(_adam_moments(trainer))
+            record_adam_step(adam, trainer.model, trainer.optimizer)
         if trainer.step in save_at:
             trainer.save_checkpoint()
     trainer.checkpointer.wait()

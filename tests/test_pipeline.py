@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import schedules as torch_schedules
 
 from distributed import run_distributed_test
+from layout_runs import adam_record, record_adam_step, weights_against_bounds
 from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config, micro_batches_per_step
 from scaleforge.core.loss import cross_entropy
@@ -40,6 +41,8 @@ from scaleforge.parallel.pipeline_schedules import (
     validate_pipeline,
 )
 
+# Losses and grad norms: as layout_runs.LOSS_RTOL (its notes say what they bound and why on
+# any CPU); weights: each entry within its Adam bound (layout_runs.weights_against_bounds).
 TOLERANCE = 1e-5
 STEPS = 3
 # Clip hard enough that every step clips: the weights then only match if the norm is global.
@@ -75,20 +78,24 @@ def _micro_batches(cfg: Config) -> dict[str, list[MicroBatch]]:
 
 
 def _single_process(cfg: Config, batches: dict, run_dir: Path) -> dict:
-    """Losses, grad norms, validation losses (before step 1, after step 2 and at the end)
-    and final weights of the plain Trainer on `batches`."""
+    """Losses, grad norms, validation losses (before step 1, after step 2 and at the end),
+    final weights and AdamW's record (layout_runs.adam_record) of the plain Trainer on
+    `batches`."""
     _, val = synthetic_data(cfg)
     trainer = Trainer(cfg, run_dir, data=(iter(batches["train"]), val))
     losses, norms, val_losses = [], [], [trainer.evaluate()]
+    adam = adam_record(trainer.optimizer)
     for step in range(STEPS):
         loss, norm = trainer.train_step(trainer.train_batches)
+        record_adam_step(adam, trainer.model, trainer.optimizer)
         losses.append(loss.item())
         norms.append(norm.item())
         if step == 1:
             val_losses.append(trainer.evaluate())
     val_losses.append(trainer.evaluate())
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    return {"losses": losses, "norms": norms, "val_losses": val_losses, "state": state}
+    return {"losses": losses, "norms": norms, "val_losses": val_losses, "state": state,
+            "final": state, "adam": adam}
 
 
 def _train_pipelined(cfg: Config, schedule: str, stages_per_rank: int, data: dict,
@@ -146,8 +153,9 @@ def _relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def _max_weight_difference(ranks: list[dict], name: str, reference: dict) -> float:
-    """Largest |pipelined - single| over all weights, gathered from the stages by FQN."""
+def _weights_against_bounds(ranks: list[dict], name: str, reference: dict) -> tuple[float, str]:
+    """The pipelined weights, gathered from the stages by FQN, against their Adam bounds
+    (layout_runs.weights_against_bounds): the largest ratio of a difference to its bound."""
     gathered: dict[str, torch.Tensor] = {}
     for result in ranks:
         for key, value in result[name]["state"].items():
@@ -155,7 +163,7 @@ def _max_weight_difference(ranks: list[dict], name: str, reference: dict) -> flo
                 raise AssertionError(f"{key} is held by more than one pipeline rank")
             gathered[key] = value
     assert gathered.keys() == reference["state"].keys()
-    return max((gathered[k] - reference["state"][k]).abs().max().item() for k in gathered)
+    return weights_against_bounds(gathered, reference)
 
 
 SCHEDULE_CASES = [
@@ -201,9 +209,9 @@ def _assert_matches(ranks: list[dict], name: str, reference: dict) -> tuple[floa
     loss_diff = max(_relative(r[name][key][i], reference[key][i])
                     for r in ranks for key in ("losses", "val_losses")
                     for i in range(len(reference[key])))
-    weight_diff = _max_weight_difference(ranks, name, reference)
+    weight_diff, where = _weights_against_bounds(ranks, name, reference)
     assert loss_diff < TOLERANCE, f"{name}: loss differs by {loss_diff:.2e} relative"
-    assert weight_diff < TOLERANCE, f"{name}: weights differ by {weight_diff:.2e}"
+    assert weight_diff <= 1, f"{name}: {where}"
     return loss_diff, weight_diff
 
 
@@ -217,7 +225,7 @@ def test_pp2_schedule_matches_single_process(pp2_runs, schedule, stages_per_rank
     expected = EXPECTED_STAGES_PP2["v" if layout == "v" else f"loop{stages_per_rank}"]
     assert [r[name]["stage_ids"] for r in ranks] == expected
     loss_diff, weight_diff = _assert_matches(ranks, name, references["llama"])
-    print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+    print(f"{name}: max loss rel diff {loss_diff:.1e}, weights {weight_diff:.1e} of bound")
 
 
 @pytest.mark.parametrize("schedule,stages_per_rank", PP2_TIED_CASES)
@@ -227,7 +235,7 @@ def test_pp2_v_schedule_keeps_tied_embeddings_exact(pp2_runs, schedule, stages_p
     # Rank 0 owns both ends of the V; the tied weight must appear once, under its first name.
     assert "tok_embeddings.weight" in ranks[0][name]["state"]
     loss_diff, weight_diff = _assert_matches(ranks, name, references["gpt"])
-    print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+    print(f"{name}: max loss rel diff {loss_diff:.1e}, weights {weight_diff:.1e} of bound")
 
 
 @pytest.mark.parametrize("schedule,stages_per_rank", DOCUMENT_CASES)
@@ -238,7 +246,7 @@ def test_pp2_document_masking_matches_single_process(pp2_runs, schedule, stages_
     # Masking changes the numbers (so matching them means the ids reached the attention).
     masked, unmasked = references["documents"]["losses"], references["unmasked"]["losses"]
     assert max(_relative(a, b) for a, b in zip(masked, unmasked, strict=True)) > 1e-3
-    print(f"{name}: max loss rel diff {loss_diff:.1e}, max weight diff {weight_diff:.1e}")
+    print(f"{name}: max loss rel diff {loss_diff:.1e}, weights {weight_diff:.1e} of bound")
 
 
 def test_pp2_explicit_uneven_layer_split_matches_single_process(pp2_runs):
@@ -283,7 +291,7 @@ def test_pp4_matches_single_process(tmp_path):
     reference = _single_process(cfg, batches, tmp_path / "ref")
     for name, *_ in cases:
         loss_diff, weight_diff = _assert_matches(ranks, name, reference)
-        print(f"pp4 {name}: max loss rel diff {loss_diff:.1e}, weight diff {weight_diff:.1e}")
+        print(f"pp4 {name}: max loss rel diff {loss_diff:.1e}, weights {weight_diff:.1e} of bound")
 
 
 # ---- splitting -------------------------------------------------------------------------
