@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining._backward import stage_backward
 from torch.distributed.pipelining.stage import _StageForwardMeta
+from torch.distributed.tensor import DTensor
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.moe import statistics_paused
@@ -327,10 +328,11 @@ def pipeline_step(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> to
 
 def _sequential_forward_loss(pipeline: Pipeline, micro_batch: MicroBatch) -> torch.Tensor:
     """Loss of one micro-batch (B, T) pushed through the stages one after the other with
-    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32,
-    their shape first (under tensor parallelism a stage sends its sequence shard); each
-    stage takes its document ids from the micro-batch, which every rank holds. Every
-    tensor sent or received lives on `pipeline.device`: an NCCL group has no CPU backend."""
+    blocking send/recv; 0 on ranks without the last stage. Hidden states travel as fp32 in
+    the shape both ranks know (`_activation_shape`: no shape is sent, which the receiver
+    would have to read on the host); each stage takes its document ids from the micro-batch,
+    which every rank holds. Every tensor sent or received lives on `pipeline.device`: an
+    NCCL group has no CPU backend."""
     inputs, targets, documents = micro_batch
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
@@ -345,19 +347,28 @@ def _sequential_forward_loss(pipeline: Pipeline, micro_batch: MicroBatch) -> tor
         if stage == 0:
             hidden = inputs.to(device)
         elif owner[stage - 1] != me:
-            shape = torch.empty(3, dtype=torch.int64, device=device)
-            dist.recv(shape, group=pipeline.group, group_src=owner[stage - 1])
-            hidden = torch.empty(*shape.tolist(), device=device)
+            hidden = torch.empty(_activation_shape(modules[stage], inputs), device=device)
             dist.recv(hidden, group=pipeline.group, group_src=owner[stage - 1])
         hidden = modules[stage](hidden, document_ids=documents)
         if stage == num_stages - 1:
             loss = full_value(pipeline.loss_fn(hidden, targets.to(device))).float()
         elif owner[stage + 1] != me:
-            dist.send(torch.tensor(hidden.shape, dtype=torch.int64, device=device),
-                      group=pipeline.group, group_dst=owner[stage + 1])
             dist.send(hidden.float().contiguous(), group=pipeline.group,
                       group_dst=owner[stage + 1])
     return loss
+
+
+def _activation_shape(module: nn.Module, inputs: torch.Tensor) -> tuple[int, int, int]:
+    """(B, T, d) of the hidden states a stage hands the next for a micro-batch of `inputs`
+    (B, T): under tensor parallelism this rank's sequence shard, T / tp
+    (parallel/tensor_parallel.py), tp read from the stage's own DTensor weights."""
+    tp = 1
+    for param in module.parameters():
+        if isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ()):
+            tp = param.device_mesh["tp"].size()
+            break
+    batch, positions = inputs.shape
+    return batch, positions // tp, cast(Transformer, module).cfg.d_model
 
 
 @torch.no_grad()
