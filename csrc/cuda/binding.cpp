@@ -2,7 +2,7 @@
 // ATen, then the .cu launchers (launchers.h) on the current stream. Compiled only when
 // torch has CUDA (extension.py); the row layout, dtype promotion and blocking follow the
 // CPU files, so both devices give the same results up to summation order.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -24,7 +24,7 @@ cuda::DType kernel_dtype(at::ScalarType dtype) {
   }
 }
 
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::ScalarType checked_rms_norm_dtype(const at::Tensor& x, const at::Tensor& weight) {
   check_rms_norm_inputs(x, weight);
