@@ -29,7 +29,7 @@ from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.context_parallel import check_cp_impl
 from scaleforge.parallel.expert_parallel import check_expert_parallel
 from scaleforge.parallel.expert_tensor_parallel import check_expert_tensor_parallel
-from scaleforge.parallel.layout import check_layout
+from scaleforge.parallel.layout import check_layout_model, layout_dims
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
 from scaleforge.parallel.pipeline_schedules import validate_pipeline
@@ -270,12 +270,13 @@ def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
     return cfg.trainer.global_batch_tokens // tokens_per_micro_batch
 
 
-def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batches: int) -> None:
+def _validate_pipeline(cfg: Config, dims: ParallelDims, micro_batches: int) -> None:
     """The pipeline's rules (parallel.pipeline.validate_pipeline) and the layout's:
     zero-bubble schedules need stages without tensor parallelism, selective checkpointing
     or FSDP resharding after forward; evaluation runs whole schedule rounds on every
     data-parallel rank."""
     p = cfg.parallel
+    pp, tp, dp_size, dp_shard = dims.pp, dims.tp, dims.dp_size, dims.dp_shard
     validate_pipeline(cfg.model, pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
                       p.pp_layers_per_stage)
     if tp > 1 and PIPELINE_SCHEDULES[p.pp_schedule].splits_backward:
@@ -303,7 +304,6 @@ def _validate_pipeline(cfg: Config, pp: int, tp: int, dp_size: int, micro_batche
             "sharded separately and would hold two diverging copies of the tied weight; set "
             "model.tie_embeddings=false, or run the pipeline without tp and dp"
         )
-    dp_shard = cfg.parallel.dp_shard if cfg.parallel.dp_shard != -1 else dp_size
     if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward and dp_shard > 1
             and p.fsdp_reshard_after_forward):
         # Measured: weights off by 5e-3 after 3 steps (pp2 x dp_shard2, ZBVZeroBubble).
@@ -334,14 +334,15 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     Returns the layout's sizes, for `parallel.topology.init_topology`.
     """
     problems = ErrorCollector()
-    fields_ok = [problems.run(getattr(cfg, name).check, name)
-                 for name in ("model", "data", "trainer", "optim", "checkpoint", "logging")]
+    ok = {name: problems.run(getattr(cfg, name).check, name)
+          for name in ("model", "data", "trainer", "optim", "checkpoint", "logging",
+                       "parallel")}
     for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_device,
                  _check_rope_per_document):
         problems.run(rule, cfg)
     layout: list[ParallelDims] = []
-    if all(fields_ok):  # the layout's arithmetic needs valid sizes
-        problems.run(lambda: layout.append(_validate_layout(cfg, world_size)))
+    if problems.run(lambda: layout.append(layout_dims(cfg.parallel, world_size))):
+        _validate_layout(cfg, layout[0], ok, problems)
     problems.raise_if_any()
     return layout[0]
 
@@ -393,24 +394,39 @@ def _check_rope_per_document(cfg: Config) -> None:
         )
 
 
-def _validate_layout(cfg: Config, world_size: int) -> ParallelDims:
-    """The layout's rules: sizes, batch split, pipeline, fp16 and the backend."""
-    dims = check_layout(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
-    check_expert_parallel(cfg.parallel.ep, dims, cfg.model)
-    check_expert_tensor_parallel(cfg.parallel.etp, dims.tp, cfg.model)
-    check_cp_impl(cfg.parallel.cp_impl, dims, cfg.model, cfg.data.document_masking,
-                  resolve_device(cfg.trainer.device).type)
-    micro_batches = micro_batches_per_step(cfg, dp_size=dims.dp_size)
-    if dims.pp > 1:
-        _validate_pipeline(cfg, dims.pp, dims.tp, dims.dp_size, micro_batches)
+def _validate_layout(cfg: Config, dims: ParallelDims, ok: dict[str, bool],
+                     problems: ErrorCollector) -> None:
+    """The layout's rules, each where the settings it reads passed their own checks: the
+    model against tp and cp, experts, the batch split, the pipeline, fp16, the backend."""
+    model_ok, data_ok, trainer_ok = ok["model"], ok["data"], ok["trainer"]
+    parallel_ok = ok["parallel"]
+    if model_ok and data_ok:
+        problems.run(check_layout_model, dims, cfg.model, cfg.data.seq_len)
+    if model_ok:
+        problems.run(check_expert_parallel, cfg.parallel.ep, dims, cfg.model)
+        problems.run(check_expert_tensor_parallel, cfg.parallel.etp, dims.tp, cfg.model)
+    if model_ok and data_ok and trainer_ok and parallel_ok:
+        problems.run(lambda: check_cp_impl(cfg.parallel.cp_impl, dims, cfg.model,
+                                           cfg.data.document_masking,
+                                           resolve_device(cfg.trainer.device).type))
+    micro_batches: list[int] = []
+    if data_ok and trainer_ok and problems.run(
+            lambda: micro_batches.append(micro_batches_per_step(cfg, dims.dp_size))):
+        if dims.pp > 1 and model_ok and parallel_ok:
+            problems.run(_validate_pipeline, cfg, dims, micro_batches[0])
+    if trainer_ok:
+        problems.run(_check_parallel_precision, cfg, dims)
+        if dims.world_size > 1 and parallel_ok:
+            problems.run(lambda: check_backend(cfg.parallel.backend,
+                                               resolve_device(cfg.trainer.device)))
+
+
+def _check_parallel_precision(cfg: Config, dims: ParallelDims) -> None:
     if cfg.trainer.precision == "fp16" and dims.world_size > 1:
         raise ConfigError(
             f"trainer.precision=fp16 with {dims.world_size} processes: loss scaling over sharded "
             "gradients is not supported; use trainer.precision=bf16 for parallel layouts"
         )
-    if dims.world_size > 1:
-        check_backend(cfg.parallel.backend, resolve_device(cfg.trainer.device))
-    return dims
 
 
 def build_plan(cfg: Config, dp_size: int = 1) -> BuildPlan:

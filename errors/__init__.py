@@ -74,22 +74,24 @@ class TrainingDivergedError(RuntimeError):
 
 
 def exit_on_config_error(task: Callable[..., T], *args: Any,
-                         on_error: Callable[[BaseException], None] | None = None) -> T:
+                         on_error: Callable[[BaseException, int], None] | None = None) -> T:
     """Run `task(*args)`; print a ConfigError as one `error:` line (ConfigErrors as one line
     per problem) and exit with 2, a TrainingDivergedError likewise with 3.
 
     Under torchrun every rank raises the same error (validation runs before any process
     group exists; the non-finite decision is agreed over all ranks); only rank 0 ($RANK)
-    prints it, and every rank exits with the same status. `on_error(error)` runs first on
-    every rank (sf-train records the error for torchrun's summary).
+    prints it, and every rank exits with the same status. `on_error(error, status)` runs on
+    every rank after the printing, before the exit (sf-train records the error for
+    torchrun's summary and waits for the other ranks, so that all exit with `status`).
     """
     try:
         return task(*args)
     except (ConfigError, TrainingDivergedError) as error:
-        if on_error is not None:
-            on_error(error)
         if int(os.environ.get("RANK", 0)) == 0:
             lines = messages_of(error) if isinstance(error, ConfigError) else [str(error)]
             for line in lines:
                 print(f"error: {line}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(error, ConfigError) else 3)
+        status = 2 if isinstance(error, ConfigError) else 3
+        if on_error is not None:
+            on_error(error, status)
+        sys.exit(status)

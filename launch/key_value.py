@@ -72,7 +72,7 @@ def parse_settings(schema: type[T], arguments: list[str], command: str) -> T:
         try:
             config = OmegaConf.merge(config, _argument_config(key, text, types[key]))
         except (OmegaConfBaseException, yaml.YAMLError):
-            problem = f"{key}={text!r} is not {_described(types[key])}"
+            problem = f"{key}={text!r} is not {described(types[key])}"
             raise ConfigError(f"{command}: {problem}") from None
     # An empty `key=` leaves a required setting missing too.
     missing = [f for f in declared.values() if _has_no_default(f)
@@ -125,7 +125,7 @@ def _merge_preset(config: DictConfig, directory: str, key: str, name: str,
     return merged
 
 
-def _described(kind: Any) -> str:
+def described(kind: Any) -> str:
     """What a value of type `kind` is, in words: "a number or null", "a list[float], ..."."""
     if str(kind).startswith("list"):
         return f"a {kind}, written [a,b,c]"

@@ -113,10 +113,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     exit_on_config_error(train, cfg, on_error=_record_for_torchrun)
 
 
-def _record_for_torchrun(error: BaseException) -> None:
-    """Write `error` into torchrun's error file ($TORCHELASTIC_ERROR_FILE, the format of
-    torch.distributed.elastic's ErrorHandler), so torchrun's failure summary shows its
-    `error:` lines where it would show a traceback (nothing when run alone)."""
+def _record_for_torchrun(error: BaseException, status: int) -> None:
+    """Under torchrun: write `error` into torchrun's error file ($TORCHELASTIC_ERROR_FILE,
+    the format of torch.distributed.elastic's ErrorHandler), so torchrun's failure summary
+    shows its `error:` lines where it would show a traceback, then exit with the other ranks
+    (`_exit_with_the_other_ranks`). Nothing when run alone."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
@@ -126,6 +127,35 @@ def _record_for_torchrun(error: BaseException) -> None:
                           "extraInfo": {"py_callstack": text,
                                         "timestamp": str(int(time.time()))}}}
     Path(path).write_text(json.dumps(record))
+    _exit_with_the_other_ranks(status)
+
+
+def _exit_with_the_other_ranks(status: int, wait_s: float = 60) -> None:
+    """Wait (at most `wait_s`) until every rank has reached its error exit, counted in
+    torchrun's own key-value store, and from then on answer torchrun's SIGTERM with
+    `status`: torchrun terminates the others as soon as one rank exits, so without this a
+    rank still validating ends with -15 instead of the error's status."""
+    import signal
+    from datetime import timedelta
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from torch.distributed import TCPStore
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    key = (f"scaleforge/exiting/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}")
+    try:
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timedelta(seconds=wait_s))
+        arrived = store.add(key, 1)
+        deadline = time.monotonic() + wait_s
+        while arrived < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            arrived = store.add(key, 0)
+    except (RuntimeError, KeyError, ValueError):
+        return  # no store to count in: exit now
 
 
 def main() -> None:
@@ -135,9 +165,10 @@ def main() -> None:
 
         print(train_help(__doc__ or "", [a for a in arguments if not a.startswith("-")]))
         return
-    from scaleforge.launch.train_help import check_override_keys
+    from scaleforge.core.config import Config
+    from scaleforge.launch.overrides import check_overrides
 
-    exit_on_config_error(check_override_keys, arguments)
+    exit_on_config_error(check_overrides, arguments, Config, on_error=_record_for_torchrun)
     if int(os.environ.get("RANK", 0)) != 0:
         sys.argv.extend(_NON_ZERO_RANK_OVERRIDES)
     _hydra_main()

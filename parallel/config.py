@@ -28,7 +28,9 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size (Megatron's column/row split)
     pp: int = 1  # pipeline-parallel stages
     dp_replicate: int = 1  # data-parallel replicas (HSDP's replicate axis)
-    dp_shard: int = 1  # FSDP shards per replica; -1: the rest of the world
+    # FSDP shards per replica; -1 (default): the rest of the world, so torchrun with N
+    # processes and no other size shards data parallel over all N (torchtitan's default).
+    dp_shard: int = -1
     cp: int = 1  # context-parallel ranks each sequence is split over
     # How cp attends over the group: allgather (K/V all-gathered, any device) or torch
     # (torch's context-parallel SDPA, K/V shards passed round the ring; CUDA, causal only).
@@ -55,6 +57,15 @@ class ParallelConfig:
     def check(self, prefix: str = "parallel") -> None:
         """Raise ConfigError (the setting, its value, the fix) for a size < 1 (other than
         dp_shard=-1), an unknown pipeline schedule, backend or cp_impl, a timeout <= 0."""
+        self.check_sizes(prefix)
+        schedule_spec(self.pp_schedule)
+        check_choice(f"{prefix}.backend", self.backend, BACKENDS)
+        check_choice(f"{prefix}.cp_impl", self.cp_impl, CP_IMPLS)
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{prefix}.timeout_s={self.timeout_s} must be positive (seconds)")
+
+    def check_sizes(self, prefix: str = "parallel") -> None:
+        """Raise ConfigError for a size < 1 (other than dp_shard=-1)."""
         for name in ("tp", "pp", "dp_replicate", "cp", "ep", "etp", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
@@ -63,8 +74,3 @@ class ParallelConfig:
                 f"{prefix}.dp_shard={self.dp_shard} must be at least 1, or -1 for the rest of "
                 "the world"
             )
-        schedule_spec(self.pp_schedule)
-        check_choice(f"{prefix}.backend", self.backend, BACKENDS)
-        check_choice(f"{prefix}.cp_impl", self.cp_impl, CP_IMPLS)
-        if self.timeout_s <= 0:
-            raise ConfigError(f"{prefix}.timeout_s={self.timeout_s} must be positive (seconds)")

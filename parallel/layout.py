@@ -17,12 +17,16 @@ from scaleforge.parallel.topology import ParallelDims
 def _resolve_dp_shard(parallel: ParallelConfig, world_size: int) -> int:
     if parallel.dp_shard != -1:
         return parallel.dp_shard
+    sizes = {name: getattr(parallel, name) for name in ("tp", "pp", "dp_replicate", "cp")}
     others = parallel.tp * parallel.pp * parallel.dp_replicate * parallel.cp
-    if others <= 0 or world_size % others:
+    if world_size % others:
+        named = [f"parallel.{name}={size}" for name, size in sizes.items() if size > 1]
+        product = " x ".join(named) + (f" = {others}" if len(named) > 1 else "")
         raise ConfigError(
-            f"parallel.dp_shard=-1 takes the rest of the world, but the world size {world_size} "
-            f"is not a multiple of tp x pp x dp_replicate x cp = {others}; set the sizes so "
-            "their product divides the number of processes"
+            f"the world size {world_size} (WORLD_SIZE) is not a multiple of {product}, so "
+            f"parallel.dp_shard=-1 (the rest of the world) has no size; start {others} "
+            f"processes (torchrun --nproc-per-node {others}) or a multiple, or lower those "
+            f"sizes until their product divides {world_size}"
         )
     return world_size // others
 
@@ -34,30 +38,52 @@ def _divides(setting: str, size: int, target_name: str, target: int, fix: str) -
         )
 
 
-def check_layout(
-    parallel: ParallelConfig, model: TransformerConfig, seq_len: int, world_size: int
-) -> ParallelDims:
-    """Validate the layout against the world size, the model and the sequence length (the
-    data.seq_len setting); return its sizes.
-
-    Raises ConfigError (one line: the setting, its value, the fix) for a bad field
-    (`ParallelConfig.check`), a product that is not WORLD_SIZE, tp not dividing the heads,
-    kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence length
-    that does not split into 2 x cp (x tp) equal chunks or an attention kernel without a
-    context-parallel form (asked of the kernel). The pipeline's own rules (stages,
-    layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`, called by
-    `core.config.validate`.
-    """
-    parallel.check()
+def layout_dims(parallel: ParallelConfig, world_size: int) -> ParallelDims:
+    """The layout's sizes for `world_size` processes (dp_shard=-1 resolved); ConfigError
+    for a size < 1 or a product that is not the world size. The other fields' checks are
+    `ParallelConfig.check`."""
+    parallel.check_sizes()
     p = parallel
     dims = ParallelDims(p.tp, p.pp, p.dp_replicate, _resolve_dp_shard(p, world_size), p.cp)
     if dims.world_size != world_size:
         raise ConfigError(
             f"parallel.tp x pp x dp_replicate x dp_shard x cp = {dims.tp} x {dims.pp} x "
             f"{dims.dp_replicate} x {dims.dp_shard} x {dims.cp} = {dims.world_size} does not "
-            f"match the world size {world_size} (WORLD_SIZE); make the product equal the number "
-            "of processes, or set parallel.dp_shard=-1"
+            f"match the world size {world_size} (WORLD_SIZE); {_product_fix(dims, world_size)}"
         )
+    return dims
+
+
+def _product_fix(dims: ParallelDims, world_size: int) -> str:
+    """The change that makes the product the world size: dp_shard=-1 where the other sizes
+    divide it, else the processes to start or the sizes to lower."""
+    others = dims.tp * dims.pp * dims.dp_replicate * dims.cp
+    if world_size % others == 0:
+        return (f"set parallel.dp_shard={world_size // others} (or -1: the rest of the "
+                "world)")
+    return (f"tp x pp x dp_replicate x cp = {others} does not divide {world_size}: start a "
+            f"multiple of {others} processes (torchrun --nproc-per-node), or lower those "
+            "sizes")
+
+
+def check_layout(
+    parallel: ParallelConfig, model: TransformerConfig, seq_len: int, world_size: int
+) -> ParallelDims:
+    """Validate the layout against the world size, the model and the sequence length (the
+    data.seq_len setting); return its sizes (`layout_dims`, then `check_layout_model`)."""
+    parallel.check()
+    dims = layout_dims(parallel, world_size)
+    check_layout_model(dims, model, seq_len)
+    return dims
+
+
+def check_layout_model(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> None:
+    """Raise ConfigError (one line: the setting, its value, the fix) for tp not dividing the
+    heads, kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence
+    length that does not split into 2 x cp (x tp) equal chunks or an attention kernel
+    without a context-parallel form (asked of the kernel). The pipeline's own rules (stages, layers, micro-batches) are
+    `parallel.pipeline_schedules.validate_pipeline`, called by `core.config.validate`.
+    """
     if dims.tp > 1:
         tp_fix = "pick a parallel.tp that divides it"
         _divides("parallel.tp", dims.tp, "model.n_heads", model.n_heads, tp_fix)
@@ -77,7 +103,6 @@ def check_layout(
                  "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
     if dims.cp > 1:
         _check_context_parallel(dims, model, seq_len)
-    return dims
 
 
 def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> None:

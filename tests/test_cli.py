@@ -179,6 +179,38 @@ def test_three_mistakes_are_three_error_lines_in_one_start(tmp_path, stdlib_over
         "error: trainer.precision", "error: optim.schedule", "error: data.seq_len"]
 
 
+def test_the_issues_three_mistakes_across_sections_are_three_error_lines(tmp_path):
+    """A model field, an optimizer field and the batch rule (which needs the layout) fail
+    together: every section is checked whatever else failed."""
+    result = run_tool("sf-train", "+experiment=demo", "model.n_heads=3", "optim.lr=-1",
+                      "trainer.micro_batch_size=7", "logging.wandb=disabled", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert "model.n_heads" in lines[0] and "optim.lr" in lines[1]
+    assert "trainer.micro_batch_size" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=llama_7"], ["error: model=llama_7 is not a preset of configs/model/; did you "
+                             "mean llama_7b?"]),
+        (["optim.lr=abc"], ["error: optim.lr=abc is not a number"]),
+        (["model=llama_7", "optim.lr=abc", "+experiment=dem", "trainer.max_step=3"],
+         ["error: model=llama_7 is not a preset of configs/model/; did you mean llama_7b?",
+          "error: optim.lr=abc is not a number",
+          "error: experiment=dem is not a preset of configs/experiment/; did you mean demo?",
+          "error: trainer.max_step is not a setting; did you mean trainer.max_steps?"]),
+    ],
+)
+def test_a_wrong_preset_or_type_is_one_line_with_the_nearest_name(tmp_path, overrides,
+                                                                  expected):
+    result = run_tool("sf-train", *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == expected
+
+
 @pytest.mark.parametrize(
     ("command", "described"),
     [

@@ -81,8 +81,36 @@ def test_invalid_setting_is_named_in_one_line(overrides, named):
 
 
 def test_world_size_must_match_the_layout():
-    with pytest.raises(ConfigError, match="world size 2"):
-        validate(to_config(compose()), world_size=2)
+    with pytest.raises(ConfigError, match="world size 2") as info:
+        validate(to_config(compose(["parallel.dp_shard=1"])), world_size=2)
+    assert "set parallel.dp_shard=2 (or -1" in str(info.value)
+
+
+def test_dp_shard_defaults_to_the_rest_of_the_world():
+    assert validate(to_config(compose()), world_size=2).dp_shard == 2
+    assert validate(to_config(compose(["parallel.tp=2"])), world_size=4).dp_shard == 2
+
+
+def test_a_layout_the_world_cannot_hold_is_not_told_to_set_dp_shard():
+    """tp=4 on 2 processes: no dp_shard fixes it; the message says what does."""
+    for overrides in (["parallel.tp=4"], ["parallel.tp=4", "parallel.dp_shard=1"]):
+        with pytest.raises(ConfigError) as info:
+            validate(to_config(compose(overrides)), world_size=2)
+        message = str(info.value)
+        assert "dp_shard=-1" not in message.split(";")[-1], message
+        assert "4 processes" in message or "multiple of 4" in message, message
+
+
+def test_every_section_is_checked_whatever_else_failed():
+    """A model field, a parallel field, the optimizer and the batch rule, all at once."""
+    cfg = to_config(compose(["model.n_heads=3", "optim.lr=-1", "trainer.micro_batch_size=7",
+                             "parallel.backend=mpi"]))
+    with pytest.raises(ConfigErrors) as info:
+        validate(cfg)
+    messages = info.value.messages
+    for named in ("model.n_heads", "optim.lr", "parallel.backend",
+                  "trainer.global_batch_tokens"):
+        assert sum(named in m for m in messages) == 1, (named, messages)
 
 
 def test_micro_batches_per_step_fills_the_global_batch():

@@ -59,6 +59,17 @@ def test_torchrun_pp2_trains_end_to_end_and_gathers_every_stage(tmp_path, stdlib
     _check_run(run_dir, 3)  # layer 0 from pp rank 0, the head from pp rank 1
 
 
+def test_torchrun_without_parallel_settings_shards_data_parallel_over_every_process(
+        tmp_path, stdlib_overrides):
+    """parallel.dp_shard defaults to -1: FSDP over the whole world, as torchtitan does."""
+    run_dir = tmp_path / "run"
+    result = _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), *TRAIN,
+                       *SMALL_RUN, *stdlib_overrides, f"run_dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout pp 1 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 1" in result.stdout
+    _check_run(run_dir, 3)
+
+
 def test_two_nodes_meet_through_c10d_rendezvous_and_train_together(tmp_path, stdlib_overrides):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [
@@ -82,6 +93,7 @@ def test_two_nodes_meet_through_c10d_rendezvous_and_train_together(tmp_path, std
     [
         (["parallel.tp=3"], "parallel.tp"),
         (["parallel.tp=2", "parallel.pp_schedule=ZigZag"], "parallel.pp_schedule"),
+        (["model=llama_7"], "did you mean llama_7b?"),
     ],
 )
 def test_bad_layout_under_torchrun_stops_every_rank_with_one_error_line(tmp_path, overrides,
@@ -93,11 +105,11 @@ def test_bad_layout_under_torchrun_stops_every_rank_with_one_error_line(tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and named in errors[0], result.stderr[-3000:]
     assert "ConfigError" not in result.stderr  # no Python traceback from our ranks
-    # torchrun's summary lists every rank as failed: with the ConfigError's status 2, or
-    # SIGTERM when torchrun stopped it first after the other rank's exit.
+    # torchrun's summary lists every rank as failed with the ConfigError's status 2 (none
+    # with SIGTERM's -15: each rank waits for the others before it exits).
     for rank in (0, 1):
         assert f"rank      : {rank} (local_rank: {rank})" in result.stderr
-    assert "exitcode  : 2" in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -20,7 +20,8 @@ from scaleforge.parallel.topology import MESH_DIMS, check_backend
 @pytest.mark.parametrize(
     ("overrides", "world_size", "named"),
     [
-        (["parallel.tp=2"], 4, "world size 4"),
+        (["parallel.tp=2", "parallel.dp_shard=1"], 4, "world size 4"),
+        (["parallel.tp=4"], 2, "start 4 processes (torchrun --nproc-per-node 4)"),
         (["parallel.dp_shard=3"], 2, "parallel.tp x pp x dp_replicate x dp_shard"),
         (["parallel.tp=3"], 3, "model.n_heads=4"),
         (["parallel.tp=4", "model.n_kv_heads=2"], 4, "model.n_kv_heads=2"),
