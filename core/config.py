@@ -259,15 +259,32 @@ def to_config(cfg: DictConfig | ListConfig | Config) -> Config:
 
 def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
     """Gradient-accumulation steps per optimizer step for `dp_size` data-parallel ranks."""
-    tokens_per_micro_batch = cfg.trainer.micro_batch_size * cfg.data.seq_len * dp_size
-    if cfg.trainer.global_batch_tokens % tokens_per_micro_batch:
+    t = cfg.trainer
+    tokens_per_micro_batch = t.micro_batch_size * cfg.data.seq_len * dp_size
+    if t.global_batch_tokens % tokens_per_micro_batch:
         raise ConfigError(
-            f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} is not a multiple of "
+            f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
             f"trainer.micro_batch_size x data.seq_len x data-parallel size = "
-            f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} x {dp_size} = "
-            f"{tokens_per_micro_batch}; set trainer.global_batch_tokens to a multiple of it"
+            f"{t.micro_batch_size} x {cfg.data.seq_len} x {dp_size} = "
+            f"{tokens_per_micro_batch}; {_batch_fix(cfg, dp_size, tokens_per_micro_batch)}"
         )
-    return cfg.trainer.global_batch_tokens // tokens_per_micro_batch
+    return t.global_batch_tokens // tokens_per_micro_batch
+
+
+def _batch_fix(cfg: Config, dp_size: int, tokens_per_micro_batch: int) -> str:
+    """The settings that make the global batch split into micro-batches: the nearest
+    multiple for global_batch_tokens and, where the batch is whole sequences on every
+    data-parallel rank, the largest micro_batch_size that divides them."""
+    t = cfg.trainer
+    micro_batches = max(1, round(t.global_batch_tokens / tokens_per_micro_batch))
+    fix = (f"set trainer.global_batch_tokens={micro_batches * tokens_per_micro_batch} "
+           f"({micro_batches} micro-batch{'es' if micro_batches > 1 else ''})")
+    sequences, rest = divmod(t.global_batch_tokens, cfg.data.seq_len * dp_size)
+    if not rest and sequences:
+        size = max(d for d in range(1, min(t.micro_batch_size, sequences) + 1)
+                   if sequences % d == 0)
+        fix += f" or trainer.micro_batch_size={size}"
+    return fix
 
 
 def _validate_pipeline(cfg: Config, dims: ParallelDims, micro_batches: int) -> None:

@@ -31,11 +31,15 @@ from scaleforge.data_pipeline.samples import (
     document_ids,
 )
 from scaleforge.data_pipeline.sources import open_streaming_dataset
-from scaleforge.data_pipeline.split import val_fraction_for
+from scaleforge.data_pipeline.split import lowest_documents, val_fraction_for
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.data_pipeline.vocabulary import missing_shard_source
 from scaleforge.errors import ConfigError
+
+# Validation windows the advice for a too-small validation split aims at (evaluation then
+# reads more than one).
+_VAL_WINDOWS_WANTED = 4
 
 
 class _RankStream(IterableDataset):
@@ -306,22 +310,30 @@ def _check_validation_size(data_cfg: DataConfig, val_windows: int,
     if val_windows:
         return
     needed = data_cfg.seq_len + 1
-    if data_cfg.mode == "corpus":
-        raise ConfigError(
-            f"data.val_fraction={data_cfg.val_fraction}: the validation split holds fewer "
-            f"tokens than data.seq_len + 1 = {needed}; raise data.val_fraction or the corpus "
-            "size (data.max_corpus_bytes), or lower data.seq_len"
-        )
     manifests = [load_manifest(directory) for directory in directories]
     splits = [split for m in manifests for split in m["splits"].values()]
     total, documents = (sum(s[key] for s in splits) for key in ("tokens", "documents"))
-    fraction = val_fraction_for(4 * needed, total, documents)
+    lowest = lowest_documents([m.get("lowest_documents", []) for m in manifests])
+    # A few windows, so that evaluation reads more than one.
+    fraction = val_fraction_for(_VAL_WINDOWS_WANTED * needed + 1, manifests[0]["val_fraction"],
+                                lowest, total, documents)
+    val_tokens = sum(m["splits"]["val"]["tokens"] for m in manifests)
+    # A window reads seq_len + 1 tokens: a shorter one fits only if there are 2 or more.
+    shorter = (f", or lower data.seq_len to {val_tokens - 1} or less" if val_tokens > 1
+               else "")
+    if data_cfg.mode == "corpus":
+        raise ConfigError(
+            f"data.val_fraction={data_cfg.val_fraction}: the validation split holds "
+            f"{val_tokens} tokens, fewer than data.seq_len + 1 = {needed}; set "
+            f"data.val_fraction={fraction} (it holds out {_VAL_WINDOWS_WANTED} windows)"
+            f"{shorter}"
+        )
     raise ConfigError(
-        f"data.path: the validation split of {', '.join(map(str, directories))} holds fewer "
-        f"tokens than data.seq_len + 1 = {needed} (sf-preprocess shards held out "
-        f"val_fraction={manifests[0]['val_fraction']} of the documents); rerun sf-preprocess "
-        f"shards with val_fraction={fraction} into a new out= "
-        "directory, or lower data.seq_len"
+        f"data.path: the validation split of {', '.join(map(str, directories))} holds "
+        f"{val_tokens} tokens, fewer than data.seq_len + 1 = {needed} (sf-preprocess shards "
+        f"held out val_fraction={manifests[0]['val_fraction']} of the documents); rerun "
+        f"sf-preprocess shards with val_fraction={fraction} (it holds out "
+        f"{_VAL_WINDOWS_WANTED} windows) into a new out= directory{shorter}"
     )
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from scaleforge.data_pipeline.manifest import FORMAT_VERSION, MANIFEST, SPLITS
 from scaleforge.data_pipeline.sources import Document, read_documents, resolve_inputs
-from scaleforge.data_pipeline.split import is_validation
+from scaleforge.data_pipeline.split import hash_position, is_validation, lowest_documents
 from scaleforge.data_pipeline.token_file import index_path, token_dtype
 from scaleforge.data_pipeline.tokenizer import Tokenizer, file_sha256
 from scaleforge.errors import ConfigError
@@ -107,14 +107,17 @@ def tokenize_unit(out: str, settings: dict, unit_index: int, threads: int | None
         split: _ShardWriter(out_dir, split, unit_index, settings) for split in SPLITS
     }
     batch: list[Document] = []
+    lowest: list[list[float]] = []
     for path in unit:
         for document in read_documents(path, settings["source"]["text_field"]):
             batch.append(document)
             if len(batch) == _ENCODE_BATCH:
-                _write_batch(batch, tokenizer, writers, settings["val_fraction"], threads)
+                lowest = _write_batch(batch, tokenizer, writers, settings["val_fraction"],
+                                      threads, lowest)
                 batch = []
-    _write_batch(batch, tokenizer, writers, settings["val_fraction"], threads)
-    record = {"unit": unit, "splits": {split: writers[split].close() for split in SPLITS}}
+    lowest = _write_batch(batch, tokenizer, writers, settings["val_fraction"], threads, lowest)
+    record = {"unit": unit, "splits": {split: writers[split].close() for split in SPLITS},
+              "lowest_documents": lowest}
     _atomic_write_json(_record_path(out_dir / PARTIAL, unit_index), record)
     return record
 
@@ -184,13 +187,19 @@ class _ShardWriter:
 
 
 def _write_batch(batch: list[Document], tokenizer: Tokenizer, writers: dict,
-                 val_fraction: float, threads: int | None) -> None:
+                 val_fraction: float, threads: int | None,
+                 lowest: list[list[float]]) -> list[list[float]]:
+    """Write `batch` to its splits; return `lowest` updated with its documents' [hash
+    position, tokens] (`split.lowest_documents`)."""
     if not batch:
-        return
+        return lowest
     encoded = tokenizer.encode_many([d.text for d in batch], num_threads=threads)
+    positions = []
     for document, ids in zip(batch, encoded, strict=True):
         split = "val" if is_validation(document.text, val_fraction) else "train"
         writers[split].add(ids, document.where)
+        positions.append([hash_position(document.text), len(ids) + 1])
+    return lowest_documents([lowest, positions])
 
 
 def _run_units(job: ShardsJob, settings: dict, units: list[list[str]], pending: list[int],
@@ -276,6 +285,9 @@ def _write_manifest(out: Path, settings: dict, records: list[dict]) -> dict:
             "lower val_fraction"
         )
     manifest = {**settings, "splits": splits}
+    if all("lowest_documents" in record for record in records):  # older records lack it
+        manifest["lowest_documents"] = lowest_documents(
+            [record["lowest_documents"] for record in records])
     _atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return manifest

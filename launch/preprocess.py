@@ -68,10 +68,12 @@ def write_shards(job: shards.ShardsJob) -> None:
     if val_tokens < ENOUGH_VAL_TOKENS:
         splits = manifest["splits"].values()
         total, documents = (sum(s[key] for s in splits) for key in ("tokens", "documents"))
+        fraction = val_fraction_for(ENOUGH_VAL_TOKENS, job.val_fraction,
+                                    manifest.get("lowest_documents", []), total, documents)
         print(f"warning: validation holds {val_tokens:,} tokens, fewer than "
               f"{ENOUGH_VAL_TOKENS:,} (8 sequences of 1,024); rerun with "
-              f"val_fraction={val_fraction_for(ENOUGH_VAL_TOKENS, total, documents)} (now "
-              f"{job.val_fraction}) into a new out= directory", file=sys.stderr)
+              f"val_fraction={fraction} (now {job.val_fraction}) into a new out= directory",
+              file=sys.stderr)
 
 
 _HANDLERS: Handlers = {

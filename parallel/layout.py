@@ -96,7 +96,7 @@ def check_layout_model(dims: ParallelDims, model: TransformerConfig, seq_len: in
                  tp_fix)
         _divides(
             "parallel.tp", dims.tp, "model.vocab_size", model.vocab_size,
-            "the embedding and LM head are split by vocabulary rows; pad model.vocab_size up to "
+            "the embedding and LM head are split by vocabulary rows; set model.vocab_size="
             f"{-(-model.vocab_size // dims.tp) * dims.tp} (extra rows are never a target)",
         )
         _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,

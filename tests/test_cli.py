@@ -157,6 +157,57 @@ def test_preprocess_warns_about_a_small_validation_split(jsonl_corpus, tokenizer
     assert len(warning) == 1 and "rerun with val_fraction=0." in warning[0], result.stderr
 
 
+def _advised_val_fraction(text: str) -> str:
+    """The value of the last `val_fraction=` in `text` (a warning or an error line)."""
+    return text.rsplit("val_fraction=", 1)[1].split()[0]
+
+
+def test_a_small_corpus_goes_from_shards_to_training_following_only_printed_advice(
+        texts, tmp_path):
+    """~500 small files: sf-preprocess shards with the default val_fraction warns with the
+    fraction to rerun with; rerun so, training starts cleanly the first time. And the
+    training error for shards without validation names the fraction that fixes it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pieces = [text[start:start + 360] for text in texts for start in range(0, 3000, 360)]
+    for number, piece in enumerate(pieces[:494]):
+        (corpus / f"{number:03d}.txt").write_text(piece)
+    glob = f"input={corpus}/*.txt"
+    result = run_tool("sf-preprocess", "tokenizer", glob, "vocab_size=512", "out=tok",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool("sf-preprocess", "shards", glob, "tokenizer=tok", "out=shards/first",
+                      "progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = result.stderr.strip().splitlines()[-1]
+    assert warning.startswith("warning: validation holds"), result.stderr
+    fraction = _advised_val_fraction(warning)
+    assert float(fraction) > 0.01, warning
+    result = run_tool("sf-preprocess", "shards", glob, "tokenizer=tok", "out=shards/mine",
+                      f"val_fraction={fraction}", "progress=false", cwd=tmp_path)
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr[-3000:]
+    train = ["data=shards", "model=llama_micro", "trainer.max_steps=2",
+             "trainer.global_batch_tokens=1024", "logging.wandb=disabled"]
+    result = run_tool("sf-train", *train, "data.path=shards/mine", "run_dir=runs/mine",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Shards without validation: sf-train's error names the rerun that fixes it.
+    result = run_tool("sf-preprocess", "shards", glob, "tokenizer=tok", "out=shards/none",
+                      "val_fraction=0", "progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool("sf-train", *train, "data.path=shards/none", "run_dir=runs/none",
+                      cwd=tmp_path)
+    assert result.returncode == 2 and "rerun sf-preprocess shards with val_fraction=" in \
+        result.stderr, result.stderr[-3000:]
+    fraction = _advised_val_fraction(result.stderr)
+    result = run_tool("sf-preprocess", "shards", glob, "tokenizer=tok", "out=shards/fixed",
+                      f"val_fraction={fraction}", "progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool("sf-train", *train, "data.path=shards/fixed", "run_dir=runs/fixed",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_demo_without_evaluation_and_with_a_clamped_warmup(tmp_path, stdlib_overrides):
     result = run_tool("sf-train", "+experiment=demo", *stdlib_overrides, "data.vocab_size=1024",
                       "trainer.max_steps=5", "trainer.eval_every=0",

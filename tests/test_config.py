@@ -207,3 +207,41 @@ def test_data_summary_names_each_source_its_share_and_epochs(shard_dir):
     assert first == (f"{shard_dir} ({tokens:,} tokens, weight 0.70, "
                      f"{40_000 * 0.7 / tokens:.2f} epochs)")
     assert "weight 0.30" in second and line.endswith("this run reads 40,000 tokens")
+
+
+def _fixes(message: str) -> list[str]:
+    """The key=value settings an error message's hint names after "set" (each "or" one
+    alternative), e.g. ['trainer.global_batch_tokens=8960', 'trainer.micro_batch_size=4']."""
+    hint = message.rsplit("; ", 1)[-1]
+    return [word.rstrip(",;)") for word in hint.replace("(", " ").split()
+            if "=" in word and word.split("=")[0].count(".") >= 1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size"),
+    [
+        (["trainer.micro_batch_size=7"], 1),  # the issue's batch that does not split
+        (["trainer.global_batch_tokens=1000"], 1),
+        (["trainer.micro_batch_size=3", "parallel.dp_shard=1", "parallel.dp_replicate=2"], 2),
+        (["parallel.dp_shard=1"], 2),  # a product below the world size
+        (["parallel.dp_shard=3"], 2),
+        (["parallel.tp=2", "model.vocab_size=4097"], 2),
+    ],
+)
+def test_each_hint_followed_fixes_the_error(overrides, world_size):
+    """Every alternative a message offers, applied alone, validates."""
+    with pytest.raises(ConfigError) as info:
+        validate(to_config(compose(overrides)), world_size)
+    messages = info.value.messages if isinstance(info.value, ConfigErrors) else [
+        str(info.value)]
+    assert len(messages) == 1, messages
+    fixes = _fixes(messages[0])
+    assert fixes, messages[0]
+    for fix in fixes:
+        validate(to_config(compose([*overrides, fix])), world_size)
+
+
+def test_a_layout_hint_to_start_more_processes_fixes_it():
+    with pytest.raises(ConfigError, match=r"start 2 processes \(torchrun --nproc-per-node 2\)"):
+        validate(to_config(compose(["parallel.tp=2"])), 1)
+    validate(to_config(compose(["parallel.tp=2"])), 2)

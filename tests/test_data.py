@@ -21,7 +21,7 @@ from scaleforge.data_pipeline.samples import (
     TokenWindows,
     document_ids,
 )
-from scaleforge.data_pipeline.split import val_fraction_for
+from scaleforge.data_pipeline.split import hash_position, lowest_documents, val_fraction_for
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
@@ -412,7 +412,26 @@ def test_empty_shards_validation_split_names_sf_preprocess_val_fraction(shard_di
     assert "held out val_fraction=0.1" in message and "data.val_fraction" not in message
 
 
-def test_val_fraction_for_covers_tokens_and_whole_documents():
-    assert val_fraction_for(8200, 100_000, 1000) == 0.16
-    assert val_fraction_for(100, 100_000, 60) == 0.05  # three of 60 documents
-    assert val_fraction_for(10**6, 100_000, 60) == 0.5
+def test_val_fraction_advice_holds_out_the_tokens_asked_for_and_never_less_than_now(texts):
+    """Computed from the recorded hash positions: the advised fraction puts at least the
+    tokens asked for in validation, is not below the fraction that held out too few, and
+    overshoots by the rounding to two significant figures only."""
+    documents = [[hash_position(text), len(text) // 4] for text in texts]
+    for needed, current in ((1000, 0.01), (5000, 0.01), (200, 0.3)):
+        fraction = val_fraction_for(needed, current, lowest_documents([documents]),
+                                    sum(t for _, t in documents), len(documents))
+        held = sum(tokens for position, tokens in documents if position < fraction)
+        assert held >= needed and fraction >= current, (needed, fraction, held)
+        held_at, threshold = 0, 0.0
+        for threshold, tokens in sorted(documents):
+            held_at += tokens
+            if held_at >= needed:
+                break
+        assert fraction <= max(current, 1.1 * threshold + 1e-4), (fraction, threshold)
+    # not enough text in the corpus at all: at most half of it
+    assert val_fraction_for(10**9, 0.01, lowest_documents([documents]), 1, 60) == 0.5
+    # manifests without recorded positions: an estimate, at least twice the fraction now
+    assert val_fraction_for(8200, 0.01, [], 100_000, 494) == 0.17
+    assert val_fraction_for(100, 0.01, [], 10**9, 494) == 0.02
+
+

@@ -26,7 +26,7 @@ from scaleforge.parallel.topology import MESH_DIMS, check_backend
         (["parallel.tp=3"], 3, "model.n_heads=4"),
         (["parallel.tp=4", "model.n_kv_heads=2"], 4, "model.n_kv_heads=2"),
         (["parallel.tp=2", "model.vocab_size=513", "data.vocab_size=500"], 2,
-         "pad model.vocab_size up to 514"),
+         "set model.vocab_size=514"),
         (["parallel.tp=2", "data.seq_len=63"], 2, "data.seq_len=63"),
         (["parallel.pp=3", "model.n_layers=2"], 3, "model.n_layers=2"),
         (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], 2, "parallel.pp_stages_per_rank"),

@@ -242,7 +242,7 @@ def test_interrupted_preprocessing_resumes_and_produces_identical_shards(
     (out / "manifest.json").unlink()
     partial = out / ".partial"
     partial.mkdir()
-    settings = {k: v for k, v in manifest.items() if k != "splits"}
+    settings = {k: v for k, v in manifest.items() if k not in ("splits", "lowest_documents")}
     (partial / "settings.json").write_text(json.dumps(settings))
     record_units = {"unit": manifest["source"]["units"][0], "splits": {
         split: [s for s in manifest["splits"][split]["shards"] if s["file"].split("/")[1]
@@ -253,7 +253,9 @@ def test_interrupted_preprocessing_resumes_and_produces_identical_shards(
     (out / "train" / "00002-000.bin.tmp").write_bytes(b"\x00" * 5)
     resumed = write_shards(job(jsonl_corpus, tokenizer_dir, out, workers=2, shard_tokens=20_000,
                                unit_bytes=1))
-    assert resumed == manifest
+    # unit 0's record, written as before the hash positions were recorded, has none: the
+    # manifest then has none either (the val_fraction advice falls back to an estimate)
+    assert resumed == {k: v for k, v in manifest.items() if k != "lowest_documents"}
     for split in ("train", "val"):
         assert np.array_equal(shard_tokens(str(out), split), shard_tokens(shard_dir, split))
     assert not partial.exists()
