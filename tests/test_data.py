@@ -422,11 +422,9 @@ def test_val_fraction_advice_holds_out_the_tokens_asked_for_and_never_less_than_
                                     sum(t for _, t in documents), len(documents))
         held = sum(tokens for position, tokens in documents if position < fraction)
         assert held >= needed and fraction >= current, (needed, fraction, held)
-        held_at, threshold = 0, 0.0
-        for threshold, tokens in sorted(documents):
-            held_at += tokens
-            if held_at >= needed:
-                break
+        ordered = sorted(documents)
+        cumulative = np.cumsum([tokens for _, tokens in ordered])
+        threshold = ordered[int(np.searchsorted(cumulative, needed))][0]
         assert fraction <= max(current, 1.1 * threshold + 1e-4), (fraction, threshold)
     # not enough text in the corpus at all: at most half of it
     assert val_fraction_for(10**9, 0.01, lowest_documents([documents]), 1, 60) == 0.5
