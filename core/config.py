@@ -132,6 +132,9 @@ class TrainerConfig:
     # Build everything (layout, model shards, optimizer, loaders, resume), report each rank's
     # memory and exit before step 1 (planner/dry_run.py).
     dry_run: bool = False
+    # With dry_run: the GPU (h100, h200, a100, b200; planner/hardware.py) whose usable memory
+    # the largest rank's total is compared with, as sf-plan counts it; null: none.
+    dry_run_gpu: str | None = None
     # Report the validation loss and perplexity of the weights of trainer.init_from (or of
     # the checkpoint resumed) on this data config, and exit without training.
     eval_only: bool = False

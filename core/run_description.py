@@ -23,7 +23,7 @@ def describe_run(trainer: Trainer) -> str:
     return (
         f"model {cfg.model.name} ({cfg.model.family}): {params} | device {trainer.device} | "
         f"precision {cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/"
-        f"step = {trainer.micro_batches} micro-batches x {cfg.trainer.micro_batch_size} x "
+        f"step = {_micro_batches(trainer.micro_batches)} x {cfg.trainer.micro_batch_size} x "
         f"{cfg.data.seq_len} | {trainer.throughput.describe()} | "
         f"run dir {trainer.run_dir}"
     )
@@ -33,7 +33,7 @@ def describe_layout(trainer: Trainer) -> str:
     """The layout's line: topology, micro-batches per rank, the pipeline's bubble."""
     dims, p = trainer.topology.dims, trainer.cfg.parallel
     line = f"parallel: {trainer.topology.describe()} | per data-parallel rank " \
-           f"{trainer.micro_batches} micro-batches"
+           f"{_micro_batches(trainer.micro_batches)}"
     if trainer.pipeline is not None:
         bubble = theoretical_bubble_fraction(
             p.pp_schedule, dims.pp, trainer.micro_batches, p.pp_stages_per_rank
@@ -41,6 +41,10 @@ def describe_layout(trainer: Trainer) -> str:
         line += (f" | pipeline {p.pp_schedule}, stages {trainer.pipeline.stage_ids} on this "
                  f"rank, theoretical bubble {bubble:.1%}")
     return line
+
+
+def _micro_batches(count: int) -> str:
+    return f"{count} micro-batch{'es' if count != 1 else ''}"
 
 
 def describe_config_changes(saved: Path, cfg: Config) -> str | None:

@@ -1,14 +1,17 @@
 """`sf-plan`: which layouts of a model fit a cluster's GPUs, and how fast each would train.
 
-    sf-plan model=llama_70b gpus=512 gpu=h100
-    sf-plan model=llama_70b gpus=512 gpu=h100 parallel.tp=8 parallel.pp=4 parallel.dp_shard=16 \
+    sf-plan model=llama_70b gpus=512 gpu=h100 data.seq_len=4096 trainer.global_batch_tokens=4194304
+    sf-plan model=llama_70b gpus=512 gpu=h100 data.seq_len=4096 \
+        trainer.global_batch_tokens=4194304 parallel.tp=8 parallel.pp=4 parallel.dp_shard=16 \
         out=p.json
     sf-plan model=llama_7b gpus=64 gpu=a100 data.seq_len=2048 trainer.global_batch_tokens=2097152
 
 Run settings are sf-train's (`model=`, `model.*`, `data.*`, `trainer.*`, `parallel.*`,
-composed by Hydra as sf-train composes them); an explicit `parallel.*` or `trainer.*`
-setting pins that axis. Unless given, `data.seq_len` is the model's `max_seq_len` and
-`trainer.global_batch_tokens` 4,194,304 (4M tokens, Llama's batch). The planner's own
+composed by Hydra as sf-train composes them, so the plan is for the sequence length and
+batch sf-train would use: give `data.seq_len` and `trainer.global_batch_tokens` for a
+cluster run); an explicit `parallel.*` or `trainer.*` setting pins that axis. It prints the
+torchrun command of the fastest fitting layout, and `out=` writes each layout's `command`.
+The planner's own
 settings are key=value (launch/key_value.py): `gpus` (total), `gpu` (h100, h200, a100, b200;
 planner/hardware.py), `gpus_per_node` (8), the overrides `peak_tflops`, `gpu_memory_gb`,
 `nvlink_gb_per_s`, `internode_gb_per_s` (one direction, per GPU) and `matmul_efficiency`,
@@ -33,7 +36,6 @@ from scaleforge.errors import ConfigError, exit_on_config_error
 from scaleforge.launch.key_value import is_help, parse_settings, print_help, required
 
 CONFIG_GROUPS = ("model", "data", "trainer", "parallel", "optim", "checkpoint", "logging")
-DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024
 
 
 @dataclass
@@ -63,29 +65,25 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_config(overrides: list[str]) -> Any:
-    """The run's Config from sf-train `overrides`, with sf-plan's defaults for the sequence
-    length and the batch; ConfigError for an override Hydra rejects."""
+    """The run's Config from sf-train `overrides`, as sf-train composes it (its sequence
+    length and batch too); ConfigError for an override Hydra rejects."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from scaleforge.core.config import compose, to_config
     from scaleforge.core.precision import resolve_precision
 
-    given = {argument.partition("=")[0] for argument in overrides}
     try:
         cfg = to_config(compose(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"sf-plan: {error}".splitlines()[0]) from None
-    if "data.seq_len" not in given:
-        cfg.data.seq_len = cfg.model.max_seq_len
-    if "trainer.global_batch_tokens" not in given:
-        cfg.trainer.global_batch_tokens = DEFAULT_BATCH_TOKENS
     cfg.trainer.precision = resolve_precision(cfg.trainer.precision, "cuda")  # planned for GPUs
     return cfg
 
 
 def plan(argv: list[str]) -> None:
     """Enumerate, print the table and write `out`; see the module docstring."""
+    from scaleforge.planner.command import launch_command, layout_overrides
     from scaleforge.planner.hardware import gpu_spec
     from scaleforge.planner.search import USABLE_FRACTION, largest_block_bytes, plan_layouts
     from scaleforge.planner.shards import ShardProbe, fake_world
@@ -116,12 +114,19 @@ def plan(argv: list[str]) -> None:
                     "with more memory (gpu=, gpu_memory_gb=) or a smaller model"
                 )
     print_table(rows, cfg, settings.gpus, gpu, settings.top)
+    commands = [launch_command(overrides, layout_overrides(row.config, cfg), settings.gpus,
+                               settings.gpus_per_node) for row in rows]
+    fitting = [command for row, command in zip(rows, commands, strict=True) if row.fits]
+    if fitting:
+        print(f"to train the fastest fitting layout (first, as a dry run on the allocation: "
+              f"add trainer.dry_run=true trainer.dry_run_gpu={settings.gpu}):\n  {fitting[0]}")
     if settings.out:
         path = Path(settings.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"layouts": [layout_record(row) for row in rows]}, indent=1)
-                        + "\n")
-        print(f"plan -> {path} ({len(rows)} layouts)")
+        records = [{**layout_record(row), "command": command}
+                   for row, command in zip(rows, commands, strict=True)]
+        path.write_text(json.dumps({"layouts": records}, indent=1) + "\n")
+        print(f"plan -> {path} ({len(rows)} layouts, each with its command)")
 
 
 def main() -> None:

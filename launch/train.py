@@ -68,6 +68,10 @@ def train(cfg: DictConfig) -> dict:
         # every job of a sweep gets its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>;
         # a run_dir shared by all jobs would mix their metrics
         config.run_dir = HydraConfig.get().runtime.output_dir
+    if config.trainer.dry_run_gpu is not None:
+        from scaleforge.planner.hardware import gpu_spec
+
+        gpu_spec(config.trainer.dry_run_gpu)  # an unknown name stops every rank before start
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     topology = start_topology(config, world_size)
     try:

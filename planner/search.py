@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from scaleforge.core.config import Config, micro_batches_per_step, validate
 from scaleforge.core.flops import training_flops_per_token
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, messages_of
 from scaleforge.parallel.expert_parallel import widest_ep
 from scaleforge.parallel.expert_tensor_parallel import etp_for_layout
 from scaleforge.parallel.pipeline_schedules import (
@@ -273,7 +273,7 @@ def plan_layouts(cfg: Config, gpus: int, gpu: GpuSpec, gpus_per_node: int,
         try:
             dims = validate(config, gpus)
         except ConfigError as error:
-            first_error = first_error or str(error)
+            first_error = first_error or "; ".join(messages_of(error))
             continue
         planned.append(evaluate(config, layout, dims, probe, gpu, gpus_per_node))
     if not planned:
@@ -294,15 +294,29 @@ def plan_layouts(cfg: Config, gpus: int, gpu: GpuSpec, gpus_per_node: int,
 
 
 def overflow_reason(memory: Memory, usable: float) -> str:
-    """What overflows `usable` bytes, e.g. 'activations 96 GB > 41 GB left'."""
+    """What overflows `usable` bytes, in words: 'activations need 96.0 GB but 41.0 GB are
+    left after the parameters, gradients, optimizer state and FSDP buffers'."""
     if memory.state > usable:
-        return f"parameters, gradients and optimizer state {memory.state / GB:.1f} GB > " \
-               f"{usable / GB:.1f} GB"
+        need, have = _two_sizes(memory.state, usable)
+        return (f"parameters, gradients and optimizer state need {need} but {have} are "
+                "usable")
     if memory.state + memory.buffers > usable:
-        return f"FSDP's gathered weights and gradients {memory.buffers / GB:.1f} GB > " \
-               f"{(usable - memory.state) / GB:.1f} GB left"
-    return f"activations {memory.activations / GB:.1f} GB > " \
-           f"{(usable - memory.state - memory.buffers) / GB:.1f} GB left"
+        need, have = _two_sizes(memory.buffers, usable - memory.state)
+        return (f"FSDP's gathered weights and gradients need {need} but {have} are left "
+                "after the parameters, gradients and optimizer state")
+    need, have = _two_sizes(memory.activations, usable - memory.state - memory.buffers)
+    return (f"activations need {need} but {have} are left after the parameters, gradients, "
+            "optimizer state and FSDP buffers")
+
+
+def _two_sizes(need: float, have: float) -> tuple[str, str]:
+    """`need` and `have` in GB with as many decimals (1 to 3) as it takes to tell them
+    apart (never '16.0 GB > 16.0 GB')."""
+    for decimals in (1, 2, 3):
+        texts = f"{need / GB:.{decimals}f} GB", f"{have / GB:.{decimals}f} GB"
+        if texts[0] != texts[1]:
+            break
+    return texts
 
 
 _KNOBS = ("tp", "pipeline", "dp_shard", "checkpointing", "micro_batch_size")
@@ -314,12 +328,22 @@ def _knobs(layout: Layout) -> dict[str, object]:
             "micro_batch_size": layout.micro_batch_size}
 
 
-def _knob_text(knob: str, layout: Layout) -> str:
+def _knob_text(knob: str, row: Layout, other: Layout) -> str:
+    """The settings that turn layout `row` into `other` (which differ in `knob` only)."""
     if knob == "checkpointing":
-        return f"AC {layout.checkpointing}"
-    if knob == "pipeline":
-        return f"pp {layout.pp}" + (f" ({layout.schedule})" if layout.schedule else "")
-    return f"{knob} {getattr(layout, knob)}"
+        return f"trainer.activation_checkpointing={other.checkpointing}"
+    if knob == "micro_batch_size":
+        return f"trainer.micro_batch_size={other.micro_batch_size}"
+    if knob == "tp":
+        return f"parallel.tp={other.tp}"
+    if knob == "dp_shard":
+        return f"parallel.dp_shard={other.dp_shard} (dp_replicate {other.dp_replicate})"
+    settings = [] if other.pp == row.pp else [f"parallel.pp={other.pp}"]
+    if other.schedule is not None and (other.schedule, other.stages_per_rank) != (
+            row.schedule, row.stages_per_rank):
+        settings += [f"parallel.pp_schedule={other.schedule}",
+                     f"parallel.pp_stages_per_rank={other.stages_per_rank}"]
+    return " ".join(settings)
 
 
 def explain_fixes(planned: list[PlannedLayout]) -> None:
@@ -343,10 +367,11 @@ def explain_fixes(planned: list[PlannedLayout]) -> None:
         for knob in _KNOBS:
             other = best.get((knob, tuple(v for k, v in knobs.items() if k != knob)))
             if other is not None:
-                fixes.append((other.tokens_per_s_per_gpu, _knob_text(knob, other.layout)))
+                fixes.append((other.tokens_per_s_per_gpu,
+                              _knob_text(knob, row.layout, other.layout)))
         fixes.sort(reverse=True)
-        row.fix = " or ".join(text for _, text in fixes[:3]) or \
-            "no layout one setting away fits: more GPUs, or a GPU with more memory"
+        row.fix = ("fits with " + " or ".join(text for _, text in fixes[:3]) if fixes else
+                   "no layout one setting away fits: more GPUs, or a GPU with more memory")
 
 
 def largest_block_bytes(cfg: Config, gpus: int, gpus_per_node: int, probe: ShardProbe) -> float:

@@ -63,6 +63,9 @@ def print_table(rows: list[PlannedLayout], cfg: Config, gpus: int, gpu: GpuSpec,
           f"{cfg.trainer.precision} | {len(fitting)} of {len(rows)} layouts fit")
     print("memory of the largest rank; step time = (compute + tp + pp) / (1 - bubble) + "
           "exposed FSDP")
+    if any(row.layout.stages_per_rank > 1 for row in rows):
+        print("schedule vN: N pipeline stages on each rank (parallel.pp_stages_per_rank), "
+              "interleaved or V-shaped")
     print(HEADER)
     for row in fitting[:top]:
         print(row_text(row))

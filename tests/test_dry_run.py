@@ -18,7 +18,7 @@ from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config, validate
 from scaleforge.core.trainer import Trainer, start_topology
 from scaleforge.planner.dry_run import REPORT_FILE, rank_report
-from scaleforge.planner.search import rank_memory
+from scaleforge.planner.search import Layout, rank_memory
 from scaleforge.planner.shards import ShardProbe, fake_world
 from test_parallel_launch import SMALL_RUN, TRAIN
 
@@ -116,3 +116,33 @@ def test_sharded_start_up_keeps_each_ranks_peak_memory_under_three_quarters(tmp_
         assert result.returncode == 0, result.stderr[-3000:]
         for peak in _peak_resident_bytes(tmp_path / name):
             assert peak <= 0.75 * reference, (name, peak / 1e9, reference / 1e9)
+
+
+def test_the_command_sf_plan_writes_runs_the_planned_layout_as_a_dry_run(tmp_path,
+                                                                         stdlib_overrides):
+    """sf-plan ... out=plan.json writes each layout's command; the chosen one, run on 2 CPU
+    processes with trainer.dry_run=true, builds and prints the same layout and compares
+    its total with the named GPU's memory."""
+    run = ["model=llama_micro", "data.vocab_size=512", "data.seq_len=64",
+           "trainer.global_batch_tokens=512", "trainer.eval_batches=2", *stdlib_overrides]
+    result = run_tool("sf-plan", *run, "gpus=2", "gpus_per_node=2", "gpu=h100",
+                      f"out={tmp_path / 'plan.json'}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layouts = json.loads((tmp_path / "plan.json").read_text())["layouts"]
+    assert all(layout["command"].startswith("torchrun --nproc-per-node=2 -m "
+                                            "scaleforge.launch.train ") for layout in layouts)
+    chosen = layouts[0]
+    assert chosen["fits"] and chosen["command"] in result.stdout  # printed for the fastest
+    command = chosen["command"].split()
+    result = run_tool(command[0], "--master-port", str(free_port()), *command[1:],
+                      "trainer.dry_run=true", "trainer.dry_run_gpu=h100",
+                      "logging.wandb=disabled", f"run_dir={tmp_path / 'run'}", cwd=tmp_path,
+                      timeout=300, env=one_thread_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    p = chosen["parallel"]
+    planned = Layout(p["tp"], p["pp"], p["dp_replicate"], p["dp_shard"], p["pp_schedule"],
+                     p["pp_stages_per_rank"], chosen["activation_checkpointing"],
+                     chosen["micro_batch_size"])
+    assert f"dry run: layout {planned.describe()} | model llama_micro" in result.stdout
+    assert "seq_len 64, 512 tokens/step" in result.stdout
+    assert "fits in the" in result.stdout and "usable of a h100" in result.stdout

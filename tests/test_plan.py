@@ -17,9 +17,12 @@ from scaleforge.planner.search import plan_layouts
 from scaleforge.planner.shards import ShardProbe, fake_world
 from scaleforge.planner.step_time import HBM_EFFICIENCY
 
+# Llama's cluster batch: sf-plan plans at sf-train's sequence length and batch unless told.
+CLUSTER_BATCH = ["data.seq_len=4096", "trainer.global_batch_tokens=4194304"]
+
 
 def test_llama_70b_on_512_h100_lists_fitting_layouts_fastest_first(tmp_path):
-    result = run_tool("sf-plan", "model=llama_70b", "gpus=512", "gpu=h100",
+    result = run_tool("sf-plan", "model=llama_70b", "gpus=512", "gpu=h100", *CLUSTER_BATCH,
                       f"out={tmp_path / 'plan.json'}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     layouts = json.loads((tmp_path / "plan.json").read_text())["layouts"]
@@ -34,13 +37,19 @@ def test_llama_70b_on_512_h100_lists_fitting_layouts_fastest_first(tmp_path):
         assert p["tp"] <= 8  # within a node
     best = fitting[0]
     assert 0.2 < best["mfu"] < 0.7
-    # a layout that does not fit names what overflows and what would fit instead
+    # a layout that does not fit names what overflows and the settings that would fit
     assert "do not fit; the closest:" in result.stdout
-    assert " GB left: " in result.stdout or " GB > " in result.stdout
+    assert " are left after " in result.stdout or " are usable: " in result.stdout
+    assert ": fits with " in result.stdout
+    # the command of the fastest layout, for 64 nodes of 8
+    assert best["command"].startswith("torchrun --nnodes=64 --nproc-per-node=8 ")
+    assert best["command"] in result.stdout
+    assert "model=llama_70b" in best["command"] and "data.seq_len=4096" in best["command"]
 
 
 def test_explicit_parallel_settings_pin_the_layout_and_the_json_has_the_issues_fields(tmp_path):
-    result = run_tool("sf-plan", "model=llama_70b", "gpus=512", "gpu=h100", "parallel.tp=8",
+    result = run_tool("sf-plan", "model=llama_70b", "gpus=512", "gpu=h100", *CLUSTER_BATCH,
+                      "parallel.tp=8",
                       "parallel.pp=4", "parallel.dp_shard=16", "out=p.json", cwd=tmp_path,
                       timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,7 +58,9 @@ def test_explicit_parallel_settings_pin_the_layout_and_the_json_has_the_issues_f
     for layout in layouts:
         assert set(layout) == {"parallel", "activation_checkpointing", "micro_batch_size",
                                "fits", "memory_bytes", "step_time_s",
-                               "tokens_per_s_per_gpu", "mfu"}
+                               "tokens_per_s_per_gpu", "mfu", "command"}
+        assert "parallel.tp=8 parallel.pp=4 parallel.dp_replicate=1 parallel.dp_shard=16" \
+            in layout["command"]
         parallel = layout["parallel"]
         assert (parallel["tp"], parallel["pp"], parallel["dp_replicate"],
                 parallel["dp_shard"], parallel["cp"]) == (8, 4, 1, 16, 1)
