@@ -5,6 +5,11 @@ bf16 would run on a CPU that emulates it (with the slowdown measured there)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from scaleforge.core.checkpoint.paths import find_checkpoint, resolve_resume
 from scaleforge.core.config import Config
 from scaleforge.core.precision import cpu_bf16_warning
 from scaleforge.data_pipeline.vocabulary import infer_data_vocab_size
@@ -17,6 +22,9 @@ def derive_settings(cfg: Config) -> list[str]:
     each). Problems (an unreadable data source, a missing device) are left for `validate`."""
     infer_data_vocab_size(cfg.data)
     warnings = []
+    evaluated = evaluated_checkpoint(cfg)
+    if evaluated is not None:
+        warnings.append(model_from_checkpoint(cfg, evaluated))
     o, t = cfg.optim, cfg.trainer
     if o.warmup_steps > t.max_steps:
         warnings.append(
@@ -30,3 +38,31 @@ def derive_settings(cfg: Config) -> list[str]:
         return warnings  # validate reports the missing device
     slow_bf16 = cpu_bf16_warning(t.precision, device)
     return warnings + ([slow_bf16] if slow_bf16 else [])
+
+
+def evaluated_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint `trainer.eval_only=true` evaluates: the one resuming would load, else
+    `trainer.init_from`'s; None when not evaluating or none is found (the trainer then
+    names the problem)."""
+    t = cfg.trainer
+    if not t.eval_only:
+        return None
+    try:
+        found = resolve_resume(t.resume, cfg.run_dir)
+        if found is None and t.init_from:
+            found = find_checkpoint(t.init_from, "trainer.init_from")
+    except ConfigError:
+        return None
+    return found if found is not None and (found / "config.yaml").is_file() else None
+
+
+def model_from_checkpoint(cfg: Config, checkpoint: Path) -> str:
+    """Set `cfg.model` to the model saved with `checkpoint` (keeping this run's choice of
+    attention kernel and fused kernels, which change no weight); return the line saying so."""
+    from scaleforge.models.config import as_transformer_config
+
+    model = as_transformer_config(OmegaConf.load(checkpoint / "config.yaml").model)
+    model.attention, model.kernels = cfg.model.attention, cfg.model.kernels
+    cfg.model = model
+    return (f"eval-only: the model of {checkpoint} ({model.name}: {model.family}, "
+            f"{model.n_layers} layers, d_model {model.d_model}), from its config.yaml")

@@ -104,6 +104,13 @@ def test_eval_only_reports_a_checkpoints_validation_loss(demo_run, tmp_path, std
     ppl = float(line.split("val_ppl ")[1])
     assert 0 < loss < 8.0 and ppl == pytest.approx(math.exp(loss), rel=1e-3)
     assert not (tmp_path / "eval" / "checkpoints").exists()  # nothing trained or saved
+    # the model comes from the checkpoint's config, whatever the command line composes
+    other = run_tool("sf-train", *arguments, "model=llama_micro", f"trainer.init_from={demo_run}",
+                     f"run_dir={tmp_path / 'other'}", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert f"eval-only: the model of {demo_run}" in other.stdout and "(llama_tiny:" in \
+        other.stdout
+    assert f"val_loss {loss:.4f}" in other.stdout
     missing = run_tool("sf-train", *arguments, f"run_dir={tmp_path / 'none'}", cwd=tmp_path)
     assert missing.returncode == 2 and "trainer.eval_only=true evaluates a checkpoint" in \
         missing.stderr
