@@ -1,6 +1,7 @@
 """`sf-convert`: ScaleForge checkpoints to and from Hugging Face model directories.
 
     sf-convert to-hf ckpt=runs/mine out=hf/mine dtype=bf16
+    sf-convert compare ckpt=runs/mine hf=hf/mine prompt='def '
     sf-convert from-hf hf=hf/mine out=ckpts/from_hf
 
 to-hf: `ckpt` is a checkpoint directory (`RUN_DIR/checkpoints/step_<N>`) or a run directory,
@@ -9,6 +10,13 @@ whose newest complete checkpoint is converted, else its `final_model.pt` (with t
 `transformers.AutoModelForCausalLM.from_pretrained(out)`; `dtype` is fp32 (default) or bf16.
 The tokenizer of the run's data is written too (tokenizer.json + tokenizer_config.json, with
 its BOS/EOS/PAD tokens): `AutoTokenizer.from_pretrained(out)` encodes as training did.
+config.json's `bos_token_id` and `eos_token_id` (and generation_config.json) are the EOS id:
+each training document followed an EOS and ended with one, so generation starts after an
+EOS (prepend it to the prompt's ids) and stops at the next.
+
+compare: our logits against transformers' for `prompt` (after the EOS that starts a
+document), tokenized with the run's tokenizer: the largest absolute difference and how many
+greedy next tokens agree.
 
 from-hf: `hf` is a local Llama (3.1+ RoPE scaling included), Mistral, Qwen2 (2.5), Qwen3, Mixtral or
 GPT-2 directory (config.json + safetensors; pickled .bin
@@ -43,6 +51,18 @@ class ToHfSettings:
     ckpt: str = required("DIR (a checkpoint or run directory)")
     out: str = required("DIR")
     dtype: str = "fp32"
+
+
+@dataclass
+class CompareSettings:
+    """Settings of `compare`."""
+
+    # A run or checkpoint directory (as for to-hf).
+    ckpt: str = required("DIR (a checkpoint or run directory)")
+    # The Hugging Face model directory to compare with (what to-hf wrote from ckpt).
+    hf: str = required("DIR (a Hugging Face model directory)")
+    # The text whose logits are compared, after the start-of-document token (EOS).
+    prompt: str = "def "
 
 
 @dataclass
@@ -107,7 +127,63 @@ def _export_tokenizer(config: Config, out: Path) -> None:
         print(f"warning: no tokenizer written (the run's data tokenizer: {error})")
         return
     export_hf_tokenizer(tokenizer, out)
-    print(f"tokenizer ({tokenizer.vocab_size} ids) from {tokenizer.path} -> {out}")
+    _set_document_ids(out, tokenizer.eos_id, tokenizer.pad_id)
+    print(f"tokenizer ({tokenizer.vocab_size} ids) from {tokenizer.path} -> {out}; "
+          f"bos_token_id = eos_token_id = {tokenizer.eos_id} (documents start after an EOS)")
+
+
+def _set_document_ids(out: Path, eos_id: int, pad_id: int | None) -> None:
+    """config.json's bos/eos ids and a generation_config.json: training saw each document
+    after an EOS and ending with one, so EOS both starts a sequence (`generate` without
+    input ids) and stops generation."""
+    import json
+
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config.update(bos_token_id=eos_id, eos_token_id=eos_id)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id,
+                  "pad_token_id": eos_id if pad_id is None or pad_id < 0 else pad_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def compare(settings: CompareSettings) -> float:
+    """Print our logits against transformers' for the prompt (the start-of-document token
+    first), their largest absolute difference and how many greedy next tokens agree;
+    return the difference."""
+    from transformers import AutoModelForCausalLM
+
+    from scaleforge.data_pipeline.tokenizer import Tokenizer
+    from scaleforge.data_pipeline.vocabulary import data_tokenizer
+    from scaleforge.models import build
+
+    ckpt, hf_dir = Path(settings.ckpt), Path(settings.hf)
+    for key, path in (("ckpt", ckpt), ("hf", hf_dir)):
+        if not path.is_dir():
+            raise ConfigError(f"{key}={path} is not a directory")
+    config, state = read_training_weights(ckpt)
+    try:
+        tokenizer = data_tokenizer(config.data)
+    except ConfigError:  # the run's data is gone: the tokenizer to-hf exported
+        if not (hf_dir / "tokenizer.json").is_file():
+            raise
+        tokenizer = Tokenizer.load(hf_dir / "tokenizer.json")
+    ids = [tokenizer.eos_id, *tokenizer.encode(settings.prompt)][:config.model.max_seq_len]
+    ours = build(config.model)
+    ours.load_state_dict(state)
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        our_logits = ours.eval()(tokens).float()
+        their_logits = theirs.eval()(tokens).logits.float()[..., :our_logits.shape[-1]]
+    difference = float((our_logits - their_logits).abs().max())
+    agree = int((our_logits.argmax(-1) == their_logits.argmax(-1)).sum())
+    print(f"compare: {ckpt} vs {hf_dir} (transformers {type(theirs).__name__}) on "
+          f"{len(ids)} tokens ({settings.prompt!r} after the start-of-document token): "
+          f"max abs diff of the logits {difference:.3g} (largest logit "
+          f"{float(our_logits.abs().max()):.3g}); greedy next token agrees at {agree} of "
+          f"{len(ids)} positions")
+    return difference
 
 
 def from_hf(settings: FromHfSettings) -> Path:
@@ -193,7 +269,8 @@ def _override_value(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-_HANDLERS: Handlers = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf)}
+_HANDLERS: Handlers = {"to-hf": (ToHfSettings, to_hf), "from-hf": (FromHfSettings, from_hf),
+                       "compare": (CompareSettings, compare)}
 
 
 def dispatch(argv: list[str]) -> None:

@@ -323,7 +323,7 @@ def test_readme_first_run_commands_run_as_written(tmp_path, texts):
     lines = readme_block("first-run")
     assert [line.split()[0] for line in lines] == [
         ".venv/bin/sf-preprocess", ".venv/bin/sf-preprocess", ".venv/bin/sf-train",
-        ".venv/bin/sf-generate", ".venv/bin/sf-convert"]
+        ".venv/bin/sf-generate", ".venv/bin/sf-convert", ".venv/bin/sf-convert"]
     outputs = []
     for line in lines:
         result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True,
@@ -332,4 +332,11 @@ def test_readme_first_run_commands_run_as_written(tmp_path, texts):
         outputs.append(result.stdout)
     assert "run directory:" in outputs[2]
     assert "\ndef " in "\n" + outputs[3].splitlines()[-1]
-    assert (tmp_path / "hf" / "mine" / "tokenizer.json").is_file()
+    hf_dir = tmp_path / "runs" / "hf" / "mine"  # every output under runs/, which git ignores
+    assert (hf_dir / "tokenizer.json").is_file()
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    assert hf_config["bos_token_id"] == hf_config["eos_token_id"] is not None
+    assert (hf_dir / "generation_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".venv", "raw", "runs"]
+    difference = float(outputs[5].split("max abs diff of the logits ")[1].split()[0])
+    assert difference < 1e-4, outputs[5]
