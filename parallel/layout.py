@@ -81,8 +81,9 @@ def check_layout_model(dims: ParallelDims, model: TransformerConfig, seq_len: in
     """Raise ConfigError (one line: the setting, its value, the fix) for tp not dividing the
     heads, kv heads, MLP width, vocabulary or sequence length, and for cp > 1 a sequence
     length that does not split into 2 x cp (x tp) equal chunks or an attention kernel
-    without a context-parallel form (asked of the kernel). The pipeline's own rules (stages, layers, micro-batches) are
-    `parallel.pipeline_schedules.validate_pipeline`, called by `core.config.validate`.
+    without a context-parallel form (asked of the kernel). The pipeline's own rules
+    (stages, layers, micro-batches) are `parallel.pipeline_schedules.validate_pipeline`,
+    called by `core.config.validate`.
     """
     if dims.tp > 1:
         tp_fix = "pick a parallel.tp that divides it"
