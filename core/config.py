@@ -357,9 +357,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     ok = {name: problems.run(getattr(cfg, name).check, name)
           for name in ("model", "data", "trainer", "optim", "checkpoint", "logging",
                        "parallel")}
-    for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_device,
-                 _check_rope_per_document):
+    for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_rope_per_document):
         problems.run(rule, cfg)
+    if ok["trainer"] and ok["model"]:  # the device rules read a valid precision and kernel
+        problems.run(_check_device, cfg)
     layout: list[ParallelDims] = []
     if problems.run(lambda: layout.append(layout_dims(cfg.parallel, world_size))):
         _validate_layout(cfg, layout[0], ok, problems)
