@@ -46,15 +46,18 @@ _ENCODE_BATCH = 256
 class ShardsJob:
     """The settings of `sf-preprocess shards` (each is a key=value argument)."""
 
+    # Text to tokenize: a glob of .txt (a file is a document), .jsonl(.gz) or .parquet
+    # files, or a save_to_disk directory.
     input: str
-    tokenizer: str
-    out: str
-    text_field: str = "text"
-    workers: int = 2
+    tokenizer: str  # a tokenizer directory (sf-preprocess tokenizer) or a tokenizer.json
+    out: str  # the shards' directory: train/, val/, the tokenizer, manifest.json
+    text_field: str = "text"  # the field of a jsonl/parquet record that holds the text
+    workers: int = 2  # tokenizing processes (0 or 1: in this process)
+    # Share of the documents held out for validation, chosen by a hash of each text.
     val_fraction: float = 0.01
-    shard_tokens: int = 1 << 28
-    unit_bytes: int = 1 << 26
-    progress: bool = True
+    shard_tokens: int = 1 << 28  # tokens per shard file
+    unit_bytes: int = 1 << 26  # input bytes per unit of work (a unit resumes as a whole)
+    progress: bool = True  # a progress bar
 
 
 def write_shards(job: ShardsJob, inputs: list[str] | None = None) -> dict:

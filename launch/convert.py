@@ -32,25 +32,30 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
-
-from scaleforge.core.config import Config
-from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.errors import ConfigError, check_choice, exit_on_config_error
 from scaleforge.launch.key_value import Handlers, required, run_subcommand
-from scaleforge.models.config import TransformerConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+    from scaleforge.core.config import Config
+    from scaleforge.models.config import TransformerConfig
+
+# torch and the settings' modules are imported where a command needs them, so --help
+# answers without them.
+DTYPES = ("fp32", "bf16")
 
 
 @dataclass
 class ToHfSettings:
     """Settings of `to-hf`."""
 
+    # A step_<N> checkpoint, or a run directory (its newest checkpoint, else final_model.pt).
     ckpt: str = required("DIR (a checkpoint or run directory)")
-    out: str = required("DIR")
-    dtype: str = "fp32"
+    out: str = required("DIR")  # the Hugging Face model directory to write
+    dtype: str = "fp32"  # the weights' dtype: fp32 or bf16
 
 
 @dataclass
@@ -69,13 +74,16 @@ class CompareSettings:
 class FromHfSettings:
     """Settings of `from-hf`."""
 
+    # A local Hugging Face model directory (config.json and safetensors).
     hf: str = required("DIR (a Hugging Face model directory)")
-    out: str = required("DIR")
+    out: str = required("DIR")  # the model-only checkpoint directory to write
 
 
 def read_training_weights(ckpt: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """(training Config, model state dict) of a checkpoint directory or a run directory: its
     newest complete checkpoint, else its final_model.pt with its config.yaml."""
+    import torch
+
     from scaleforge.core.checkpoint.paths import is_complete, latest_checkpoint
     from scaleforge.core.checkpoint.safe_load import load_checkpoint_config
     from scaleforge.core.checkpoint.weights import load_model_checkpoint
@@ -104,12 +112,15 @@ def hf_conversion() -> ModuleType:
 
 def to_hf(settings: ToHfSettings) -> Path:
     """Convert a ScaleForge checkpoint to a Hugging Face model directory; return it."""
+    import torch
+
     check_choice("dtype", settings.dtype, DTYPES)
     ckpt = Path(settings.ckpt)
     if not ckpt.is_dir():
         raise ConfigError(f"ckpt={ckpt} is not a directory")
     config, state = read_training_weights(ckpt)
-    out = hf_conversion().save_hf(state, config.model, Path(settings.out), DTYPES[settings.dtype])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
+    out = hf_conversion().save_hf(state, config.model, Path(settings.out), dtype)
     print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
     _export_tokenizer(config, out)
     return out
@@ -151,6 +162,7 @@ def compare(settings: CompareSettings) -> float:
     """Print our logits against transformers' for the prompt (the start-of-document token
     first), their largest absolute difference and how many greedy next tokens agree;
     return the difference."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from scaleforge.data_pipeline.tokenizer import Tokenizer
@@ -189,6 +201,7 @@ def compare(settings: CompareSettings) -> float:
 def from_hf(settings: FromHfSettings) -> Path:
     """Convert a Hugging Face model directory to a model-only ScaleForge checkpoint."""
     from scaleforge.core.checkpoint.weights import save_model_checkpoint
+    from scaleforge.core.config import Config
 
     model_cfg, state = hf_conversion().load_hf(Path(settings.hf))
     # Training keeps fp32 master weights whatever the published dtype.
@@ -208,6 +221,8 @@ def from_hf(settings: FromHfSettings) -> Path:
 def smoke_data_overrides(model_cfg: TransformerConfig) -> list[str]:
     """Data settings under which the default corpus run fits `model_cfg`: a tokenizer
     vocabulary no larger than the model's, windows no longer than its context."""
+    from scaleforge.data_pipeline.config import DataConfig
+
     data = DataConfig()
     vocab = min(model_cfg.vocab_size, data.vocab_size or model_cfg.vocab_size)
     return [f"data.vocab_size={vocab}", f"data.seq_len={min(data.seq_len, model_cfg.max_seq_len)}"]

@@ -17,8 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from scaleforge.errors import ConfigError, exit_on_config_error
 from scaleforge.launch.key_value import is_help, parse_settings, print_help, required
 
@@ -45,6 +43,8 @@ class GenerateSettings:
 
 def sample_text(settings: GenerateSettings) -> str:
     """The prompt and its continuation, sampled from `settings.ckpt`."""
+    import torch
+
     from scaleforge.data_pipeline.vocabulary import data_tokenizer
     from scaleforge.launch.convert import read_training_weights
     from scaleforge.models import build

@@ -42,16 +42,19 @@ CONFIG_GROUPS = ("model", "data", "trainer", "parallel", "optim", "checkpoint", 
 class PlanSettings:
     """The planner's own settings (see the module docstring)."""
 
-    gpus: int = required("N (the number of GPUs)")
-    gpu: str = "h100"
-    gpus_per_node: int = 8
-    peak_tflops: float | None = None
-    gpu_memory_gb: float | None = None
+    gpus: int = required("N (the number of GPUs)")  # GPUs of the whole run
+    gpu: str = "h100"  # h100, h200, a100 or b200 (planner/hardware.py)
+    gpus_per_node: int = 8  # GPUs per node: tensor parallelism stays inside one
+    peak_tflops: float | None = None  # the GPU's dense bf16 TFLOP/s (null: the table's)
+    gpu_memory_gb: float | None = None  # the GPU's memory in GB (null: the table's)
+    # NVLink bandwidth per GPU, one direction, GB/s (null: the table's).
     nvlink_gb_per_s: float | None = None
+    # Network bandwidth between nodes per GPU, one direction, GB/s (null: the table's).
     internode_gb_per_s: float | None = None
+    # The fraction of peak large matmuls reach (null: the table's 0.7).
     matmul_efficiency: float | None = None
-    top: int = 15
-    out: str | None = None
+    top: int = 15  # fitting layouts printed (out= writes them all)
+    out: str | None = None  # a JSON file of every layout with its command; null: none
 
 
 def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:

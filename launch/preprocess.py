@@ -28,11 +28,12 @@ from scaleforge.launch.key_value import Handlers, is_help, required, run_subcomm
 class TokenizerJob:
     """The settings of `sf-preprocess tokenizer` (each is a key=value argument)."""
 
+    # Text to learn from: a glob of .txt, .jsonl(.gz) or .parquet files, or a dataset.
     input: str = required("GLOB (files, or a Hugging Face dataset)")
-    vocab_size: int = required("N")
-    out: str = required("DIR")
-    model_type: str = "bpe"
-    text_field: str = "text"
+    vocab_size: int = required("N")  # pieces of the tokenizer (ids, special tokens included)
+    out: str = required("DIR")  # the tokenizer's directory
+    model_type: str = "bpe"  # sentencepiece's algorithm: bpe or unigram
+    text_field: str = "text"  # the field of a jsonl/parquet record that holds the text
     # Bytes of text read from the start of the input to train on (the tokenizer then uses
     # at most 300,000 evenly spaced lines of it).
     sample_bytes: int = 200_000_000

@@ -30,25 +30,32 @@ from scaleforge.launch.key_value import Handlers, preset, required, run_subcomma
 
 @dataclass
 class PlanSettings:
-    """Settings of `plan` and `run` (see scaling/plan.py for their meaning)."""
+    """Settings of `plan` and `run`: an IsoFLOP grid of model sizes per compute budget
+    (scaling/plan.py), trained with an experiment's settings."""
 
+    # A preset of configs/sweep_plan/ whose settings come first (the others override it).
     plan: str | None = preset("sweep_plan")
+    # The experiment (configs/experiment/) every run trains with.
     experiment: str = "chinchilla_cpu"
-    budgets: list[float] = field(default_factory=list)
-    points_per_budget: int = 5
+    budgets: list[float] = field(default_factory=list)  # compute budgets in FLOPs, [a,b,...]
+    points_per_budget: int = 5  # model sizes per budget (3 or more: a parabola's points)
+    # The grid spans N*/spread to N* x spread non-embedding parameters around each budget's
+    # N* = sqrt(C / (6 x tokens_per_param)).
     spread: float = 4.0
-    aspect_ratio: float = 64.0
-    warmup_fraction: float = 0.1
+    aspect_ratio: float = 64.0  # d_model / n_layers of every planned shape
+    warmup_fraction: float = 0.1  # each run's warmup as a fraction of its steps
+    # Fewest optimizer steps a run may have; a budget too small for it is an error.
     min_steps: int = 20
-    evals_per_run: int = 5
-    tokens_per_param: float = 20.0
-    launcher: str = "local"
-    out: str = "sweeps/sweep"
-    overrides: list[str] = field(default_factory=list)
+    evals_per_run: int = 5  # validation evaluations over each run
+    tokens_per_param: float = 20.0  # D / N at the grid's centre (Hoffmann's 20)
+    launcher: str = "local"  # local (one run after another) or slurm (submitit)
+    out: str = "sweeps/sweep"  # the sweep directory: plan, Hydra configs, runs, fit
+    overrides: list[str] = field(default_factory=list)  # sf-train overrides for every run
+    # Budgets `run` predicts the compute-optimal model for after the fit ([]: its defaults).
     report_budgets: list[float] = field(default_factory=list)
-    bootstrap: int = 200
-    loss_column: str = "loss"
-    wandb: str = "auto"
+    bootstrap: int = 200  # bootstrap resamples behind the fit's intervals
+    loss_column: str = "loss"  # the column `run` fits (loss or val_loss)
+    wandb: str = "auto"  # the sweep report in W&B: auto, online, offline or disabled
     # > 0: after the fit, `run` trains one run at check_multiple x the largest budget at
     # approach 3's compute-optimal size and compares its loss with the prediction (`check`)
     check_multiple: float = 0.0
@@ -58,8 +65,9 @@ class PlanSettings:
 class CollectSettings:
     """Settings of `collect`: one sweep directory, or several as [DIR,DIR,...]."""
 
+    # The directory sf-sweep plan wrote, or several as [DIR,DIR,...].
     sweep_dir: Any = required("DIR (the directory sf-sweep plan wrote, or [DIR,DIR,...])")
-    out: str | None = None
+    out: str | None = None  # the table's path; null: runs.csv in the (first) sweep directory
 
 
 @dataclass(kw_only=True)
@@ -94,18 +102,18 @@ class FitInputs:
 class FitSettings(FitInputs):
     """Settings of `fit` (see scaling/fit.py)."""
 
-    out: str = required("DIR")
+    out: str = required("DIR")  # where fit.json, the plots and the text go
 
 
 @dataclass
 class PredictSettings:
     """Settings of `predict`: N and D for a loss, or C for a compute-optimal allocation."""
 
-    fit: str = required("DIR/fit.json (sf-sweep fit's result)")
-    N: float | None = None
-    D: float | None = None
-    C: float | None = None
-    approach: str = "approach3"
+    fit: str = required("DIR/fit.json (sf-sweep fit's result)")  # the fitted law
+    N: float | None = None  # non-embedding parameters (with D: the predicted loss)
+    D: float | None = None  # training tokens (with N: the predicted loss)
+    C: float | None = None  # a compute budget in FLOPs: the compute-optimal N and D
+    approach: str = "approach3"  # which fit answers: approach1, approach2 or approach3
 
 
 @dataclass(kw_only=True)
@@ -113,17 +121,17 @@ class BacktestSettings(FitInputs):
     """Settings of `backtest` (see scaling/backtest.py): `cutoff` (FLOPs) or
     `holdout_budgets` (the k largest budgets) picks the held-out runs."""
 
-    out: str | None = None
-    cutoff: float | None = None
-    holdout_budgets: int | None = None
+    out: str | None = None  # where backtest.json and its text go; null: printed only
+    cutoff: float | None = None  # runs above this many FLOPs are held out
+    holdout_budgets: int | None = None  # the k largest budgets are held out
 
 
 @dataclass
 class ReportSettings:
     """Settings of `report` (see scaling/report.py)."""
 
-    fit: str = required("DIR/fit.json (sf-sweep fit's result)")
-    out: str = required("DIR")
+    fit: str = required("DIR/fit.json (sf-sweep fit's result)")  # the fitted law
+    out: str = required("DIR")  # where the report (markdown, HTML, plots) goes
     # The runs to plot; null: the table the fit read (recorded in fit.json's `inputs`).
     table: str | None = None
     # Compute budgets to predict the optimum for (empty: the report's defaults).
@@ -132,8 +140,8 @@ class ReportSettings:
     loss_column: str | None = None
     # Rows whose column is non-zero are left out; null: the fit's exclude_column.
     exclude_column: str | None = None
-    wandb: str = "auto"
-    wandb_project: str = "scaleforge-scaling"
+    wandb: str = "auto"  # the report in W&B: auto, online, offline or disabled
+    wandb_project: str = "scaleforge-scaling"  # the W&B project of the report
 
 
 def plan(settings: PlanSettings) -> list[str]:

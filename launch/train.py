@@ -27,21 +27,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from scaleforge.core.config import register_configs, to_config
-from scaleforge.core.derived_settings import derive_settings
 from scaleforge.errors import ConfigError, exit_on_config_error, messages_of
 from scaleforge.launch.key_value import is_help
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from scaleforge.core.trainer import Trainer
 
-register_configs()
+# torch, Hydra and the settings' modules are imported where a run needs them, not here:
+# `sf-train --help` (launch/train_help.py) answers without them.
 
 # Ranks other than 0 keep Hydra from writing a second copy of its files (whose timestamped
 # directory could differ from rank 0's by a second).
@@ -56,7 +51,11 @@ def train(cfg: DictConfig) -> dict:
     last logged metrics record (an empty one after a dry run). Errors after start-up name the
     failing rank's coordinates."""
     import torch.distributed as dist
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from scaleforge.core.config import to_config
+    from scaleforge.core.derived_settings import derive_settings
     from scaleforge.core.trainer import Trainer, start_topology
     from scaleforge.scaling.run_record import write_run_record
 
@@ -111,10 +110,21 @@ def evaluate_only(trainer: Trainer) -> dict:
     return record
 
 
-@record
-@hydra.main(version_base=None, config_path="../configs", config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _train_or_exit(cfg: DictConfig) -> None:
     exit_on_config_error(train, cfg, on_error=_record_for_torchrun)
+
+
+def _hydra_main() -> None:
+    """Hydra's main over `_train_or_exit`, under torchrun's error recorder."""
+    import hydra
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from scaleforge.core.config import register_configs
+
+    register_configs()
+    main_function = hydra.main(version_base=None, config_path="../configs",
+                               config_name="config")(_train_or_exit)
+    record(main_function)()
 
 
 def _record_for_torchrun(error: BaseException, status: int) -> None:
