@@ -72,11 +72,15 @@ def wandb_mode(requested: str, setting: str = "logging.wandb") -> WandbMode:
 
 def _format(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']:>6}"]
+    # Per GPU on CUDA (whose records carry memory_reserved_gb), per process on several CPU
+    # processes, and the run's own on one.
+    per = ("/GPU" if "memory_reserved_gb" in record
+           else "/process" if record.get("tflops_total", 0) > record.get("tflops", 0) else "")
     formats = {
         "loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}",
         "grad_norm": "gnorm {:.3f}", "tokens_per_s": "{:,.0f} tok/s",
-        "tflops": "{:.2f} TFLOP/s/GPU", "mfu": "MFU {:.1%}", "memory_gb": "mem {:.2f} GiB",
-        "eta_s": "eta {}",
+        "tflops": "{:.2f} TFLOP/s" + per, "mfu": "MFU {:.1%}",
+        "memory_gb": "mem {:.2f} GiB", "eta_s": "eta {}",
     }
     for key, fmt in formats.items():
         if key not in record:
@@ -122,6 +126,8 @@ class MetricsLogger:
         if mode != "disabled":
             import wandb
 
+            # Offline, W&B's own banner (some 40 lines at start and end) says nothing the
+            # run's one line below does not; online it links the run page, so it stays.
             self.wandb_run = wandb.init(
                 project=logging_cfg.wandb_project,
                 entity=logging_cfg.wandb_entity,
@@ -129,7 +135,11 @@ class MetricsLogger:
                 dir=str(run_dir),
                 config=config,
                 mode=mode,
+                settings=wandb.Settings(silent=mode != "online"),
             )
+            if mode == "offline":
+                self.message(f"wandb: offline run in {Path(run_dir) / 'wandb'} (upload it with "
+                             "wandb sync)")
 
     def message(self, text: str) -> None:
         """Print one line without breaking the progress bar."""

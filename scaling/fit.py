@@ -121,8 +121,11 @@ def _isoflop_approach(fitter: IsoflopFitter, budgets: Budgets, N: np.ndarray, D:
         except (ConfigError, np.linalg.LinAlgError):
             continue  # a resample whose budgets all lack a minimum says nothing
         samples.append([fitted[key] for key in ISOFLOP_SAMPLE_COLUMNS])
-        bands["N"].append(np.exp(fitted["log_kN"]) * BAND_BUDGETS ** fitted["a"])
-        bands["D"].append(np.exp(fitted["log_kD"]) * BAND_BUDGETS ** fitted["b"])
+        # A resample of a flat valley can give a wild exponent whose band overflows to inf:
+        # an honest band edge (percentiles take it), not a warning worth printing.
+        with np.errstate(over="ignore"):
+            bands["N"].append(np.exp(fitted["log_kN"]) * BAND_BUDGETS ** fitted["a"])
+            bands["D"].append(np.exp(fitted["log_kD"]) * BAND_BUDGETS ** fitted["b"])
     column = {key: [row[i] for row in samples] for i, key in enumerate(ISOFLOP_SAMPLE_COLUMNS)}
     return {
         "a": _interval(column["a"], point["a"]), "b": _interval(column["b"], point["b"]),

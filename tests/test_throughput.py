@@ -16,6 +16,7 @@ from micro_runs import micro_config, synthetic_data
 from run_metrics import metrics_records
 from scaleforge.core.config import Config
 from scaleforge.core.flops import training_flops_per_token
+from scaleforge.core.metrics import _format
 from scaleforge.core.trainer import Trainer, start_topology
 
 PEAK_FLOPS = 1e10  # a stub peak, of the order of a CPU core's, so the MFU is not tiny
@@ -60,3 +61,12 @@ def test_startup_line_names_the_flop_convention_of_mfu(tmp_path, capsys):
     assert f"MFU counts causal attention: {causal:,.2f} MFLOP/token" in startup
     assert f"mfu_full_attention: {full:,.2f} MFLOP/token" in startup
     assert f"{causal:,.2f}" != f"{full:,.2f}"  # the two conventions differ at this size
+
+
+def test_the_console_line_says_per_gpu_only_on_gpus():
+    """TFLOP/s per GPU on CUDA (its records have memory_reserved_gb), per process on several
+    CPU processes, the run's own on one."""
+    one = {"step": 1, "tflops": 0.02, "tflops_total": 0.02}
+    assert _format(one).endswith("0.02 TFLOP/s")
+    assert "0.02 TFLOP/s/process" in _format(one | {"tflops_total": 0.04})
+    assert "0.02 TFLOP/s/GPU" in _format(one | {"memory_reserved_gb": 1.0})
