@@ -17,17 +17,25 @@ from scaleforge.scaling.law import law_optimum, law_params, loss  # noqa: E402
 APPROACH_COLORS = {"approach1": "tab:green", "approach2": "tab:blue", "approach3": "tab:red"}
 
 
+def budget_minimum(fit: dict, budget: float) -> dict | None:
+    """Approach 2's parabola minimum of the budget nearest `budget` (within 0.05 dex: a
+    budget regrouped from a table is its runs' mean, not the fit's nominal value), or None
+    when that budget had none (the fit text counts the same minima)."""
+    minima = fit.get("approach2", {}).get("minima", [])
+    distances = [abs(np.log10(m["C"]) - np.log10(budget)) for m in minima]
+    if not distances or min(distances) > 0.05:
+        return None
+    return minima[int(np.argmin(distances))]
+
+
 def plot_isoflops(fit: dict, curves: list[tuple[float, np.ndarray, np.ndarray]],
                   path: Path) -> Path:
     """Loss against N per IsoFLOP budget, `curves` = [(budget, N, loss)], with approach 2's
     parabola and minimum where the budget has one."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    # keyed by rounded log10 C: budgets regrouped from a table differ from the fit's in the
-    # last bits
-    minima = {round(np.log10(m["C"]), 6): m for m in fit.get("approach2", {}).get("minima", [])}
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(curves))))
     for color, (budget, N, L) in zip(colors, curves, strict=False):
-        minimum = minima.get(round(np.log10(budget), 6))
+        minimum = budget_minimum(fit, budget)
         label = f"C = {budget:.2g}" + ("" if minimum else " (no parabola minimum)")
         ax.scatter(N, L, color=color, s=18, label=label)
         if minimum is None:
@@ -114,7 +122,12 @@ def plot_contours(fit: dict, N: np.ndarray, D: np.ndarray, L: np.ndarray, path: 
     C = np.geomspace(flops_per_token(convention, N.min()) * D.min(),
                      flops_per_token(convention, N.max()) * D.max(), 50)
     frontier_n, frontier_d = law_optimum(params, C, convention)
-    ax.plot(frontier_n, frontier_d, color="tab:red", lw=1.5, label="compute-optimal frontier")
+    inside = ((frontier_n >= n_grid[0]) & (frontier_n <= n_grid[-1]) & (frontier_d >= d_grid[0])
+              & (frontier_d <= d_grid[-1]))
+    if inside.any():  # named in the legend only where it is drawn
+        ax.plot(frontier_n, frontier_d, color="tab:red", lw=1.5, label="compute-optimal frontier")
+    else:
+        ax.plot([], [], " ", label="compute-optimal frontier: outside the runs' range")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(n_grid[0], n_grid[-1])

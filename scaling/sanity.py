@@ -139,7 +139,14 @@ def law_flags(fit: dict, min_loss: float) -> list[dict]:
                                   f"{fit['flop_convention']['formula']} implies "
                                   "(N_opt and D_opt do not spend the budgets)"))
     E = fit["approach3"]["params"]["E"]
-    if E["low"] < 0.01 * E["value"]:
+    if E["high"] - E["low"] <= 1e-6 * max(abs(E["value"]), 1e-12) or E["value"] < 0.01 * min_loss:
+        flags.append(flag("E_pinned", "approach3",
+                          f"approach3: E = {E['value']:.3g} with the 95% interval "
+                          f"[{E['low']:.3g}, {E['high']:.3g}]: the fit sits at E's lower "
+                          "bound (near 0), where every resample ends too; that interval is "
+                          "the search's edge, not a measurement: the runs do not pin the "
+                          "irreducible loss"))
+    elif E["low"] < 0.01 * E["value"]:
         flags.append(flag("interval_spans_zero", "approach3",
                           f"approach3: the 95% interval of E, [{E['low']:.3g}, {E['high']:.3g}], "
                           "reaches 0: the runs do not pin the irreducible loss"))

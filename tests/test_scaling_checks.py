@@ -116,6 +116,18 @@ def test_law_flags_name_bad_exponents_sums_zero_spanning_intervals_and_a_high_E(
     assert "E = 3 exceeds the smallest observed loss 2.5" in messages
 
 
+def test_an_E_pinned_near_zero_with_a_zero_width_interval_is_flagged():
+    """The issue's CPU sweep: E = 2.6e-7 with the interval [2.6e-7, 2.6e-7]."""
+    law = {"E": _interval(2.6e-7, 2.6e-7, 2.6e-7), "A": _interval(50, 40, 60),
+           "B": _interval(800, 700, 900), "alpha": _interval(0.3, 0.2, 0.4),
+           "beta": _interval(0.3, 0.2, 0.4)}
+    fit = {"flop_convention": {"kind": "6ND", "formula": "C = 6 N D"},
+           "approach3": {"a": _interval(0.5, 0.4, 0.6), "b": _interval(0.5, 0.4, 0.6),
+                         "params": law}}
+    (pinned,) = [f for f in law_flags(fit, min_loss=2.5) if f["check"] == "E_pinned"]
+    assert "E = 2.6e-07 with the 95% interval [2.6e-07, 2.6e-07]" in pinned["message"]
+
+
 def test_flop_convention_is_6nd_for_published_runs_and_fitted_for_exact_sweep_flops(
         chinchilla_rows, cpu_fit):
     N, D = (np.array([row[c] for row in chinchilla_rows]) for c in ("N", "D"))
