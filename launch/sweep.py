@@ -176,10 +176,14 @@ def run(settings: PlanSettings) -> None:
     argv = plan(settings)
     argv[0] = str(Path(sys.executable).parent / "sf-train")
     print("training ...", flush=True)
-    result = subprocess.run(argv)
+    returncode, stopped_by = _run_forwarding_signals(argv)
     out = Path(settings.out)
-    if result.returncode != 0:
-        print(f"warning: sf-train --multirun exited with {result.returncode}; fitting the "
+    if stopped_by is not None:
+        print(f"sf-sweep run: stopped by {stopped_by} after the current job's checkpoint; "
+              f"rerun the same command to continue the sweep in {out}", file=sys.stderr)
+        raise SystemExit(0)
+    if returncode != 0:
+        print(f"warning: sf-train --multirun exited with {returncode}; fitting the "
               "runs that finished", file=sys.stderr)
     table = collect(CollectSettings(sweep_dir=str(out)))
     fit(FitSettings(table=str(table), out=str(out / "fit"), bootstrap=settings.bootstrap,
@@ -189,6 +193,27 @@ def run(settings: PlanSettings) -> None:
                           loss_column=settings.loss_column, wandb=settings.wandb))
     if settings.check_multiple > 0:
         check(settings)
+
+
+def _run_forwarding_signals(argv: list[str]) -> tuple[int, str | None]:
+    """Run `argv` (the multirun), passing SIGTERM and SIGINT on to it: its running job saves
+    a checkpoint and the multirun stops. Returns (exit status, the signal's name or None)."""
+    import signal
+
+    child = subprocess.Popen(argv)
+    received: list[str] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return returncode, received[0] if received else None
 
 
 def check(settings: PlanSettings) -> Path:

@@ -13,6 +13,7 @@ the validation loss and perplexity of a checkpoint on the configured data and ex
 
 SIGTERM or SIGUSR1 (`trainer.preemption_signals`) during training saves a checkpoint and
 exits with status 0 (without scaling.json, which marks a finished run); see core/preemption.py.
+Under `--multirun` SIGINT does too, and the whole sweep stops there (no further job starts).
 
 Under `--multirun` each job trains in its own `<hydra.sweep.dir>/<hydra.sweep.subdir>`
 (`run_dir` is ignored there). Every finished run leaves `scaling.json` (N, D, C, losses).
@@ -63,10 +64,14 @@ def train(cfg: DictConfig) -> dict:
     for warning in derive_settings(config):
         if int(os.environ.get("RANK", 0)) == 0:
             print(warning, flush=True)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun:
         # every job of a sweep gets its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>;
         # a run_dir shared by all jobs would mix their metrics
         config.run_dir = HydraConfig.get().runtime.output_dir
+        signals = config.trainer.preemption_signals
+        if signals and "SIGINT" not in signals:  # Ctrl-C stops a sweep as SIGTERM does
+            config.trainer.preemption_signals = [*signals, "SIGINT"]
     if config.trainer.dry_run_gpu is not None:
         from scaleforge.planner.hardware import gpu_spec
 
@@ -88,6 +93,12 @@ def train(cfg: DictConfig) -> dict:
             if not trainer.preempted:  # scaling.json marks a finished run
                 write_run_record(config, trainer.run_dir)
             print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
+        if multirun and trainer.preempted:
+            # Hydra would start the next job; a signal to the sweep stops all of it.
+            if topology.is_rank0:
+                print("sweep stopped after this job's checkpoint; rerun the same command to "
+                      "continue it (finished jobs end at once, this one resumes)", flush=True)
+            raise SystemExit(0)
         return record
     finally:
         if dist.is_initialized():

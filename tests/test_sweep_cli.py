@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from commands import run_tool
+from commands import run_tool, start_tool
 from scaleforge.errors import ConfigError
 from scaleforge.launch.sweep import dispatch
 from scaleforge.scaling.collect import SweepWarning, collect
@@ -156,6 +158,34 @@ def test_multirun_jobs_each_get_their_own_run_dir_and_record(tmp_path, stdlib_ov
         assert record["D"] == record["steps"] * 256 and record["N"] < record["N_total"]
         assert record["C"] > 6 * record["N"] * record["D"]  # exact count includes the LM head
     assert steps == {"0": 2, "1": 3}
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_whole_multirun_after_the_current_jobs_checkpoint(
+        tmp_path, stdlib_overrides, signal_number):
+    """Hydra would start the next job after a preempted one; the sweep stops instead."""
+    sweep = tmp_path / "sweep"
+    process = start_tool(
+        "sf-train", "--multirun", "model=llama_micro", *stdlib_overrides, "data.vocab_size=512",
+        "data.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_tokens=256",
+        "trainer.max_steps=100000", "trainer.seed=0,1,2", "trainer.eval_every=0",
+        "trainer.log_every=1", "optim.warmup_steps=1", "trainer.precision=fp32",
+        "trainer.device=cpu", "logging.wandb=disabled", "logging.progress_bar=false",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:  # training, past step 0
+            break
+        time.sleep(0.5)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "sweep stopped after this job's checkpoint" in stdout
+    assert list((sweep / "0" / "checkpoints").glob("step_*"))
+    assert not (sweep / "1").exists() and not (sweep / "2").exists()
 
 
 @pytest.mark.slow
