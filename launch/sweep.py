@@ -76,7 +76,9 @@ class FitInputs:
 
     table: str = required("PATH.csv (sf-sweep collect's table)")  # the runs: N, D, losses
     bootstrap: int = 200  # bootstrap resamples behind the intervals
-    loss_column: str = "loss"  # the column fitted
+    # The column fitted; null: the one `sf-sweep run` fitted, from the plan.json of the sweep
+    # the table sits in, else loss.
+    loss_column: str | None = None
     seed: int = 0  # the bootstrap's seed
     # FLOP budgets the runs are grouped under (the nearest one); []: the runs' own budgets
     budgets: list[float] = field(default_factory=list)
@@ -84,12 +86,26 @@ class FitInputs:
     # Rows whose column is non-zero are left out (e.g. excluded_by_epoch); null: none.
     exclude_column: str | None = None
 
+    def column(self) -> str:
+        """The loss column: `loss_column`, else the sweep's (see its comment); the first call
+        prints which and why."""
+        if self.loss_column is None:
+            from scaleforge.scaling.sweep_files import read_plan
+
+            plan = read_plan(Path(self.table).parent)
+            planned = (plan or {}).get("settings", {}).get("loss_column")
+            self.loss_column = planned or "loss"
+            source = (f"the sweep's, from {Path(self.table).parent / 'plan.json'}" if planned
+                      else "the default: no sweep plan.json beside the table")
+            print(f"fitting the {self.loss_column} column ({source}; loss_column= to choose)")
+        return self.loss_column
+
     def rows(self) -> list[dict]:
         """The table's runs (N, D and the loss column read) less those whose
         `exclude_column` is non-zero (e.g. excluded_by_epoch)."""
         from scaleforge.scaling.table import read_table
 
-        rows = read_table(Path(self.table), ("N", "D", self.loss_column))
+        rows = read_table(Path(self.table), ("N", "D", self.column()))
         if not self.exclude_column:
             return rows
         if self.exclude_column not in rows[0]:
@@ -294,14 +310,14 @@ def fit(settings: FitSettings) -> Path:
     rows = settings.rows()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fit_table(rows, loss_column=settings.loss_column,
+        result = fit_table(rows, loss_column=settings.column(),
                            bootstrap=settings.bootstrap, seed=settings.seed,
                            budgets=settings.budgets or None,
                            budget_tolerance_dex=settings.budget_tolerance_dex)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     # What the fit read, so `report` (and a reader) reproduces it without the flags.
-    result["inputs"] = {"table": settings.table, "loss_column": settings.loss_column,
+    result["inputs"] = {"table": settings.table, "loss_column": settings.column(),
                         "exclude_column": settings.exclude_column, "bootstrap": settings.bootstrap,
                         "seed": settings.seed, "budgets": settings.budgets,
                         "budget_tolerance_dex": settings.budget_tolerance_dex,
@@ -355,7 +371,8 @@ def backtest(settings: BacktestSettings) -> Path | None:
     from scaleforge.scaling.backtest import backtest as run_backtest
     from scaleforge.scaling.backtest import summary_lines, write_backtest
 
-    result = run_backtest(settings.rows(), settings.loss_column, settings.cutoff,
+    rows = settings.rows()
+    result = run_backtest(rows, settings.column(), settings.cutoff,
                           settings.holdout_budgets, settings.bootstrap, settings.seed,
                           settings.budgets or None, settings.budget_tolerance_dex)
     for raised in result["flags"]:

@@ -4,6 +4,7 @@ display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,6 +16,22 @@ from scaleforge.scaling.flop_convention import flops_per_token  # noqa: E402
 from scaleforge.scaling.law import law_optimum, law_params, loss  # noqa: E402
 
 APPROACH_COLORS = {"approach1": "tab:green", "approach2": "tab:blue", "approach3": "tab:red"}
+
+
+def _save(fig: Any, ax: Any, path: Path) -> None:
+    """Save the figure, its legend's labels in the PNG's Description (tests read them
+    against the fit's text)."""
+    labels = ax.get_legend_handles_labels()[1]
+    fig.savefig(path, dpi=120, metadata={"Description": "\n".join(labels)})
+
+
+def legend_labels(path: Path) -> list[str]:
+    """The legend labels a plot of this module saved in its PNG."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get("Description", "")
+    return text.splitlines() if text else []
 
 
 def budget_minimum(fit: dict, budget: float) -> dict | None:
@@ -54,7 +71,7 @@ def plot_isoflops(fit: dict, curves: list[tuple[float, np.ndarray, np.ndarray]],
     if curves:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, ax, path)
     plt.close(fig)
     return path
 
@@ -99,7 +116,7 @@ def plot_optimal(fit: dict, budgets: list[float], path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle("Compute-optimal allocation with 95% bootstrap bands")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, ax, path)
     plt.close(fig)
     return path
 
@@ -138,7 +155,7 @@ def plot_contours(fit: dict, N: np.ndarray, D: np.ndarray, L: np.ndarray, path: 
     fig.colorbar(scatter, label="run loss")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, ax, path)
     plt.close(fig)
     return path
 
@@ -171,6 +188,6 @@ def plot_backtest(result: dict, path: Path) -> Path:
     ax.set_title(f"Backtest: fitted up to {result['cutoff']:.3g} FLOPs")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, ax, path)
     plt.close(fig)
     return path

@@ -14,6 +14,7 @@ from commands import run_tool, start_tool
 from scaleforge.errors import ConfigError
 from scaleforge.launch.sweep import dispatch
 from scaleforge.scaling.collect import SweepWarning, collect
+from scaleforge.scaling.plots import legend_labels
 
 CHINCHILLA = Path(__file__).parent / "data" / "chinchilla_epoch_2024.csv"
 HOFFMANN_BUDGETS = "[6e18,1e19,3e19,6e19,1e20,3e20,6e20,1e21,3e21]"
@@ -91,10 +92,43 @@ def test_fit_predict_and_report_on_the_published_chinchilla_runs(tmp_path):
                  "backtest.png", "backtest.json", "report.md", "report.html"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     markdown = (tmp_path / "report" / "report.md").read_text()
+    # the plots say what the fit says: as many budgets with a parabola minimum (legend)
+    # as approach 2 found, and the frontier named only where drawn
+    isoflop = legend_labels(tmp_path / "report" / "isoflop_curves.png")
+    with_minimum = [label for label in isoflop if "no parabola minimum" not in label]
+    assert len(isoflop) == 9 and len(with_minimum) == len(result["approach2"]["minima"])
+    contours = legend_labels(tmp_path / "report" / "loss_contours.png")
+    assert contours in (["compute-optimal frontier"],
+                        ["compute-optimal frontier: outside the runs' range"])
     assert "5.76e+23" in markdown
     assert "Backtest, largest budget held out" in markdown and "11 held-out runs" in markdown
     assert "solved under C = 6 N D" in markdown
     assert list((tmp_path / "report" / "wandb").glob("offline-run-*"))
+
+
+def test_fit_and_backtest_default_to_the_loss_column_the_sweep_fitted(tmp_path):
+    """A table in a sweep directory: its plan.json names the column `sf-sweep run` fitted
+    (val_loss here); standalone fit and backtest take it and say so."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    lines = CHINCHILLA.read_text().splitlines()
+    (sweep / "runs.csv").write_text("\n".join([lines[0] + ",val_loss"] + [
+        f"{line},{float(line.split(',')[3]) + 0.01}" for line in lines[1:]]) + "\n")
+    (sweep / "plan.json").write_text(json.dumps({"settings": {"loss_column": "val_loss"},
+                                                 "runs": []}))
+    fit = run_tool("sf-sweep", "fit", f"table={sweep / 'runs.csv'}", f"out={tmp_path / 'fit'}",
+                   "bootstrap=2", "exclude_column=excluded_by_epoch", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "fitting the val_loss column (the sweep's, from" in fit.stdout
+    result = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert result["inputs"]["loss_column"] == "val_loss"
+    backtest = run_tool("sf-sweep", "backtest", f"table={sweep / 'runs.csv'}", "cutoff=1e21",
+                        "bootstrap=2", "exclude_column=excluded_by_epoch", cwd=tmp_path)
+    assert backtest.returncode == 0, backtest.stderr[-3000:]
+    assert "fitting the val_loss column" in backtest.stdout
+    plain = run_tool("sf-sweep", "fit", f"table={CHINCHILLA}", f"out={tmp_path / 'plain'}",
+                     "bootstrap=2", "exclude_column=excluded_by_epoch", cwd=tmp_path)
+    assert "fitting the loss column (the default: no sweep plan.json" in plain.stdout
 
 
 def test_backtest_of_the_published_chinchilla_runs_beyond_a_cutoff(tmp_path):
