@@ -372,7 +372,8 @@ def _check_warmup(cfg: Config) -> None:
     o, t = cfg.optim, cfg.trainer
     if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
         raise ConfigError(
-            f"optim.warmup_steps={o.warmup_steps} must lie in [0, trainer.max_steps={t.max_steps}]"
+            f"optim.warmup_steps={o.warmup_steps} must lie in [0, trainer.max_steps="
+            f"{t.max_steps}]; set optim.warmup_steps={min(max(o.warmup_steps, 0), t.max_steps)}"
         )
 
 
@@ -380,8 +381,8 @@ def _check_seq_len(cfg: Config) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
-            "lower data.seq_len (it defaults to model.max_seq_len with data=shards or "
-            "data=streaming) or raise model.max_seq_len"
+            f"set data.seq_len={cfg.model.max_seq_len} (the default with data=shards or "
+            f"data=streaming) or model.max_seq_len={cfg.data.seq_len}"
         )
 
 

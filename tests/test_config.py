@@ -226,6 +226,9 @@ def _fixes(message: str) -> list[str]:
         (["parallel.dp_shard=1"], 2),  # a product below the world size
         (["parallel.dp_shard=3"], 2),
         (["parallel.tp=2", "model.vocab_size=4097"], 2),
+        (["model.vocab_size=4000"], 1),  # below the data's 4096
+        (["data.seq_len=512"], 1),  # beyond llama_tiny's 256
+        (["optim.warmup_steps=-3"], 1),
     ],
 )
 def test_each_hint_followed_fixes_the_error(overrides, world_size):
