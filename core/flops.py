@@ -15,6 +15,7 @@ import torch
 
 from scaleforge.core.precision import tf32_enabled
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.family import family_spec
 from scaleforge.models.param_count import attention_params, ffn_params
 
 
@@ -34,8 +35,8 @@ def attention_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool
     on average; without it (the PaLM/Megatron convention) to all seq_len. A sliding window
     w caps both: min(i + 1, w) keys causal, min(seq_len, w) without.
     """
-    return cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_size * attended_keys(cfg, seq_len,
-                                                                               causal)
+    per_key = family_spec(cfg.family).counts.attention_flops_per_key(cfg)
+    return cfg.n_layers * per_key * attended_keys(cfg, seq_len, causal)
 
 
 def attended_keys(cfg: TransformerConfig, seq_len: int, causal: bool = True) -> float:

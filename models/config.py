@@ -10,9 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.errors import ConfigError, check_choice
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
+from scaleforge.models.family import family_spec
 from scaleforge.models.moe import MoEConfig
 
-FAMILIES = ("llama", "gpt")
 KERNELS = ("auto", "torch", "fused")  # models/kernels.py
 ROPE_SCALINGS = ("none", "linear", "llama3")  # models/rope.py
 
@@ -59,8 +59,9 @@ class RopeScaling:
 class TransformerConfig:
     """Shape of a decoder-only transformer.
 
-    `family` picks the block: "llama" (RMSNorm, RoPE, SwiGLU, grouped-query attention) or
-    "gpt" (LayerNorm, learned positions, GELU MLP, tied embeddings, biases).
+    `family` picks the block: a family registered in models/families.py, e.g. "llama"
+    (RMSNorm, RoPE, SwiGLU, grouped-query attention) or "gpt" (LayerNorm, learned
+    positions, GELU MLP, tied embeddings, biases); models/<family>/ checks its own options.
     `kernels` picks the code of RMSNorm, RoPE, SwiGLU and the training loss: "torch",
     "fused" (the csrc/ operators) or "auto" (models/kernels.py); the gpt family has none of
     the first three, only the loss.
@@ -78,7 +79,7 @@ class TransformerConfig:
     """
 
     name: str = "custom"  # the preset's name, for logs
-    family: str = "llama"  # llama or gpt (see above)
+    family: str = "llama"  # a registered family: llama, gpt, ... (see above)
     n_layers: int = 2  # transformer blocks
     d_model: int = 128  # hidden width
     n_heads: int = 4  # attention (query) heads
@@ -115,10 +116,7 @@ class TransformerConfig:
     def mlp_hidden(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.family == "gpt":
-            return 4 * self.d_model
-        hidden = int(self.ffn_multiplier * int(2 * 4 * self.d_model / 3))
-        return self.ffn_multiple_of * -(-hidden // self.ffn_multiple_of)
+        return family_spec(self.family).mlp_hidden(self)
 
     def check(self, prefix: str = "model") -> None:
         """Raise ConfigError naming the first inconsistent field (`prefix.field`)."""
@@ -126,8 +124,7 @@ class TransformerConfig:
             raise ConfigError(
                 f"{prefix}.kernels={self.kernels!r} is unknown; use one of {KERNELS}"
             )
-        if self.family not in FAMILIES:
-            raise ConfigError(f"{prefix}.family={self.family!r} is unknown; use one of {FAMILIES}")
+        spec = family_spec(self.family, f"{prefix}.family")
         for setting in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
             if getattr(self, setting) <= 0:
                 raise ConfigError(f"{prefix}.{setting}={getattr(self, setting)} must be positive")
@@ -136,11 +133,9 @@ class TransformerConfig:
                 f"{prefix}.n_heads={self.n_heads} does not divide {prefix}.d_model={self.d_model}; "
                 f"pick a head count that divides {self.d_model}, or set {prefix}.head_dim"
             )
-        if self.head_size <= 0 or (self.head_size % 2 and self.family == "llama"):
-            raise ConfigError(
-                f"{prefix}.head_dim={self.head_size} (a head's width) must be positive and, "
-                "for RoPE, even"
-            )
+        if self.head_size <= 0:
+            raise ConfigError(f"{prefix}.head_dim={self.head_size} (a head's width) must be "
+                              "positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(
                 f"{prefix}.sliding_window={self.sliding_window} must be positive, or null "
@@ -152,26 +147,19 @@ class TransformerConfig:
                 f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"
             )
         check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
-        if self.rope_per_document and self.family != "llama":
+        if self.rope_per_document and spec.rope_dim(self) is None:
             raise ConfigError(
                 f"{prefix}.rope_per_document=true: the {self.family} family has learned "
                 "positions, not RoPE; leave it false"
             )
-        self.moe.check(f"{prefix}.moe", self.family, self.n_layers)
-        if self.family == "gpt" and self.kv_heads != self.n_heads:
+        if self.moe.enabled and not spec.moe:
             raise ConfigError(
-                f"{prefix}.n_kv_heads={self.n_kv_heads}: the gpt family has no grouped-query "
-                "attention; leave it null"
+                f"{prefix}.moe.num_experts={self.moe.num_experts}: the {self.family} family "
+                f"has no Mixture-of-Experts blocks; set {prefix}.moe.num_experts=0 or use a "
+                "family that has them (llama)"
             )
-        llama_only = {"qkv_bias": self.qkv_bias, "qk_norm": self.qk_norm,
-                      "head_dim": self.head_dim is not None,
-                      "rope_scaling": self.rope_scaling.type != "none"}
-        for setting, used in llama_only.items():
-            if used and self.family != "llama":
-                raise ConfigError(
-                    f"{prefix}.{setting} is a llama-family option; the {self.family} family "
-                    "has its own fixed layout: leave it at its default"
-                )
+        self.moe.check(f"{prefix}.moe", self.n_layers)
+        spec.check(self, prefix)
 
 
 def as_transformer_config(
@@ -195,7 +183,23 @@ def as_transformer_config(
         )
     if isinstance(settings.get("moe"), Mapping):
         settings["moe"] = as_moe_config(settings["moe"])
+    for section in fields(TransformerConfig):  # a family's own settings section
+        value = settings.get(section.name)
+        if isinstance(value, Mapping) and callable(section.default_factory):
+            settings[section.name] = _as_section(section.default_factory(), value,
+                                                 f"model.{section.name}")
     return TransformerConfig(**settings)
+
+
+def _as_section(default: Any, settings: Mapping[str, Any], prefix: str) -> Any:
+    """The settings dataclass of `default`'s type from a plain dict; unknown keys raise
+    ConfigError."""
+    known = {f.name for f in fields(default)}
+    unknown = sorted(set(map(str, settings)) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]} is not a setting; the settings are "
+                          f"{', '.join(sorted(known))}")
+    return type(default)(**{str(key): value for key, value in settings.items()})
 
 
 def as_moe_config(settings: Mapping[str, Any]) -> MoEConfig:

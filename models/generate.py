@@ -78,6 +78,11 @@ def _forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache,
         rope = (model.rope_cos[start:start + T], model.rope_sin[start:start + T])
     for name, block in model.layers.items():
         assert isinstance(block, Block)
+        if not isinstance(block.attention, Attention):
+            raise ValueError(
+                f"generation with a KV cache runs grouped-query attention only; the "
+                f"{model.cfg.family} family's {type(block.attention).__name__} has no cache"
+            )
         h = h + _attention(block.attention, block.attention_norm(h), rope, cache, name)
         h = h + block.feed_forward(block.ffn_norm(h))
     return model.output(model.norm(h))

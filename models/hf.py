@@ -1,22 +1,16 @@
 """Conversion between ScaleForge models and Hugging Face `transformers` models.
 
+Each family converts through its adapter (models/hf_adapter.py, in models/<family>/):
+
     llama <-> LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
     gpt   <-> GPT2LMHeadModel
-    llama with model.moe <-> MixtralForCausalLM (experts: models/hf_mixtral.py)
+    llama with model.moe <-> MixtralForCausalLM (experts: models/llama/hf_mixtral.py)
 
 The config conversion is models/hf_config.py. The state-dict functions are pure (no I/O):
 state dicts map our single-process keys (`layers.0.attention.wq.weight`, see
 models/transformer.py) to Hugging Face's (`model.layers.0.self_attn.q_proj.weight`) and back.
 `save_hf` and `load_hf` read and write a Hugging Face model directory (config.json +
-safetensors; never pickles).
-
-Layouts that need care:
-- RoPE: models/rope.py rotates halves (channel i with i + head_dim/2), as Hugging Face Llama
-  does, so q/k rows copy without permutation (Meta's original checkpoints interleave pairs
-  and need one; their Hugging Face conversions already applied it).
-- GPT-2: Hugging Face's Conv1D stores weights as (in, out), the transpose of nn.Linear; and
-  `c_attn` fuses the q, k and v projections along its output dimension.
-A setting one side cannot represent raises ConfigError naming it.
+safetensors; never pickles). A setting one side cannot represent raises ConfigError naming it.
 """
 
 from __future__ import annotations
@@ -31,73 +25,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from scaleforge.errors import ConfigError
 from scaleforge.models.build import build
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.hf_adapter import StateDict, hf_adapter
 from scaleforge.models.hf_config import from_hf_config, to_hf_config
-from scaleforge.models.hf_mixtral import (
-    DENSE_MLP_KEYS,
-    from_mixtral_experts,
-    fused_expert_layout,
-    to_mixtral_experts,
-)
 from scaleforge.models.state_dict import check_state_dict_shapes
 
-StateDict = dict[str, torch.Tensor]
-
-# Per-layer names, ours -> Hugging Face, below `layers.<i>.` / `model.layers.<i>.`; the four
-# llama-family architectures share them. A model has the biases (Qwen2) and the q/k norms
-# (Qwen3) only when its config says so; names it lacks are skipped.
-LLAMA_LAYER_KEYS = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "attention.wq.bias": "self_attn.q_proj.bias",
-    "attention.wk.bias": "self_attn.k_proj.bias",
-    "attention.wv.bias": "self_attn.v_proj.bias",
-    "attention.q_norm.weight": "self_attn.q_norm.weight",
-    "attention.k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-}
-LLAMA_GLOBAL_KEYS = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-# GPT-2 names that map one to one; the Conv1D ones (`CONV1D`) are transposed on the way.
-GPT2_LAYER_KEYS = {
-    "attention_norm.weight": "ln_1.weight",
-    "attention_norm.bias": "ln_1.bias",
-    "attention.wo.weight": "attn.c_proj.weight",
-    "attention.wo.bias": "attn.c_proj.bias",
-    "ffn_norm.weight": "ln_2.weight",
-    "ffn_norm.bias": "ln_2.bias",
-    "feed_forward.w1.weight": "mlp.c_fc.weight",
-    "feed_forward.w1.bias": "mlp.c_fc.bias",
-    "feed_forward.w2.weight": "mlp.c_proj.weight",
-    "feed_forward.w2.bias": "mlp.c_proj.bias",
-}
-GPT2_GLOBAL_KEYS = {
-    "tok_embeddings.weight": "transformer.wte.weight",
-    "pos_embeddings.weight": "transformer.wpe.weight",
-    "norm.weight": "transformer.ln_f.weight",
-    "norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-LINEAR_AS_CONV1D = ("attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight")
-CONV1D = tuple(GPT2_LAYER_KEYS[name] for name in LINEAR_AS_CONV1D)
 # Buffers some published checkpoints carry that no model computes from: GPT-2's causal
 # masks and old Llama exports' RoPE frequencies.
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-def llama_layer_keys(cfg: TransformerConfig) -> dict[str, str]:
-    """The Llama per-layer table; a Mixtral layer has experts (models/hf_mixtral.py)
-    instead of the dense MLP."""
-    dense = not cfg.moe.enabled
-    return {k: v for k, v in LLAMA_LAYER_KEYS.items() if dense or k not in DENSE_MLP_KEYS}
 
 
 def expected_state_dict(cfg: TransformerConfig) -> StateDict:
@@ -119,92 +53,40 @@ def _with_tied_output(
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: TransformerConfig) -> StateDict:
     """Our single-process state dict -> the state dict of `to_hf_config(cfg)`'s model.
 
-    Tensors are shared, not copied, where the layout is the same; GPT-2's Conv1D weights are
-    transposed copies. Raises ConfigError naming the first tensor whose name or shape does
-    not fit `cfg`.
+    Tensors are shared, not copied, where the layout is the same; fused or transposed ones
+    (GPT-2's Conv1D) are copies. Raises ConfigError naming the first tensor whose name or
+    shape does not fit `cfg`.
     """
     state = _with_tied_output(
         state_dict, "tok_embeddings.weight", "output.weight", cfg.tie_embeddings
     )
     check_state_dict_shapes(expected_state_dict(cfg), state, f"{cfg.family} model state dict")
-    if cfg.family == "llama":
-        return _rename(
-            state,
-            cfg.n_layers,
-            LLAMA_GLOBAL_KEYS,
-            llama_layer_keys(cfg),
-            "layers.{}.",
-            "model.layers.{}.",
-        ) | to_mixtral_experts(state, cfg)
-    hf = _rename(
-        state,
-        cfg.n_layers,
-        GPT2_GLOBAL_KEYS,
-        GPT2_LAYER_KEYS,
-        "layers.{}.",
-        "transformer.h.{}.",
-    )
-    for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}.attention.", f"transformer.h.{i}.attn.c_attn."
-        # Linear (out, in) -> Conv1D (in, out); q, k, v side by side along `out`.
-        hf[theirs + "weight"] = torch.cat([state[ours + f"w{p}.weight"] for p in "qkv"], 0).t()
-        hf[theirs + "bias"] = torch.cat([state[ours + f"w{p}.bias"] for p in "qkv"], 0)
-        for suffix in CONV1D:
-            hf[f"transformer.h.{i}.{suffix}"] = hf[f"transformer.h.{i}.{suffix}"].t()
+    hf = hf_adapter(cfg).to_state_dict(state, cfg)
     return {name: tensor.contiguous() for name, tensor in hf.items()}
 
 
 def from_hf_state_dict(
     hf_state_dict: Mapping[str, torch.Tensor], cfg: TransformerConfig
 ) -> StateDict:
-    """A Hugging Face llama-family / GPT-2 state dict -> our single-process state dict for
-    `cfg`.
+    """A Hugging Face state dict of `cfg`'s family -> our single-process state dict for `cfg`.
 
-    Accepts the published variants: GPT-2 files without the `transformer.` prefix, causal-mask
-    and inv_freq buffers (dropped), tied models saved without `lm_head.weight`. Raises
+    Accepts the published variants (the adapter's `published_layout`: e.g. GPT-2 files
+    without the `transformer.` prefix, Mixtral's per-expert tensors), causal-mask and
+    inv_freq buffers (dropped), tied models saved without `lm_head.weight`. Raises
     ConfigError naming the first tensor whose name or shape does not fit `cfg`.
     """
+    adapter = hf_adapter(cfg)
     state = {
         name: tensor
         for name, tensor in hf_state_dict.items()
         if not name.endswith(IGNORED_HF_SUFFIXES)
     }
-    if cfg.family == "gpt":
-        state = {
-            name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": t
-            for name, t in state.items()
-        }
+    state = adapter.published_layout(state, cfg)
     embed, output = to_hf_key(cfg, "tok_embeddings.weight"), to_hf_key(cfg, "output.weight")
     state = _with_tied_output(state, embed, output, cfg.tie_embeddings)
-    state = fused_expert_layout(state, cfg)
     expected = to_hf_state_dict(expected_state_dict(cfg), cfg)
     check_state_dict_shapes(expected, state, "Hugging Face state dict")
-    if cfg.family == "llama":
-        ours = _rename(
-            state,
-            cfg.n_layers,
-            _inverse(LLAMA_GLOBAL_KEYS),
-            _inverse(llama_layer_keys(cfg)),
-            "model.layers.{}.",
-            "layers.{}.",
-        ) | from_mixtral_experts(state, cfg)
-    else:
-        ours = _rename(
-            state,
-            cfg.n_layers,
-            _inverse(GPT2_GLOBAL_KEYS),
-            _inverse(GPT2_LAYER_KEYS),
-            "transformer.h.{}.",
-            "layers.{}.",
-        )
-        for i in range(cfg.n_layers):
-            theirs, mine = f"transformer.h.{i}.attn.c_attn.", f"layers.{i}.attention."
-            weights = state[theirs + "weight"].t().chunk(3, dim=0)  # 3 x (d, d), (out, in)
-            biases = state[theirs + "bias"].chunk(3, dim=0)
-            for p, weight, bias in zip("qkv", weights, biases, strict=True):
-                ours[mine + f"w{p}.weight"], ours[mine + f"w{p}.bias"] = weight, bias
-            for suffix in LINEAR_AS_CONV1D:
-                ours[f"layers.{i}.{suffix}"] = ours[f"layers.{i}.{suffix}"].t()
+    ours = adapter.from_state_dict(state, cfg)
     if cfg.tie_embeddings:
         ours["output.weight"] = ours["tok_embeddings.weight"]
     return {name: tensor.contiguous() for name, tensor in ours.items()}
@@ -212,31 +94,7 @@ def from_hf_state_dict(
 
 def to_hf_key(cfg: TransformerConfig, name: str) -> str:
     """The Hugging Face name of our global (non-layer) tensor `name`."""
-    return (LLAMA_GLOBAL_KEYS if cfg.family == "llama" else GPT2_GLOBAL_KEYS)[name]
-
-
-def _inverse(mapping: Mapping[str, str]) -> dict[str, str]:
-    return {theirs: ours for ours, theirs in mapping.items()}
-
-
-def _rename(
-    state: Mapping[str, torch.Tensor],
-    n_layers: int,
-    global_keys: Mapping[str, str],
-    layer_keys: Mapping[str, str],
-    source_layer: str,
-    target_layer: str,
-) -> StateDict:
-    """The tensors of `state` named in the two tables under their new names; the fused or
-    split ones (GPT-2's q, k, v) are left to the caller, which has checked `state`'s keys
-    against the model's already (so a name the model lacks, like a bias, is skipped)."""
-    renamed = {target: state[source] for source, target in global_keys.items()}
-    for i in range(n_layers):
-        source_prefix, target_prefix = source_layer.format(i), target_layer.format(i)
-        for source, target in layer_keys.items():
-            if source_prefix + source in state:
-                renamed[target_prefix + target] = state[source_prefix + source]
-    return renamed
+    return hf_adapter(cfg).global_keys[name]
 
 
 def to_hf_model(
@@ -244,8 +102,8 @@ def to_hf_model(
     cfg: TransformerConfig,
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """The `transformers` model of `to_hf_config(cfg)` (LlamaForCausalLM, ...,
-    GPT2LMHeadModel) in eval mode holding our weights in `dtype`."""
+    """The `transformers` model of `to_hf_config(cfg)` (LlamaForCausalLM, GPT2LMHeadModel,
+    ...) in eval mode holding our weights in `dtype`."""
     hf_config = to_hf_config(cfg)
     hf_state = to_hf_state_dict(state_dict, cfg)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(hf_config)
@@ -271,9 +129,9 @@ def save_hf(
 
 
 def load_hf(hf_dir: Path) -> tuple[TransformerConfig, StateDict]:
-    """Read a local Hugging Face llama-family or GPT-2 directory (config.json + *.safetensors,
-    sharded or not) as (our config, our state dict). Never unpickles and never downloads;
-    tensors keep the file's dtype."""
+    """Read a local Hugging Face directory of a model_type some family reads (config.json +
+    *.safetensors, sharded or not) as (our config, our state dict). Never unpickles and
+    never downloads; tensors keep the file's dtype."""
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)

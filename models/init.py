@@ -136,7 +136,7 @@ def reset_buffers(model: Transformer) -> None:
 @torch.no_grad()
 def reset_rope_tables(model: Transformer) -> None:
     """Recompute the RoPE buffers (not saved in checkpoints) from the config in place."""
-    rope_cos, rope_sin = model.rope_cos, model.rope_sin  # None for gpt
+    rope_cos, rope_sin = model.rope_cos, model.rope_sin  # None without RoPE (gpt)
     if isinstance(rope_cos, torch.Tensor) and isinstance(rope_sin, torch.Tensor):
         cos, sin = model._rope_tables(device=rope_cos.device)
         rope_cos.copy_(cos)

@@ -18,41 +18,23 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from scaleforge.models.config import TransformerConfig, as_transformer_config
+from scaleforge.models.family import family_spec
 from scaleforge.models.moe import expert_hidden
 
 EMBEDDING_MODULES = ("tok_embeddings", "pos_embeddings", "output")
 
 
 def attention_params(cfg: TransformerConfig, biases: bool = True) -> int:
-    """Parameters of one layer's attention: projections wq, wk, wv, wo, their biases and the
-    q/k norms.
-
-    wq and wo map d_model to and from n_heads x head_size, wk and wv to n_kv_heads x
-    head_size (grouped-query attention). The biases (all four for gpt; wq, wk, wv with
-    `qkv_bias`) and the per-head q/k norm weights (`qk_norm`, head_size each) count unless
-    biases=False, which gives the weight matrices alone (the ones that take part in matmuls).
-    """
-    q_width, kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-    weights = cfg.d_model * (2 * q_width + 2 * kv_width)
-    if not biases:
-        return weights
-    if cfg.family == "gpt":
-        return weights + q_width + 2 * kv_width + cfg.d_model
-    qkv_bias = q_width + 2 * kv_width if cfg.qkv_bias else 0
-    qk_norm = 2 * cfg.head_size if cfg.qk_norm else 0
-    return weights + qkv_bias + qk_norm
+    """Parameters of one layer's attention, as its family counts them (e.g. wq, wk, wv, wo,
+    their biases and the q/k norms); biases=False gives the weight matrices alone (the ones
+    that take part in matmuls)."""
+    return family_spec(cfg.family).counts.attention_params(cfg, biases)
 
 
 def mlp_params(cfg: TransformerConfig, biases: bool = True) -> int:
-    """Parameters of one layer's MLP: w1, w3, w2 (llama SwiGLU) or w1, w2 (gpt).
-
-    Each matrix maps d_model to and from mlp_hidden. The gpt biases count unless
-    biases=False, which gives the weight matrices alone.
-    """
-    if cfg.family == "llama":
-        return 3 * cfg.d_model * cfg.mlp_hidden
-    weights = 2 * cfg.d_model * cfg.mlp_hidden
-    return weights + cfg.mlp_hidden + cfg.d_model if biases else weights
+    """Parameters of one layer's dense MLP (llama's SwiGLU w1, w3, w2; gpt's w1, w2 and
+    their biases unless biases=False)."""
+    return family_spec(cfg.family).counts.mlp_params(cfg, biases)
 
 
 def ffn_params(cfg: TransformerConfig, layer: int, active: bool = False,
@@ -79,15 +61,15 @@ def num_params(
     are included in both counts. active=True counts a MoE model's active parameters.
     """
     cfg = as_transformer_config(cfg)
-    d = cfg.d_model
-    norm = d if cfg.family == "llama" else 2 * d  # RMSNorm weight; LayerNorm weight and bias
+    d, family_counts = cfg.d_model, family_spec(cfg.family).counts
+    norm = family_counts.norm_params(cfg)  # e.g. RMSNorm's weight, LayerNorm's and its bias
     layers = sum(attention_params(cfg) + ffn_params(cfg, i, active) + 2 * norm
                  for i in range(cfg.n_layers))
     body = layers + norm  # layers and the final norm
     if not embeddings:
         return body
     token = cfg.vocab_size * d
-    position = cfg.max_seq_len * d if cfg.family == "gpt" else 0
+    position = family_counts.position_params(cfg)  # learned positions (gpt)
     unembedding = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     return body + token + position + unembedding
 

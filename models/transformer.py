@@ -1,5 +1,8 @@
-"""Decoder-only transformer, two families sharing one skeleton.
+"""Decoder-only transformer: one pre-norm skeleton, the parts its family's spec builds.
 
+The parts every family composes are here; each family (models/<family>/, registered in
+models/families.py) picks its norm, attention and MLP and says whether it has learned
+positions or RoPE (models/family.py). The two first families:
 llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases; and the
        options of its descendants: scaled RoPE (Llama 3.1), q/k/v biases (Qwen 2.5), per-head
        q/k RMSNorm and a free head width (Qwen 3), sliding-window attention (Mistral).
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from scaleforge.models.attention import AttentionKernel, document_positions, make_kernel, masks_for
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.family import family_spec
 from scaleforge.models.kernels import (
     fused_linear_cross_entropy,
     fused_rms_norm,
@@ -58,26 +62,24 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: TransformerConfig) -> nn.Module:
-    """The family's normalisation over d_model: RMSNorm (llama) or LayerNorm with bias (gpt)."""
-    if cfg.family == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    """The family's normalisation over d_model (RMSNorm for llama, LayerNorm for gpt)."""
+    return family_spec(cfg.family).make_norm(cfg)
 
 
 class Attention(nn.Module):
     """Causal self-attention; each of the kv heads serves n_heads / n_kv_heads query heads.
 
     q and k may be normalised per head before RoPE (`qk_norm`, Qwen 3); the attention may
-    look back over a sliding window of keys only (`sliding_window`, Mistral).
+    look back over a sliding window of keys only (`sliding_window`, Mistral). `bias` puts
+    biases on all four projections (GPT-2); `qkv_bias` on q, k and v only (Qwen 2.5).
     """
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, bias: bool = False):
         super().__init__()
         self.head_dim = cfg.head_size
         self.kernels = cfg.kernels
         # The attention kernel (models/attention/): what it computes and the masks it takes.
         self.kernel: AttentionKernel = make_kernel(cfg.attention, cfg.sliding_window)
-        bias = cfg.family == "gpt"
         qkv_bias = bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_size, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_size, bias=qkv_bias)
@@ -143,12 +145,13 @@ class GeluMLP(nn.Module):
 
 
 def make_feed_forward(cfg: TransformerConfig, layer: int) -> nn.Module:
-    """Layer `layer`'s MLP: SwiGLU (llama) or GELU (gpt), or Mixture-of-Experts where
-    model.moe makes it one (models/moe.py; shared experts as one wider SwiGLU)."""
+    """Layer `layer`'s MLP: the family's (SwiGLU for llama, GELU for gpt), or
+    Mixture-of-Experts where model.moe makes it one (models/moe.py; shared experts as one
+    wider SwiGLU)."""
     if cfg.moe.is_moe_layer(layer):
         shared = cfg.moe.shared_experts * expert_hidden(cfg)
         return MoE(cfg, SwiGLU(cfg, shared) if shared else None)
-    return SwiGLU(cfg) if cfg.family == "llama" else GeluMLP(cfg)
+    return family_spec(cfg.family).make_mlp(cfg)
 
 
 class Block(nn.Module):
@@ -157,7 +160,7 @@ class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = make_norm(cfg)
-        self.attention = Attention(cfg)
+        self.attention = family_spec(cfg.family).make_attention(cfg)
         self.ffn_norm = make_norm(cfg)
         self.feed_forward = make_feed_forward(cfg, layer)
 
@@ -189,18 +192,19 @@ class Transformer(nn.Module):
     document ids the whole sequences'.
     """
 
-    # RoPE tables (max_seq_len, head_dim); None for the gpt family (learned positions).
+    # RoPE tables (max_seq_len, rope width); None for a family with learned positions.
     rope_cos: torch.Tensor | None
     rope_sin: torch.Tensor | None
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
+        spec = family_spec(cfg.family)
         load_fused(cfg.kernels)
         embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.tok_embeddings: nn.Embedding | None = embeddings
         self.pos_embeddings = (
-            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt" else None
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if spec.learned_positions else None
         )
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: nn.Module | None = make_norm(cfg)
@@ -209,8 +213,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             output.weight = embeddings.weight
         # Derived from the config, so not saved in checkpoints (persistent=False).
-        cos, sin = (None, None) if cfg.family == "gpt" else self._rope_tables()
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        cos, sin = (None, None) if spec.rope_dim(cfg) is None else self._rope_tables()
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def check_length(self, length: int) -> None:
@@ -225,7 +229,9 @@ class Transformer(nn.Module):
         self, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        return rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, device=device,
+        rope_dim = family_spec(cfg.family).rope_dim(cfg)
+        assert rope_dim is not None, "called for a family with RoPE only"
+        return rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device,
                            scaling=cfg.rope_scaling)
 
     def _rope(

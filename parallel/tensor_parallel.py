@@ -51,54 +51,52 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from scaleforge.models.config import TransformerConfig
+from scaleforge.models.family import family_spec
 from scaleforge.models.moe import MoE
 from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.expert_tensor_parallel import MoETensorParallel
+from scaleforge.parallel.tp_styles import GatherSequence, ReplicateParallel
 
 
-def block_plan(family: str, qk_norm: bool = False, moe: bool = False,
+def block_style(name: str, expert_tp: bool = False) -> ParallelStyle:
+    """The DTensor style a family's plan names (models/family.TP_STYLES): Megatron's
+    column/row split, sequence-parallel norms, the block input all-gathered on the sequence,
+    per-head norms, replicated modules and the MoE feed-forward (split by width under
+    `expert_tp`)."""
+    if name == "sequence_parallel":
+        return SequenceParallel()
+    if name == "gather_sequence":
+        return GatherSequence()
+    if name == "colwise":
+        return ColwiseParallel()
+    if name == "rowwise":
+        return RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+    if name == "head_norm":
+        return SequenceParallel(sequence_dim=2, use_local_output=True)
+    if name in ("replicate", "replicate_local"):
+        return ReplicateParallel(local_output=name == "replicate_local")
+    if name == "moe":
+        return MoETensorParallel(split=expert_tp)
+    raise ValueError(f"unknown tensor-parallel style {name!r}; models/family.py lists them")
+
+
+def block_plan(cfg: TransformerConfig, moe: bool = False,
                expert_tp: bool = False) -> dict[str, ParallelStyle]:
-    """The TP/SP plan of one transformer block, module path -> style. A MoE feed-forward
-    (models/moe.py) takes the whole sequence as a local tensor; its experts are not split
-    and its output is cut to this rank's sequence shard (backward: all-gathered), or, with
-    `expert_tp` (parallel.etp = tp), its experts are split by width and its partial output
-    reduce-scattered (parallel/expert_tensor_parallel.py)."""
-    plan: dict[str, ParallelStyle] = {
-        "attention_norm": SequenceParallel(),
-        # forward(x, rope, mask): x all-gathered on the sequence, so attention sees every
-        # position; the rope tables and the document mask stay plain tensors.
-        "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None),
-            desired_input_layouts=(Replicate(), None, None),
-        ),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-        ),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-    }
-    if moe:
-        for name in ("feed_forward.w1", "feed_forward.w2"):
-            del plan[name]
-        plan["feed_forward"] = MoETensorParallel(split=expert_tp)
-    elif family == "llama":
-        plan["feed_forward.w3"] = ColwiseParallel()
-    if qk_norm:  # each rank normalises its own heads (dim 2) with the one shared weight
-        for norm in ("attention.q_norm", "attention.k_norm"):
-            plan[norm] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    return plan
+    """The TP/SP plan of one transformer block, module path -> style, from the family's
+    plan (models/<family>/). A MoE feed-forward (models/moe.py) takes the whole sequence as
+    a local tensor; its experts are not split and its output is cut to this rank's sequence
+    shard (backward: all-gathered), or, with `expert_tp` (parallel.etp = tp), its experts
+    are split by width and its partial output reduce-scattered
+    (parallel/expert_tensor_parallel.py)."""
+    names = family_spec(cfg.family).tp_plan(cfg, moe)
+    return {path: block_style(name, expert_tp) for path, name in names.items()}
 
 
 def outer_plan(model: Transformer) -> dict[str, ParallelStyle]:
@@ -135,7 +133,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh,
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
         moe = isinstance(block.feed_forward, MoE)
-        plan = block_plan(model.cfg.family, model.cfg.qk_norm, moe, expert_tp)
+        plan = block_plan(model.cfg, moe, expert_tp)
         parallelize_module(block, tp_mesh, plan)
     if model.tok_embeddings is None:  # a later pipeline stage: receives local shards
         model.register_forward_pre_hook(partial(_sequence_shard_to_dtensor, tp_mesh))

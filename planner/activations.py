@@ -55,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.family import FamilyCounts, family_spec
 from scaleforge.models.moe import expert_hidden
 
 
@@ -99,14 +100,13 @@ class ActivationSetting:
 
 
 def _norm_bytes_per_token(x: ActivationSetting, consumers: int) -> float:
-    """A norm and the gathered input of the `consumers` linears that read it."""
-    m, t, r, e = x.model, x.tp, x.residual_bytes, x.compute_bytes
-    if m.family == "llama":  # fp32 input of rms_norm, its rstd, the normalised tensor
-        norm = (4 * m.d_model + 4 + r * m.d_model) / t
-    else:  # layer_norm's input, mean and rstd
-        norm = (r * m.d_model + 8) / t
-    copies = consumers if x.autocast else 1
-    return norm + copies * e * m.d_model
+    """A norm and the gathered input of the `consumers` linears that read it (counted by
+    the model's family: models/family.py)."""
+    return _counts(x).norm_bytes(x.model, x, consumers)
+
+
+def _counts(x: ActivationSetting) -> FamilyCounts:
+    return family_spec(x.model.family).counts
 
 
 def _moe_bytes_per_token(x: ActivationSetting) -> float:
@@ -121,36 +121,21 @@ def _moe_bytes_per_token(x: ActivationSetting) -> float:
 
 def block_bytes(x: ActivationSetting, layer: int = 0) -> float:
     """Bytes block `layer` keeps for one micro-batch without checkpointing, on one tp
-    rank (its MLP a MoE one where model.moe says so)."""
-    m, t, e = x.model, x.tp, x.compute_bytes
-    qkv_width = (m.n_heads + 2 * m.kv_heads) * m.head_size
-    attention = (
-        _norm_bytes_per_token(x, 3)
-        + e * qkv_width / t  # q, k, v into SDPA
-        + 2 * e * m.n_heads * m.head_size / t  # SDPA output, wo's reshaped input
-        + 4 * m.n_heads / t  # logsumexp
-        + (x.cp - 1) * 2 * e * m.kv_heads * m.head_size / t  # K, V gathered from the other cp ranks
-    )
-    if m.qk_norm:  # RMSNorm of q and k per head: fp32 input, rstd, the normalised tensor
-        qk_width, qk_heads = (m.n_heads + m.kv_heads) * m.head_size, m.n_heads + m.kv_heads
-        attention += (4 * qk_width + 4 * qk_heads + e * qk_width) / t
+    rank (its MLP a MoE one where model.moe says so); the attention's and the dense MLP's
+    tensors as the model's family counts them (models/decoder_counts.py)."""
+    counts, m = _counts(x), x.model
+    attention = counts.attention_bytes(m, x)
     if m.moe.is_moe_layer(layer):
         return x.tokens * (attention + _moe_bytes_per_token(x))
-    mlp_tensors = 4 if m.family == "llama" else 2
-    mlp = _norm_bytes_per_token(x, 2 if m.family == "llama" else 1)
-    mlp += mlp_tensors * e * m.mlp_hidden / t
-    return x.tokens * (attention + mlp)
+    return x.tokens * (attention + counts.mlp_bytes(m, x))
 
 
 def block_matmul_widths(x: ActivationSetting) -> list[float]:
     """Output width per token of each projection matmul of a block on one tp rank, in the
-    order forward runs them: wq, wk, wv, wo, then w1, w3, w2 (llama) or w1, w2 (gpt).
+    order forward runs them (llama: wq, wk, wv, wo, w1, w3, w2; gpt: no w3).
     Column-parallel outputs are sharded by tp; a row-parallel one is the full-width partial
     sum before its reduce-scatter."""
-    m, t = x.model, x.tp
-    up = [m.mlp_hidden / t] * (2 if m.family == "llama" else 1)
-    return [m.n_heads * m.head_size / t, m.kv_heads * m.head_size / t,
-            m.kv_heads * m.head_size / t, m.d_model, *up, m.d_model]
+    return _counts(x).matmul_widths(x.model, x)
 
 
 def checkpointed_block_bytes(x: ActivationSetting) -> float:
@@ -162,7 +147,7 @@ def checkpointed_block_bytes(x: ActivationSetting) -> float:
     kept = r * m.d_model / t
     if x.checkpointing == "selective":
         kept += e * sum(block_matmul_widths(x)[::2])
-        kept += e * m.n_heads * m.head_size / t + 4 * m.n_heads / t
+        kept += _counts(x).attention_output_bytes(m, x)
         if t > 1:
             kept += 2 * r * m.d_model + 2 * e * m.d_model / t
     return x.tokens * kept

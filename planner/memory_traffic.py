@@ -22,6 +22,7 @@ of the gradients clipping reads).
 
 from __future__ import annotations
 
+from scaleforge.models.family import family_spec
 from scaleforge.planner.activations import ActivationSetting
 
 BACKWARD_FACTOR = 2.0
@@ -35,21 +36,9 @@ OPTIMIZER_BYTES_PER_ELEMENT = 4 * (4 + 3) + 4
 
 
 def block_forward_bytes(x: ActivationSetting) -> float:
-    """HBM bytes the memory-bound ops of one block's forward move per token on a tp rank."""
-    m, t, e, r = x.model, x.tp, x.compute_bytes, x.residual_bytes
-    width = m.d_model / t  # sequence-parallel: norms and residual on 1/t of the positions
-    if m.family == "llama":
-        norm = float((r + 4) + (4 + 4) + (4 + e) + 3 * e)  # cast, rms_norm, cast back, weight
-    else:
-        norm = 2.0 * r
-    casts = (3 + (2 if m.family == "llama" else 1)) * (4 + e) * m.d_model if x.autocast else 0.0
-    q_width = m.n_heads * m.head_size / t
-    rope = 9 * e * (q_width + m.kv_heads * m.head_size / t) if m.family == "llama" else 0.0
-    attention_copy = 2 * e * q_width
-    hidden = m.mlp_hidden / t
-    activation = 5 * e * hidden if m.family == "llama" else 2 * e * hidden
-    residual = 2 * (e + 2 * r)
-    return 2 * norm * width + casts + rope + attention_copy + activation + residual * width
+    """HBM bytes the memory-bound ops of one block's forward move per token on a tp rank,
+    as the model's family counts them (models/decoder_counts.forward_traffic_bytes)."""
+    return family_spec(x.model.family).counts.forward_traffic_bytes(x.model, x)
 
 
 def block_step_bytes(x: ActivationSetting) -> float:

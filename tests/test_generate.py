@@ -26,7 +26,7 @@ def _greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tens
 @pytest.mark.parametrize("family", ["llama", "gpt"])
 def test_cached_greedy_decoding_equals_full_forwards(family):
     cfg = TransformerConfig(family=family, n_layers=2, d_model=64, n_heads=4,
-                            n_kv_heads=2 if family == "llama" else None, vocab_size=97,
+                            n_kv_heads={"llama": 2, "gpt": None}[family], vocab_size=97,
                             max_seq_len=40, kernels="torch")
     model = build(cfg, seed=0).eval()
     prompt = torch.randint(97, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -85,9 +85,7 @@ def hf_gpt2(tied: bool = True, **overrides) -> GPT2LMHeadModel:
 
 def our_config(family: str, tied: bool) -> TransformerConfig:
     """llama_micro's shape (d 64, 4 heads, 2 kv heads), or GPT-2 at the same size."""
-    if family == "llama":
-        return micro_config("unused", f"model.tie_embeddings={tied}").model
-    return TransformerConfig(
+    gpt = TransformerConfig(
         name="gpt_micro",
         family="gpt",
         n_layers=2,
@@ -97,6 +95,8 @@ def our_config(family: str, tied: bool) -> TransformerConfig:
         max_seq_len=SEQ,
         tie_embeddings=tied,
     )
+    return {"llama": lambda: micro_config("unused", f"model.tie_embeddings={tied}").model,
+            "gpt": lambda: gpt}[family]()
 
 
 def our_model(cfg: TransformerConfig):
@@ -144,8 +144,9 @@ def test_state_dict_round_trips_are_bitwise_equal(family, tied):
     assert back.keys() == ours.keys()
     assert all(torch.equal(back[name], ours[name]) for name in ours)
 
-    theirs = (hf_llama if family == "llama" else hf_gpt2)(tied=tied).state_dict()
-    hf_cfg = from_hf_config((hf_llama if family == "llama" else hf_gpt2)(tied=tied).config)
+    hf_model = {"llama": hf_llama, "gpt": hf_gpt2}[family](tied=tied)
+    theirs = hf_model.state_dict()
+    hf_cfg = from_hf_config(hf_model.config)
     again = to_hf_state_dict(from_hf_state_dict(theirs, hf_cfg), hf_cfg)
     assert again.keys() == theirs.keys()
     assert all(torch.equal(again[name], theirs[name]) for name in theirs)
@@ -169,7 +170,7 @@ def test_config_round_trip_keeps_every_setting_that_shapes_the_model(family):
         "init_std",
     ):
         assert getattr(back, setting) == getattr(cfg, setting), setting
-    if family == "llama":
+    if {"llama": True, "gpt": False}[family]:  # gpt has no RoPE, so no theta to keep
         assert back.rope_theta == cfg.rope_theta
 
 
@@ -250,17 +251,13 @@ def test_a_model_type_other_than_llama_and_gpt2_is_refused():
 def write_final_model_run(run_dir, family: str = "llama"):
     """A run directory as the trainer leaves it without checkpoints: config.yaml and
     final_model.pt. Returns (model, config)."""
-    overrides = (
-        []
-        if family == "llama"
-        else [
-            "model=gpt_tiny",
-            "model.n_layers=2",
-            "model.d_model=64",
-            "model.vocab_size=512",
-            "model.max_seq_len=64",
-        ]
-    )
+    overrides = {"llama": [], "gpt": [
+        "model=gpt_tiny",
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.vocab_size=512",
+        "model.max_seq_len=64",
+    ]}[family]
     cfg = micro_config(run_dir, *overrides)
     run_dir.mkdir(parents=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")

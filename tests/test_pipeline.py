@@ -50,9 +50,9 @@ GRAD_CLIP = 0.05
 
 
 def _overrides(n_layers: int, micro_batches: int, family: str) -> list[str]:
-    model = ["model=llama_micro"] if family == "llama" else [
+    model = {"llama": ["model=llama_micro"], "gpt": [
         "model=gpt_tiny", "model.d_model=64", "model.vocab_size=512", "model.max_seq_len=64",
-    ]
+    ]}[family]
     return model + [
         f"model.n_layers={n_layers}",
         "data.seq_len=32",

@@ -2,7 +2,7 @@
 
 Mixtral is a Llama whose every MLP is a softmax top-k Mixture-of-Experts with the routing
 weights renormalised over the k chosen, no shared experts and no expert bias. Attention,
-norms, embeddings and head convert as for Llama (models/hf.py); this module converts the
+norms, embeddings and head convert as for Llama (models/llama/hf.py); this module converts the
 config and the expert weights:
 
     ours (layers.<i>.feed_forward.)       transformers 5 (model.layers.<i>.mlp.)
@@ -34,7 +34,7 @@ DENSE_MLP_KEYS = ("feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forw
 
 def to_mixtral_config(cfg: TransformerConfig) -> MixtralConfig:
     """The MixtralConfig of `cfg`, refusing MoE settings Mixtral cannot represent; no
-    dropout, bos/eos ids unset (as models/hf_config.py's LlamaConfig)."""
+    dropout, bos/eos ids unset (as models/llama/hf_config.py's LlamaConfig)."""
     moe = cfg.moe
     unsupported = {
         "shared_experts": (moe.shared_experts, 0),
