@@ -269,9 +269,9 @@ def model_overrides(model_cfg: TransformerConfig) -> list[str]:
     """sf-train overrides (`model.d_model=4096`, ...) that rebuild `model_cfg`'s model."""
     values = {name: getattr(model_cfg, name) for name in SHAPE_SETTINGS}
     values["ffn_hidden"] = model_cfg.mlp_hidden
-    for group in ("rope_scaling", "moe"):  # nested settings: one override per field
+    for group in ("rope_scaling", "moe", "mla"):  # nested settings: one override per field
         nested = getattr(model_cfg, group)
-        if group == "moe" and not nested.enabled:
+        if group == "moe" and not nested.enabled or group == "mla" and nested == type(nested)():
             continue
         values.update({f"{group}.{f.name}": getattr(nested, f.name) for f in fields(nested)})
     values.pop("rope_scaling")

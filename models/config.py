@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleforge.errors import ConfigError, check_choice
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
+from scaleforge.models.deepseek_v3.config import LatentAttentionConfig
 from scaleforge.models.family import family_spec
 from scaleforge.models.moe import MoEConfig
 
@@ -102,6 +103,7 @@ class TransformerConfig:
     head_dim: int | None = None  # a head's width; null: d_model / n_heads
     sliding_window: int | None = None  # attend to the last this-many tokens; null: all
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts layers
+    mla: LatentAttentionConfig = field(default_factory=LatentAttentionConfig)  # deepseek_v3
 
     @property
     def head_size(self) -> int:
