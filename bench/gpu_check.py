@@ -1,22 +1,34 @@
-"""The timing half of the GPU proof (bench/gpu_check.sh): training steps of llama_1b in bf16
-at seq 2048 on one GPU, ours for every attention backend, compile on and off, activation
-checkpointing none and selective, against torchtitan 0.3.0's Llama 3 1B at the same shape,
-batch and steps (compile on and off); then a 7B-class shape if time is left.
+"""The timing half of the GPU proof (bench/gpu_check.sh): training steps of ours against
+torchtitan 0.2.2's Llama 3 at the same model, tokens, precision (bf16 autocast over fp32
+master weights) and attention kernel, compiled on both sides, on one GPU.
 
-    python -m scaleforge.bench.gpu_check --out OUT_DIR --budget-s 300   # on a CUDA machine
+    python -m scaleforge.bench.gpu_check --out OUT_DIR --budget-s 240   # on a CUDA machine
+    python -m scaleforge.bench.gpu_check --out OUT_DIR --rehearse       # its CPU twin
     python -m scaleforge.bench.gpu_check --dry                          # anywhere (CI)
 
-Each measurement runs in its own process (a crash or out-of-memory in one is recorded and
-the rest go on), in priority order, until the time budget is spent; what is left is recorded
-as skipped. Per run: tokens/s, MFU by our exact FLOP count (causal attention) and by the
-6N + attention convention torchtitan and Megatron report (every key counted), peak memory.
-OUT_DIR gets gpu_check.json (everything) and gpu_check.md (the table, ratios ours /
-torchtitan at equal compile setting).
+The shape follows the card's memory (`plan_for`): llama_1b at seq 2048 with 4 sequences a
+step on an 80 GB H100 (weights, gradients and AdamW state 20 GB, activations without
+checkpointing about 20 GB), 8 on a 141 GB H200, where a Llama 2 7B row (fp32 masters and
+AdamW take 108 GB, selective checkpointing, one sequence) comes last. Runs, most important
+first (the budget cuts from the end): ours and torchtitan with SDPA, compiled (the headline
+ratio, equal kernels); each side's best (ours flash and flex, torchtitan flex); both
+uncompiled; ours with selective checkpointing; the 7B row.
 
---dry composes and validates every configuration the real run will use, as on a CUDA
-machine (flash runs may only be refused for a missing flash-attn, as they will be there),
-imports every entry point, and builds torchtitan's model on the meta device where
-torchtitan (with triton, which CUDA machines have) imports.
+Each measurement runs in its own process (a crash or out-of-memory in one is recorded and
+the rest go on): warm-up steps (compilation), then `repeats` (3) timings of `steps` steps;
+tokens/s is their median, with their min, max and spread ((max - min) / median). MFU by our
+exact FLOP count (causal attention) and by the 6N + attention convention torchtitan reports.
+gpu_check.json is rewritten after every run, so a run cut short still returns what it
+measured; gpu_check.md is its table (bench/gpu_report.py).
+
+--rehearse is the same on the CPU, the GPU-only parts replaced by CPU twins: llama_micro at
+seq 64, ours and torchtitan with SDPA (flex attention has no CPU backward), compiled, the
+same bf16 autocast, gloo in place of NCCL for torchtitan's process group. Its numbers are
+CPU numbers and say nothing about a GPU; it proves the commands run.
+
+--dry composes and validates every configuration the GPU runs will use (both cards' plans)
+as on a CUDA machine, and checks torchtitan's model at llama_1b's shape has its parameter
+count where torchtitan imports.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import contextlib
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,25 +50,43 @@ from typing import Any
 
 import torch
 
-from scaleforge.bench.torchtitan_baseline import (
-    FLAVOURS,
-    TORCHTITAN_VERSION,
-    torchtitan_model_config,
-)
+from scaleforge.bench.gpu_report import write_report
+from scaleforge.bench.torchtitan_baseline import TORCHTITAN_VERSION
 from scaleforge.core import config as config_module
 from scaleforge.core.config import Config, compose, to_config, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import flash_installed
 
-SEQ_LEN = 2048
-MICRO_BATCH = 4
-WARMUP_STEPS = 3
-TIMED_STEPS = 8
-# Overrides shared by every run of ours: one micro-batch per optimizer step on a fixed
-# batch already on the GPU, bf16 autocast over fp32 master weights, default kernels.
-BASE = ["trainer.device=cuda", "trainer.precision=bf16", "trainer.deterministic=false",
-        f"data.seq_len={SEQ_LEN}", "logging.wandb=disabled", "logging.progress_bar=false"]
+REPEATS = 3
+# GiB of GPU memory from which a card gets the bigger plan (the H200's 141 GB; the H100's
+# 80 GB and below get the smaller one).
+LARGE_CARD_GIB = 120.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where and at what shape the runs time: device type, model preset, tokens per step,
+    warm-up steps, timed steps per repeat, repeats; `big_model` a last row ("" for none)."""
+
+    device: str
+    model: str
+    seq_len: int
+    micro_batch_size: int
+    warmup: int
+    steps: int
+    repeats: int = REPEATS
+    big_model: str = ""
+    rehearsal: bool = False
+
+
+def plan_for(memory_gib: float | None, rehearse: bool = False) -> Plan:
+    """The plan for a card with `memory_gib` of memory (None: the CPU rehearsal)."""
+    if rehearse or memory_gib is None:
+        return Plan("cpu", "llama_micro", 64, 4, warmup=2, steps=2, rehearsal=True)
+    if memory_gib >= LARGE_CARD_GIB:
+        return Plan("cuda", "llama_1b", 2048, 8, warmup=3, steps=5, big_model="llama_7b")
+    return Plan("cuda", "llama_1b", 2048, 4, warmup=3, steps=5)
 
 
 @dataclass(frozen=True)
@@ -68,47 +99,56 @@ class SpeedRun:
     attention: str
     compile: bool
     activation_checkpointing: str
-    micro_batch_size: int = MICRO_BATCH
+    micro_batch_size: int
+    seq_len: int
+    device: str
+    warmup: int
+    steps: int
+    repeats: int
 
     @property
     def overrides(self) -> list[str]:
         """Our command-line overrides for this run."""
-        return [*BASE, f"model={self.model}", f"model.attention={self.attention}",
+        return [f"trainer.device={self.device}", "trainer.precision=bf16",
+                "trainer.deterministic=false", f"data.seq_len={self.seq_len}",
+                "logging.wandb=disabled", "logging.progress_bar=false",
+                f"model={self.model}", f"model.attention={self.attention}",
                 f"trainer.compile={str(self.compile).lower()}",
                 f"trainer.activation_checkpointing={self.activation_checkpointing}",
                 f"trainer.micro_batch_size={self.micro_batch_size}",
-                f"trainer.global_batch_tokens={self.micro_batch_size * SEQ_LEN}"]
+                f"trainer.global_batch_tokens={self.micro_batch_size * self.seq_len}"]
 
 
-def _ours(model: str, attention: str, compile_: bool, ac: str, batch: int = MICRO_BATCH
-          ) -> SpeedRun:
-    name = f"{model} {attention} compile={'on' if compile_ else 'off'} ac={ac}"
-    return SpeedRun(name, "scaleforge", model, attention, compile_, ac, batch)
+def _run(plan: Plan, system: str, attention: str, compile_: bool, ac: str = "none",
+         model: str = "", batch: int = 0) -> SpeedRun:
+    model = model or plan.model
+    who = "ours" if system == "scaleforge" else f"torchtitan {TORCHTITAN_VERSION}"
+    name = (f"{who} {model} {attention} compile={'on' if compile_ else 'off'} ac={ac}")
+    return SpeedRun(name, system, model, attention, compile_, ac,
+                    batch or plan.micro_batch_size, plan.seq_len, plan.device, plan.warmup,
+                    plan.steps, plan.repeats)
 
 
-def _torchtitan(compile_: bool) -> SpeedRun:
-    return SpeedRun(f"torchtitan llama3 1B flex compile={'on' if compile_ else 'off'} ac=none",
-                    "torchtitan", "llama_1b", "flex", compile_, "none")
-
-
-def speed_runs() -> list[SpeedRun]:
-    """Every measurement, most important first (the budget cuts from the end)."""
-    runs = [_ours("llama_1b", "sdpa", True, "none"), _torchtitan(True),
-            _ours("llama_1b", "sdpa", False, "none"), _torchtitan(False),
-            _ours("llama_1b", "flex", True, "none"), _ours("llama_1b", "flash", True, "none"),
-            _ours("llama_1b", "sdpa", True, "selective"), _ours("llama_1b", "flex", False, "none"),
-            _ours("llama_1b", "flash", False, "none")]
-    runs += [_ours("llama_1b", attention, compile_, "selective")
-             for attention, compile_ in (("sdpa", False), ("flex", True), ("flash", True))]
-    # 7B-class (Llama 2 7B): fp32 masters + AdamW take 108 GB of the 141; selective
-    # checkpointing and one sequence keep the activations small.
-    runs.append(_ours("llama_7b", "sdpa", True, "selective", batch=1))
+def speed_runs(plan: Plan) -> list[SpeedRun]:
+    """Every measurement of `plan`, most important first (the budget cuts from the end)."""
+    ours, titan = "scaleforge", "torchtitan"
+    runs = [_run(plan, ours, "sdpa", True), _run(plan, titan, "sdpa", True)]
+    if plan.rehearsal:
+        return runs
+    runs += [_run(plan, ours, "flash", True), _run(plan, titan, "flex", True),
+             _run(plan, ours, "flex", True), _run(plan, ours, "sdpa", False),
+             _run(plan, titan, "sdpa", False), _run(plan, ours, "sdpa", True, "selective")]
+    if plan.big_model:
+        runs.append(_run(plan, ours, "sdpa", True, "selective", plan.big_model, batch=1))
     return runs
 
 
 def run_config(run: SpeedRun) -> Config:
-    """The composed, typed config of one of our runs (not yet validated)."""
-    return to_config(compose(run.overrides))
+    """The composed, typed config of one of our runs (not yet validated); token ids over
+    the model's whole vocabulary."""
+    cfg = to_config(compose(run.overrides))
+    cfg.data.vocab_size = cfg.model.vocab_size
+    return cfg
 
 
 @contextlib.contextmanager
@@ -123,69 +163,76 @@ def _as_on_cuda() -> Iterator[None]:
 
 
 def dry_check() -> list[str]:
-    """Validate every run's config as on CUDA, import the entry points, build torchtitan's
-    model on meta where it imports; returns what was checked (raises on a failure)."""
+    """Validate every GPU run's config (both cards' plans) as on CUDA and the rehearsal's,
+    import the entry points, check torchtitan's parameter count where it imports; returns
+    what was checked (raises on a failure)."""
+    import scaleforge.bench.collectives_check  # noqa: F401
     import scaleforge.bench.train_step  # noqa: F401  (the shared timing helpers)
     from scaleforge.core.trainer import Trainer  # noqa: F401
 
     checked = []
-    for run in speed_runs():
-        if run.system == "torchtitan":
-            continue
-        cfg = run_config(run)
-        with _as_on_cuda():
-            try:
-                validate(cfg)
-            except ConfigError as error:
-                if not (run.attention == "flash" and "pip install flash-attn" in str(error)):
-                    raise
-                checked.append(f"{run.name}: refused here as it will be without flash-attn")
+    for memory in (80.0, 141.0, None):
+        for run in speed_runs(plan_for(memory)):
+            if run.system == "torchtitan":
                 continue
-        checked.append(f"{run.name}: config valid")
+            cfg = run_config(run)
+            with _as_on_cuda() if run.device == "cuda" else contextlib.nullcontext():
+                try:
+                    validate(cfg)
+                except ConfigError as error:
+                    if not (run.attention == "flash" and "pip install flash-attn" in str(error)):
+                        raise
+                    checked.append(f"{run.name}: refused here as it will be without flash-attn")
+                    continue
+            checked.append(f"{run.name}: config valid")
     checked.append(_dry_torchtitan())
     return checked
 
 
 def _dry_torchtitan() -> str:
-    """torchtitan's 1B on the meta device has exactly llama_1b's parameter count."""
+    """torchtitan's Llama 3 at llama_1b's shape has exactly llama_1b's parameter count."""
+    from scaleforge.bench.torchtitan_baseline import parameter_count
     from scaleforge.models import num_params
 
+    cfg = run_config(_run(plan_for(80.0), "scaleforge", "sdpa", False)).model
     try:
-        from torchtitan.models.llama3 import parallelize_llama  # noqa: F401
+        theirs = parameter_count(cfg, 2048)
     except ImportError as error:
-        return f"torchtitan not importable here ({error}); meta construction skipped"
-    with torch.device("meta"):
-        model = torchtitan_model_config(FLAVOURS["llama_1b"], SEQ_LEN).build()
-    theirs = sum(p.numel() for p in model.parameters())
-    ours = num_params(run_config(_ours("llama_1b", "sdpa", False, "none")).model)
-    if theirs != ours:
-        raise AssertionError(f"torchtitan 1B has {theirs:,} parameters, llama_1b {ours:,}")
-    return f"torchtitan {TORCHTITAN_VERSION} llama3 1B built on meta: {theirs:,} parameters"
+        return f"torchtitan not importable here ({error}); its parameter count not checked"
+    if theirs != num_params(cfg):
+        raise AssertionError(f"torchtitan's llama_1b has {theirs:,} parameters, ours "
+                             f"{num_params(cfg):,}")
+    return f"torchtitan {TORCHTITAN_VERSION} at llama_1b's shape: {theirs:,} parameters"
 
 
 def measure(run: SpeedRun) -> dict[str, Any]:
-    """Time `run` in this process on cuda:0: tokens/s, MFU both ways, peak memory."""
+    """Time `run` in this process: tokens/s (median of the repeats, min, max, spread), MFU
+    both ways, peak memory."""
     from scaleforge.bench.train_step import seconds_per_step, warm_up_and_measure
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", 0) if run.device == "cuda" else torch.device("cpu")
     cfg = run_config(run)
     generator = torch.Generator().manual_seed(0)
-    window = torch.randint(cfg.model.vocab_size, (run.micro_batch_size, SEQ_LEN + 1),
+    window = torch.randint(cfg.model.vocab_size, (run.micro_batch_size, run.seq_len + 1),
                            generator=generator)
     batch = (window[:, :-1].contiguous().to(device), window[:, 1:].contiguous().to(device))
+    start = time.perf_counter()
     if run.system == "torchtitan":
-        step, memory = warm_up_and_measure(lambda: _torchtitan_step(run, batch, device),
-                                           device, WARMUP_STEPS)
+        step, memory = warm_up_and_measure(lambda: _torchtitan_step(run, cfg, batch, device),
+                                           device, run.warmup)
     else:  # the Trainer validates cfg
-        step, memory = warm_up_and_measure(lambda: _our_step(cfg, batch), device,
-                                           WARMUP_STEPS)
-    seconds = seconds_per_step(step, TIMED_STEPS, device)
-    tokens_per_s = run.micro_batch_size * SEQ_LEN / seconds
+        step, memory = warm_up_and_measure(lambda: _our_step(cfg, batch), device, run.warmup)
+    warm_s = time.perf_counter() - start
+    tokens = run.micro_batch_size * run.seq_len
+    rates = [tokens / seconds_per_step(step, run.steps, device) for _ in range(run.repeats)]
+    median = statistics.median(rates)
     peak = peak_flops(device, "bf16")
-    result: dict[str, Any] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens_per_s,
-                              "peak_memory_gib": memory}
+    result: dict[str, Any] = {
+        "tokens_per_s": median, "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
+        "spread": (max(rates) - min(rates)) / median, "ms_per_step": tokens / median * 1e3,
+        "peak_memory_gib": memory, "warmup_s": warm_s}
     for key, causal in (("mfu", True), ("mfu_6n_attention", False)):
-        flops = tokens_per_s * training_flops_per_token(cfg.model, SEQ_LEN, causal=causal)
+        flops = median * training_flops_per_token(cfg.model, run.seq_len, causal=causal)
         result[key] = flops / peak if peak else None
     return result
 
@@ -198,16 +245,20 @@ def _our_step(cfg: Config, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
     return lambda: trainer.train_step(trainer.train_batches)
 
 
-def _torchtitan_step(run: SpeedRun, batch: tuple[torch.Tensor, torch.Tensor],
+def _torchtitan_step(run: SpeedRun, cfg: Config, batch: tuple[torch.Tensor, torch.Tensor],
                      device: torch.device) -> Any:
+    """torchtitan's step in a one-rank process group, as its trainer runs on one device
+    (NCCL on CUDA, gloo on the CPU)."""
     import torch.distributed as dist
 
     from scaleforge.bench.torchtitan_baseline import torchtitan_step
 
     if not dist.is_initialized():
         store = dist.FileStore(tempfile.mktemp(prefix="sf-gpu-check-store-"), 1)
-        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
-    return torchtitan_step(FLAVOURS[run.model], batch, run.compile, device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+    return torchtitan_step(cfg.model, batch, run.attention, run.compile, device)
 
 
 def _run_child(run: SpeedRun, timeout_s: float) -> dict[str, Any]:
@@ -227,11 +278,19 @@ def _run_child(run: SpeedRun, timeout_s: float) -> dict[str, Any]:
         return {"status": "ok", "wall_s": wall, **json.loads(Path(result_file.name).read_text())}
 
 
-def run_all(out_dir: Path, budget_s: float) -> dict[str, Any]:
-    """Every speed run within `budget_s` seconds; writes and returns the report."""
+def device_name(plan: Plan) -> str:
+    if plan.device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return "cpu (rehearsal)"
+
+
+def run_all(out_dir: Path, budget_s: float, plan: Plan) -> dict[str, Any]:
+    """Every speed run of `plan` within `budget_s` seconds; rewrites the report after each
+    run and returns it."""
     deadline = time.monotonic() + budget_s
-    results = []
-    for run in speed_runs():
+    report: dict[str, Any] = {"device": device_name(plan), "torch": torch.__version__,
+                              "plan": asdict(plan), "runs": []}
+    for run in speed_runs(plan):
         left = deadline - time.monotonic()
         record: dict[str, Any] = {"run": asdict(run), "name": run.name}
         if left < 30:
@@ -239,13 +298,10 @@ def run_all(out_dir: Path, budget_s: float) -> dict[str, Any]:
         elif run.attention == "flash" and not flash_installed():
             record["status"] = "skipped: flash-attn not installed"
         else:
-            record |= _run_child(run, min(left, 180.0))
+            record |= _run_child(run, left)
         print(f"{run.name}: {_summary(record)}", flush=True)
-        results.append(record)
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "seq_len": SEQ_LEN, "warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS,
-              "runs": results}
-    write_report(report, out_dir)
+        report["runs"].append(record)
+        write_report(report, out_dir)
     return report
 
 
@@ -253,58 +309,25 @@ def _summary(record: dict[str, Any]) -> str:
     if record.get("status") != "ok":
         return str(record.get("status"))
     mfu = record["mfu_6n_attention"]
-    return (f"{record['tokens_per_s']:,.0f} tokens/s, MFU (6N+attn) "
-            f"{'n/a' if mfu is None else f'{mfu:.1%}'}, {record['peak_memory_gib']:.1f} GiB")
-
-
-def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    """gpu_check.json (all of `report`, merged into what gpu_check.sh wrote there before)
-    and gpu_check.md (the table) in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "gpu_check.json"
-    merged = json.loads(json_path.read_text()) if json_path.exists() else {}
-    json_path.write_text(json.dumps(merged | {"speed": report}, indent=2))
-    (out_dir / "gpu_check.md").write_text(markdown_table(report, merged))
-
-
-def markdown_table(report: dict[str, Any], steps: dict[str, Any]) -> str:
-    """The speed runs as a markdown table, ratio to torchtitan at the same compile setting."""
-    titan = {r["run"]["compile"]: r.get("tokens_per_s") for r in report["runs"]
-             if r["run"]["system"] == "torchtitan" and r.get("status") == "ok"}
-    lines = [f"GPU: {report['device']} | torch {report['torch']} | seq {report['seq_len']}, "
-             f"bf16, {report['warmup_steps']} warm-up + {report['timed_steps']} timed steps",
-             ""]
-    lines += [f"- {name}: {value}" for name, value in steps.get("steps", {}).items()]
-    lines += ["", "| run | batch | tokens/s | MFU exact | MFU 6N+attn | peak GiB | vs torchtitan |",
-              "|---|---|---|---|---|---|---|"]
-    for record in report["runs"]:
-        run = record["run"]
-        if record.get("status") != "ok":
-            lines.append(f"| {record['name']} | {run['micro_batch_size']} x {report['seq_len']} "
-                         f"| {record.get('status')} | | | | |")
-            continue
-        base = titan.get(run["compile"]) if run["model"] == "llama_1b" else None
-        ratio = f"{record['tokens_per_s'] / base:.3f}" if base else ""
-        mfu = [("n/a" if record[k] is None else f"{record[k]:.1%}")
-               for k in ("mfu", "mfu_6n_attention")]
-        lines.append(f"| {record['name']} | {run['micro_batch_size']} x {report['seq_len']} | "
-                     f"{record['tokens_per_s']:,.0f} | {mfu[0]} | {mfu[1]} | "
-                     f"{record['peak_memory_gib']:.1f} | {ratio} |")
-    return "\n".join(lines) + "\n"
+    return (f"{record['tokens_per_s']:,.0f} tokens/s (spread {record['spread']:.1%}), MFU "
+            f"(6N+attn) {'n/a' if mfu is None else f'{mfu:.1%}'}, "
+            f"{record['peak_memory_gib']:.1f} GiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry", action="store_true", help="validate and import only")
+    parser.add_argument("--rehearse", action="store_true", help="the CPU twin of the runs")
     parser.add_argument("--out", type=Path, help="OUT_DIR for gpu_check.json and .md")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="seconds for all runs")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="seconds for all runs")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: one SpeedRun as JSON
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dry:
         for line in dry_check():
             print(f"dry: {line}")
-        print(f"dry: {len(speed_runs())} speed runs checked")
+        print(f"dry: {sum(len(speed_runs(plan_for(m))) for m in (80.0, 141.0, None))} "
+              "speed runs checked")
         return
     if args.one:
         result = measure(SpeedRun(**json.loads(args.one)))
@@ -313,7 +336,14 @@ def main() -> None:
     if args.out is None:
         parser.error("give --out OUT_DIR (or --dry)")
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    run_all(args.out, args.budget_s)
+    if args.rehearse:
+        plan = plan_for(None, rehearse=True)
+    else:
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+        plan = plan_for(memory)
+    report = run_all(args.out, args.budget_s, plan)
+    headline = [r for r in report["runs"][:2] if r.get("status") == "ok"]
+    sys.exit(0 if len(headline) == 2 else 1)
 
 
 if __name__ == "__main__":

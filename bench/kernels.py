@@ -2,6 +2,7 @@
 
     python -m scaleforge.bench.kernels [--device cpu|cuda] [--no-compile] [--repeats 5]
     python -m scaleforge.bench.kernels --cuda-check   # the GPU goals of issue 12
+    python -m scaleforge.bench.kernels --smoke        # each operator once (gpu_check's CPU twin)
 
 Per operator, forward + backward of the fused operator (csrc/), of the PyTorch code it
 replaces (models/, F.cross_entropy on the full logits) in eager mode, and of that code under
@@ -54,8 +55,9 @@ def _randn(*shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
 
 
-def cases(gpu_sizes: bool) -> list[Case]:
-    """The four operators, at CPU-friendly sizes or the GPU check's (d_model 4096, V 128k)."""
+def cases(gpu_sizes: bool, tiny: bool = False) -> list[Case]:
+    """The four operators, at CPU-friendly sizes or the GPU check's (d_model 4096, V 128k);
+    `tiny`: a few hundred rows each (--smoke)."""
     import scaleforge.csrc as kernels
 
     dtype = torch.bfloat16 if gpu_sizes else torch.float32
@@ -64,6 +66,9 @@ def cases(gpu_sizes: bool) -> list[Case]:
     heads, kv_heads, head_dim, seq = (32, 8, 128, 4096) if gpu_sizes else (16, 4, 64, 1024)
     hidden = 14336 if gpu_sizes else 2816
     lce_tokens, lce_d, vocab = (8192, 4096, 131072) if gpu_sizes else (8192, 512, 32768)
+    if tiny:
+        tokens, d, heads, kv_heads, head_dim, seq = 256, 128, 4, 2, 32, 128
+        hidden, lce_tokens, lce_d, vocab = 256, 256, 64, 1024
     cos, sin = rope_tables(head_dim, seq, 10000.0)
     batch = max(1, tokens // seq)
 
@@ -219,6 +224,24 @@ def run(device: str, compile_baseline: bool, repeats: int, gpu_sizes: bool) -> b
     return goals_met
 
 
+def smoke(device: str) -> None:
+    """Each operator once at tiny sizes, forward + backward, its forward against the eager
+    code's (loosely: this proves the library loads and runs, test_kernels.py checks the
+    numbers); prints one line per operator."""
+    for case in cases(gpu_sizes=False, tiny=True):
+        inputs = case.make(device)
+        start = time.perf_counter()
+        fused = case.fused(*inputs)
+        _step(case.fused, inputs)
+        fused_out = fused if isinstance(fused, tuple) else (fused,)
+        with torch.no_grad():
+            eager = case.reference(*inputs)
+        eager_out = eager if isinstance(eager, tuple) else (eager,)
+        for a, b in zip(fused_out, eager_out, strict=True):
+            torch.testing.assert_close(a.detach().float(), b.float(), rtol=1e-3, atol=1e-3)
+        print(f"{case.name}: ok on {device} ({(time.perf_counter() - start) * 1e3:.0f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,11 +249,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cuda-check", action="store_true",
                         help="GPU sizes on cuda; exit 1 unless the issue's goals hold")
+    parser.add_argument("--smoke", action="store_true",
+                        help="each fused operator once, forward and backward, against eager")
     parser.add_argument("--peak-rss", nargs=2, metavar=("CASE", "IMPLEMENTATION"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_rss:
         report_peak_rss(*args.peak_rss)
+        return
+    if args.smoke:
+        smoke(args.device)
         return
     device = "cuda" if args.cuda_check else args.device
     met = run(device, not args.no_compile, args.repeats, gpu_sizes=args.cuda_check)

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
 # Prepare, on a networked machine, the Python wheels that bench/gpu_check.sh installs on a GPU
-# machine without network (torch 2.11 + CUDA 13, Triton, nvcc, Python 3.12 there): the
-# project's dependencies that such a machine lacks and torchtitan 0.3.0 with what its Llama 3
-# model imports. Pure-Python wheels only (about 3 MB together); antlr4-python3-runtime has
-# only a source release, so it is built into a wheel here.
+# machine without network (torch 2.11 + CUDA 13, Triton, nvcc, pytest, Python 3.12 there):
+# the project's dependencies that such a machine lacks, and torchtitan 0.2.2 (the newest
+# release that imports on torch 2.11) with what its Llama 3 model imports when loaded as
+# bench/torchtitan_baseline.py loads it (the model and parallelize modules, not the dataset
+# and tokenizer stack of its package). Pure-Python wheels for any platform, plus tokenizers'
+# abi3 wheel (CPython 3.9 and later, x86_64 Linux: it runs here too, so the CPU rehearsal
+# installs the very same files); antlr4-python3-runtime has only a source release, so it is
+# built into a wheel here. About 6 MB together; refused above the 64 MiB that can travel to
+# the GPU machine.
 #
 #   bench/prepare_gpu_wheels.sh [WHEEL_DIR]     # default .whl (ignored by git)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
 PIP=${PIP:-.venv/bin/pip}
+LIMIT_MIB=64
 mkdir -p "$WHEELS"
-# Pinned to what `make install` resolves here, and to torchtitan 0.3.0's needs.
+# Pinned to what `make install` resolves here, and to torchtitan 0.2.2's imports.
 PURE_PYTHON=(
     hydra-core==1.3.8 omegaconf==2.3.1
-    torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 torchdata==0.11.0
-    tyro==1.0.17 docstring-parser typeguard
+    torchtitan==0.2.2 torchdata==0.11.0 tyro==1.0.17 docstring-parser==0.18.0
 )
+BINARY=(tokenizers==0.23.3)
 "$PIP" download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation py --platform any -d "$WHEELS" "${PURE_PYTHON[@]}"
+"$PIP" download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 -d "$WHEELS" "${BINARY[@]}"
 "$PIP" wheel --quiet --no-deps -w "$WHEELS" antlr4-python3-runtime==4.9.3
-du -sh "$WHEELS"
+SIZE_KIB=$(du -sk "$WHEELS" | cut -f1)
 ls "$WHEELS"
+echo "$WHEELS: $((SIZE_KIB / 1024)) MiB"
+if [ "$SIZE_KIB" -gt $((LIMIT_MIB * 1024)) ]; then
+    echo "more than the ${LIMIT_MIB} MiB that can travel to the GPU machine" >&2
+    exit 1
+fi

@@ -1,86 +1,180 @@
-"""torchtitan 0.3.0's Llama 3 as a timing baseline, driven directly (its trainer's configs
-name tokenizer and dataset assets that a bench machine does not have).
+"""torchtitan's Llama 3 as a timing baseline, driven directly as its trainer drives one GPU
+(its trainer's configs name tokenizer and dataset assets that a bench machine does not have).
 
-`torchtitan_step(flavor, batch, compile_blocks, device)` builds the flavor's model ("1B" is
-our llama_1b: 1,235,814,400 parameters, the same shape) on the meta device, applies
-torchtitan's own `parallelize_llama` on a one-rank mesh (no TP, per-block compile when
-asked, FSDP2 at degree 1 for its bf16 mixed-precision policy), materialises it with
-torchtitan's initialisation and returns a training step over one fixed batch: forward with
-positions 0..T-1 in every row and the flex causal mask torchtitan builds from them, fp32
-cross-entropy, backward, global-norm clipping, fused AdamW. Needs an initialised process
-group (gloo on CPU, NCCL on CUDA) and torchtitan's dependencies (bench/prepare_gpu_wheels.sh).
+Pinned to torchtitan 0.2.2: the newest release that imports on the GPU machines' torch 2.11
+(0.3.0 imports `DataParallelMeshDims` from torch.distributed.fsdp, which 2.11 lacks).
+
+`torchtitan_step(model_cfg, batch, attention, compile_blocks, device)` builds torchtitan's
+Transformer at the shape of our `model_cfg` (`model_args`: same width, depth, heads, kv
+heads, SwiGLU width, vocabulary, RoPE theta, norm eps; the output projection tied to the
+embedding as ours, so the parameter count is the same) on the meta device, applies
+torchtitan's own `parallelize_llama` at world size 1 (which, like its trainer on one GPU,
+compiles each block when asked and applies no FSDP), materialises it with torchtitan's
+initialisation and returns a training step over one fixed batch as torchtitan's trainer runs
+it on one device: forward under bf16 autocast (its `maybe_enable_amp` without FSDP), fp32
+cross-entropy (compiled with the model, torchtitan's default compile components), backward,
+global-norm clipping, fused AdamW. `attention` "sdpa" is torchtitan's SDPA with a causal
+mask (what we compare at equal kernels); "flex" its flex attention (its best on CUDA; flex
+has no CPU backward).
+
+torchtitan's package `torchtitan.models.llama3` imports its dataset and tokenizer stack
+(datasets, pyarrow, pandas: far over what can travel to the GPU machine), so only the modules
+the model needs are imported (`import_torchtitan`); torch's CPU wheel has no triton, which
+`import torchtitan` needs for its MoE kernels (not run by Llama 3): on such a machine a
+stand-in is present during that import only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import sys
 import tempfile
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-TORCHTITAN_VERSION = "0.3.0"
-# Ours -> torchtitan: llama_1b is torchtitan's "1B", llama_7b has no torchtitan flavour.
-FLAVOURS = {"llama_1b": "1B"}
+from scaleforge.models.config import TransformerConfig
+
+TORCHTITAN_VERSION = "0.2.2"
+# torchtitan's attention for our model.attention names compared at equal kernels.
+ATTENTION = {"sdpa": ("sdpa", "causal"), "flex": ("flex", "causal")}
 
 
-def torchtitan_model_config(flavor: str, seq_len: int) -> Any:
-    """torchtitan's Llama 3 config `flavor` with flex attention, RoPE cache sized to
-    `seq_len`."""
-    import dataclasses
+@contextlib.contextmanager
+def _triton_stand_in() -> Iterator[None]:
+    """Where triton is not installed (torch's CPU wheel): a stand-in module for the duration
+    (torchtitan's MoE kernels decorate functions with triton.jit at import), removed after
+    so that torch still finds no triton."""
+    if importlib.util.find_spec("triton") is not None:
+        yield
+        return
+    # torch.compile's machinery (imported by torchtitan at import time) decides first, with
+    # no triton anywhere, that it has none.
+    torch.compile(lambda x: x)
+    triton = types.ModuleType("triton")
+    language = types.ModuleType("triton.language")
+    triton.jit = lambda function=None, **_: function if function else (lambda f: f)  # type: ignore[attr-defined]
+    triton.autotune = lambda *_, **__: (lambda f: f)  # type: ignore[attr-defined]
+    triton.Config = lambda *_, **__: None  # type: ignore[attr-defined]
+    triton.cdiv = lambda a, b: -(-a // b)  # type: ignore[attr-defined]
+    language.constexpr = int  # type: ignore[attr-defined]
+    triton.language = language  # type: ignore[attr-defined]
+    sys.modules["triton"], sys.modules["triton.language"] = triton, language
+    try:
+        yield
+    finally:
+        del sys.modules["triton"], sys.modules["triton.language"]
 
-    from torchtitan.models.llama3 import llama3_configs
 
-    config = llama3_configs[flavor](attn_backend="flex")
-    for layer in config.layers:
-        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=seq_len)
-    return config
+def import_torchtitan() -> types.SimpleNamespace:
+    """torchtitan's Llama 3 args, model and parallelize modules, its ParallelDims and
+    JobConfig, without the package `torchtitan.models.llama3` itself (see the module doc);
+    `protocols.train_spec`, which model.py imports for `ModelProtocol` alone (re-exported
+    from protocols.model) but which imports the data stack, is given that class alone."""
+    name = "torchtitan.models.llama3"
+    with _triton_stand_in():
+        models = importlib.util.find_spec("torchtitan.models")
+        if models is None or models.submodule_search_locations is None:
+            raise ImportError("torchtitan is not installed")
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(Path(list(models.submodule_search_locations)[0]) / "llama3")]
+            sys.modules[name] = package
+        protocol = importlib.import_module("torchtitan.protocols.model")
+        if "torchtitan.protocols.train_spec" not in sys.modules:
+            train_spec = types.ModuleType("torchtitan.protocols.train_spec")
+            train_spec.ModelProtocol = protocol.ModelProtocol  # type: ignore[attr-defined]
+            sys.modules[train_spec.__name__] = train_spec
+        config = importlib.import_module("torchtitan.config")
+        return types.SimpleNamespace(
+            args=importlib.import_module(f"{name}.model.args"),
+            model=importlib.import_module(f"{name}.model.model"),
+            parallelize=importlib.import_module(f"{name}.infra.parallelize"),
+            ParallelDims=importlib.import_module("torchtitan.distributed").ParallelDims,
+            JobConfig=config.JobConfig,
+        )
 
 
-def build_torchtitan_model(flavor: str, seq_len: int, compile_blocks: bool,
-                           device: torch.device) -> torch.nn.Module:
-    """torchtitan's model parallelised by its `parallelize_llama` on a one-rank mesh and
-    initialised on `device`."""
-    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
-    from torchtitan.distributed import ParallelDims
-    from torchtitan.models.llama3 import parallelize_llama
+def model_args(titan: types.SimpleNamespace, cfg: TransformerConfig, seq_len: int,
+               attention: str) -> Any:
+    """torchtitan's TransformerModelArgs at `cfg`'s shape. Its SwiGLU width is
+    multiple_of x ceil(int(8 d / 3) / multiple_of) (no ffn_dim_multiplier): with multiple_of
+    = our ffn_hidden that is ffn_hidden whenever int(8 d / 3) <= ffn_hidden (Llama 3's)."""
+    if int(8 * cfg.d_model / 3) > cfg.mlp_hidden:
+        raise ValueError(f"torchtitan's SwiGLU cannot be {cfg.mlp_hidden} wide at d_model "
+                         f"{cfg.d_model} without ffn_dim_multiplier")
+    attn_type, mask = ATTENTION[attention]
+    return titan.args.TransformerModelArgs(
+        dim=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, multiple_of=cfg.mlp_hidden,
+        ffn_dim_multiplier=None, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        max_seq_len=seq_len, attn_type=attn_type, attn_mask_type=mask)
 
-    config = torchtitan_model_config(flavor, seq_len)
+
+def build_torchtitan_model(cfg: TransformerConfig, seq_len: int, attention: str,
+                           compile_blocks: bool, device: torch.device) -> torch.nn.Module:
+    """torchtitan's model parallelised by its `parallelize_llama` at world size 1 and
+    initialised on `device`, its output projection tied to its embedding."""
+    titan = import_torchtitan()
+    args = model_args(titan, cfg, seq_len, attention)
     with torch.device("meta"):
-        model = config.build()
-    parallelism = ParallelismConfig()
-    dims = ParallelDims.from_config(parallelism, world_size=1)
-    parallelize_llama(
-        model, parallel_dims=dims, training=TrainingConfig(seq_len=seq_len),
-        parallelism=parallelism,
-        compile_config=CompileConfig(enable=compile_blocks, components=["model"]),
-        ac_config=None, dump_folder=tempfile.mkdtemp(prefix="torchtitan-"),
-    )
+        model = titan.model.Transformer(args)
+    job = titan.JobConfig()
+    job.training.seq_len = seq_len
+    job.compile.enable = compile_blocks
+    job.compile.components = ["model", "loss"]
+    job.activation_checkpoint.mode = "none"
+    job.job.dump_folder = tempfile.mkdtemp(prefix="torchtitan-")
+    dims = titan.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1,
+                              world_size=1)
+    titan.parallelize.parallelize_llama(model, dims, job)
     model.to_empty(device=device)
     with torch.no_grad():
-        model.init_states(buffer_device=device)
+        model.init_weights(buffer_device=device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     model.train()
     return model
 
 
-def torchtitan_step(flavor: str, batch: tuple[torch.Tensor, torch.Tensor], compile_blocks: bool,
-                    device: torch.device, lr: float = 3e-4, grad_clip: float = 1.0
-                    ) -> Callable[[], None]:
+def torchtitan_step(cfg: TransformerConfig, batch: tuple[torch.Tensor, torch.Tensor],
+                    attention: str, compile_blocks: bool, device: torch.device,
+                    lr: float = 3e-4, grad_clip: float = 1.0) -> Callable[[], None]:
     """One torchtitan training step on `batch` (inputs, targets), each (B, T) on `device`."""
     inputs, targets = batch
-    model: Any = build_torchtitan_model(flavor, inputs.size(1), compile_blocks, device)
+    model: Any = build_torchtitan_model(cfg, inputs.size(1), attention, compile_blocks, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=0.1, fused=device.type == "cuda" or None)
-    positions = torch.arange(inputs.size(1), device=device).expand_as(inputs)
-    masks = model.get_attention_masks(positions=positions)
+                                  weight_decay=0.1, fused=True)
+    masks = (model.get_attention_masks(inputs, tokenizer=None) if attention == "flex"
+             else None)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+    loss_fn = torch.compile(loss_fn) if compile_blocks else loss_fn
 
     def step() -> None:
-        logits = model(inputs, positions=positions, attention_masks=masks)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(inputs, attention_masks=masks)
+        loss_fn(logits, targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def parameter_count(cfg: TransformerConfig, seq_len: int) -> int:
+    """torchtitan's parameter count at `cfg`'s shape (built on meta, output tied)."""
+    titan = import_torchtitan()
+    with torch.device("meta"):
+        model = titan.model.Transformer(model_args(titan, cfg, seq_len, "sdpa"))
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return sum(p.numel() for p in model.parameters())

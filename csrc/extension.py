@@ -82,8 +82,11 @@ def find_nvcc() -> str | None:
 
 
 def build_key(with_cuda: bool) -> str:
-    """torch version, CUDA or not, and the first 16 hex digits of the sources' hash."""
+    """torch version, CUDA or not, and the first 16 hex digits of the hash of the sources,
+    the flags and where the sources and torch lie (build.ninja names both: two checkouts or
+    venvs sharing one folder would rebuild it for each other, in turn, on every load)."""
     digest = hashlib.sha256()
+    digest.update(f"{SOURCE_DIR}\n{Path(torch.__file__).parent}\n".encode())
     names = CPU_SOURCES + HEADERS + (CUDA_SOURCES + CUDA_HEADERS if with_cuda else ())
     for name in names:
         digest.update(name.encode())
