@@ -149,13 +149,19 @@ def test_experts_compute_in_the_autocast_dtype_and_take_the_grouped_path(monkeyp
     received: list[torch.dtype] = []
     module.experts.register_forward_pre_hook(lambda _, args: received.append(args[0].dtype))
     grouped_calls: list[torch.dtype] = []
-    grouped_mm = torch._grouped_mm
+    # models/moe.py calls torch._grouped_mm through its module-level name where it has one
+    # (the compat module's), else torch's.
+    import scaleforge.models.moe as moe_module
+
+    owner = moe_module if hasattr(moe_module, "grouped_mm") else torch
+    name = "grouped_mm" if owner is moe_module else "_grouped_mm"
+    grouped_mm = getattr(owner, name)
 
     def counted(a: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         grouped_calls.append(a.dtype)
         return grouped_mm(a, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    monkeypatch.setattr(owner, name, counted)
     x = torch.randn(2, 5, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)
