@@ -139,12 +139,15 @@ TP2_PLACEMENTS = {
     "layers.0.feed_forward.w1.weight": "(Shard(dim=0),)",
     "layers.1.feed_forward.router.weight": "(Replicate(),)",
 }
+SHARDED = {"layers.0.attention.wkv_b.weight": "(Shard(dim=0),)"}  # FSDP by rows
 LAYOUTS = {"tp2": (["parallel.tp=2"], TP2_PLACEMENTS),
-           "dp_shard2": (["parallel.dp_shard=2"],
-                         {"layers.0.attention.wkv_b.weight": "(Shard(dim=0),)"})}
+           "dp_shard2": (["parallel.dp_shard=2"], SHARDED),
+           # context parallelism wraps the latent attention's kernel like any other's
+           "cp2": (["parallel.cp=2"], SHARDED)}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", ["tp2", "dp_shard2",
+                                    pytest.param("cp2", marks=pytest.mark.slow)])
 def test_deepseek_v3_trains_under_the_layout_like_one_process_in_fp32(tmp_path, layout):
     """5 steps of deepseek_v3_tiny (MoE layer with the aux-loss-free bias moving) under real
     gloo processes against one process: losses and grad norms within LOSS_RTOL, every weight
