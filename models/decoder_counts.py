@@ -34,6 +34,11 @@ def gqa_attention_params(cfg: TransformerConfig, biases: bool, all_biases: bool)
     return weights + qkv_bias + qk_norm
 
 
+def gqa_kv_width(cfg: TransformerConfig) -> int:
+    """K and V of the kv heads."""
+    return 2 * cfg.kv_heads * cfg.head_size
+
+
 def gqa_attention_flops_per_key(cfg: TransformerConfig) -> int:
     """QK^T and the weighted sum of V for one query and key over a layer's heads."""
     return 2 * 2 * cfg.n_heads * cfg.head_size

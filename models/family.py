@@ -83,7 +83,9 @@ class FamilyCounts:
     attention_output_bytes(cfg, x): what a selective checkpoint keeps of attention;
     matmul_widths(cfg, x): output width per token of each projection of a block on one tp
       rank, in forward order;
-    forward_traffic_bytes(cfg, x): HBM bytes per token of a block's memory-bound forward.
+    forward_traffic_bytes(cfg, x): HBM bytes per token of a block's memory-bound forward;
+    kv_width(cfg): channels of K and V together per token that a layer's attention reads
+      (what context parallelism all-gathers).
     """
 
     attention_params: Callable[[TransformerConfig, bool], int]
@@ -97,6 +99,7 @@ class FamilyCounts:
     attention_output_bytes: Callable[[TransformerConfig, RankSetting], float]
     matmul_widths: Callable[[TransformerConfig, RankSetting], list[float]]
     forward_traffic_bytes: Callable[[TransformerConfig, RankSetting], float]
+    kv_width: Callable[[TransformerConfig], int]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from scaleforge.core.flops import attention_flops_per_token, training_flops_per_token
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.family import family_spec
 from scaleforge.models.moe import expert_hidden
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import MESH_DIMS, ParallelDims
@@ -198,7 +199,7 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
         tp_time = comm["tp"] / axis_bandwidth(dims, "tp", gpu, gpus_per_node)
     cp_time = 0.0
     if dims.cp > 1:  # each block all-gathers K and V (forward), reduce-scatters their grads
-        kv = 2 * tokens * dims.cp * m.kv_heads * m.head_size * e / dims.tp
+        kv = tokens * dims.cp * family_spec(m.family).counts.kv_width(m) * e / dims.tp
         comm["cp"] = (2 * m.n_layers // dims.pp * work.micro_batches
                       * (dims.cp - 1) / dims.cp * kv)
         cp_time = comm["cp"] / axis_bandwidth(dims, "cp", gpu, gpus_per_node)

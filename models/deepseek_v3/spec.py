@@ -133,6 +133,7 @@ DEEPSEEK_V3_COUNTS = FamilyCounts(
     attention_output_bytes=mla_output_bytes,
     matmul_widths=mla_matmul_widths,
     forward_traffic_bytes=mla_forward_traffic_bytes,
+    kv_width=lambda cfg: 2 * cfg.n_heads * cfg.mla.qk_head_dim,  # K and the padded V
 )
 
 SPEC = FamilySpec(

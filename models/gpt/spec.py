@@ -63,6 +63,7 @@ GPT_COUNTS = FamilyCounts(
     matmul_widths=partial(counts.gqa_matmul_widths, gated=False),
     forward_traffic_bytes=partial(counts.forward_traffic_bytes, rms=False, gated=False,
                                   rope=False),
+    kv_width=counts.gqa_kv_width,
 )
 
 SPEC = FamilySpec(

@@ -58,6 +58,7 @@ LLAMA_COUNTS = FamilyCounts(
     matmul_widths=partial(counts.gqa_matmul_widths, gated=True),
     forward_traffic_bytes=partial(counts.forward_traffic_bytes, rms=True, gated=True,
                                   rope=True),
+    kv_width=counts.gqa_kv_width,
 )
 
 SPEC = FamilySpec(
