@@ -162,8 +162,9 @@ def use_grouped_mm(setting: str, x: torch.Tensor) -> bool:
 class Experts(nn.Module):
     """`num_experts` SwiGLU experts stacked: w1, w3 (E, hidden, d), w2 (E, d, hidden).
 
-    Under expert parallelism the weights are DTensors sharded on dim 0 and each rank runs
-    its local experts (`to_local`), so forward takes this rank's groups only.
+    Under expert parallelism the weights are sharded on dim 0 and each rank runs its local
+    experts (the `local` parts `MoEParallel.weight` gives), so forward takes this rank's
+    groups only.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, grouped_mm: str):
