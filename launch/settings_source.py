@@ -43,12 +43,18 @@ class SourceClass:
 def module_path(module: str) -> Path:
     """The source file of `module` (a.b.c), found without running any package's
     __init__: the package directory from its spec, then the file in it."""
-    package, _, name = module.rpartition(".")
-    spec = find_spec(package)
+    # Only the top two levels through find_spec (a.b: importing `a` alone); deeper packages
+    # (a model family's folder, scaleforge.models.deepseek_v3) are folders below it, since
+    # find_spec would run the __init__ of every package above the one it is asked for.
+    parts = module.split(".")
+    levels = min(2, len(parts) - 1)
+    top, folders, name = ".".join(parts[:levels]), parts[levels:-1], parts[-1]
+    spec = find_spec(top)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(module)
     for directory in spec.submodule_search_locations:
-        for candidate in (Path(directory) / f"{name}.py", Path(directory) / name / "__init__.py"):
+        package = Path(directory).joinpath(*folders)
+        for candidate in (package / f"{name}.py", package / name / "__init__.py"):
             if candidate.is_file():
                 return candidate
     raise ModuleNotFoundError(module)
