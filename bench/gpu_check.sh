@@ -6,9 +6,9 @@
 # 9 minutes, install included), and every step writes its outcome into OUT_DIR/gpu_check.json
 # as it ends, so a run cut short still returns what it measured. Steps, the point of the run
 # first:
-#   1. install without touching the machine's torch: the wheels (--no-deps) into a folder
-#      of their own, the project as a scaleforge/ tree of links to its folders, both on
-#      PYTHONPATH; then one import of the trainer;
+#   1. install without touching the machine's torch: the wheels (--no-deps) of what the
+#      machine lacks into a folder of their own, the project as a scaleforge/ tree of links
+#      to its folders, both on PYTHONPATH; then one import of the trainer;
 #   2. timing: ours against torchtitan 0.2.2, same model, tokens, bf16 autocast and SDPA,
 #      compiled, then each side's best and the rest (python -m scaleforge.bench.gpu_check:
 #      shapes by the card's memory, 3 repeats of N steps after warm-up, median and spread);
@@ -65,11 +65,26 @@ log() { echo "[gpu_check ${SECONDS}s${REHEARSE:+ rehearsal}] $*"; }
 record() { "$PYTHON" -m scaleforge.bench.gpu_report --record "$OUT" "$1" "$2" || true; }
 FAILED=""
 
-# 1. install
+# 1. install: the wheels of the distributions this Python lacks (its own numpy or PyYAML,
+# say, stay in use)
 SITE=$(mktemp -d /tmp/scaleforge-site.XXXX)
 if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target "$SITE" "$WHEELS"/*.whl || { log "wheel install failed"; exit 1; }
+    mapfile -t MISSING < <("$PYTHON" - "$WHEELS" <<'PY'
+import importlib.metadata, re, sys
+from pathlib import Path
+def canonical(name): return re.sub(r"[-_.]+", "-", name).lower()
+have = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()
+        if d.metadata["Name"]}
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    if canonical(wheel.name.split("-")[0]) not in have:
+        print(wheel)
+PY
+)
+    log "wheels to install: ${#MISSING[@]} ($(basename -a "${MISSING[@]}" 2> /dev/null | tr '\n' ' '))"
+    if [ "${#MISSING[@]}" -gt 0 ]; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$SITE" "${MISSING[@]}" || { log "wheel install failed"; exit 1; }
+    fi
 else
     log "no wheels in $WHEELS: run bench/prepare_gpu_wheels.sh where pip reaches PyPI"
 fi
