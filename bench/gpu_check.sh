@@ -125,6 +125,9 @@ log "collectives: exit $STATUS ($(tail -1 "$OUT/collectives.log"))"
 
 # 4. kernels: the build alone first (safe to cut: csrc/extension.py clears the lock of a
 # build that died), then the check
+# (Rehearsing with a CUDA build of torch, the CUDA sources join the build: without a GPU
+# torch cannot pick their architecture, so it is the GPU machines' sm_90.)
+[ -n "$REHEARSE" ] && export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 KERNEL_S=$(( $(left) - 100 < 100 ? $(left) - 100 : 100 ))
 [ "$KERNEL_S" -lt 10 ] && KERNEL_S=10
 timeout -k 5 "$KERNEL_S" "$PYTHON" -c "import scaleforge.csrc, scaleforge.csrc.extension as e
