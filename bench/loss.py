@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from scaleforge.core.loss import cross_entropy
+from scaleforge.torch_compat import mem_tracker
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WIDTH = 64  # the head's input width: small, so the logits dominate memory
@@ -41,7 +41,7 @@ def peak_bytes(loss_fn: LossFn, hidden: torch.Tensor, head: torch.Tensor,
     """Peak live bytes of the head's forward, `loss_fn` and backward through both, beyond
     the head's inputs."""
     hidden, head = hidden.detach().requires_grad_(), head.detach().requires_grad_()
-    tracker = MemTracker()
+    tracker = mem_tracker()
     with tracker:
         loss_fn(hidden @ head.T, targets).backward()
     return tracker.get_tracker_snapshot("peak")[hidden.device]["Total"]

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from scaleforge.core.config import Config, compose, to_config
 from scaleforge.core.trainer import Trainer, start_topology
 from scaleforge.planner.shards import local_bytes
+from scaleforge.torch_compat import wrapped_tensors
 
 LAYOUTS = {
     "single": [],
@@ -86,10 +86,9 @@ def expert_bytes(model: torch.nn.Module) -> int:
 def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     """The storages holding `tensor`'s data: its own, or for a wrapper subclass without one
     (DTensor, an async collective's result) those of the tensors it wraps."""
-    if not is_traceable_wrapper_subclass(tensor):
+    inner = wrapped_tensors(tensor)
+    if inner is None:
         return [tensor.untyped_storage()]
-    names, _ = tensor.__tensor_flatten__()
-    inner = [value for name in names if isinstance(value := getattr(tensor, name), torch.Tensor)]
     return [storage for value in inner for storage in _storages(value)]
 
 

@@ -36,6 +36,7 @@ from scaleforge.parallel.pipeline_schedules import (
     available_schedules,
     theoretical_bubble_fraction,
 )
+from scaleforge.torch_compat import wrap_loss_computation
 
 Params = ParamSpec("Params")
 Result = TypeVar("Result")
@@ -72,7 +73,7 @@ def _instrument(pipe: Pipeline) -> dict[str, float]:
         for method, key in TIMED_CALLS.items():
             setattr(stage, method, _timed(getattr(stage, method), seconds, key))
     schedule = pipe.schedule
-    schedule._compute_loss = _timed(schedule._compute_loss, seconds, "loss")
+    wrap_loss_computation(schedule, lambda compute: _timed(compute, seconds, "loss"))
     return seconds
 
 

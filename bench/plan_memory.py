@@ -35,6 +35,7 @@ from scaleforge.core.trainer import Trainer, start_topology
 from scaleforge.planner.activations import recompute_bytes
 from scaleforge.planner.search import activation_setting, rank_memory
 from scaleforge.planner.shards import ShardProbe, fake_world, local_bytes
+from scaleforge.torch_compat import checkpoint_cache_hook, view_base
 
 # A small Llama (4 blocks, GQA) on CPU in fp32, 4 micro-batches of 2 x 64 tokens per step
 # at dp 1; the layouts each run in 1, 2 or 4 gloo processes.
@@ -95,7 +96,7 @@ class SavedTensorMeter:
             return -id(local)
 
     def _is_weight(self, tensor: torch.Tensor) -> bool:
-        base = tensor._base if tensor._base is not None else tensor
+        base = view_base(tensor)
         if isinstance(base, nn.Parameter) or self._key(base) in self.excluded:
             return True
         grad_fn = base.grad_fn  # autocast's cast of a weight: ToCopy of a leaf
@@ -129,23 +130,17 @@ class SavedTensorMeter:
     @contextmanager
     def counting(self) -> Iterator[None]:
         """Count what autograd saves and what selective checkpointing caches (each op output
-        it keeps is wrapped in one torch.utils.checkpoint._VersionWrapper until backward's
-        recompute takes it), while in this block."""
+        it keeps is held by torch until backward's recompute takes it), while in this
+        block."""
         unpack = lambda saved: saved.tensor if isinstance(saved, _Saved) else saved  # noqa: E731
-        wrapper = torch.utils.checkpoint._VersionWrapper
-        original = wrapper.__init__
 
         def cache(cached: Any, value: Any) -> None:
-            original(cached, value)
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
                 self._hold(value, cached)
 
-        wrapper.__init__ = cache  # type: ignore[method-assign, assignment]
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
-                yield
-        finally:
-            wrapper.__init__ = original  # type: ignore[method-assign]
+        with checkpoint_cache_hook(cache), \
+                torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
+            yield
 
 
 def measure(cfg: Config, world_size: int) -> dict[str, Any]:

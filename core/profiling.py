@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from scaleforge.errors import ConfigError
+from scaleforge.torch_compat import dump_cuda_memory_snapshot, record_cuda_memory_history
 
 
 def check_profile_steps(steps: list[int], max_steps: int, setting: str) -> None:
@@ -46,7 +47,7 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-            torch.cuda.memory._record_memory_history()
+            record_cuda_memory_history(True)
         self.profiler = profile(activities=activities, record_shapes=True, profile_memory=True)
         self.profiler.__enter__()
 
@@ -61,6 +62,6 @@ class StepProfiler:
         self.profiler.export_chrome_trace(str(trace))
         self.profiler = None
         if self.device.type == "cuda":
-            torch.cuda.memory._dump_snapshot(str(out / f"{self.stem}_memory.pickle"))
-            torch.cuda.memory._record_memory_history(enabled=None)
+            dump_cuda_memory_snapshot(str(out / f"{self.stem}_memory.pickle"))
+            record_cuda_memory_history(False)
         return trace

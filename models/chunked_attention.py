@@ -28,6 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from scaleforge.torch_compat import (
+    SDPA_EFFICIENT,
+    SDPA_EFFICIENT_BACKWARD,
+    SDPA_FLASH_CPU,
+    SDPA_FLASH_CPU_BACKWARD,
+)
+
 aten = torch.ops.aten
 LSE_ALIGNMENT = 32  # the CUDA memory-efficient kernel pads its lse to a multiple of this
 
@@ -47,9 +54,9 @@ def _piece_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    causal: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
     """One kernel call: (output (B, H, L, hd), lse (B, H, L) fp32, what its backward needs)."""
     if q.device.type == "cpu":
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+        out, lse = SDPA_FLASH_CPU(q, k, v, 0.0, causal)
         return out, lse, ()
-    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+    out, lse, seed, offset = SDPA_EFFICIENT(
         q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), None, True, 0.0, causal)
     return out, lse[..., :q.size(2)], (seed, offset)
 
@@ -59,11 +66,11 @@ def _piece_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     extra: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of one kernel call, given the merged `out` and `lse` of its queries."""
     if q.device.type == "cpu":
-        grads: tuple[torch.Tensor, ...] = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grads: tuple[torch.Tensor, ...] = SDPA_FLASH_CPU_BACKWARD(
             grad, q, k, v, out, lse, 0.0, causal)
         return grads
     padded = F.pad(lse, (0, -lse.size(-1) % LSE_ALIGNMENT))
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+    dq, dk, dv, _ = SDPA_EFFICIENT_BACKWARD(
         grad, q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), None, out, padded,
         *extra, 0.0, [True, True, True, False], causal)
     return dq, _sum_groups(dk, k.size(1)), _sum_groups(dv, v.size(1))

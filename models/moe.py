@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from scaleforge.errors import ConfigError, check_choice
 from scaleforge.models.moe_parallel import MoEParallel, itself
+from scaleforge.torch_compat import grouped_mm, in_autograd_backward
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUPED_MM = ("auto", "grouped", "loop")
@@ -150,7 +151,9 @@ def use_grouped_mm(setting: str, x: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs the experts: `grouped` always, `loop` never; `auto`
     on the CPU (torch 2.13: fp32 and bf16, forward and backward; 0.5-0.9x the loop's time,
     bench/moe_gemm.py) and on CUDA in bf16 from compute capability 9.0 (Hopper), the
-    kernel's requirement; the loop elsewhere."""
+    kernel's requirement; the loop elsewhere, and on a torch without it (torch_compat)."""
+    if grouped_mm is None:
+        return False
     if setting != "auto":
         return setting == "grouped"
     if x.device.type == "cpu":
@@ -184,7 +187,8 @@ class Experts(nn.Module):
             padded, offsets, rows = pad_groups(x, counts)
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets)
+                assert grouped_mm is not None  # use_grouped_mm is False without it
+                return grouped_mm(a, w.transpose(-2, -1), offs=offsets)
 
             return mm(F.silu(mm(padded, w1)) * mm(padded, w3), w2)[rows]
         outputs = []
@@ -333,7 +337,7 @@ class MoE(nn.Module):
                 aux: torch.Tensor | None = None) -> None:
         """Add to this step's statistics: training forwards only, not the recomputation
         activation checkpointing runs inside backward (a graph task is then running)."""
-        if not (self.training and self.recording) or torch._C._current_graph_task_id() != -1:
+        if not (self.training and self.recording) or in_autograd_backward():
             return
         if load is not None:
             self.load += load

@@ -22,7 +22,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     SelectiveCheckpointContext,
@@ -30,19 +29,28 @@ from torch.utils.checkpoint import (
 )
 
 from scaleforge.models.transformer import Transformer
+from scaleforge.torch_compat import (
+    C10D_FUNCTIONAL,
+    SDPA_CUDNN,
+    SDPA_EFFICIENT,
+    SDPA_FLASH,
+    SDPA_FLASH_CPU,
+    OpOverload,
+    checkpoint_wrapper,
+)
 
 _aten = torch.ops.aten
-_c10d = torch.ops._c10d_functional
+_c10d = C10D_FUNCTIONAL
 # The projection matmuls: selective checkpointing keeps every other one's output.
 MATMUL_OPS = {_aten.mm.default, _aten.addmm.default}
 # What selective checkpointing always keeps from forward (every op in neither set is
 # recomputed in backward).
 SAVED_OPS = {
     _aten.bmm.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    SDPA_FLASH.default,
+    SDPA_EFFICIENT.default,
+    SDPA_CUDNN.default,
+    SDPA_FLASH_CPU.default,
     torch.ops.higher_order.flex_attention,
     _c10d.reduce_scatter_tensor.default,
     _c10d.all_gather_into_tensor.default,
@@ -72,7 +80,7 @@ def _selective_policy() -> Any:
     made afresh for each (`context_fn` calls this once per checkpointed forward)."""
     matmuls = {False: 0, True: 0}  # seen so far, in forward and in the recompute
 
-    def policy(ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any,
+    def policy(ctx: SelectiveCheckpointContext, op: OpOverload, *args: Any,
                **kwargs: Any) -> CheckpointPolicy:
         if op in MATMUL_OPS:
             matmuls[ctx.is_recompute] += 1

@@ -49,13 +49,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import PrepareModuleInputOutput
-from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.distributed.tensor.parallel import PrepareModuleInputOutput, parallelize_module
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.moe import MoE, expert_hidden
 from scaleforge.parallel.sequence_collectives import gather_sequence, reduce_scatter_sequence
+from scaleforge.torch_compat import ParallelStyle
 
 # The dim of each expert weight (E, out, in) holding the expert's width: w1, w3 split by
 # columns, w2 by rows (ColwiseParallel / RowwiseParallel's split of nn.Linear weights).
@@ -114,7 +114,9 @@ class MoETensorParallel(ParallelStyle):
         super().__init__()
         self.split = split
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        """Place `module`'s (a MoE layer's) weights on the tp `device_mesh` and hook its
+        input and output; returns it."""
         if not isinstance(module, MoE):
             raise TypeError(f"MoETensorParallel applies to a MoE, not a {type(module)}")
         _place(module.router, "weight", device_mesh, Replicate())
@@ -128,11 +130,11 @@ class MoETensorParallel(ParallelStyle):
         # expert parallelism, on ("ep", "tp")): the layer computes with the local parts.
         module.parallel = replace(module.parallel, weight=_to_local, router=_to_local)
         if not self.split:
-            return PrepareModuleInputOutput(
+            return parallelize_module(module, device_mesh, PrepareModuleInputOutput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                 use_local_input=True, output_layouts=(Replicate(),),
                 desired_output_layouts=(Shard(1),), use_local_output=False,
-            )._apply(module, device_mesh)
+            ))
         group = device_mesh.get_group()
         module.parallel = replace(module.parallel, gradient_copies=device_mesh.size(),
                                   router=partial(_local_with_gradient_summed, group=group))

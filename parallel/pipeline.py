@@ -45,19 +45,17 @@ before start, and the theoretical bubble are in parallel/pipeline_schedules.py):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
-from torch.distributed.pipelining._backward import stage_backward
-from torch.distributed.pipelining.stage import _StageForwardMeta
 from torch.distributed.tensor import DTensor
 
 from scaleforge.errors import ConfigError
@@ -74,6 +72,7 @@ from scaleforge.parallel.pipeline_schedules import (
     stage_layer_ranges,
     validate_pipeline,
 )
+from scaleforge.torch_compat import PipelineStage, stage_backward
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (inputs, targets, document ids or None), each (micro_batch_size, T) int64.
@@ -146,14 +145,10 @@ class ShardedGradientStage(PipelineStage):
     torch's path unchanged.
     """
 
-    def _forward_metadata_inference(
-        self, args: tuple[torch.Tensor, ...] | _StageForwardMeta | None,
-        kwargs: dict[str, Any] | None = None, has_backward: bool = False,
-    ) -> _StageForwardMeta | None:
+    def shape_inference(self) -> contextlib.AbstractContextManager[None]:
         """torch's first-step shape inference runs the stage on stand-in tensors: MoE
         layers must not count those as routed tokens (models/moe.py)."""
-        with statistics_paused(self.submod):
-            return super()._forward_metadata_inference(args, kwargs, has_backward)
+        return statistics_paused(self.submod)
 
     def backward_maybe_with_nosync(
         self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False

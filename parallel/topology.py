@@ -31,9 +31,14 @@ import torch.distributed as dist
 
 from scaleforge.errors import ConfigError
 from scaleforge.parallel.config import ParallelConfig
+from scaleforge.torch_compat import (
+    MeshBackend,
+    flatten_mesh,
+    group_options,
+    unflatten_mesh,
+)
 
 if TYPE_CHECKING:
-    from torch._C._distributed_c10d import Backend as C10dBackend
     from torch.distributed.device_mesh import DeviceMesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -346,8 +351,8 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
 
     # The mesh's groups take their timeout from these options (new groups would otherwise
     # get torch's default, 30 minutes for gloo, whatever init_process_group was given).
-    options: dict[int | str, str | C10dBackend.Options | tuple[str, C10dBackend.Options]] = {
-        name: (backend, _group_options(backend, timeout)) for name in MESH_DIMS
+    options: dict[int | str, MeshBackend] = {
+        name: (backend, group_options(backend, timeout)) for name in MESH_DIMS
     }
     if dist.get_backend() == "fake":
         # The caller started torch's fake group (sf-plan: one process builds the shards of
@@ -358,22 +363,22 @@ def init_topology(parallel: ParallelConfig, dims: ParallelDims, device: str = "a
     )
     if dims.cp > 1:  # FSDP shards over dp_shard x cp: the cp ranks hold the same weights
         fake = dist.get_backend() == "fake"
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override="fake" if fake else (
-            backend, _group_options(backend, timeout)))
+        flatten_mesh(mesh["dp_shard", "cp"], "dp_shard_cp", "fake" if fake else (
+            backend, group_options(backend, timeout)))
     if sum(getattr(dims, name) > 1 for name in TOKEN_DIMS) > 1:
         fake = dist.get_backend() == "fake"
-        mesh[TOKEN_DIMS]._flatten("dp_cp", backend_override="fake" if fake else (
-            backend, _group_options(backend, timeout)))
+        flatten_mesh(mesh[TOKEN_DIMS], "dp_cp", "fake" if fake else (
+            backend, group_options(backend, timeout)))
     expert_mesh = None
     if parallel.ep > 1:
         fake = dist.get_backend() == "fake"
         expert_mesh = build_expert_mesh(mesh, dims, parallel.ep, "fake" if fake else (
-            backend, _group_options(backend, timeout)))
+            backend, group_options(backend, timeout)))
     return Topology(dims, torch_device, mesh, expert_mesh)
 
 
 def build_expert_mesh(mesh: DeviceMesh, dims: ParallelDims, ep: int,
-                      backend: str | tuple[str, C10dBackend.Options]) -> DeviceMesh:
+                      backend: MeshBackend) -> DeviceMesh:
     """The mesh ("pp", "dp_replicate", "efsdp", "ep", "tp") of expert parallelism, over the
     same ranks as `mesh` (torchtitan's sparse mesh): the dp_shard x cp ranks (flattened, cp
     inner) cut into efsdp x ep, ep inner. Experts are sharded over "ep" and their shards
@@ -381,8 +386,8 @@ def build_expert_mesh(mesh: DeviceMesh, dims: ParallelDims, ep: int,
     made sure ep divides dp_shard x cp."""
     shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
     efsdp = dims.dp_shard * dims.cp // ep
-    return mesh["pp", "dp_replicate", shard, "tp"]._unflatten(
-        shard, (efsdp, ep), ("efsdp", "ep"), backend_override={"efsdp": backend, "ep": backend})
+    return unflatten_mesh(mesh["pp", "dp_replicate", shard, "tp"], shard, (efsdp, ep),
+                          ("efsdp", "ep"), backend)
 
 
 def _torchrun_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
@@ -400,13 +405,3 @@ def _torchrun_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
                           is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"scaleforge/attempt_{attempt}/", store)
-
-
-def _group_options(backend: str, timeout: datetime.timedelta) -> C10dBackend.Options:
-    """Process-group options of `backend` carrying the collective `timeout`."""
-    # torch's stubs call gloo's options class `Options`; at run time that name is the base
-    # Backend.Options and gloo's own is `_Options`.
-    options = (dist.ProcessGroupNCCL.Options() if backend == "nccl"
-               else dist.ProcessGroupGloo._Options())  # type: ignore[attr-defined]
-    options._timeout = timeout
-    return options

@@ -22,6 +22,7 @@ from scaleforge.models.attention import AttentionKernel, Supports
 from scaleforge.models.chunked_attention import repeat_kv
 from scaleforge.parallel.cp_attention import ContextParallelKernel
 from scaleforge.parallel.topology import Topology
+from scaleforge.torch_compat import enable_torch_context_parallel
 
 # (q, k, v) of this rank's chunks -> this rank's rows of causal attention over the group.
 RingAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,12 +66,5 @@ def torch_ring_attention(mesh: DeviceMesh) -> RingAttention:
     """The ring attention over the cp `mesh`: turns on torch's context-parallel SDPA for
     DTensors sharded by sequence (for the whole process) and its all-to-all rotation of the
     K/V shards."""
-    # Imported here: a private module of torch, needed on CUDA only.
-    from torch.distributed.tensor.experimental._attention import (
-        _enable_context_parallel_dispatcher,
-        set_rotate_method,
-    )
-
-    _enable_context_parallel_dispatcher()
-    set_rotate_method("alltoall")
+    enable_torch_context_parallel("alltoall")
     return partial(_torch_ring_attention, mesh=mesh)

@@ -22,13 +22,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from scaleforge.torch_compat import ParallelStyle
 
 
 class GatherSequence(ParallelStyle):
     """The first argument all-gathered on the sequence (see the module docstring)."""
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        """Hook `module` to all-gather its first argument over `device_mesh`."""
         def gather(_: nn.Module, args: tuple) -> tuple:
             x = args[0]
             if not isinstance(x, DTensor):
@@ -46,7 +48,9 @@ class ReplicateParallel(ParallelStyle):
         super().__init__()
         self.local_output = local_output
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        """Replicate `module`'s plain parameters over `device_mesh`; hook its input (and
+        output)."""
         for owner in module.modules():
             for name, param in list(owner.named_parameters(recurse=False)):
                 if not isinstance(param, DTensor):

@@ -134,11 +134,9 @@ def _shard(param: nn.Parameter) -> ParamShard:
 def fake_world(world_size: int) -> Iterator[None]:
     """torch's fake process group as rank 0 of `world_size` for the duration (meshes of any
     shape up to that size can then be built); destroyed on exit."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if dist.is_initialized():
         raise RuntimeError("fake_world needs a process without torch.distributed started")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
     try:
         yield
     finally:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
@@ -31,6 +31,7 @@ from scaleforge.core.trainer import Trainer, start_topology
 from scaleforge.models import build
 from scaleforge.parallel.parallelize import parallelize
 from scaleforge.parallel.pipeline import ShardedGradientStage, build_pipeline, pipeline_step
+from scaleforge.torch_compat import mem_tracker
 
 # 8 blocks, so one block's transient gradients are small beside the whole model's; 2 x 64
 # tokens per micro-batch, so what one micro-batch's forward keeps exceeds the sharded
@@ -47,7 +48,7 @@ def _no_sync_until_last(model: nn.Module, last_micro_batch: bool) -> None:
     model.set_requires_gradient_sync(last_micro_batch)
 
 
-def _live_bytes(tracker: MemTracker) -> int:
+def _live_bytes(tracker: Any) -> int:
     return tracker.get_tracker_snapshot()[torch.device("cpu")]["Total"]
 
 
@@ -62,7 +63,7 @@ def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
     trainer = Trainer(cfg, run_dir, dist.get_world_size(), data=data, topology=topology)
     assert trainer.micro_batches == micro_batches
     params = list(trainer.model.parameters())
-    tracker = MemTracker()
+    tracker = mem_tracker()
     tracker.track_external(trainer.model)
     forward: list[int] = []
     trainer.model.register_forward_pre_hook(lambda *_: forward.append(_live_bytes(tracker)))

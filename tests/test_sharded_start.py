@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 
 from distributed import run_distributed_test
@@ -22,6 +21,7 @@ from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.init import parameter_seed
 from scaleforge.parallel.parallelize import build_model, build_pipelined_model
+from scaleforge.torch_compat import mem_tracker
 
 # What a V schedule over 2 ranks needs: 4 stages, 4 micro-batches, whole evaluation groups.
 V_PIPELINE = ("parallel.pp_stages_per_rank=2", "model.n_layers=4",
@@ -66,7 +66,7 @@ def _start_up_memory(overrides: tuple[str, ...]) -> dict[str, int]:
     topology = start_topology(cfg, dist.get_world_size())
     plan = build_plan(cfg, topology.dp_size)
     torch.manual_seed(0)
-    tracker = MemTracker()
+    tracker = mem_tracker()
     with tracker:
         if topology.dims.pp > 1:
             model = build_pipelined_model(plan, topology, cross_entropy).model_parts
