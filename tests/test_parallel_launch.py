@@ -4,7 +4,9 @@ meet through a c10d rendezvous on 127.0.0.1, and a bad layout that must stop eve
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,7 +130,9 @@ def test_config_errors_reach_torchruns_failure_summary(tmp_path):
     assert "error: optim.schedule='step'" in summary and "Traceback" not in summary
 
 
-def test_slurm_template_starts_one_torchrun_per_node_with_rendezvous_on_the_first(tmp_path):
+def _run_slurm_template(tmp_path: Path, *overrides: str) -> list[str]:
+    """Run launch/slurm_train.sbatch with stand-ins for scontrol and srun on a two-node job
+    (id 42) and this interpreter as SCALEFORGE_PYTHON; returns the arguments srun got."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
@@ -137,15 +141,36 @@ def test_slurm_template_starts_one_torchrun_per_node_with_rendezvous_on_the_firs
         stub.chmod(0o755)
     template = Path(__file__).parents[1] / "launch" / "slurm_train.sbatch"
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2"}
-    result = subprocess.run(["bash", str(template), "parallel.tp=8", "parallel.dp_shard=-1"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
+           "SCALEFORGE_PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(template), *overrides],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    args = (tmp_path / "srun_args").read_text().split()
-    assert args[:2] == ["--kill-on-bad-exit=1", ".venv/bin/python"]
+    return (tmp_path / "srun_args").read_text().split()
+
+
+def test_slurm_template_starts_one_torchrun_per_node_with_rendezvous_on_the_first(tmp_path):
+    args = _run_slurm_template(tmp_path, "parallel.tp=8", "parallel.dp_shard=-1")
+    assert args[:2] == ["--kill-on-bad-exit=1", sys.executable]
     line = " ".join(args)
     for expected in ("-m torch.distributed.run", "--nnodes 2", "--nproc-per-node 8",
                      "--rdzv-backend c10d", "--rdzv-endpoint node-a:29500", "--rdzv-id 42",
                      "-m scaleforge.launch.train run_dir=runs/slurm-42 parallel.tp=8 "
                      "parallel.dp_shard=-1"):
         assert expected in line
+
+
+def test_slurm_template_passes_only_flags_the_installed_torchrun_accepts(tmp_path):
+    args = _run_slurm_template(tmp_path)
+    start, end = args.index("torch.distributed.run"), args.index("scaleforge.launch.train")
+    flags = [arg for arg in args[start + 1:end] if arg.startswith("--")]
+    assert "--signals-to-handle" in flags  # the preemption path needs it on every version
+    usage = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--help"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    accepted = set(re.findall(r"--[a-z][a-z0-9_-]*", usage))
+    assert not set(flags) - accepted, f"torch {torch.__version__}'s torchrun lacks these"
+    template = (Path(__file__).parents[1] / "launch" / "slurm_train.sbatch").read_text()
+    if "--shutdown-timeout" in accepted:
+        assert "--shutdown-timeout" in flags
+    else:
+        assert "--shutdown-timeout" in template  # passed where the installed torchrun has it
