@@ -126,8 +126,15 @@ log "collectives: exit $STATUS ($(tail -1 "$OUT/collectives.log"))"
 # 4. kernels: the build alone first (safe to cut: csrc/extension.py clears the lock of a
 # build that died), then the check
 # (Rehearsing with a CUDA build of torch, the CUDA sources join the build: without a GPU
-# torch cannot pick their architecture, so it is the GPU machines' sm_90.)
-[ -n "$REHEARSE" ] && export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# torch cannot pick their architecture, so it is the GPU machines' sm_90; and where nvcc on
+# PATH is a wrapper the toolkit's headers are not beside it. The same settings as CI's CUDA
+# build step, .ci/cuda_without_gpu.sh, so that its built library is the one loaded here.)
+if [ -n "$REHEARSE" ]; then
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
+    if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime_api.h ]; then
+        export CUDA_HOME=/usr/local/cuda
+    fi
+fi
 KERNEL_S=$(( $(left) - 100 < 100 ? $(left) - 100 : 100 ))
 [ "$KERNEL_S" -lt 10 ] && KERNEL_S=10
 timeout -k 5 "$KERNEL_S" "$PYTHON" -c "import scaleforge.csrc, scaleforge.csrc.extension as e
