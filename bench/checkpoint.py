@@ -55,7 +55,7 @@ def run(overrides: list[str], repeats: int) -> dict:
     cfg = to_config(compose(DEFAULTS + overrides))
     cfg.trainer.global_batch_tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
     generator = torch.Generator().manual_seed(0)
-    window = torch.randint(cfg.model.vocab_size, (cfg.trainer.micro_batch_size,
+    window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)
     batch = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-checkpoint-"))

@@ -94,7 +94,7 @@ def check_fsdp(cfg: TransformerConfig, topology: Topology, seq_len: int) -> dict
     model_cfg = {**_as_dict(cfg), "n_layers": 1}
     model = build(model_cfg, device=topology.device, seed=0)
     apply_data_parallel(model, topology, "bf16")
-    tokens = torch.randint(cfg.vocab_size, (1, seq_len), device=topology.device,
+    tokens = torch.randint(cfg.vocab_rows, (1, seq_len), device=topology.device,
                            generator=torch.Generator(topology.device).manual_seed(0))
     with _Counter() as counter:
         logits, ms = _timed(lambda: model(tokens), topology.device)

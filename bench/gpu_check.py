@@ -213,7 +213,7 @@ def measure(run: SpeedRun) -> dict[str, Any]:
     device = torch.device("cuda", 0) if run.device == "cuda" else torch.device("cpu")
     cfg = run_config(run)
     generator = torch.Generator().manual_seed(0)
-    window = torch.randint(cfg.model.vocab_size, (run.micro_batch_size, run.seq_len + 1),
+    window = torch.randint(cfg.model.vocab_rows, (run.micro_batch_size, run.seq_len + 1),
                            generator=generator)
     batch = (window[:, :-1].contiguous().to(device), window[:, 1:].contiguous().to(device))
     start = time.perf_counter()

@@ -99,7 +99,7 @@ def _time_steps(world_size: int, cfg: Config, steps: int,
     expert weights' bytes."""
     topology = start_topology(cfg, world_size)
     generator = torch.Generator().manual_seed(topology.dp_rank)
-    window = torch.randint(cfg.model.vocab_size, (cfg.trainer.micro_batch_size,
+    window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)
     batch = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-"))

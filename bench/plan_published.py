@@ -44,7 +44,7 @@ def megatron_flops_per_step(cfg: Config) -> float:
     m, s = cfg.model, cfg.data.seq_len
     batch = cfg.trainer.global_batch_tokens / s
     return 96 * batch * s * m.n_layers * m.d_model ** 2 * (
-        1 + s / (6 * m.d_model) + m.vocab_size / (16 * m.n_layers * m.d_model))
+        1 + s / (6 * m.d_model) + m.vocab_rows / (16 * m.n_layers * m.d_model))
 
 
 def mfu_step_s(mfu: float, peak_flops: float, gpus: int) -> Callable[[Config], float]:

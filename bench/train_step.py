@@ -107,10 +107,10 @@ def warm_up_and_measure(make_step: Callable, device: torch.device, warmup: int) 
 def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> dict:
     cfg = to_config(compose(_default_overrides() + overrides + ["logging.wandb=disabled"]))
     cfg.trainer.global_batch_tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
-    cfg.data.vocab_size = min(cfg.data.vocab_size or cfg.model.vocab_size, cfg.model.vocab_size)
+    cfg.data.vocab_size = min(cfg.data.vocab_size or cfg.model.vocab_rows, cfg.model.vocab_rows)
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1)
-    window = torch.randint(cfg.model.vocab_size, shape, generator=generator)
+    window = torch.randint(cfg.model.vocab_rows, shape, generator=generator)
     batch_cpu = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
 
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-"))

@@ -248,7 +248,8 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 def to_config(cfg: DictConfig | ListConfig | Config) -> Config:
     """Resolve a Hydra DictConfig into the typed dataclass tree (TypeError for anything that
-    does not resolve to a Config, e.g. a ListConfig)."""
+    does not resolve to a Config, e.g. a ListConfig), `model.vocab_size=null` included
+    (`resolve_model_vocab`)."""
     if isinstance(cfg, Config):
         return cfg
     config = OmegaConf.to_object(cfg)
@@ -257,7 +258,29 @@ def to_config(cfg: DictConfig | ListConfig | Config) -> Config:
             f"to_config needs a config composed on the Config schema (core.config.compose), "
             f"got one that resolves to {type(config).__name__}"
         )
+    resolve_model_vocab(config)
     return config
+
+
+# model.vocab_size=null rounds the tokenizer's size up to a multiple of this (whole tiles
+# for the embedding and LM head matmuls, and divisible by any tp up to 128).
+VOCAB_MULTIPLE = 128
+
+
+def resolve_model_vocab(cfg: Config) -> str | None:
+    """Set `model.vocab_size=null` to the data's vocabulary rounded up to a multiple of
+    VOCAB_MULTIPLE and return the line saying so; None when it was set (or the data's
+    vocabulary cannot be read: validation then names the data's problem)."""
+    if cfg.model.vocab_size is not None:
+        return None
+    try:
+        data = cfg.data.vocab_size if cfg.data.vocab_size is not None else data_vocab_size(
+            cfg.data)
+    except ConfigError:
+        return None
+    cfg.model.vocab_size = -(-data // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return (f"model.vocab_size=null: the tokenizer's {data:,} ids rounded up to a multiple "
+            f"of {VOCAB_MULTIPLE}: {cfg.model.vocab_size:,}")
 
 
 def micro_batches_per_step(cfg: Config, dp_size: int = 1) -> int:
@@ -359,6 +382,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
                        "parallel")}
     for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_rope_per_document):
         problems.run(rule, cfg)
+    if cfg.model.vocab_size is None:  # null, unresolved: the rules that need it cannot run
+        ok["model"] = False
+        if problems.run(data_vocab_size, cfg.data):  # else _check_vocab named the data's
+            problems.run(lambda: cfg.model.vocab_rows)
     if ok["trainer"] and ok["model"]:  # the device rules read a valid precision and kernel
         problems.run(_check_device, cfg)
     layout: list[ParallelDims] = []
@@ -389,7 +416,7 @@ def _check_seq_len(cfg: Config) -> None:
 def _check_vocab(cfg: Config) -> None:
     d = cfg.data
     vocab_size = d.vocab_size if d.vocab_size is not None else data_vocab_size(d)
-    if vocab_size > cfg.model.vocab_size:
+    if cfg.model.vocab_size is not None and vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is below the data's vocabulary of "
             f"{vocab_size} ids (data.vocab_size); the model could not embed every token id: "

@@ -25,7 +25,7 @@ def matmul_params(cfg: TransformerConfig) -> int:
     the experts a token is routed to (the active parameters), not every expert."""
     layers = sum(attention_params(cfg, biases=False) + ffn_params(cfg, i, True, biases=False)
                  for i in range(cfg.n_layers))
-    return layers + cfg.d_model * cfg.vocab_size
+    return layers + cfg.d_model * cfg.vocab_rows
 
 
 def attention_flops_per_token(cfg: TransformerConfig, seq_len: int, causal: bool = True) -> float:

@@ -224,7 +224,7 @@ def smoke_data_overrides(model_cfg: TransformerConfig) -> list[str]:
     from scaleforge.data_pipeline.config import DataConfig
 
     data = DataConfig()
-    vocab = min(model_cfg.vocab_size, data.vocab_size or model_cfg.vocab_size)
+    vocab = min(model_cfg.vocab_rows, data.vocab_size or model_cfg.vocab_rows)
     return [f"data.vocab_size={vocab}", f"data.seq_len={min(data.seq_len, model_cfg.max_seq_len)}"]
 
 

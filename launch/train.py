@@ -54,16 +54,21 @@ def train(cfg: DictConfig) -> dict:
     import torch.distributed as dist
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     from scaleforge.core.config import to_config
     from scaleforge.core.derived_settings import derive_settings
     from scaleforge.core.trainer import Trainer, start_topology
     from scaleforge.scaling.run_record import write_run_record
 
-    config = to_config(cfg)
+    null_vocab = OmegaConf.select(cfg, "model.vocab_size") is None
+    config = to_config(cfg)  # resolves model.vocab_size=null from the data's vocabulary
     for warning in derive_settings(config):
         if int(os.environ.get("RANK", 0)) == 0:
             print(warning, flush=True)
+    if null_vocab and config.model.vocab_size is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"model.vocab_size=null: the tokenizer's {config.data.vocab_size:,} ids rounded "
+              f"up to a multiple of 128: {config.model.vocab_size:,}", flush=True)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun:
         # every job of a sweep gets its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>;

@@ -88,7 +88,9 @@ class TransformerConfig:
     ffn_hidden: int | None = None  # MLP width; null: derived (see above)
     ffn_multiplier: float = 1.0
     ffn_multiple_of: int = 256
-    vocab_size: int = 4096  # embedding rows; at least the data's vocabulary
+    # Embedding rows, at least the data's vocabulary; null (the small CPU presets): the
+    # tokenizer's size rounded up to a multiple of 128, stated at start.
+    vocab_size: int | None = 4096
     max_seq_len: int = 256  # longest sequence (RoPE tables, gpt positions)
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
@@ -111,6 +113,17 @@ class TransformerConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
+    def vocab_rows(self) -> int:
+        """`vocab_size` once resolved from the data (core.config.to_config does it); a
+        ConfigError while it is still null."""
+        if self.vocab_size is None:
+            raise ConfigError(
+                "model.vocab_size=null takes the data's vocabulary, which could not be read "
+                "(see the data's error); set model.vocab_size"
+            )
+        return self.vocab_size
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
@@ -128,8 +141,9 @@ class TransformerConfig:
             )
         spec = family_spec(self.family, f"{prefix}.family")
         for setting in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, setting) <= 0:
-                raise ConfigError(f"{prefix}.{setting}={getattr(self, setting)} must be positive")
+            value = getattr(self, setting)  # vocab_size null: the data's, resolved later
+            if value is not None and value <= 0:
+                raise ConfigError(f"{prefix}.{setting}={value} must be positive")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"{prefix}.n_heads={self.n_heads} does not divide {prefix}.d_model={self.d_model}; "

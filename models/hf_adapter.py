@@ -120,5 +120,5 @@ def check_refusals(hf_config: PretrainedConfig, refusals: tuple[Refusal, ...]) -
 def shared_settings(cfg: TransformerConfig) -> dict[str, Any]:
     """The Hugging Face settings every family writes alike: vocabulary, tying, init std;
     bos/eos ids unset (the tokenizer is not part of the model config)."""
-    return {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+    return {"vocab_size": cfg.vocab_rows, "tie_word_embeddings": cfg.tie_embeddings,
             "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": None}

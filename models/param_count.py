@@ -68,9 +68,9 @@ def num_params(
     body = layers + norm  # layers and the final norm
     if not embeddings:
         return body
-    token = cfg.vocab_size * d
+    token = cfg.vocab_rows * d
     position = family_counts.position_params(cfg)  # learned positions (gpt)
-    unembedding = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    unembedding = 0 if cfg.tie_embeddings else cfg.vocab_rows * d
     return body + token + position + unembedding
 
 

@@ -201,14 +201,14 @@ class Transformer(nn.Module):
         self.cfg = cfg
         spec = family_spec(cfg.family)
         load_fused(cfg.kernels)
-        embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        embeddings = nn.Embedding(cfg.vocab_rows, cfg.d_model)
         self.tok_embeddings: nn.Embedding | None = embeddings
         self.pos_embeddings = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if spec.learned_positions else None
         )
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: nn.Module | None = make_norm(cfg)
-        output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        output = nn.Linear(cfg.d_model, cfg.vocab_rows, bias=False)
         self.output: nn.Linear | None = output
         if cfg.tie_embeddings:
             output.weight = embeddings.weight

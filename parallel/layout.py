@@ -96,9 +96,9 @@ def check_layout_model(dims: ParallelDims, model: TransformerConfig, seq_len: in
         _divides("parallel.tp", dims.tp, "the MLP width (model.ffn_hidden)", model.mlp_hidden,
                  tp_fix)
         _divides(
-            "parallel.tp", dims.tp, "model.vocab_size", model.vocab_size,
+            "parallel.tp", dims.tp, "model.vocab_size", model.vocab_rows,
             "the embedding and LM head are split by vocabulary rows; set model.vocab_size="
-            f"{-(-model.vocab_size // dims.tp) * dims.tp} (extra rows are never a target)",
+            f"{-(-model.vocab_rows // dims.tp) * dims.tp} (extra rows are never a target)",
         )
         _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,
                  "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")

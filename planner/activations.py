@@ -156,7 +156,7 @@ def checkpointed_block_bytes(x: ActivationSetting) -> float:
 def head_bytes(x: ActivationSetting) -> float:
     """Bytes the final norm, the LM head and the (chunked) loss keep for one micro-batch."""
     m, t, e = x.model, x.tp, x.compute_bytes
-    return x.tokens * (_norm_bytes_per_token(x, 1) + e * m.vocab_size / t)
+    return x.tokens * (_norm_bytes_per_token(x, 1) + e * m.vocab_rows / t)
 
 
 def stage_io_bytes(x: ActivationSetting) -> float:

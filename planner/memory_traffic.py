@@ -51,4 +51,4 @@ def loss_bytes_per_token(x: ActivationSetting) -> float:
     """The final norm and the loss over the logits (vocabulary sharded by tp), per token."""
     m, e = x.model, x.compute_bytes
     norm_step = (1 + BACKWARD_FACTOR) * (2 + 4 * e) * m.d_model
-    return norm_step + (LOSS_PASSES_FP32 + 2 * e) * m.vocab_size / x.tp
+    return norm_step + (LOSS_PASSES_FP32 + 2 * e) * m.vocab_rows / x.tp

@@ -381,7 +381,7 @@ def largest_block_bytes(cfg: Config, gpus: int, gpus_per_node: int, probe: Shard
     at micro-batch size 1 (full checkpointing still recomputes the whole block)."""
     m = cfg.model
     tp = max(t for t in _divisors(gpus_per_node) if gpus % t == 0 and m.n_heads % t == 0
-             and m.kv_heads % t == 0 and m.mlp_hidden % t == 0 and m.vocab_size % t == 0
+             and m.kv_heads % t == 0 and m.mlp_hidden % t == 0 and m.vocab_rows % t == 0
              and cfg.data.seq_len % t == 0)
     block = [shard for name, shard in probe.shards(tp, gpus // tp).items()
              if name.startswith("layers.")]

@@ -161,7 +161,7 @@ def _per_rank(work: StepWork, blocks: float, head: float) -> float:
 def compute_times(work: StepWork, gpu: GpuSpec) -> tuple[float, float, float]:
     """(projection and head matmuls, attention, memory-bound work): seconds per step."""
     m, t = work.model, work.dims.tp
-    head = 6 * m.d_model * m.vocab_size
+    head = 6 * m.d_model * m.vocab_rows
     attention = 3 * attention_flops_per_token(m, work.seq_len)
     recomputed = recompute_flops_per_token(work)
     recomputed_attention = (attention / 3 if work.checkpointing == "full" else 0.0) * (

@@ -266,7 +266,7 @@ def test_a_wrong_preset_or_type_is_one_line_with_the_nearest_name(tmp_path, over
     ("command", "described"),
     [
         (["sf-train"], "trainer.eval_every=100"),
-        (["sf-train", "model=llama_micro"], "model.vocab_size=512"),
+        (["sf-train", "model=llama_micro"], "model.vocab_size=null"),
         (["sf-sweep"], "sf-sweep fit settings"),
         (["sf-sweep", "fit", "--help"], "sf-sweep fit settings"),
         (["sf-convert"], "sf-convert to-hf settings"),
@@ -331,6 +331,8 @@ def test_readme_first_run_commands_run_as_written(tmp_path, texts):
         assert result.returncode == 0, (line, result.stderr[-3000:])
         outputs.append(result.stdout)
     assert "run directory:" in outputs[2]
+    assert "model.vocab_size=null: the tokenizer's 512 ids rounded up to a multiple of 128: " \
+        "512" in outputs[2]
     assert "\ndef " in "\n" + outputs[3].splitlines()[-1]
     hf_dir = tmp_path / "runs" / "hf" / "mine"  # every output under runs/, which git ignores
     assert (hf_dir / "tokenizer.json").is_file()

@@ -60,7 +60,7 @@ def test_unknown_preset_is_named():
         (["model.n_kv_heads=3"], "model.n_kv_heads"),
         (["data.seq_len=512"], "data.seq_len"),
         (["trainer.global_batch_tokens=1000"], "trainer.global_batch_tokens"),
-        (["data.vocab_size=9000"], "data.vocab_size"),
+        (["data.vocab_size=9000", "model.vocab_size=4096"], "data.vocab_size"),
         (["trainer.precision=fp8"], "trainer.precision"),
         (["trainer.precision=fp16", "trainer.device=cpu"], "trainer.precision"),
         (["trainer.activation_checkpointing=some"], "trainer.activation_checkpointing"),
@@ -248,3 +248,15 @@ def test_a_layout_hint_to_start_more_processes_fixes_it():
     with pytest.raises(ConfigError, match=r"start 2 processes \(torchrun --nproc-per-node 2\)"):
         validate(to_config(compose(["parallel.tp=2"])), 1)
     validate(to_config(compose(["parallel.tp=2"])), 2)
+
+
+def test_a_null_model_vocabulary_takes_the_tokenizers_rounded_up_to_128(shard_dir):
+    """The small CPU presets leave model.vocab_size null: a 400-piece tokenizer gives 512
+    rows, the demo corpus's 4,096 gives 4,096; published models keep their vocabulary."""
+    cfg = to_config(compose(["data=shards", f"data.path={shard_dir}", "model=llama_micro"]))
+    assert cfg.model.vocab_size == 512
+    assert to_config(compose(["model=llama_tiny", "data.vocab_size=1000"])).model.vocab_size \
+        == 1024
+    assert to_config(compose(["model=llama_tiny"])).model.vocab_size == 4096
+    assert to_config(compose(["model=llama_7b"])).model.vocab_size == 32000
+    assert to_config(compose(["model=qwen2_5_0_5b"])).model.vocab_size == 151936

@@ -64,7 +64,7 @@ def to_mixtral_config(cfg: TransformerConfig) -> MixtralConfig:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
         router_aux_loss_coef=moe.aux_loss_coef, sliding_window=None,
-        vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
+        vocab_size=cfg.vocab_rows, tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std, bos_token_id=None, eos_token_id=None,
     )
 
