@@ -196,8 +196,12 @@ def _as_dict(cfg: TransformerConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def run_checks(model: str, seq_len: int, device: torch.device) -> list[dict[str, Any]]:
-    """Every check on this rank of the started default group; one record per check."""
+def run_checks(model: str, seq_len: int, device: torch.device,
+               written: Callable[[list[dict[str, Any]]], None] = lambda records: None
+               ) -> list[dict[str, Any]]:
+    """Every check on this rank of the started default group; one record per check, the
+    records so far handed to `written` after each (a check that hangs leaves the others'
+    results behind)."""
     world = dist.get_world_size()
     cfg = to_config(compose([f"model={model}"])).model
     from torch.distributed.device_mesh import init_device_mesh
@@ -225,6 +229,7 @@ def run_checks(model: str, seq_len: int, device: torch.device) -> list[dict[str,
             if name == "send/recv" and world == 1:
                 record["status"] = f"refused at world size 1: {last[:200]}"
         records.append(record)
+        written(records)
     return records
 
 
@@ -238,11 +243,14 @@ def _rank_main(rank: int, world: int, backend: str, store_path: str, model: str,
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None)
     try:
-        records = run_checks(model, seq_len, device)
-        if rank == 0:
-            report = {"backend": backend, "world_size": world, "model": model,
-                      "seq_len": seq_len, "device": _device_name(device), "checks": records}
-            Path(out).write_text(json.dumps(report, indent=2))
+        def write(records: list[dict[str, Any]]) -> None:
+            if rank == 0:
+                report = {"backend": backend, "world_size": world, "model": model,
+                          "seq_len": seq_len, "device": _device_name(device),
+                          "checks": records}
+                Path(out).write_text(json.dumps(report, indent=2))
+
+        run_checks(model, seq_len, device, write)
     finally:
         dist.destroy_process_group()
 
