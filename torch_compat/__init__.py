@@ -35,6 +35,13 @@ from torch import nn
 # The imports below are private torch names, present on every version in CHECKED.
 from torch._C._distributed_c10d import Backend as C10dBackend  # noqa: F401  (re-exported)
 from torch._ops import OpOverload  # noqa: F401  (re-exported)
+from torch._subclasses import fake_tensor
+from torch._subclasses.fake_tensor import (  # noqa: F401  (re-exported)
+    DataDependentOutputException,
+    FakeTensor,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: F401
     checkpoint_wrapper,
 )
@@ -42,6 +49,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage as TorchPipelineStage
 from torch.distributed.pipelining._backward import stage_backward  # noqa: F401
 from torch.distributed.tensor.parallel import ParallelStyle as TorchParallelStyle
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401  (re-exported)
+from torch.utils._pytree import tree_leaves  # noqa: F401  (re-exported)
 
 # The torch releases every entry of PRIVATE_NAMES was looked up on (tests/test_torch_compat.py
 # repeats the lookup under whichever torch runs the tests).
@@ -124,6 +133,27 @@ PRIVATE_NAMES = (
     PrivateName("torch.utils.checkpoint._VersionWrapper",
                 "what selective checkpointing caches (bench/plan_memory.py)"),
     PrivateName("torch.Tensor._base", "the tensor a view was made from (bench/plan_memory.py)"),
+    PrivateName("torch._subclasses.fake_tensor.FakeTensorMode",
+                "fake CUDA tensors for the CUDA-without-a-GPU checks (bench/fake_cuda.py)"),
+    PrivateName("torch._subclasses.fake_tensor.FakeTensor",
+                "telling a fake tensor from a real one"),
+    PrivateName("torch._subclasses.fake_tensor.unset_fake_temporarily",
+                "host memory kept real under the fake mode (bench/fake_cuda.py)"),
+    PrivateName("torch._subclasses.fake_tensor.DataDependentOutputException",
+                "a host read of a fake tensor: the host sync a GPU step would wait on"),
+    PrivateName("torch._subclasses.fake_tensor.FakeTensorDeviceMismatchError",
+                "a fake op given tensors on two devices (`is_fake_device_mismatch`)",
+                absent=("2.11.0",), fallback="a RuntimeError naming the device propagation"),
+    PrivateName("torch._subclasses.fake_tensor.init_gpu_context",
+                "kept from initialising a device for fake CUDA tensors "
+                "(`no_gpu_context_for_fake_tensors`)"),
+    PrivateName("torch.utils._python_dispatch.TorchDispatchMode",
+                "watching every op of a fake step: collectives' devices, matmul dtypes"),
+    PrivateName("torch.utils._pytree.tree_leaves", "the tensors among an op's arguments"),
+    PrivateName("torch._C._dispatch_get_all_op_names",
+                "the scaleforge operators registered with the dispatcher"),
+    PrivateName("torch._C._dispatch_has_kernel_for_dispatch_key",
+                "whether each scaleforge operator has a CUDA kernel"),
 )
 
 
@@ -350,3 +380,43 @@ def checkpoint_cache_hook(on_cache: Callable[[Any, Any], None]) -> Iterator[None
         yield
     finally:
         wrapper.__init__ = original  # type: ignore[method-assign]
+
+
+# --- Fake CUDA tensors and the dispatcher (bench/fake_cuda.py: CUDA without a GPU) --------
+
+def is_fake_device_mismatch(error: BaseException) -> bool:
+    """Whether `error` is a fake-tensor op given tensors on two devices (torch 2.13+ raise
+    FakeTensorDeviceMismatchError; 2.11 a RuntimeError saying "Unhandled FakeTensor Device
+    Propagation")."""
+    mismatch = getattr(fake_tensor, "FakeTensorDeviceMismatchError", None)
+    if mismatch is not None and isinstance(error, mismatch):
+        return True
+    return "Unhandled FakeTensor Device Propagation" in str(error)
+
+
+@contextlib.contextmanager
+def no_gpu_context_for_fake_tensors() -> Iterator[None]:
+    """While entered, making a fake CUDA tensor does not initialise the device (torch 2.11
+    does where torch.cuda says it is available; 2.13+ ask the accelerator itself)."""
+    original = fake_tensor.init_gpu_context
+
+    def no_context(device: torch.device) -> None:
+        pass
+
+    # An lru_cache wrapper in torch, a plain function here.
+    fake_tensor.init_gpu_context = no_context  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fake_tensor.init_gpu_context = original
+
+
+def operator_names(namespace: str) -> list[str]:
+    """The operators registered under `namespace` ("ns::name"), from torch's dispatcher."""
+    return sorted(name for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith(f"{namespace}::"))
+
+
+def has_kernel_for(operator: str, dispatch_key: str) -> bool:
+    """Whether `operator` ("ns::name") has a kernel registered for `dispatch_key` ("CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(operator, dispatch_key)
