@@ -28,6 +28,7 @@ import torch
 from scaleforge.core.checkpoint.paths import is_complete, step_dir
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.trainer import Trainer
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.models import count_parameters
 
 DEFAULTS = ["model=gpt2_125m", "trainer.precision=fp32", "trainer.device=cpu",
@@ -57,7 +58,7 @@ def run(overrides: list[str], repeats: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)
-    batch = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    batch = Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-checkpoint-"))
     try:
         trainer = Trainer(cfg, run_dir, data=(itertools.repeat(batch), None))
@@ -82,7 +83,7 @@ def run(overrides: list[str], repeats: int) -> dict:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    params = count_parameters(trainer.model)
+    params = count_parameters(trainer.model_parts)
     size = statistics.median(sizes)
     print(f"device: CPU ({torch.get_num_threads()} threads) | torch {torch.__version__}")
     print(f"model: {cfg.model.name}, {params / 1e6:.2f}M parameters, fp32, with AdamW state | "

@@ -18,20 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.loader import TrainBatches, build_loaders
 from scaleforge.data_pipeline.samples import BlendedSamples, TokenStream, TokenWindows
 
 
-def tokens_per_second(batches: Iterator[tuple[torch.Tensor, ...]], num_batches: int) -> float:
+def tokens_per_second(batches: Iterator[Batch], num_batches: int) -> float:
     """Training tokens (inputs) per second over `num_batches` micro-batches, after warmup."""
     for _ in range(10):
         next(batches)
     started = time.perf_counter()
     for _ in range(num_batches):
-        inputs = next(batches)[0]
+        inputs = next(batches).inputs
     return num_batches * inputs.numel() / (time.perf_counter() - started)
 
 

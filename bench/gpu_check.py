@@ -55,6 +55,7 @@ from scaleforge.bench.torchtitan_baseline import TORCHTITAN_VERSION
 from scaleforge.core import config as config_module
 from scaleforge.core.config import Config, compose, to_config, validate
 from scaleforge.core.flops import peak_flops, training_flops_per_token
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import flash_installed
 
@@ -215,10 +216,11 @@ def measure(run: SpeedRun) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     window = torch.randint(cfg.model.vocab_rows, (run.micro_batch_size, run.seq_len + 1),
                            generator=generator)
-    batch = (window[:, :-1].contiguous().to(device), window[:, 1:].contiguous().to(device))
+    batch = Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous()).to(device)
     start = time.perf_counter()
     if run.system == "torchtitan":
-        step, memory = warm_up_and_measure(lambda: _torchtitan_step(run, cfg, batch, device),
+        tensors = (batch.inputs, batch.targets)
+        step, memory = warm_up_and_measure(lambda: _torchtitan_step(run, cfg, tensors, device),
                                            device, run.warmup)
     else:  # the Trainer validates cfg
         step, memory = warm_up_and_measure(lambda: _our_step(cfg, batch), device, run.warmup)
@@ -237,7 +239,7 @@ def measure(run: SpeedRun) -> dict[str, Any]:
     return result
 
 
-def _our_step(cfg: Config, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+def _our_step(cfg: Config, batch: Batch) -> Any:
     from scaleforge.core.trainer import Trainer
 
     trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="sf-gpu-check-")),

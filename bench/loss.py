@@ -1,4 +1,4 @@
-"""Peak memory and time of the chunked cross-entropy (core/loss.py) against the upcast
+"""Peak memory and time of the chunked cross-entropy (models/loss.py) against the upcast
 `F.cross_entropy(logits.float())` it replaced, forward and backward from bf16 logits.
 
     python -m scaleforge.bench.loss [--tokens 1024 --vocab 128256 --rounds 5]
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from scaleforge.core.loss import cross_entropy
+from scaleforge.models.loss import cross_entropy
 from scaleforge.torch_compat import mem_tracker
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,7 +32,7 @@ WIDTH = 64  # the head's input width: small, so the logits dominate memory
 
 
 def upcast(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The loss before core/loss.py: cross-entropy on an fp32 copy of all the logits."""
+    """The loss before models/loss.py: cross-entropy on an fp32 copy of all the logits."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

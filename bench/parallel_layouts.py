@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from scaleforge.core.config import Config, compose, to_config
 from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.planner.shards import local_bytes
 from scaleforge.torch_compat import wrapped_tensors
 
@@ -101,7 +102,7 @@ def _time_steps(world_size: int, cfg: Config, steps: int,
     generator = torch.Generator().manual_seed(topology.dp_rank)
     window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)
-    batch = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    batch = Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-parallel-"))
     trainer = Trainer(cfg, run_dir, world_size, data=(itertools.repeat(batch), None),
                       topology=topology)
@@ -118,7 +119,7 @@ def _time_steps(world_size: int, cfg: Config, steps: int,
             dist.barrier()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return times, activations, expert_bytes(trainer.model)
+    return times, activations, expert_bytes(trainer.model_parts)
 
 
 def _rank(rank: int, world_size: int, port: int, cfg: Config, steps: int, warmup: int,

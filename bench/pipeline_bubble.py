@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from scaleforge.core.trainer import cross_entropy
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.loss import cross_entropy
 from scaleforge.parallel.pipeline import Pipeline, build_pipeline, pipeline_step
 from scaleforge.parallel.pipeline_schedules import (
     SCHEDULES,
@@ -91,7 +92,7 @@ def _measure(schedule: str, pp: int, micro_batches: int, steps: int) -> dict | N
     def draw() -> torch.Tensor:
         return torch.randint(0, 512, (MICRO_BATCH_SIZE, SEQ_LEN), generator=generator)
 
-    batches = [(draw(), draw(), None) for _ in range(micro_batches)]  # no document ids
+    batches = [Batch(draw(), draw()) for _ in range(micro_batches)]  # no document ids
     seconds = _instrument(pipe)
     walls = []
     for step in range(2 + steps):

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from scaleforge.core.config import Config, compose, to_config, validate
 from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.planner.activations import recompute_bytes
 from scaleforge.planner.search import activation_setting, rank_memory
 from scaleforge.planner.shards import ShardProbe, fake_world, local_bytes
@@ -151,15 +152,15 @@ def measure(cfg: Config, world_size: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(topology.dp_rank)
     window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)
-    batch = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    batch = Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-plan-memory-"))
     trainer = Trainer(cfg, run_dir, world_size, data=(itertools.repeat(batch), None),
                       topology=topology)
-    meter = SavedTensorMeter(trainer.model)
-    trainer.model.train()
+    meter = SavedTensorMeter(trainer.model_parts)
+    trainer.model_parts.train()
     with meter.counting():
-        trainer.forward_backward(trainer.train_batches)
-    params = list(trainer.model.parameters())
+        trainer.train_module.step(trainer.train_batches)
+    params = list(trainer.model_parts.parameters())
     grads = sum(local_bytes(p.grad) for p in params if p.grad is not None)
     trainer.optimizer.step()
     optimizer = sum(local_bytes(value) for state in trainer.optimizer.state.values()

@@ -33,6 +33,7 @@ from scaleforge.core.config import compose, to_config
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.metrics import peak_memory_gb
 from scaleforge.core.trainer import Trainer
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.models import build, count_parameters
 from scaleforge.parallel.topology import resolve_device
 
@@ -46,17 +47,17 @@ def _default_overrides() -> list[str]:
             "data.seq_len=256"]
 
 
-def baseline_step_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], precision: str,
+def baseline_step_fn(model: nn.Module, batch: Batch, precision: str,
                      lr: float, grad_clip: float) -> Callable:
     """A nanoGPT-style training step on `model` for one fixed `batch`."""
-    device_type = batch[0].device.type
+    device_type = batch.inputs.device.type
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.1, fused=device_type == "cuda" or None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else (
         contextlib.nullcontext)
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
-    inputs, targets = batch
+    inputs, targets = batch.inputs, batch.targets
 
     def step() -> None:
         with autocast():
@@ -111,13 +112,13 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1)
     window = torch.randint(cfg.model.vocab_rows, shape, generator=generator)
-    batch_cpu = (window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    batch_cpu = Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
 
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-"))
     holder = {}
     device = resolve_device(cfg.trainer.device)
     # Both sides step on the same batch, already on the device (no copy timed on either).
-    batch = tuple(t.to(device) for t in batch_cpu)
+    batch = batch_cpu.to(device)
 
     def make_ours() -> Callable:
         trainer = Trainer(cfg, run_dir, data=(itertools.repeat(batch), None))
@@ -146,7 +147,8 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> dict:
     peak = peak_flops(device, cfg.trainer.precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name} ({torch.get_num_threads()} threads) | torch {torch.__version__}")
-    print(f"model: {cfg.model.name}, {count_parameters(trainer.model) / 1e6:.2f}M parameters | "
+    params = count_parameters(trainer.model_parts)
+    print(f"model: {cfg.model.name}, {params / 1e6:.2f}M parameters | "
           f"precision {cfg.trainer.precision} | batch {cfg.trainer.micro_batch_size} x "
           f"{cfg.data.seq_len} = {tokens_per_step:,} tokens | {steps} steps x {rounds} rounds")
     results = {}

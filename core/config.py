@@ -31,8 +31,7 @@ from scaleforge.parallel.expert_parallel import check_expert_parallel
 from scaleforge.parallel.expert_tensor_parallel import check_expert_tensor_parallel
 from scaleforge.parallel.layout import check_layout_model, layout_dims
 from scaleforge.parallel.parallelize import BuildPlan
-from scaleforge.parallel.pipeline_schedules import SCHEDULES as PIPELINE_SCHEDULES
-from scaleforge.parallel.pipeline_schedules import validate_pipeline
+from scaleforge.parallel.pipeline_rules import check_pipeline_layout
 from scaleforge.parallel.topology import (
     ParallelDims,
     check_backend,
@@ -313,60 +312,6 @@ def _batch_fix(cfg: Config, dp_size: int, tokens_per_micro_batch: int) -> str:
     return fix
 
 
-def _validate_pipeline(cfg: Config, dims: ParallelDims, micro_batches: int) -> None:
-    """The pipeline's rules (parallel.pipeline.validate_pipeline) and the layout's:
-    zero-bubble schedules need stages without tensor parallelism, selective checkpointing
-    or FSDP resharding after forward; evaluation runs whole schedule rounds on every
-    data-parallel rank."""
-    p = cfg.parallel
-    pp, tp, dp_size, dp_shard = dims.pp, dims.tp, dims.dp_size, dims.dp_shard
-    validate_pipeline(cfg.model, pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
-                      p.pp_layers_per_stage)
-    if tp > 1 and PIPELINE_SCHEDULES[p.pp_schedule].splits_backward:
-        # torch's input-only backward (stage_backward_input) fails on DTensor stages.
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule!r} with parallel.tp={tp}: zero-bubble "
-            "schedules split each backward into input- and weight-gradient passes, which "
-            "torch cannot run on tensor-parallel stages; use GPipe, 1F1B or Interleaved1F1B "
-            "with tensor parallelism, or set parallel.tp=1"
-        )
-    if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward
-            and cfg.trainer.activation_checkpointing == "selective"):
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule!r} with trainer.activation_checkpointing="
-            "selective: a zero-bubble schedule runs two backward passes (input, then weight "
-            "gradients) over each block, which selective checkpointing forbids; use "
-            "trainer.activation_checkpointing=full or none, or GPipe, 1F1B or Interleaved1F1B"
-        )
-    if cfg.model.tie_embeddings and (tp > 1 or dp_size > 1):
-        # Each stage is sharded on its own, so the two stages' copies of the tied weight
-        # would become two separate shards, updated apart.
-        raise ConfigError(
-            f"model.tie_embeddings=true with parallel.pp={pp} and tensor or data parallelism "
-            f"(tp={tp}, {dp_size} data-parallel ranks): rank 0's first and last stages are "
-            "sharded separately and would hold two diverging copies of the tied weight; set "
-            "model.tie_embeddings=false, or run the pipeline without tp and dp"
-        )
-    if (PIPELINE_SCHEDULES[p.pp_schedule].splits_backward and dp_shard > 1
-            and p.fsdp_reshard_after_forward):
-        # Measured: weights off by 5e-3 after 3 steps (pp2 x dp_shard2, ZBVZeroBubble).
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule!r} with parallel.dp_shard={dp_shard} and "
-            "parallel.fsdp_reshard_after_forward=true: FSDP frees the gathered weights "
-            "between a zero-bubble schedule's forward and its separate weight-gradient pass, "
-            "which then computes wrong gradients; set parallel.fsdp_reshard_after_forward="
-            "false, or use GPipe, 1F1B or Interleaved1F1B"
-        )
-    rounds = micro_batches * dp_size
-    if cfg.trainer.eval_batches % rounds:
-        raise ConfigError(
-            f"trainer.eval_batches={cfg.trainer.eval_batches} with parallel.pp={pp}: "
-            f"evaluation runs the schedule over whole groups of {micro_batches} micro-batches "
-            f"on each of the {dp_size} data-parallel ranks; set trainer.eval_batches to a "
-            f"multiple of {rounds}"
-        )
-
-
 def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     """Check every cross-field rule; raise ConfigError naming the setting and the fix.
 
@@ -462,7 +407,9 @@ def _validate_layout(cfg: Config, dims: ParallelDims, ok: dict[str, bool],
     if data_ok and trainer_ok and problems.run(
             lambda: micro_batches.append(micro_batches_per_step(cfg, dims.dp_size))):
         if dims.pp > 1 and model_ok and parallel_ok:
-            problems.run(_validate_pipeline, cfg, dims, micro_batches[0])
+            problems.run(check_pipeline_layout, cfg.model, cfg.parallel, dims,
+                         micro_batches[0], cfg.trainer.activation_checkpointing,
+                         cfg.trainer.eval_batches)
     if trainer_ok:
         problems.run(_check_parallel_precision, cfg, dims)
         if dims.world_size > 1 and parallel_ok:

@@ -9,7 +9,6 @@ from omegaconf import OmegaConf
 
 from scaleforge.data_pipeline.manifest import load_manifest
 from scaleforge.models.param_count import describe_parameters
-from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 
 if TYPE_CHECKING:
     from scaleforge.core.config import Config
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
 def describe_run(trainer: Trainer) -> str:
     """The run's first line: model, parameters, device, precision, batch, run directory."""
     cfg = trainer.cfg
-    params = describe_parameters(cfg.model, None if trainer.pipeline else trainer.model)
+    params = describe_parameters(cfg.model, trainer.train_module.whole_model)
     return (
         f"model {cfg.model.name} ({cfg.model.family}): {params} | device {trainer.device} | "
         f"precision {cfg.trainer.precision} | {cfg.trainer.global_batch_tokens:,} tokens/"
@@ -31,16 +30,10 @@ def describe_run(trainer: Trainer) -> str:
 
 def describe_layout(trainer: Trainer) -> str:
     """The layout's line: topology, micro-batches per rank, the pipeline's bubble."""
-    dims, p = trainer.topology.dims, trainer.cfg.parallel
     line = f"parallel: {trainer.topology.describe()} | per data-parallel rank " \
            f"{_micro_batches(trainer.micro_batches)}"
-    if trainer.pipeline is not None:
-        bubble = theoretical_bubble_fraction(
-            p.pp_schedule, dims.pp, trainer.micro_batches, p.pp_stages_per_rank
-        )
-        line += (f" | pipeline {p.pp_schedule}, stages {trainer.pipeline.stage_ids} on this "
-                 f"rank, theoretical bubble {bubble:.1%}")
-    return line
+    described = trainer.train_module.describe()
+    return f"{line} | {described}" if described else line
 
 
 def _micro_batches(count: int) -> str:

@@ -11,10 +11,11 @@ preemption signal (then `fit` saves a checkpoint and returns after that step); a
 detector reads the same reduced loss and only logs.
 
 The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
-its data-parallel rank and size and its groups, and `parallel.build_model`
-returns the model already sharded. With pipeline parallelism (`parallel.pp` > 1) the model is
-this rank's stages (`self.pipeline.model_parts`) and a schedule replaces `forward_backward`
-and the evaluation forward; optimizer, clipping and logging are the same.
+its data-parallel rank and size and its groups. The forward and backward of a step and the
+evaluation forward belong to a train module (core/train_modules/): the plain one over the
+whole model, or, with pipeline parallelism (`parallel.pp` > 1), the pipelined one over this
+rank's stages; the loop sees only its `model_parts` (the model already sharded by parallel/),
+and optimizer, clipping and logging are the same.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,6 @@ from scaleforge.core.health import (
     StepSignals,
     agree_on_step,
 )
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
@@ -57,33 +56,15 @@ from scaleforge.core.run_description import (
     describe_run,
 )
 from scaleforge.core.throughput import ThroughputMeter
+from scaleforge.core.train_modules import ValidationSource, build_train_module
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.loader import build_loaders
-from scaleforge.data_pipeline.pack import split_batch
-from scaleforge.models import uses_fused
 from scaleforge.parallel.context_parallel import batch_columns
-from scaleforge.parallel.data_parallel import autocast_precision, set_gradient_reduction
+from scaleforge.parallel.data_parallel import autocast_precision
 from scaleforge.parallel.expert_load import ExpertLoad
 from scaleforge.parallel.grad_clip import clip_grad_norm
-from scaleforge.parallel.parallelize import (
-    build_model,
-    build_pipelined_model,
-    gathered_state_dict,
-)
-from scaleforge.parallel.pipeline import pipeline_eval, pipeline_step
+from scaleforge.parallel.parallelize import gathered_state_dict
 from scaleforge.parallel.topology import Topology, init_topology
-
-# (inputs, targets), each (micro_batch_size, seq_len) int64, then the inputs' document ids
-# (same shape) when data.document_masking is on; more tensors after them are ignored.
-Batch = tuple[torch.Tensor, ...]
-
-
-class ValidationSource(Protocol):
-    """What the trainer evaluates on (data_pipeline's ValBatches, StreamingBatches): the
-    same first `num_batches` micro-batches every call."""
-
-    def batches(self, num_batches: int) -> Iterator[Batch]:
-        """This rank's first `num_batches` micro-batches (see `Batch`)."""
-        ...
 
 
 def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
@@ -134,7 +115,6 @@ class Trainer:
         )
         plan = build_plan(cfg, self.topology.dp_size)
         self.micro_batches = plan.micro_batches
-        self.columns = batch_columns(self.topology, cfg.data.seq_len)  # this cp rank's chunks
 
         self.data_summary: str | None = None  # a line about the data the run reads
         if data is None:
@@ -150,14 +130,14 @@ class Trainer:
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device,
                         cfg.trainer.tf32)
-        self.pipeline = (
-            build_pipelined_model(plan, self.topology, cross_entropy)
-            if self.topology.dims.pp > 1 else None
+        self.train_module = build_train_module(
+            plan, self.topology, self.precision, cfg.data.document_masking,
+            batch_columns(self.topology, cfg.data.seq_len),  # this cp rank's chunks
         )
-        self.model = (self.pipeline.model_parts if self.pipeline
-                      else build_model(plan, self.topology))
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.expert_load = ExpertLoad(self.model, self.topology, cfg.model, self.micro_batches)
+        self.model_parts = self.train_module.model_parts
+        self.optimizer = build_optimizer(self.model_parts, cfg.optim, self.device.type)
+        self.expert_load = ExpertLoad(self.model_parts, self.topology, cfg.model,
+                                      self.micro_batches)
         self.throughput = ThroughputMeter(cfg.model, cfg.data.seq_len,
                                           cfg.trainer.global_batch_tokens, self.topology,
                                           cfg.trainer.precision)
@@ -175,7 +155,7 @@ class Trainer:
         loss_scale = LossScaleState(scaler) if scaler is not None and scaler.is_enabled() else None
         self.checkpointer = Checkpointer(
             cfg, self.run_dir, self.topology,
-            model=self.model,
+            model=self.model_parts,
             optimizer=self.optimizer,
             loader=self.train_batches if isinstance(self.train_batches, Stateful) else None,
             nonfinite_guard=self.nonfinite_guard,
@@ -189,7 +169,7 @@ class Trainer:
             self.step = self.checkpointer.load(self.resumed_from)
         elif cfg.trainer.init_from:
             self.initialised_from = load_model_weights(
-                self.model, cfg.trainer.init_from, "trainer.init_from", cfg.model
+                self.model_parts, cfg.trainer.init_from, "trainer.init_from", cfg.model
             )
 
     def save_checkpoint(self) -> Path:
@@ -216,14 +196,15 @@ class Trainer:
         (`self.skipped` names the value; weights and optimizer state unchanged, the step and
         its data still count) or TrainingDivergedError is raised (`trainer.on_nonfinite`).
         """
-        self.model.train()
+        self.model_parts.train()
         set_lr(self.optimizer, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
         scaler = self.precision.scaler
-        total_loss = self.forward_backward(batches)
+        total_loss = self.train_module.step(batches)
         if scaler:
             scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(self.model.parameters(), max_norm, self.topology.pp_group)
+        grad_norm = clip_grad_norm(self.model_parts.parameters(), max_norm,
+                                   self.topology.pp_group)
         signals = agree_on_step(self.topology, total_loss, grad_norm,
                                 self.preemption.requested is not None)
         self.last_step_signals = signals
@@ -239,75 +220,14 @@ class Trainer:
         self.step += 1
         return total_loss, grad_norm
 
-    def forward_backward(self, batches: Iterator[Batch]) -> torch.Tensor:
-        """Forward and backward over this step's micro-batches, accumulating gradients.
-
-        Returns the sum over micro-batches of loss / micro_batches (this replica's mean loss,
-        a plain device tensor). Under FSDP every micro-batch's backward reduce-scatters its
-        gradients, which accumulate sharded; the all-reduce across dp_replicate runs with the
-        last (parallel/data_parallel.py). The logits are handed straight to the loss, which
-        keeps them as the buffer of their gradient until backward (core/loss.py). Under
-        pipeline parallelism the schedule runs the step's micro-batches through this rank's
-        stages instead (same contract: gradients accumulated, mean loss out on every pp
-        rank; every pp rank of a data-parallel replica reads the same micro-batches).
-        """
-        masking = self.cfg.data.document_masking
-        if self.pipeline is not None:
-            micro_batches = [split_batch(next(batches), masking, None, self.columns)
-                             for _ in range(self.micro_batches)]
-            with self.precision.autocast():
-                return pipeline_step(self.pipeline, micro_batches)
-        scaler = self.precision.scaler
-        total_loss = torch.zeros((), device=self.device)
-        for index in range(self.micro_batches):
-            inputs, targets, documents = split_batch(next(batches), masking, self.device,
-                                                     self.columns)
-            set_gradient_reduction(self.model, index == self.micro_batches - 1)
-            with self.precision.autocast():
-                loss = self.micro_batch_loss(inputs, targets, documents) / self.micro_batches
-            (scaler.scale(loss) if scaler else loss).backward()
-            total_loss += loss.detach()
-        return total_loss
-
-    def micro_batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
-                         documents: torch.Tensor | None = None) -> torch.Tensor:
-        """One micro-batch's mean loss (inputs, targets, document ids or None, (B, T)): with
-        model.kernels fused and no tp, the model's head and loss as one operator
-        (Transformer.forward with targets); else core/loss.py's chunked loss on its logits,
-        vocabulary-parallel under tp (pp: the schedule's). The logits go straight to the
-        loss, which reuses them for their gradient."""
-        if self.topology.dims.tp == 1 and uses_fused(self.cfg.model.kernels, self.device.type):
-            return self.model(inputs, documents, targets)
-        return cross_entropy(self.model(inputs, documents), targets)
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the first `trainer.eval_batches` validation micro-batches
         (shared out over data-parallel ranks; the same number as in one process)."""
         if self.val_loader is None:
             raise RuntimeError("this Trainer was given no validation data to evaluate on")
-        self.model.eval()
-        dp_size, dp_rank = self.topology.dp_size, self.topology.dp_rank
-        masking = self.cfg.data.document_masking
-        if self.pipeline is not None:
-            # validate() made eval_batches a multiple of dp_size x the schedule's micro-batches.
-            batches = [split_batch(batch, masking, None, self.columns) for batch in
-                       self.val_loader.batches(self.cfg.trainer.eval_batches // dp_size)]
-            with self.precision.autocast():
-                loss = pipeline_eval(self.pipeline, batches)
-            return self.topology.mean_over_dp(loss).item()
-        # Every rank runs the same number of forwards (FSDP's gathers are collective);
-        # batches past eval_batches are run but not counted.
-        per_rank = -(-self.cfg.trainer.eval_batches // dp_size)
-        losses = []
-        for index, batch in enumerate(self.val_loader.batches(per_rank)):
-            inputs, targets, documents = split_batch(batch, masking, self.device, self.columns)
-            with self.precision.autocast():
-                loss = self.micro_batch_loss(inputs, targets, documents)
-            if index * dp_size + dp_rank < self.cfg.trainer.eval_batches:
-                losses.append(loss)
-        local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
-        return (self.topology.sum_over_dp(local) / self.cfg.trainer.eval_batches).item()
+        self.model_parts.eval()
+        return self.train_module.evaluate(self.val_loader, self.cfg.trainer.eval_batches).item()
 
     def val_metrics(self) -> dict[str, float]:
         """`evaluate()` as metrics: the validation loss and perplexity."""
@@ -396,7 +316,7 @@ class Trainer:
             logger.message(f"checkpoint: {path}")
         if cfg.save_final_weights:
             path = self.run_dir / "final_model.pt"
-            state = gathered_state_dict(self.model, self.topology)
+            state = gathered_state_dict(self.model_parts, self.topology)
             if self.topology.is_rank0:
                 torch.save(state, path)
             logger.message(f"final weights: {path}")

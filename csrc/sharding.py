@@ -7,7 +7,7 @@ sharded on the sequence with a replicated weight: rms_norm works on each shard a
 as a Partial sum over the shards. rope and swiglu work elementwise over rows: q, k, gate
 and up keep any sharding but the last dimension's, cos and sin are replicated. No rule
 is given for linear_cross_entropy: under tensor parallelism the loss stays on the
-vocabulary-sharded logits (core/loss.py).
+vocabulary-sharded logits (models/loss.py).
 """
 
 from __future__ import annotations

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.config import DataConfig
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer, open_split
-from scaleforge.data_pipeline.pack import pin_batch
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.samples import (
     BlendedSamples,
@@ -55,26 +54,26 @@ class _RankStream(IterableDataset):
         self.first_step = first_step
         self.eos_id = eos_id
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for step in itertools.count(self.first_step + worker_id, num_workers):
             yield self.micro_batch(step)
 
-    def micro_batch(self, step: int) -> tuple[torch.Tensor, ...]:
+    def micro_batch(self, step: int) -> Batch:
         """This rank's micro-batch `step`: the group's micro-batch step * dp_size + rank."""
         start = (step * self.dp_size + self.dp_rank) * self.micro_batch_size
         inputs, targets = self.samples.batch(np.arange(start, start + self.micro_batch_size))
         if self.eos_id is None:
-            return inputs, targets
-        return inputs, targets, document_ids(inputs, self.eos_id)
+            return Batch(inputs, targets)
+        return Batch(inputs, targets, document_ids(inputs, self.eos_id))
 
 
 class TrainBatches:
     """Endless, shuffled training micro-batches for one data-parallel rank.
 
-    Yields (inputs, targets), int64 tensors of shape (micro_batch_size, seq_len), plus
-    document ids of the same shape (see document_ids) when `eos_id` is given. `num_workers`
+    Yields `Batch`es: inputs and targets, int64 tensors of shape (micro_batch_size, seq_len),
+    and document ids of the same shape (see document_ids) when `eos_id` is given. `num_workers`
     DataLoader processes prepare batches ahead; the batches are the same for any number.
     With `pin_memory` (training on CUDA) every batch comes in page-locked memory, so the
     trainer's copy to the GPU does not wait for it. state_dict() is the same on every rank
@@ -118,7 +117,7 @@ class TrainBatches:
     def __iter__(self) -> TrainBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, ...]:
+    def __next__(self) -> Batch:
         if self._batches is None:
             self._batches = self._start()
         self.step += 1
@@ -151,7 +150,7 @@ class TrainBatches:
         stream = _RankStream(self.samples, self.micro_batch_size, self.dp_rank, self.dp_size,
                              self.step, self.eos_id)
         if self.num_workers == 0:
-            return map(pin_batch, stream) if self.pin_memory else iter(stream)
+            return map(Batch.pin_memory, stream) if self.pin_memory else iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                pin_memory=self.pin_memory, persistent_workers=False))
 
@@ -170,9 +169,9 @@ class ValBatches:
         self.dp_size = dp_size
         self.eos_id = eos_id
 
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """This rank's first `num_batches` micro-batches: (inputs, targets), int64, each
-        (micro_batch_size, seq_len), plus their document ids when `eos_id` is given. The same
+    def batches(self, num_batches: int) -> Iterator[Batch]:
+        """This rank's first `num_batches` micro-batches: inputs and targets, int64, each
+        (micro_batch_size, seq_len), and their document ids when `eos_id` is given. The same
         every call; when the split holds fewer windows than asked for, they repeat from the
         start."""
         for step in range(num_batches):
@@ -180,9 +179,9 @@ class ValBatches:
             window_ids = np.arange(start, start + self.micro_batch_size) % len(self.windows)
             inputs, targets = self.windows.batch(window_ids)
             if self.eos_id is None:
-                yield inputs, targets
+                yield Batch(inputs, targets)
             else:
-                yield inputs, targets, document_ids(inputs, self.eos_id)
+                yield Batch(inputs, targets, document_ids(inputs, self.eos_id))
 
 
 class PreparedData(NamedTuple):

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from scaleforge.data_pipeline.pack import pack_windows, pin_batch
+from scaleforge.data_pipeline.batch import Batch
+from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.data_pipeline.samples import document_ids
 from scaleforge.data_pipeline.sources import read_hf_rows
 from scaleforge.data_pipeline.split import is_validation
@@ -63,23 +64,22 @@ class StreamingBatches:
     def __iter__(self) -> StreamingBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, ...]:
+    def __next__(self) -> Batch:
         if self._windows is None:
             self._windows = self._endless_windows()
         batch = self._with_documents(pack_windows(
             [next(self._windows) for _ in range(self.micro_batch_size)]
         ))
-        return pin_batch(batch) if self.pin_memory else batch
+        return batch.pin_memory() if self.pin_memory else batch
 
-    def _with_documents(self, batch: tuple[torch.Tensor, torch.Tensor]
-                        ) -> tuple[torch.Tensor, ...]:
-        """(inputs, targets), and the inputs' document ids when `eos_id` is set."""
+    def _with_documents(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Batch:
+        """The batch of (inputs, targets), with the inputs' document ids when `eos_id` is set."""
         inputs, targets = batch
         if self.eos_id is None:
-            return inputs, targets
-        return inputs, targets, document_ids(inputs, self.eos_id)
+            return Batch(inputs, targets)
+        return Batch(inputs, targets, document_ids(inputs, self.eos_id))
 
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(self, num_batches: int) -> Iterator[Batch]:
         """The first `num_batches` micro-batches of one pass, repeating it when it is short;
         the same every call."""
         windows = list(itertools.islice(self._one_pass([], 0, 0), num_batches *

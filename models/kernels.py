@@ -1,6 +1,6 @@
 """The `model.kernels` switch: which code runs RMSNorm, RoPE, SwiGLU and the training loss.
 
-- "torch": the PyTorch code (models/transformer.py, models/rope.py, core/loss.py).
+- "torch": the PyTorch code (models/transformer.py, models/rope.py, models/loss.py).
 - "fused": the scaleforge custom operators (csrc/, `import scaleforge.csrc` builds them on
   first use); same results within rounding (tests/test_kernels.py, tests/test_fused_model.py).
 - "auto": fused on the device types in FUSED_BY_DEFAULT_ON, torch elsewhere.

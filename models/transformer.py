@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from scaleforge.models.attention import AttentionKernel, document_positions, make_kernel, masks_for
 from scaleforge.models.config import TransformerConfig
@@ -35,6 +36,7 @@ from scaleforge.models.kernels import (
     load_fused,
     uses_fused,
 )
+from scaleforge.models.loss import cross_entropy
 from scaleforge.models.moe import MoE, expert_hidden
 from scaleforge.models.rope import apply_rope, rope_tables
 
@@ -180,7 +182,7 @@ def attention_kernel(block: nn.Module) -> AttentionKernel:
 
 
 class Transformer(nn.Module):
-    """Token ids in, next-token logits out; or, given the targets, the fused loss.
+    """Token ids in, next-token logits out (`forward`); the training loss (`loss`).
 
     A pipeline stage keeps only its layers (`layers` is keyed "0", "1", ... so the names of
     the kept ones do not change) and sets the modules it does not own to None: without
@@ -260,27 +262,21 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         document_ids: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len.
+        """tokens (B, T) int64 -> logits (B, T, vocab_size), T <= max_seq_len; the hidden
+        states the LM head reads (B, T, d_model) instead with `head=False` or on a pipeline
+        stage without `output` (a stage without `tok_embeddings` reads hidden states).
 
         `document_ids` (B, T) int64 (data_pipeline.samples.document_ids; under context
         parallelism (B, T x cp), of the whole sequences): which document of its row each
         position belongs to; given, no token attends to another document, and
         with `cfg.rope_per_document` the RoPE positions restart at each document.
 
-        With `targets` (B, T) int64, the mean next-token cross-entropy (0-dim, fp32) from the
-        fused linear_cross_entropy operator instead: the LM head and the loss run as one, so
-        the logits never exist. It runs inside forward so that data parallelism gathers the
-        head's weight as for any forward; the caller passes targets only where the operator
-        applies (`model.kernels` picks fused, and the head is not tensor-parallel).
-
         `positions` (T,) int64: the tokens' positions in their sequences, 0 .. T-1 when not
         given (context parallelism gives this rank's chunks' global ones; the caller then
         checks the whole length, `check_length`).
-
-        On a pipeline stage the input or output may be hidden states (B, T, d_model).
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, d)
         T = h.size(1)
@@ -298,7 +294,26 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
-        if targets is not None and self.output is not None:
-            return fused_linear_cross_entropy(h.flatten(0, 1), self.output.weight,
-                                              targets.flatten())
-        return h if self.output is None else self.output(h)  # (B, T, vocab_size)
+        return h if self.output is None or not head else self.output(h)  # (B, T, vocab_size)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor,
+             document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean next-token cross-entropy of `tokens` against `targets` (B, T) int64, a
+        0-dim fp32 tensor: the training objective (a model with its head only).
+
+        The body runs as this module's forward (`head=False`), so data and context
+        parallelism's forward hooks apply as to any forward (FSDP's root keeps its weights,
+        the head's included, gathered after forward). Then, with `model.kernels` picking the
+        fused operators and a plain head weight, the head and the loss run as one operator
+        (linear_cross_entropy), so the logits never exist; a vocabulary-parallel head
+        (tensor parallelism makes its weight a DTensor) and `model.kernels=torch` go through
+        models/loss.py's chunked loss on the logits (vocabulary-parallel on sharded ones),
+        which reuses them as the buffer of their gradient.
+        """
+        if self.output is None:
+            raise ValueError("this pipeline stage has no LM head; its loss is the last stage's")
+        h = self(tokens, document_ids, head=False)  # (B, T, d_model)
+        weight = self.output.weight
+        if uses_fused(self.cfg.kernels, h.device.type) and not isinstance(weight, DTensor):
+            return fused_linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten())
+        return cross_entropy(self.output(h), targets)

@@ -5,7 +5,7 @@ Layout. Rank r of the N cp ranks holds chunks r and 2N-1-r of each sequence's 2N
 (models/sequence_shard.py), which balances causal attention work. Every cp rank of a
 data-parallel replica reads the same sequences (the loaders are keyed by the data-parallel
 rank, which cp does not change) and keeps its chunks of the inputs and targets
-(`batch_columns`, given to `data_pipeline.pack.split_batch`); document ids stay whole, for
+(`batch_columns`, given to `data_pipeline.batch.step_batch`); document ids stay whole, for
 the attention mask over all keys.
 
 Contract of the all-gather (`gather_sequence`): forward all-gathers a (B, heads, T / N, hd)

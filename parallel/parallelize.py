@@ -41,6 +41,7 @@ from scaleforge.models.init import (
     rule_key,
     seed_from_global_rng,
 )
+from scaleforge.models.loss import cross_entropy
 from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaleforge.parallel.compile import apply_compile
@@ -49,7 +50,7 @@ from scaleforge.parallel.context_parallel import apply_context_parallel
 from scaleforge.parallel.data_parallel import apply_data_parallel, uses_data_parallel
 from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.expert_parallel import apply_expert_parallel, share_routing_over_cp
-from scaleforge.parallel.pipeline import LossFn, Pipeline, build_pipeline
+from scaleforge.parallel.pipeline import Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
 
@@ -113,15 +114,16 @@ def build_model(plan: BuildPlan, topology: Topology) -> Transformer:
     return model
 
 
-def build_pipelined_model(plan: BuildPlan, topology: Topology, loss_fn: LossFn) -> Pipeline:
+def build_pipelined_model(plan: BuildPlan, topology: Topology) -> Pipeline:
     """This rank's pipeline stages, parallelised, and the schedule that runs them.
 
     `build_pipeline` cuts the meta model into this rank's stages; each stage then gets
     tensor parallel, activation checkpointing, compile and FSDP like a whole model, and only
     its shards are materialised and drawn (`init_sharded_weights`, with the weight seed of
     `build_model`: one draw from torch's global generator, so call after seeding). The
-    stage weights equal the single-process ones. `loss_fn(logits, targets)` is the mean
-    loss of a micro-batch.
+    stage weights equal the single-process ones. The last stage's logits go to the chunked,
+    vocabulary-parallel cross-entropy (models/loss.py), the loss `Transformer.loss` takes
+    without fused kernels.
     """
     p = plan.parallel
     seed = seed_from_global_rng()
@@ -142,7 +144,7 @@ def build_pipelined_model(plan: BuildPlan, topology: Topology, loss_fn: LossFn) 
 
     pipeline = build_pipeline(
         build(plan.model, device="meta"), topology.group("pp"), p.pp_schedule,
-        p.pp_stages_per_rank, plan.micro_batches, loss_fn, topology.device,
+        p.pp_stages_per_rank, plan.micro_batches, cross_entropy, topology.device,
         p.pp_layers_per_stage, prepare_stage=prepare_stage,
     )
     return pipeline
@@ -214,24 +216,22 @@ def gathered_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch
     process; on CPU on rank 0 (empty elsewhere) when distributed. Collective.
 
     Tensor by tensor, so no GPU ever holds more than its shards plus one full tensor: torch's
-    full state dict (`full_state_dict`) without pipeline parallelism. Under pipeline
-    parallelism `model` is the pipeline's `model_parts`: the pp stages take turns; each
+    full state dict (`full_state_dict`) without pipeline parallelism. `model` is the model or
+    a train module's `model_parts` (an nn.ModuleList of the model, or under pipeline
+    parallelism of this rank's stages). Under pipeline parallelism the pp stages take turns; each
     tensor of a stage is gathered over the stage's tp/cp/dp ranks, and its rank at tp 0, cp 0,
     dp 0 sends it to rank 0 over rank 0's pp group (the ranks at tp 0, cp 0, dp 0), where it goes to
     CPU. Only tensor names, shapes and dtypes travel as Python objects.
     """
-    if not topology.is_distributed:
-        return model.state_dict()
-    if topology.dims.pp == 1:
-        return full_state_dict(model)
-    if not isinstance(model, nn.ModuleList):
-        raise TypeError(
-            f"under pipeline parallelism gathered_state_dict takes the pipeline's model_parts "
-            f"(an nn.ModuleList), not a {type(model).__name__}"
-        )
+    parts = list(model) if isinstance(model, nn.ModuleList) else [model]
     local: dict[str, torch.Tensor] = {}
-    for part in model:
+    for part in parts:
         local.update(part.state_dict())
+    if not topology.is_distributed:
+        return local
+    if topology.dims.pp == 1:
+        (whole,) = parts
+        return full_state_dict(whole)
     group, device = topology.group("pp"), topology.device
     layouts: list[list[tuple[str, torch.Size, torch.dtype]]] = [[] for _ in range(topology.dims.pp)]
     dist.all_gather_object(layouts, [(k, v.shape, v.dtype) for k, v in local.items()],

@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -58,11 +58,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.tensor import DTensor
 
-from scaleforge.errors import ConfigError
 from scaleforge.models.moe import statistics_paused
 from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.data_parallel import set_gradient_reduction
 from scaleforge.parallel.dtensor import full_value
+from scaleforge.parallel.pipeline_rules import eval_batches_per_rank
 from scaleforge.parallel.pipeline_schedules import (
     SCHEDULES,
     check_stages_per_rank,
@@ -75,8 +75,20 @@ from scaleforge.parallel.pipeline_schedules import (
 from scaleforge.torch_compat import PipelineStage, stage_backward
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# (inputs, targets, document ids or None), each (micro_batch_size, T) int64.
-MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+class MicroBatch(Protocol):
+    """What the schedule reads of a micro-batch (data_pipeline's `Batch`): inputs and
+    targets, each (micro_batch_size, T) int64, and document ids of the same shape or None."""
+
+    @property
+    def inputs(self) -> torch.Tensor: ...
+
+    @property
+    def targets(self) -> torch.Tensor: ...
+
+    @property
+    def document_ids(self) -> torch.Tensor | None: ...
 
 
 def cut_stage(model: Transformer, stage: int, num_stages: int, layers: range) -> Transformer:
@@ -283,17 +295,17 @@ def _document_kwargs(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]
                      ) -> dict[str, torch.Tensor]:
     """The schedule's keyword arguments for this rank's stages: the micro-batches' document
     ids concatenated (the schedule splits them like the inputs), when they have them."""
-    if micro_batches[0][2] is None:
+    if micro_batches[0].document_ids is None:
         return {}
-    documents = [batch[2] for batch in micro_batches if batch[2] is not None]
+    documents = [b.document_ids for b in micro_batches if b.document_ids is not None]
     assert len(documents) == len(micro_batches), "every micro-batch or none has ids"
     return {"document_ids": _on_device(documents, pipeline.device)}
 
 
 def pipeline_step(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
-    """Forward and backward of one optimizer step over `micro_batches` [(inputs, targets,
-    document ids or None)], each (micro_batch_size, T) int64; gradients accumulate into the
-    stage parameters.
+    """Forward and backward of one optimizer step over `micro_batches` (`MicroBatch`: inputs,
+    targets, document ids or None), each (micro_batch_size, T) int64; gradients accumulate
+    into the stage parameters.
 
     Every pipeline rank passes the same micro-batches (only the first stage reads inputs,
     every stage its document ids, only the last reads targets). Returns the mean loss over the
@@ -307,8 +319,10 @@ def pipeline_step(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> to
         )
     device = pipeline.device
     # The schedule re-splits the concatenation along dim 0 into exactly these micro-batches.
-    inputs = _on_device([b[0] for b in micro_batches], device) if pipeline.is_first else None
-    targets = _on_device([b[1] for b in micro_batches], device) if pipeline.is_last else None
+    inputs = (_on_device([b.inputs for b in micro_batches], device) if pipeline.is_first
+              else None)
+    targets = (_on_device([b.targets for b in micro_batches], device) if pipeline.is_last
+               else None)
     losses: list[torch.Tensor] = []
     args = (inputs,) if inputs is not None else ()
     pipeline.schedule.step(*args, target=targets, losses=losses, return_outputs=False,
@@ -328,7 +342,7 @@ def _sequential_forward_loss(pipeline: Pipeline, micro_batch: MicroBatch) -> tor
     would have to read on the host); each stage takes its document ids from the micro-batch,
     which every rank holds. Every tensor sent or received lives on `pipeline.device`: an
     NCCL group has no CPU backend."""
-    inputs, targets, documents = micro_batch
+    inputs, targets, documents = micro_batch.inputs, micro_batch.targets, micro_batch.document_ids
     modules = dict(zip(pipeline.stage_ids, pipeline.model_parts, strict=True))
     owner, me = pipeline.stage_owner, dist.get_rank(pipeline.group)
     num_stages = len(owner)
@@ -368,9 +382,8 @@ def _activation_shape(module: nn.Module, inputs: torch.Tensor) -> tuple[int, int
 
 @torch.no_grad()
 def pipeline_eval(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
-    """Mean loss over `micro_batches` [(inputs, targets, document ids or None)], each (B, T)
-    int64, with forward
-    passes only; a 0-dim fp32 tensor on every pp rank. Every rank passes the same list, whose
+    """Mean loss over `micro_batches` (`MicroBatch`), each (B, T) int64, with forward passes
+    only; a 0-dim fp32 tensor on every pp rank. Every rank passes the same list, whose
     length must be a multiple of `pipeline.micro_batches` (the schedule runs groups of that
     size). Leaves no gradients behind.
 
@@ -380,11 +393,7 @@ def pipeline_eval(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> to
     micro-batch through the stages in order instead: no overlap, same numbers.
     """
     m = pipeline.micro_batches
-    if not micro_batches or len(micro_batches) % m:
-        raise ConfigError(
-            f"trainer.eval_batches={len(micro_batches)} must be a positive multiple of the "
-            f"{m} micro-batches per step under pipeline parallelism; set it to a multiple of {m}"
-        )
+    eval_batches_per_rank(len(micro_batches), 1, m)  # whole rounds of the schedule
     total = torch.zeros((), dtype=torch.float32, device=pipeline.device)
     if pipeline.layout == "v":
         for micro_batch in micro_batches:
@@ -394,9 +403,9 @@ def pipeline_eval(pipeline: Pipeline, micro_batches: Sequence[MicroBatch]) -> to
             group = micro_batches[start:start + m]
             losses: list[torch.Tensor] = []
             device = pipeline.device
-            args = (_on_device([b[0] for b in group], device),) if pipeline.is_first else ()
+            args = (_on_device([b.inputs for b in group], device),) if pipeline.is_first else ()
             group_targets = (
-                _on_device([b[1] for b in group], device) if pipeline.is_last else None
+                _on_device([b.targets for b in group], device) if pipeline.is_last else None
             )
             pipeline.schedule.eval(*args, target=group_targets, losses=losses,
                                    **_document_kwargs(pipeline, group))

@@ -30,7 +30,7 @@ Layouts through a block, for a tp group of size t (B batch, T sequence, d model 
     norm                     SequenceParallel
     output (LM head)         ColwiseParallel by vocabulary: input all-gathered on T, logits
                              kept sharded on V -> DTensor (B, T, V) Shard(2); the loss runs
-                             on the shards (core/loss.py), never gathering V
+                             on the shards (models/loss.py), never gathering V
 
 The residual stream stays a DTensor (not a local tensor) so `h.size(1)` is the full
 sequence length the model uses for RoPE tables and positions. Between pipeline stages it
@@ -125,7 +125,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh,
     `expert_tp` splits the MoE layers' experts too (parallel.etp = tp).
 
     Every parameter becomes a DTensor on `tp_mesh`; the model's output is a DTensor of
-    logits sharded on the vocabulary (core/loss.py computes the loss on the shards), or the
+    logits sharded on the vocabulary (models/loss.py computes the loss on the shards), or the
     hidden states sharded on the sequence for a stage without the head.
     """
     parallelize_module(model, tp_mesh, outer_plan(model))

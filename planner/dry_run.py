@@ -45,7 +45,7 @@ def rank_report(trainer: Trainer) -> dict[str, Any]:
     activations (estimate) and peak resident memory (and peak CUDA memory on GPUs)."""
     topology, cfg = trainer.topology, trainer.cfg
     dims, p = topology.dims, cfg.parallel
-    state = state_of_parameters(trainer.model.named_parameters(), dims)
+    state = state_of_parameters(trainer.model_parts.named_parameters(), dims)
     schedule = p.pp_schedule if dims.pp > 1 else None
     stages = p.pp_stages_per_rank if dims.pp > 1 else 1
     activations = rank_activation_bytes(

@@ -112,10 +112,11 @@ def record_adam_step(record: dict[str, Any], model: torch.nn.Module,
 
 def _stage_ids_of_every_rank(trainer: Trainer, topology: Topology) -> list[list[int]] | None:
     """The pipeline stages each rank ran, in rank order; None without a pipeline."""
-    if trainer.pipeline is None:
+    pipeline = getattr(trainer.train_module, "pipeline", None)
+    if pipeline is None:
         return None
     stage_ids: list[list[int]] = [[] for _ in range(topology.world_size)]
-    dist.all_gather_object(stage_ids, trainer.pipeline.stage_ids)
+    dist.all_gather_object(stage_ids, pipeline.stage_ids)
     return stage_ids
 
 
@@ -148,7 +149,7 @@ def train_and_record(
     if prepare is not None:
         prepare(trainer)
     start_step = trainer.step
-    initial = _copy(gathered_state_dict(trainer.model, topology))
+    initial = _copy(gathered_state_dict(trainer.model_parts, topology))
     losses, grad_norms, moe_metrics = [], [], []
     adam = None if topology.is_distributed else adam_record(trainer.optimizer)
     for _ in range(steps):
@@ -157,12 +158,12 @@ def train_and_record(
         grad_norms.append(grad_norm.item())
         moe_metrics.append(trainer.expert_load.metrics())
         if adam is not None:
-            record_adam_step(adam, trainer.model, trainer.optimizer)
+            record_adam_step(adam, trainer.model_parts[0], trainer.optimizer)
         if trainer.step in save_at:
             trainer.save_checkpoint()
     trainer.checkpointer.wait()
     val_loss = trainer.evaluate()
-    final = gathered_state_dict(trainer.model, topology)
+    final = gathered_state_dict(trainer.model_parts, topology)
     return {
         "start_step": start_step,
         "initial": initial,
@@ -171,7 +172,9 @@ def train_and_record(
         "grad_norms": grad_norms,
         "moe_metrics": moe_metrics,
         "val_loss": val_loss,
-        "placements": placements_by_name(trainer.model),
+        # the model's names; under pipeline parallelism each prefixed by its stage's index
+        "placements": placements_by_name(trainer.train_module.whole_model
+                                         or trainer.model_parts),
         "stage_ids": _stage_ids_of_every_rank(trainer, topology),
         "dp_rank": topology.dp_rank,
         "label": topology.label(),

@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import Trainer, start_topology
 from scaleforge.models.build import build
+from scaleforge.models.loss import cross_entropy
 from scaleforge.parallel.activation_checkpoint import SAVED_OPS, apply_activation_checkpointing
 from scaleforge.parallel.topology import Topology
 
@@ -51,7 +51,7 @@ def test_selective_checkpointing_recomputes_every_other_matmul_of_a_block(tmp_pa
     none of them without checkpointing, 3 (wk, wo, w3) under selective, 6 under full (all
     but w2, whose output no backward needs: torch's recompute stops early)."""
     cfg = micro_config(tmp_path)
-    inputs, targets = next(synthetic_data(cfg)[0])
+    inputs, targets = next(synthetic_data(cfg)[0]).tensors()
     backward_mms = {}
     for mode in ("none", "selective", "full"):
         torch.manual_seed(0)
@@ -76,13 +76,13 @@ def _collectives_of_one_micro_batch(cfg: Config, topology: Topology) -> dict[str
     mode = cfg.trainer.activation_checkpointing
     trainer = Trainer(cfg, Path(cfg.run_dir) / mode, data=synthetic_data(cfg),
                       topology=topology)
-    inputs, targets = next(trainer.train_batches)
+    inputs, targets = next(trainer.train_batches).tensors()
     with CollectiveCount() as forward:
-        loss = cross_entropy(trainer.model(inputs), targets)
+        loss = cross_entropy(trainer.model_parts[0](inputs), targets)
     with CollectiveCount() as backward:
         loss.backward()
     # In parameter order (checkpointing puts its wrapper's prefix into the names).
-    grads = [param.grad.to_local().clone() for param in trainer.model.parameters()]
+    grads = [param.grad.to_local().clone() for param in trainer.model_parts.parameters()]
     return {"forward": forward.counts, "backward": backward.counts,
             "loss": loss.item(), "grads": grads}
 

@@ -35,7 +35,7 @@ def train(run_dir: Path, *overrides: str) -> Trainer:
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.clone() for k, v in trainer.model_parts[0].state_dict().items()}
 
 
 # Per-document attention: the document ids come from the tokens, so resuming needs nothing
@@ -166,7 +166,7 @@ def test_init_from_loads_weights_only_and_starts_at_step_zero(tmp_path):
     assert trainer.step == 0 and trainer.initialised_from == exported
     assert not trainer.optimizer.state
     for name, value in weights(source).items():
-        assert torch.equal(trainer.model.state_dict()[name], value), name
+        assert torch.equal(trainer.model_parts[0].state_dict()[name], value), name
 
     cfg = micro_config(tmp_path / "new2", *ACCUMULATE, f"trainer.resume={exported}")
     with pytest.raises(ConfigError, match="model weights only.*trainer.init_from"):
@@ -229,7 +229,7 @@ def test_a_tied_embedding_is_stored_once_and_resumes_into_both(tmp_path):
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "cut/checkpoints/step_4", resumed_dir / "checkpoints/step_4")
     resumed = train(resumed_dir, tied)
-    assert resumed.model.output.weight is resumed.model.tok_embeddings.weight
+    assert resumed.model_parts[0].output.weight is resumed.model_parts[0].tok_embeddings.weight
     assert all(
         logged_losses(resumed_dir)[s] == logged_losses(tmp_path / "full")[s] for s in range(5, 9)
     )

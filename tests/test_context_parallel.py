@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed_test
-from scaleforge.data_pipeline.pack import split_batch
+from scaleforge.data_pipeline.batch import Batch, step_batch
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import SdpaKernel
 from scaleforge.models.config import TransformerConfig
@@ -38,12 +38,12 @@ def test_rank_holds_chunk_r_and_its_mirror():
         head_tail_chunks(18, 0, 2)
 
 
-def test_split_batch_keeps_this_ranks_chunks_of_inputs_and_targets_and_whole_document_ids():
+def test_step_batch_keeps_this_ranks_chunks_of_inputs_and_targets_and_whole_document_ids():
     inputs = torch.arange(16).view(2, 8)
     targets, documents = inputs + 100, inputs // 3
     columns = head_tail_chunks(8, 1, 2)  # positions 2, 3, 4, 5
-    kept_inputs, kept_targets, kept_documents = split_batch(
-        (inputs, targets, documents), True, columns=columns)
+    kept = step_batch(Batch(inputs, targets, documents), True, columns=columns)
+    kept_inputs, kept_targets, kept_documents = kept.inputs, kept.targets, kept.document_ids
     assert kept_inputs.tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]
     assert torch.equal(kept_targets, kept_inputs + 100)
     assert kept_documents is documents

@@ -37,7 +37,7 @@ def test_mixed_precision_on_cuda_stays_close_to_fp32(tmp_path, precision):
     losses = [trainer.train_step(trainer.train_batches)[0].item() for _ in range(5)]
     assert all(math.isfinite(x) for x in losses)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=2e-2, atol=0)
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 masters
+    assert all(p.dtype == torch.float32 for p in trainer.model_parts.parameters())  # fp32 masters
 
 
 def test_compiled_blocks_on_cuda_train_like_eager(tmp_path):
@@ -46,7 +46,7 @@ def test_compiled_blocks_on_cuda_train_like_eager(tmp_path):
         cfg = micro_config(tmp_path, CUDA, f"trainer.compile={str(compiled).lower()}")
         trainer = Trainer(cfg, tmp_path / str(compiled), data=synthetic_data(cfg))
         runs[compiled] = [trainer.train_step(trainer.train_batches)[0].item() for _ in range(3)]
-        assert (trainer.model.layers["0"]._compiled_call_impl is not None) == compiled
+        assert (trainer.model_parts[0].layers["0"]._compiled_call_impl is not None) == compiled
     # Inductor fuses the norms and pointwise ops into Triton kernels that sum in another
     # order than eager's: equal to float32 rounding, not bitwise.
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4,
@@ -58,7 +58,7 @@ def test_activation_checkpointing_on_cuda_trains_like_none(tmp_path, mode):
     reference = _losses(micro_config(tmp_path, CUDA), tmp_path / "none", steps=3)
     cfg = micro_config(tmp_path, CUDA, f"trainer.activation_checkpointing={mode}")
     trainer = Trainer(cfg, tmp_path / mode, data=synthetic_data(cfg))
-    assert type(trainer.model.layers["0"]).__name__ == "CheckpointWrapper"
+    assert type(trainer.model_parts[0].layers["0"]).__name__ == "CheckpointWrapper"
     losses = [trainer.train_step(trainer.train_batches)[0].item() for _ in range(3)]
     # The recomputed forward is the same kernels on the same inputs; the fused attention
     # backward accumulates with atomics, so gradients may differ in the last bits.

@@ -75,7 +75,7 @@ def test_missing_and_empty_corpus_name_data_corpus(tmp_path):
 
 def test_corpus_mode_builds_shards_once_and_reuses_them(corpus_cfg, monkeypatch):
     train, val, tokenizer, prepared = build_loaders(corpus_cfg, micro_batch_size=4)
-    inputs, targets = next(train)
+    inputs, targets = next(train).tensors()
     assert inputs.shape == targets.shape == (4, corpus_cfg.seq_len)
     assert inputs.dtype == torch.long and inputs.max() < tokenizer.vocab_size == VOCAB
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
@@ -131,14 +131,14 @@ def test_document_ids_increment_after_each_eos():
 
 def test_document_ids_come_with_the_batches_when_asked_for():
     batches = TrainBatches(windows_over_range(30), 3, seed=1, eos_id=8)
-    inputs, targets, ids = next(batches)
+    inputs, targets, ids = next(batches).tensors()
     assert ids.shape == inputs.shape and torch.equal(ids, document_ids(inputs, 8))
 
 
 def test_same_seed_gives_the_same_order_and_another_seed_a_different_one():
     def first_ids(seed: int) -> list[int]:
         batches = TrainBatches(windows_over_range(50), micro_batch_size=5, seed=seed)
-        return [i for _ in range(10) for i in ids_of(next(batches)[0])]
+        return [i for _ in range(10) for i in ids_of(next(batches).inputs)]
 
     assert first_ids(1) == first_ids(1)
     assert first_ids(1) != first_ids(2)
@@ -147,7 +147,7 @@ def test_same_seed_gives_the_same_order_and_another_seed_a_different_one():
 def test_each_epoch_visits_every_window_exactly_once_in_a_new_order():
     # 23 windows and 5 samples per micro-batch: micro-batches straddle epoch boundaries.
     batches = TrainBatches(windows_over_range(23), micro_batch_size=5, seed=3)
-    stream = [i for _ in range(23 * 3 // 5 + 1) for i in ids_of(next(batches)[0])]
+    stream = [i for _ in range(23 * 3 // 5 + 1) for i in ids_of(next(batches).inputs)]
     epochs = [stream[e * 23 : (e + 1) * 23] for e in range(3)]
     assert all(sorted(epoch) == list(range(23)) for epoch in epochs)
     assert epochs[0] != epochs[1]
@@ -157,11 +157,11 @@ def test_each_epoch_visits_every_window_exactly_once_in_a_new_order():
 def test_dp_ranks_see_disjoint_samples_that_together_are_the_single_process_ones(dp_size):
     windows, micro_batch_size, steps = windows_over_range(37), 3, 7
     single = TrainBatches(windows, micro_batch_size, seed=11)
-    single_batches = [next(single)[0] for _ in range(steps * dp_size)]
+    single_batches = [next(single).inputs for _ in range(steps * dp_size)]
     ranks = [TrainBatches(windows, micro_batch_size, 11, rank, dp_size) for rank in range(dp_size)]
     for step in range(steps):
         for rank, batches in enumerate(ranks):
-            assert torch.equal(next(batches)[0], single_batches[step * dp_size + rank])
+            assert torch.equal(next(batches).inputs, single_batches[step * dp_size + rank])
 
 
 def test_4_dp_ranks_x_2_workers_see_every_sample_of_an_epoch_exactly_once(shard_dir):
@@ -173,7 +173,7 @@ def test_4_dp_ranks_x_2_workers_see_every_sample_of_an_epoch_exactly_once(shard_
     for rank in range(4):
         batches = TrainBatches(train.samples, 2, 3, rank, 4, num_workers=2)
         for step in range(steps):
-            inputs = next(batches)[0]
+            inputs = next(batches).inputs
             single = (step * 4 + rank) * 2
             seen += [(single + row, inputs[row]) for row in range(2)]
     seen = [inputs for sample, inputs in sorted(seen, key=lambda s: s[0]) if sample < epoch]
@@ -192,7 +192,8 @@ def test_resume_after_k_steps_yields_the_identical_batches_also_with_other_worke
         resumed.load_state_dict(state)
         for want in expected:
             got = next(resumed)
-            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+            assert all(torch.equal(a, b)
+                       for a, b in zip(got.tensors(), want.tensors(), strict=True))
 
 
 def test_num_workers_auto_is_one_worker_on_an_accelerator_and_none_on_cpu():
@@ -225,7 +226,7 @@ def test_training_batches_for_an_accelerator_are_pinned_and_unchanged(shard_dir,
     reference = TrainBatches(train.samples, 2, 3)
     for _ in range(3):
         got, want = next(direct), next(reference)
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got.tensors(), want.tensors(), strict=True))
     assert len(pinned) == 3 * 2  # inputs and targets of each batch
     streaming = DataConfig(mode="streaming", dataset=jsonl_corpus, tokenizer=tokenizer_dir,
                            vocab_size=VOCAB, seq_len=32, val_fraction=0.1)
@@ -251,9 +252,9 @@ def test_resume_with_another_dp_size_continues_the_same_sample_stream():
 
 def test_validation_batches_are_fixed_and_split_over_dp_ranks():
     windows = windows_over_range(10)
-    single = [ids_of(x) for x, _ in ValBatches(windows, micro_batch_size=2).batches(4)]
+    single = [ids_of(b.inputs) for b in ValBatches(windows, micro_batch_size=2).batches(4)]
     assert single == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    rank1 = [ids_of(x) for x, _ in ValBatches(windows, 2, dp_rank=1, dp_size=2).batches(3)]
+    rank1 = [ids_of(b.inputs) for b in ValBatches(windows, 2, dp_rank=1, dp_size=2).batches(3)]
     assert rank1 == [[2, 3], [6, 7], [0, 1]]  # the third wraps around the 10 windows
 
 
@@ -311,7 +312,7 @@ def test_streaming_yields_the_same_packed_tokens_as_the_shard_path(shard_dir, js
         expected = windows if val_windows is None else build_loaders(
             shards_cfg(shard_dir), 1).val.windows
         for k in range(len(expected)):
-            inputs, targets = next(stream)
+            inputs, targets = next(stream).tensors()
             assert inputs[0].tolist() == expected.window(k)[:-1].tolist()
             assert targets[0].tolist() == expected.window(k)[1:].tolist()
 
@@ -343,8 +344,8 @@ def test_streaming_mode_through_build_loaders(tmp_path, jsonl_corpus, tokenizer_
                      vocab_size=VOCAB, seq_len=32, val_fraction=0.1)
     train, val, tokenizer, prepared = build_loaders(cfg, micro_batch_size=2)
     assert next(train)[0].shape == (2, 32) and prepared.directories == ()
-    first = [x for x, _ in val.batches(2)]
-    assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in val.batches(2)],
+    first = [b.inputs for b in val.batches(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, [b.inputs for b in val.batches(2)],
                                                  strict=True))
     assert isinstance(Path(tokenizer.path), Path)
 
@@ -376,13 +377,13 @@ def test_document_masking_gives_every_train_and_val_batch_its_document_ids(
                       vocab_size=VOCAB, seq_len=32, val_fraction=0.1, document_masking=True))
     train, val, tokenizer, _ = build_loaders(cfg, micro_batch_size=4)
     batches = [next(train) for _ in range(30)] + list(val.batches(2))
-    for inputs, _, ids in batches:
-        assert torch.equal(ids, document_ids(inputs, tokenizer.eos_id))
+    for batch in batches:
+        assert torch.equal(batch.document_ids, document_ids(batch.inputs, tokenizer.eos_id))
     # Documents of up to 3,000 characters: 30 x 4 windows of 32 tokens cross boundaries.
-    assert any(ids.max() > 0 for _, _, ids in batches)
+    assert any(batch.document_ids.max() > 0 for batch in batches)
     plain = build_loaders(replace(cfg, document_masking=False), micro_batch_size=4)
     first = next(plain.train)
-    assert len(first) == 2 and torch.equal(first[0], batches[0][0])
+    assert first.document_ids is None and torch.equal(first.inputs, batches[0].inputs)
 
 
 def test_streaming_with_document_ids_resumes_at_the_same_batch(jsonl_corpus, tokenizer_dir):
@@ -400,8 +401,9 @@ def test_streaming_with_document_ids_resumes_at_the_same_batch(jsonl_corpus, tok
     resumed = stream()
     resumed.load_state_dict(run.state_dict())
     expected, actual = next(run), next(resumed)
-    assert len(actual) == 3
-    assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
+    assert actual.document_ids is not None
+    assert all(torch.equal(a, b)
+               for a, b in zip(actual.tensors(), expected.tensors(), strict=True))
 
 
 def test_empty_shards_validation_split_names_sf_preprocess_val_fraction(shard_dir):

@@ -28,7 +28,7 @@ from scaleforge.parallel.parallelize import gathered_state_dict
 
 def _snapshot(trainer: Trainer) -> dict[str, dict]:
     """Copies of the model's and the optimizer's state."""
-    model = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    model = {k: v.detach().clone() for k, v in trainer.model_parts[0].state_dict().items()}
     optimizer = {
         index: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
         for index, state in trainer.optimizer.state_dict()["state"].items()
@@ -54,7 +54,7 @@ def _poison_output(trainer: Trainer, at_steps: set[int], value: float = math.nan
     def hook(module, inputs, output):
         return output * value if trainer.step + 1 in at_steps else output
 
-    return trainer.model.register_forward_hook(hook)
+    return trainer.model_parts[0].output.register_forward_hook(hook)
 
 
 class CountingBatches:
@@ -109,7 +109,7 @@ def test_nonfinite_loss_skips_update_keeping_weights_and_adam_state_bitwise(tmp_
     loss, _ = trainer.train_step(trainer.train_batches)
     assert math.isnan(loss.item()) and trainer.skipped == "loss"
     _assert_bitwise_equal(_snapshot(trainer), before)
-    assert all(p.grad is None for p in trainer.model.parameters())  # gradients discarded
+    assert all(p.grad is None for p in trainer.model_parts.parameters())  # gradients discarded
     assert trainer.step == 3 and batches.count == draws + trainer.micro_batches
     assert trainer.optimizer.param_groups[0]["lr"] == cfg.optim.lr * lr_factor(2, cfg.optim, 6)
     loss, _ = trainer.train_step(trainer.train_batches)  # training goes on
@@ -122,7 +122,7 @@ def test_nonfinite_grad_norm_with_finite_loss_skips_the_update(tmp_path):
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     trainer.train_step(trainer.train_batches)
     before = _snapshot(trainer)
-    weight = trainer.model.output.weight
+    weight = trainer.model_parts[0].output.weight
     handle = weight.register_hook(lambda grad: grad * math.inf)
     loss, grad_norm = trainer.train_step(trainer.train_batches)
     handle.remove()
@@ -187,10 +187,11 @@ def test_fp16_scaler_overflow_is_the_scalers_business_not_a_skip(tmp_path):
     cfg = micro_config(tmp_path)
     trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    trainer.precision = Precision("fp16", lambda: torch.autocast("cpu", enabled=False), scaler)
+    precision = Precision("fp16", lambda: torch.autocast("cpu", enabled=False), scaler)
+    trainer.precision = trainer.train_module.precision = precision
     trainer.train_step(trainer.train_batches)
     before = _snapshot(trainer)
-    handle = trainer.model.output.weight.register_hook(lambda grad: grad * math.inf)
+    handle = trainer.model_parts[0].output.weight.register_hook(lambda grad: grad * math.inf)
     trainer.train_step(trainer.train_batches)
     handle.remove()
     assert trainer.skipped is None and trainer.nonfinite_guard.consecutive_skips == 0
@@ -311,17 +312,17 @@ def _faults_on_rank_one(cfg, run_dir: Path) -> None:
         data=(CountingBatches(train, signal_rank_one), val),
         topology=topology,
     )
-    forward_backward = trainer.forward_backward
+    forward_backward = trainer.train_module.step
 
     def nan_loss_on_rank_one_at_step_two(batches):
         loss = forward_backward(batches)
         return loss * math.nan if topology.rank == 1 and trainer.step + 1 == 2 else loss
 
-    trainer.forward_backward = nan_loss_on_rank_one_at_step_two
+    trainer.train_module.step = nan_loss_on_rank_one_at_step_two
     trainer.train_step(trainer.train_batches)
-    before = gathered_state_dict(trainer.model, topology)
+    before = gathered_state_dict(trainer.model_parts, topology)
     trainer.train_step(trainer.train_batches)
-    after = gathered_state_dict(trainer.model, topology)
+    after = gathered_state_dict(trainer.model_parts, topology)
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
     skipped = trainer.skipped
     saved_at = []

@@ -5,7 +5,7 @@ with torch.
 
 Under tp2 the norms run on sequence-sharded DTensors (csrc/sharding.py) and the loss stays
 vocabulary-parallel on the logits; under dp_shard2 the fused loss runs inside FSDP's root
-forward (Transformer.forward with targets).
+forward (`Transformer.loss` runs the body as the root module's forward, then the head).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_fused_kernels_train_like_torch_under_a_parallel_layout(tmp_path, torch_
     cfg = micro_config(tmp_path, *COMMON, "model.kernels=fused", layout)
     result = run_distributed_test(_in_rank, world_size=2, func_args=(cfg, tmp_path))[0]
     assert_trains_alike(result, torch_reference)
-    # Under tp the loss stays on the vocabulary-sharded logits (core/loss.py).
+    # Under tp the loss stays on the vocabulary-sharded logits (models/loss.py).
     expected = set(FUSED_FUNCTIONS) - ({"fused_linear_cross_entropy"} if "tp" in layout else set())
     assert set(result["calls"]) == expected, result["calls"]
 

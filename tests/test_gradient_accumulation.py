@@ -1,7 +1,7 @@
 """Gradient accumulation under FSDP keeps ZeRO-3's memory (parallel/data_parallel.py): each
 micro-batch's gradients are reduce-scattered in its backward, so between micro-batches a
 rank holds sharded gradients only, never a full one. Two gloo ranks at dp_shard=2 run the
-trainer's own forward_backward; memory is counted with torch's MemTracker (bytes of live
+trainer's own train module step; memory is counted with torch's MemTracker (bytes of live
 tensor storages, FSDP's storage resizes included), so the figures are exact and the same on
 every machine. The control run turns the reduce-scatter off until the last micro-batch,
 as the trainer did before (FSDP1's `no_sync`), and must break the bounds."""
@@ -21,14 +21,15 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
-import scaleforge.core.trainer as trainer_module
+import scaleforge.core.train_modules.plain as plain_module
 import scaleforge.parallel.pipeline as pipeline_module
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config, build_plan
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.models import build
+from scaleforge.models.loss import cross_entropy
 from scaleforge.parallel.parallelize import parallelize
 from scaleforge.parallel.pipeline import ShardedGradientStage, build_pipeline, pipeline_step
 from scaleforge.torch_compat import mem_tracker
@@ -53,7 +54,7 @@ def _live_bytes(tracker: Any) -> int:
 
 
 def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
-    """One forward_backward of `cfg` with `micro_batches` under MemTracker: live bytes at its
+    """One train module step of `cfg` with `micro_batches` under MemTracker: live bytes at its
     start, its peak, live bytes after each non-final micro-batch and whether every gradient
     was then a sharded DTensor, and what the first micro-batch's forward left alive."""
     cfg = copy.deepcopy(cfg)
@@ -62,12 +63,15 @@ def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
     data = synthetic_data(cfg, dp_rank=topology.dp_rank, dp_size=topology.dp_size)
     trainer = Trainer(cfg, run_dir, dist.get_world_size(), data=data, topology=topology)
     assert trainer.micro_batches == micro_batches
-    params = list(trainer.model.parameters())
+    model = trainer.model_parts[0]
+    params = list(model.parameters())
     tracker = mem_tracker()
-    tracker.track_external(trainer.model)
+    tracker.track_external(model)
     forward: list[int] = []
-    trainer.model.register_forward_pre_hook(lambda *_: forward.append(_live_bytes(tracker)))
-    trainer.model.register_forward_hook(lambda *_: forward.append(_live_bytes(tracker)))
+    # The model's forward, from its first module (FSDP's root gathers before it) to the
+    # logits (the training step runs it as `Transformer.loss`, whose loss follows).
+    model.tok_embeddings.register_forward_pre_hook(lambda *_: forward.append(_live_bytes(tracker)))
+    model.output.register_forward_hook(lambda *_: forward.append(_live_bytes(tracker)))
     between: list[int] = []
     sharded: list[bool] = []
 
@@ -86,7 +90,7 @@ def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
 
     with tracker:
         start = _live_bytes(tracker)
-        trainer.forward_backward(batches())
+        trainer.train_module.step(batches())
     return {
         "start": start,
         "peak": tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"],
@@ -97,7 +101,7 @@ def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
         "largest_group_bytes": max(
             sum(fsdp_param.sharded_param.numel() * 4
                 for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params)
-            for module in trainer.model.modules()
+            for module in model.modules()
             if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group),
     }
 
@@ -105,7 +109,7 @@ def _measure(cfg: Config, run_dir: Path, micro_batches: int) -> dict:
 def _check_accumulation_memory(cfg: Config, run_dir: Path) -> None:
     one = _measure(cfg, run_dir / "one", 1)
     four = _measure(cfg, run_dir / "four", 4)
-    with mock.patch.object(trainer_module, "set_gradient_reduction", _no_sync_until_last):
+    with mock.patch.object(plain_module, "set_gradient_reduction", _no_sync_until_last):
         control = _measure(cfg, run_dir / "control", 4)
     sharded_grads = four["sharded_grad_bytes"]
     extra = four["peak"] - one["peak"]
@@ -168,7 +172,7 @@ def _sharded_grads_after_each_backward(cfg: Config, stage_class: type) -> list[b
     stage.backward_maybe_with_nosync = recording_backward
     train, _ = synthetic_data(cfg, dp_rank=topology.dp_rank, dp_size=topology.dp_size)
     batches = itertools.islice(iter(train), micro_batches)
-    pipeline_step(pipe, [(inputs, targets, None) for inputs, targets, *_ in batches])
+    pipeline_step(pipe, [Batch(batch.inputs, batch.targets) for batch in batches])
     assert all(isinstance(p.grad, DTensor) for p in params)  # reduced by the step's end
     return sharded
 

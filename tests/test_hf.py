@@ -334,7 +334,8 @@ def test_trained_checkpoint_goes_to_hf_and_back_into_training(tmp_path, capsys):
         assert getattr(fresh.model, setting) == getattr(back_cfg.model, setting), setting
     trainer = Trainer(fresh, tmp_path / "fresh", data=synthetic_data(fresh))
     assert trainer.initialised_from == back
-    assert all(torch.equal(trainer.model.state_dict()[name], trained[name]) for name in trained)
+    state = trainer.model_parts[0].state_dict()
+    assert all(torch.equal(state[name], trained[name]) for name in trained)
 
 
 @pytest.mark.parametrize(

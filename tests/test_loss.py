@@ -1,4 +1,4 @@
-"""The chunked cross-entropy (core/loss.py): its loss and gradient against F.cross_entropy
+"""The chunked cross-entropy (models/loss.py): its loss and gradient against F.cross_entropy
 on an fp32 copy of the logits, plain and vocabulary-parallel (tp 2), and the memory it holds
 (measured with torch's MemTracker, which counts the bytes of live tensor storages, so the
 figures are exact and the same on every machine; through torch_compat.mem_tracker, which
@@ -18,8 +18,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
-from scaleforge.core.loss import IGNORE_INDEX, cross_entropy
 from scaleforge.core.trainer import Trainer
+from scaleforge.models.loss import IGNORE_INDEX, cross_entropy
 from scaleforge.torch_compat import mem_tracker
 
 # Not a power of two, so scaling the gradient by it is not exact in bf16.
@@ -186,6 +186,6 @@ def test_trainer_keeps_no_reference_to_the_logits_during_backward(tmp_path):
         logits_ref = weakref.ref(logits)
         args[0].register_hook(lambda grad: alive_at_head_backward.append(logits_ref() is not None))
 
-    trainer.model.output.register_forward_hook(watch)
+    trainer.model_parts[0].output.register_forward_hook(watch)
     trainer.train_step(trainer.train_batches)
     assert alive_at_head_backward == [False] * trainer.micro_batches

@@ -319,7 +319,7 @@ def test_trainer_logs_moe_metrics_and_balances(tmp_path) -> None:
     last = records[-1]
     assert {"aux_loss", "expert_load", "expert_load.0", "dropped_tokens.1"} <= set(last)
     assert last["expert_load"] >= 1 and last["aux_loss"] > 0 and last["dropped_tokens"] > 0
-    bias = trainer.model.layers["0"].feed_forward.expert_bias
+    bias = trainer.model_parts[0].layers["0"].feed_forward.expert_bias
     assert 0 < bias.abs().max() <= 5 * 0.01 + 1e-6  # at most the rate per step, 5 steps
     record = summarize_run(cfg, tmp_path)  # the scaling tools' record: both counts
     assert record["N_active"] == num_params(cfg.model, False, active=True) < record["N"]

@@ -11,9 +11,9 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from distributed import run_distributed_test
 from micro_runs import micro_config
 from scaleforge.core.config import build_plan
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import start_topology
 from scaleforge.models import build
+from scaleforge.models.loss import cross_entropy
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import build_model
 

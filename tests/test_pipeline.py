@@ -16,14 +16,14 @@ from distributed import run_distributed_test
 from layout_runs import adam_record, record_adam_step, weights_against_bounds
 from micro_runs import micro_config, synthetic_data
 from scaleforge.core.config import Config, micro_batches_per_step
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.trainer import Trainer, seed_everything
-from scaleforge.data_pipeline.pack import split_batch
+from scaleforge.data_pipeline.batch import step_batch
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.loss import cross_entropy
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.pipeline import (
     MicroBatch,
@@ -67,13 +67,13 @@ def _overrides(n_layers: int, micro_batches: int, family: str) -> list[str]:
 
 def _micro_batches(cfg: Config) -> dict[str, list[MicroBatch]]:
     """{"train": the micro-batches of STEPS steps, "val": the trainer's validation set}, as
-    (inputs, targets, document ids or None)."""
+    Batches (document ids only with data.document_masking)."""
     train, val = synthetic_data(cfg)
     count = STEPS * micro_batches_per_step(cfg)
     masking = cfg.data.document_masking
     return {
-        "train": [split_batch(b, masking) for b in itertools.islice(iter(train), count)],
-        "val": [split_batch(b, masking) for b in val.batches(cfg.trainer.eval_batches)],
+        "train": [step_batch(b, masking) for b in itertools.islice(iter(train), count)],
+        "val": [step_batch(b, masking) for b in val.batches(cfg.trainer.eval_batches)],
     }
 
 
@@ -87,13 +87,13 @@ def _single_process(cfg: Config, batches: dict, run_dir: Path) -> dict:
     adam = adam_record(trainer.optimizer)
     for step in range(STEPS):
         loss, norm = trainer.train_step(trainer.train_batches)
-        record_adam_step(adam, trainer.model, trainer.optimizer)
+        record_adam_step(adam, trainer.model_parts[0], trainer.optimizer)
         losses.append(loss.item())
         norms.append(norm.item())
         if step == 1:
             val_losses.append(trainer.evaluate())
     val_losses.append(trainer.evaluate())
-    state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in trainer.model_parts[0].state_dict().items()}
     return {"losses": losses, "norms": norms, "val_losses": val_losses, "state": state,
             "final": state, "adam": adam}
 

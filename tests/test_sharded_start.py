@@ -15,7 +15,6 @@ from distributed import run_distributed_test
 from layout_runs import assert_weights_match, run_layout, train_and_record
 from micro_runs import micro_config
 from scaleforge.core.config import build_plan, validate
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import start_topology
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
@@ -69,7 +68,7 @@ def _start_up_memory(overrides: tuple[str, ...]) -> dict[str, int]:
     tracker = mem_tracker()
     with tracker:
         if topology.dims.pp > 1:
-            model = build_pipelined_model(plan, topology, cross_entropy).model_parts
+            model = build_pipelined_model(plan, topology).model_parts
         else:
             model = build_model(plan, topology)
     shards = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes

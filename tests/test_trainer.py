@@ -11,10 +11,10 @@ import torch
 from layout_runs import assert_weights_match, train_and_record, weights_against_bounds
 from micro_runs import micro_config, synthetic_data
 from run_metrics import metrics_records
-from scaleforge.core.loss import cross_entropy
 from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
+from scaleforge.models.loss import cross_entropy
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
 
 
@@ -78,7 +78,7 @@ def _halve_the_last_micro_batch_gradient(trainer: Trainer) -> None:
     """A wrong accumulation scale: one tensor's gradient from every step's last micro-batch
     halved (as one rank's or one micro-batch's contribution would be by a bug)."""
     calls = iter(range(10**6))
-    weight = dict(trainer.model.named_parameters())["layers.0.feed_forward.w1.weight"]
+    weight = dict(trainer.model_parts[0].named_parameters())["layers.0.feed_forward.w1.weight"]
     weight.register_hook(lambda grad: grad / 2 if next(calls) % 4 == 3 else grad)
 
 
@@ -115,7 +115,7 @@ def test_activation_checkpointing_gives_identical_gradients(tmp_path, mode):
     apply_activation_checkpointing(checkpointed, mode)
     assert type(checkpointed.layers["0"]).__name__ == "CheckpointWrapper"
     assert checkpointed.state_dict().keys() == plain.state_dict().keys()
-    inputs, targets = next(synthetic_data(cfg)[0])
+    inputs, targets = next(synthetic_data(cfg)[0]).tensors()
     for model in (plain, checkpointed):
         cross_entropy(model(inputs), targets).backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
@@ -143,7 +143,7 @@ def test_weight_decay_applies_to_matrices_only(tmp_path):
     assert all(p.ndim == 2 for p in decayed["params"])
     assert all(p.ndim == 1 for p in plain["params"])
     total = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
-    assert total == len(list(trainer.model.parameters()))
+    assert total == len(list(trainer.model_parts.parameters()))
 
 
 def test_profile_steps_write_a_chrome_trace_of_those_steps(tmp_path, capsys):
