@@ -10,6 +10,10 @@ skipped or the run stops, `trainer.on_nonfinite`) and whether any rank received 
 preemption signal (then `fit` saves a checkpoint and returns after that step); a loss-spike
 detector reads the same reduced loss and only logs.
 
+The per-step features (profiler window, throughput, MoE load balancing, loss spikes and skip
+warnings, preemption, checkpoint cadence) are callbacks (core/callbacks/) whose hooks the
+loop calls at fixed points; a callback with state is checkpointed under its `state_key`.
+
 The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
 its data-parallel rank and size and its groups. The forward and backward of a step and the
 evaluation forward belong to a train module (core/train_modules/): the plain one over the
@@ -32,6 +36,15 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.stateful import Stateful
 
+from scaleforge.core.callbacks import Callback
+from scaleforge.core.callbacks.features import (
+    CheckpointCallback,
+    ExpertLoadCallback,
+    HealthCallback,
+    PreemptionCallback,
+    ProfilerCallback,
+    ThroughputCallback,
+)
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
 from scaleforge.core.checkpoint.paths import choose_resume
 from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
@@ -146,22 +159,27 @@ class Trainer:
         self.spike_detector = LossSpikeDetector(cfg.trainer.spike_zscore,
                                                 cfg.trainer.spike_warmup_steps)
         self.preemption = PreemptionWatch(cfg.trainer.preemption_signals)
-        self.profiler = StepProfiler(cfg.trainer.profile_steps, self.run_dir,
-                                     self.topology.rank, self.device)
         self.last_step_signals: StepSignals | None = None
         self.skipped: str | None = None  # the non-finite value that made the last step skip
+        self.stop_requested = False  # set after a step by PreemptionCallback
         self.preempted = False
-        scaler = self.precision.scaler
-        loss_scale = LossScaleState(scaler) if scaler is not None and scaler.is_enabled() else None
+        # The per-step features, in the order their hooks run (core/callbacks/).
+        self.callbacks: list[Callback] = [
+            ProfilerCallback(StepProfiler(cfg.trainer.profile_steps, self.run_dir,
+                                          self.topology.rank, self.device)),
+            ThroughputCallback(self.throughput),
+            ExpertLoadCallback(self.expert_load),
+            HealthCallback(self.spike_detector, cfg.trainer.spike_zscore),
+            PreemptionCallback(),
+            CheckpointCallback(),
+        ]
         self.checkpointer = Checkpointer(
             cfg, self.run_dir, self.topology,
             model=self.model_parts,
             optimizer=self.optimizer,
             loader=self.train_batches if isinstance(self.train_batches, Stateful) else None,
-            nonfinite_guard=self.nonfinite_guard,
-            spike_detector=self.spike_detector,
-            loss_scaler=loss_scale,
             rng=RNGState(self.device),
+            parts=self._checkpoint_parts(),
         )
         self.resumed_from = choose_resume(cfg.trainer.resume, self.run_dir, self.topology)
         self.initialised_from = None
@@ -171,6 +189,17 @@ class Trainer:
             self.initialised_from = load_model_weights(
                 self.model_parts, cfg.trainer.init_from, "trainer.init_from", cfg.model
             )
+
+    def _checkpoint_parts(self) -> dict[str, Stateful]:
+        """What a checkpoint keeps besides model, optimizer, loader and RNG, by key: the
+        non-finite guard's count, the fp16 loss scale, and each callback's state."""
+        parts: dict[str, Stateful] = {"health.nonfinite": self.nonfinite_guard}
+        scaler = self.precision.scaler
+        if scaler is not None and scaler.is_enabled():
+            parts["scaler"] = LossScaleState(scaler)
+        parts.update({callback.state_key: callback for callback in self.callbacks
+                      if callback.state_key is not None})
+        return parts
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step into RUN_DIR/checkpoints/step_<N>/ (collective: every
@@ -196,6 +225,8 @@ class Trainer:
         (`self.skipped` names the value; weights and optimizer state unchanged, the step and
         its data still count) or TrainingDivergedError is raised (`trainer.on_nonfinite`).
         """
+        for callback in self.callbacks:
+            callback.pre_step(self)
         self.model_parts.train()
         set_lr(self.optimizer, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
         scaler = self.precision.scaler
@@ -216,7 +247,8 @@ class Trainer:
         elif not self.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.expert_load.step()  # MoE: expert-bias update, load figures (parallel/expert_load.py)
+        for callback in self.callbacks:
+            callback.post_optim_step(self)
         self.step += 1
         return total_loss, grad_norm
 
@@ -245,13 +277,24 @@ class Trainer:
             return self._fit(logger)
 
     def _fit(self, logger: MetricsLogger | None) -> dict:
-        cfg = self.cfg.trainer
         own_logger = logger is None
         logger = logger or MetricsLogger(
-            self.run_dir, self.cfg.logging, asdict(self.cfg), cfg.max_steps,
+            self.run_dir, self.cfg.logging, asdict(self.cfg), self.cfg.trainer.max_steps,
             is_rank0=self.topology.is_rank0,
         )
-        tokens_per_step = self.cfg.trainer.global_batch_tokens
+        record = self._start(logger)
+        record = self._train(logger, record)
+        if self.stop_requested:
+            self._stop_for_preemption(logger)
+        else:
+            self._finish(logger)
+        if own_logger:
+            logger.close()
+        return record
+
+    def _start(self, logger: MetricsLogger) -> dict:
+        """The start-up lines; on a fresh start the step-0 record (with its evaluation);
+        returns the record that stands for the starting step."""
         logger.message(describe_run(self))
         if self.data_summary:
             logger.message(self.data_summary)
@@ -262,101 +305,86 @@ class Trainer:
             if changed := describe_config_changes(self.resumed_from / "config.yaml", self.cfg):
                 logger.message(changed)
             logger.resume_at(self.step)
-            record: dict[str, float | None] = {"step": self.step}
-        else:
-            if self.initialised_from is not None:
-                logger.message(f"weights from {self.initialised_from}")
-            record = {"step": 0, **(self.val_metrics() if cfg.evaluates_at(0) else {})}
-            logger.log(record)
+            return {"step": self.step}
+        if self.initialised_from is not None:
+            logger.message(f"weights from {self.initialised_from}")
+        record = {"step": 0, **(self.val_metrics() if self.cfg.trainer.evaluates_at(0) else {})}
+        logger.log(record)
+        return record
 
-        every = self.cfg.checkpoint.every
+    def _train(self, logger: MetricsLogger, record: dict) -> dict:
+        """Steps until `trainer.max_steps` or a preemption; returns the last logged record.
+        A step is logged every `trainer.log_every` steps, at evaluations, at the last step,
+        and when a callback reports an event or asks to stop."""
+        cfg = self.cfg.trainer
         start, start_step = time.perf_counter(), self.step
-        self.throughput.restart()
+        for callback in self.callbacks:
+            callback.pre_train(self)
         while self.step < cfg.max_steps:
-            self.profiler.before_step(self.step + 1)
             loss, grad_norm = self.train_step(self.train_batches)
-            if trace := self.profiler.after_step(self.step):
-                logger.message(f"profile: {trace} (rank 0's; each rank writes its own)")
-            self.throughput.step()
             logger.advance()
-            events = self._step_events(logger)
-            # A signal during the last step changes nothing: the run ends normally.
-            preempted = self.step_signals.preemption_requested and self.step < cfg.max_steps
-            self.checkpointer.poll()
-            if every and self.step % every == 0 and self.step < cfg.max_steps and not preempted:
-                logger.message(f"checkpoint: {self.save_checkpoint()}")
+            events: dict[str, bool] = {}
+            for callback in self.callbacks:
+                events |= callback.post_step(self, logger)
             is_eval = cfg.evaluates_at(self.step)
             last = self.step == cfg.max_steps  # logged even when evaluation is off
-            if not (self.step % cfg.log_every == 0 or is_eval or last or events or preempted):
+            if not (self.step % cfg.log_every == 0 or is_eval or last or events
+                    or self.stop_requested):
                 continue
-            speed = self.throughput.read()
-            now = time.perf_counter()
-            record = {
-                "step": self.step,
-                "loss": self.topology.mean_over_dp(loss).item(),
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm.item(),
-                "tokens": self.step * tokens_per_step,
-                **speed,  # tokens/s, TFLOP/s per GPU and total, MFU, GiB: ThroughputMeter.read
-                **self.expert_load.metrics(),  # MoE: aux loss, expert load, dropped tokens
-                "elapsed_s": now - start,
-                "eta_s": (now - start) / (self.step - start_step) * (cfg.max_steps - self.step),
-            }
+            record = self._record(loss, grad_norm, start, start_step)
             if is_eval:
                 record |= self.val_metrics()
             logger.log(record | events)
-            if preempted:
-                return self._stop_for_preemption(logger, record, own_logger)
-            self.throughput.restart()
-        if self.cfg.checkpoint.at_end or every:
-            path = self.save_checkpoint()
-            self.checkpointer.wait()
-            if self.topology.is_distributed:
-                dist.barrier()  # rank 0 renames an async save in wait(): nobody exits first
-            logger.message(f"checkpoint: {path}")
-        if cfg.save_final_weights:
+            if self.stop_requested:
+                break
+            for callback in self.callbacks:
+                callback.post_log(self)
+        return record
+
+    def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor, start: float,
+                start_step: int) -> dict:
+        """The metrics record of the step just taken, the loop having started at `start`
+        (perf_counter) from step `start_step`. Collective: its reads reduce over ranks."""
+        cfg = self.cfg.trainer
+        extra: dict = {}
+        for callback in self.callbacks:  # speed and memory (waits for the device), MoE, ...
+            extra |= callback.metrics(self)
+        elapsed = time.perf_counter() - start
+        return {
+            "step": self.step,
+            "loss": self.topology.mean_over_dp(loss).item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm.item(),
+            "tokens": self.step * cfg.global_batch_tokens,
+            **extra,
+            "elapsed_s": elapsed,
+            "eta_s": elapsed / (self.step - start_step) * (cfg.max_steps - self.step),
+        }
+
+    def _save_and_wait(self) -> Path:
+        """Save a checkpoint at this step (every rank, collectively) and wait until it is
+        complete on disk, also with checkpoint.async_save: rank 0 renames an async save in
+        `wait`, so no rank may exit (and let its launcher end the job) before that."""
+        path = self.save_checkpoint()
+        self.checkpointer.wait()
+        if self.topology.is_distributed:
+            dist.barrier()
+        return path
+
+    def _finish(self, logger: MetricsLogger) -> None:
+        """The end of a complete run: the last checkpoint and the final weights."""
+        if self.cfg.checkpoint.at_end or self.cfg.checkpoint.every:
+            logger.message(f"checkpoint: {self._save_and_wait()}")
+        if self.cfg.trainer.save_final_weights:
             path = self.run_dir / "final_model.pt"
             state = gathered_state_dict(self.model_parts, self.topology)
             if self.topology.is_rank0:
                 torch.save(state, path)
             logger.message(f"final weights: {path}")
-        if own_logger:
-            logger.close()
-        return record
 
-    def _step_events(self, logger: MetricsLogger) -> dict[str, bool]:
-        """Warn about the step just taken if it skipped its update or its loss spiked;
-        return the matching metrics fields (`skipped`, `loss_spike`), empty for a plain
-        step. Equal on every rank (read from `last_step_signals`)."""
-        events = {}
-        if self.skipped:
-            guard = self.nonfinite_guard
-            logger.message(
-                f"warning: step {self.step}: non-finite {self.skipped}; update skipped "
-                f"({guard.consecutive_skips} in a row, trainer.max_skipped_steps="
-                f"{guard.max_skipped_steps} stops the run)"
-            )
-            events["skipped"] = True
-        loss = self.step_signals.mean_loss
-        mean = self.spike_detector.mean
-        if self.spike_detector.update(loss):
-            logger.message(
-                f"warning: step {self.step}: loss spike {loss:.4f} (running mean {mean:.4f}, "
-                f"trainer.spike_zscore={self.cfg.trainer.spike_zscore})"
-            )
-            events["loss_spike"] = True
-        return events
-
-    def _stop_for_preemption(self, logger: MetricsLogger, record: dict,
-                             own_logger: bool) -> dict:
-        """Save a checkpoint at this step (every rank, collectively), wait until it is
-        complete on disk (also with checkpoint.async_save) and end the run."""
-        path = self.save_checkpoint()
-        self.checkpointer.wait()
-        if self.topology.is_distributed:
-            # With async_save rank 0 renames the checkpoint in wait(): no rank may exit (and
-            # let its launcher end the job) before that.
-            dist.barrier()
+    def _stop_for_preemption(self, logger: MetricsLogger) -> None:
+        """Save a checkpoint at this step and end the run (`self.preempted` set)."""
+        path = self._save_and_wait()
         received = self.preemption.requested
         source = received.name if received is not None else "a signal on another rank"
         logger.message(
@@ -364,6 +392,3 @@ class Trainer:
             f"{path}; start again with trainer.resume=auto to continue"
         )
         self.preempted = True
-        if own_logger:
-            logger.close()
-        return record

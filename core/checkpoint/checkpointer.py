@@ -4,8 +4,10 @@ A checkpoint is one DCP save of
 
     model.<fqn>, optim.<fqn>.<name>   weights and optimizer state by FQN (core/checkpoint/state.py)
     train.step, train.tokens
-    health.<...>           skips in a row and the loss-spike detector's running statistics
-    scaler.<name>          fp16 loss scale and growth tracker (one process, CUDA)
+    <part key>.<name>      each Stateful part the trainer hands over, under its dotted key:
+                           health.nonfinite (skips in a row), health.spikes (the loss-spike
+                           detector's running statistics), scaler (fp16 loss scale and
+                           growth tracker), and any callback's state
     loader.dp<r>.<key>     the training loader's position of data-parallel rank r
     rng.rank<r>.<device>   torch's generator states of global rank r
 
@@ -20,6 +22,7 @@ done.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +54,11 @@ from scaleforge.parallel.topology import Topology
 
 class Checkpointer:
     """Saves and loads the checkpoints of the run `cfg` in `run_dir` from the parts it is
-    given: the model (or a pipeline's `model_parts`) and optimizer, and Stateful objects for
-    the training loader (None when it keeps no position), the non-finite guard, the
-    loss-spike detector, the fp16 loss scale (None without loss scaling) and the random
-    generators. Every method that touches a checkpoint is collective: all ranks call it at
-    the same step."""
+    given: the model (a train module's `model_parts`) and optimizer, Stateful objects for
+    the training loader (None when it keeps no position) and the random generators, and
+    `parts`: any further Stateful objects by dotted key (equal on every rank), saved there
+    and restored when the checkpoint holds them. Every method that touches a checkpoint is
+    collective: all ranks call it at the same step."""
 
     def __init__(
         self,
@@ -66,10 +69,8 @@ class Checkpointer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         loader: Stateful | None,
-        nonfinite_guard: Stateful,
-        spike_detector: Stateful,
-        loss_scaler: Stateful | None,
         rng: Stateful,
+        parts: Mapping[str, Stateful],
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -77,10 +78,8 @@ class Checkpointer:
         self.model = model
         self.optimizer = optimizer
         self.loader = loader
-        # Equal on every rank (decided from all-reduced values).
-        self.health: dict[str, Stateful] = {"nonfinite": nonfinite_guard, "spikes": spike_detector}
-        self.loss_scaler = loss_scaler
         self.rng = rng
+        self.parts = dict(parts)
         self.loaded_from: Path | None = None
         self._rank_key = f"rank{topology.rank}"
         self._pending: AtomicWrite | None = None
@@ -145,10 +144,9 @@ class Checkpointer:
             "model": model_state(self.model),
             "optim": optimizer_state(self.model, self.optimizer),
             "train": self._train_state(step),
-            "health": {name: part.state_dict() for name, part in self.health.items()},
         }
-        if self.loss_scaler is not None:
-            state["scaler"] = self.loss_scaler.state_dict()
+        for key, part in self.parts.items():
+            _place(state, key, part.state_dict())
         if self.loader is not None:
             key = f"dp{self.topology.dp_rank}"
             state["loader"] = {key: _to_tensors(self.loader.state_dict(), "loader state")}
@@ -195,8 +193,8 @@ class Checkpointer:
     # ------------------------------------------------------------------- loading
 
     def load(self, path: Path) -> int:
-        """Restore model, optimizer, loader position, step health, loss scale and RNG from
-        the checkpoint at `path`; return the step it was saved at.
+        """Restore model, optimizer, loader position, RNG and the parts from the checkpoint
+        at `path`; return the step it was saved at.
 
         The saved layout may differ from this run's (DCP reshards). The loader's position
         moves across data-parallel sizes when the loader's state is the same on every rank
@@ -222,10 +220,10 @@ class Checkpointer:
             "optim": optimizer_state(self.model, self.optimizer),
             "train": self._train_state(0),
         }
-        if _holds(metadata, "health"):
-            state["health"] = {name: part.state_dict() for name, part in self.health.items()}
-        if self.loss_scaler is not None and _holds(metadata, "scaler"):
-            state["scaler"] = self.loss_scaler.state_dict()
+        # A part the checkpoint lacks (saved before it existed) keeps its fresh state.
+        loaded_parts = {key: part for key, part in self.parts.items() if _holds(metadata, key)}
+        for key, part in loaded_parts.items():
+            _place(state, key, part.state_dict())
         if self.loader is not None:
             state["loader"] = {loader_key: _loader_skeleton(metadata, loader_key)}
         same_world = info.get("world_size") == self.topology.world_size
@@ -234,13 +232,10 @@ class Checkpointer:
         load_state(path, state)
 
         load_model_state(self.model, state["model"])
-        if "health" in state:
-            for name, part in self.health.items():
-                part.load_state_dict(state["health"][name])
+        for key, part in loaded_parts.items():
+            part.load_state_dict(_find(state, key))
         if self.loader is not None:
             self.loader.load_state_dict(_from_tensors(state["loader"][loader_key]))
-        if self.loss_scaler is not None and "scaler" in state:
-            self.loss_scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             self.rng.load_state_dict(state["rng"][self._rank_key])
         self.loaded_from = path
@@ -266,6 +261,22 @@ class Checkpointer:
                 "be resumed exactly (start from its weights with trainer.init_from=PATH)"
             )
         return key
+
+
+def _place(state: dict[str, Any], key: str, value: dict[str, Any]) -> None:
+    """Put `value` into the nested `state` at dotted `key` ("health.spikes" ->
+    state["health"]["spikes"]), which DCP saves as health.spikes.<name>."""
+    *outer, last = key.split(".")
+    for name in outer:
+        state = state.setdefault(name, {})
+    state[last] = value
+
+
+def _find(state: dict[str, Any], key: str) -> dict[str, Any]:
+    """The value `_place` put at dotted `key`."""
+    for name in key.split("."):
+        state = state[name]
+    return state
 
 
 def _holds(metadata: Metadata, prefix: str) -> bool:
