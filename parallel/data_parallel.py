@@ -69,7 +69,8 @@ def apply_data_parallel(
     """`fully_shard` each block of `model.layers`, then the root, over the data-parallel mesh.
 
     With a shard group of one (plain replication) nothing is gathered, so weights are never
-    resharded. The root is not resharded after forward: its head runs first in backward.
+    resharded. The root is not resharded after forward: its head runs first in backward (and
+    `Transformer.loss` runs the head after the body's forward, on the weight still gathered).
     Experts sharded by expert parallelism are their own FSDP unit inside their block
     (`_shard_experts`).
     """

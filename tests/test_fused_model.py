@@ -4,8 +4,8 @@ under tp2 and dp_shard2 (gloo); each fused operator is really called with fused,
 with torch.
 
 Under tp2 the norms run on sequence-sharded DTensors (csrc/sharding.py) and the loss stays
-vocabulary-parallel on the logits; under dp_shard2 the fused loss runs inside FSDP's root
-forward (`Transformer.loss` runs the body as the root module's forward, then the head).
+vocabulary-parallel on the logits; under dp_shard2 the fused loss reads the head weight
+FSDP's root gathered for the body's forward and keeps until backward (`Transformer.loss`).
 """
 
 from __future__ import annotations
