@@ -247,7 +247,7 @@ def test_resume_with_another_dp_size_continues_the_same_sample_stream():
     single = TrainBatches(windows, 2, 5)
     for _ in range(6):
         next(single)
-    assert torch.equal(next(one)[0], next(single)[0])
+    assert torch.equal(next(one).inputs, next(single).inputs)
 
 
 def test_validation_batches_are_fixed_and_split_over_dp_ranks():
@@ -279,7 +279,7 @@ def test_blend_config_reads_several_shard_directories(shard_dir, tmp_path):
     cfg = DataConfig(mode="shards", blend=blend, vocab_size=VOCAB, seq_len=32)
     train = build_loaders(cfg, micro_batch_size=4).train
     assert [round(w, 2) for w in train.samples.weights] == [0.75, 0.25]
-    assert next(train)[0].shape == (4, 32)
+    assert next(train).inputs.shape == (4, 32)
 
 
 # shards mode settings and errors
@@ -330,10 +330,10 @@ def test_streaming_resumes_exactly_and_splits_by_node(jsonl_corpus, tokenizer_di
     for _ in range(9):
         next(original)
     state = original.state_dict()
-    expected = [next(original)[0] for _ in range(5)]
+    expected = [next(original).inputs for _ in range(5)]
     resumed = stream()
     resumed.load_state_dict(state)
-    assert all(torch.equal(next(resumed)[0], want) for want in expected)
+    assert all(torch.equal(next(resumed).inputs, want) for want in expected)
     # Two nodes read disjoint rows (the three files are shared out between them).
     rows = [[r["text"] for r in stream(rank, 2).dataset] for rank in range(2)]
     assert rows[0] and rows[1] and not set(rows[0]) & set(rows[1])
@@ -343,7 +343,7 @@ def test_streaming_mode_through_build_loaders(tmp_path, jsonl_corpus, tokenizer_
     cfg = DataConfig(mode="streaming", dataset=jsonl_corpus, tokenizer=tokenizer_dir,
                      vocab_size=VOCAB, seq_len=32, val_fraction=0.1)
     train, val, tokenizer, prepared = build_loaders(cfg, micro_batch_size=2)
-    assert next(train)[0].shape == (2, 32) and prepared.directories == ()
+    assert next(train).inputs.shape == (2, 32) and prepared.directories == ()
     first = [b.inputs for b in val.batches(2)]
     assert all(torch.equal(a, b) for a, b in zip(first, [b.inputs for b in val.batches(2)],
                                                  strict=True))
@@ -362,7 +362,7 @@ def test_streaming_from_a_save_to_disk_directory_equals_streaming_from_jsonl(
     streams = [StreamingBatches(open_streaming_dataset(spec), tokenizer, "text", 32, 4, 0.1)
                for spec in (str(tmp_path / "ds"), jsonl_corpus)]
     for _ in range(10):
-        assert torch.equal(next(streams[0])[0], next(streams[1])[0])
+        assert torch.equal(next(streams[0]).inputs, next(streams[1]).inputs)
 
 
 # per-document attention: the loaders hand over document ids (data.document_masking)
