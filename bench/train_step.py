@@ -35,7 +35,7 @@ from scaleforge.core.metrics import peak_memory_gb
 from scaleforge.core.trainer import Trainer
 from scaleforge.data_pipeline.batch import Batch
 from scaleforge.models import build, count_parameters
-from scaleforge.parallel.topology import resolve_device
+from scaleforge.parallel.run_setup import resolve_device
 
 
 def _default_overrides() -> list[str]:

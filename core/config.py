@@ -32,11 +32,8 @@ from scaleforge.parallel.expert_tensor_parallel import check_expert_tensor_paral
 from scaleforge.parallel.layout import check_layout_model, layout_dims
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_rules import check_pipeline_layout
-from scaleforge.parallel.topology import (
-    ParallelDims,
-    check_backend,
-    resolve_device,
-)
+from scaleforge.parallel.run_setup import check_backend, resolve_device
+from scaleforge.parallel.topology import ParallelDims
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
@@ -319,7 +316,7 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     a rule that builds on another (the pipeline's on the layout's) runs only when that one
     passed. Runs identically on every rank before any process group exists, so a bad layout
     stops all ranks with the same error and no rank is left waiting in a collective.
-    Returns the layout's sizes, for `parallel.topology.init_topology`.
+    Returns the layout's sizes, for `parallel.run_setup.init_topology`.
     """
     problems = ErrorCollector()
     ok = {name: problems.run(getattr(cfg, name).check, name)

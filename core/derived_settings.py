@@ -14,7 +14,7 @@ from scaleforge.core.config import Config
 from scaleforge.core.precision import cpu_bf16_warning
 from scaleforge.data_pipeline.vocabulary import infer_data_vocab_size
 from scaleforge.errors import ConfigError
-from scaleforge.parallel.topology import resolve_device
+from scaleforge.parallel.run_setup import resolve_device
 
 
 def derive_settings(cfg: Config) -> list[str]:

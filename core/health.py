@@ -23,6 +23,7 @@ import torch
 
 from scaleforge.core.config import TrainerConfig
 from scaleforge.errors import TrainingDivergedError
+from scaleforge.parallel.collectives import sum_over_world
 from scaleforge.parallel.topology import Topology
 
 # Weight of the newest loss in the spike detector's moving mean and variance: an EMA over
@@ -69,7 +70,7 @@ def agree_on_step(
     # on CUDA waits for the stream.
     preempted_flag = torch.full((), float(preemption_requested), device=loss.device)
     local = torch.stack([loss, (~torch.isfinite(loss)).float(), preempted_flag])
-    total = topology.sum_over_world(local)
+    total = sum_over_world(topology, local)
     # clip_grad_norm returns a CPU zero when no parameter has a gradient.
     norm = grad_norm.detach().float().reshape(1).to(total.device)
     loss_sum, nonfinite_losses, preempted, norm_value = read_on_host(torch.cat([total, norm]))

@@ -10,6 +10,7 @@ import torch
 from scaleforge.core.flops import peak_flops, training_flops_per_token
 from scaleforge.core.metrics import peak_memory_gb, peak_reserved_memory_gb, reset_peak_memory
 from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.collectives import max_over_world
 from scaleforge.parallel.topology import Topology
 
 
@@ -63,7 +64,8 @@ class ThroughputMeter:
         gpus = self.topology.world_size
         peak = self.peak_flops
         reserved = peak_reserved_memory_gb(device)
-        memory = self.topology.max_over_world(
+        memory = max_over_world(
+            self.topology,
             torch.tensor([peak_memory_gb(device), reserved or 0.0], dtype=torch.float64,
                          device=device)
         ).tolist()

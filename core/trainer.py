@@ -72,12 +72,14 @@ from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.core.train_modules import ValidationSource, build_train_module
 from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.loader import build_loaders
+from scaleforge.parallel.collectives import broadcast_from_rank0, mean_over_dp_and_cp
 from scaleforge.parallel.context_parallel import batch_columns
 from scaleforge.parallel.data_parallel import autocast_precision
 from scaleforge.parallel.expert_load import ExpertLoad
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import gathered_state_dict
-from scaleforge.parallel.topology import Topology, init_topology
+from scaleforge.parallel.run_setup import init_topology, local_rank0_first
+from scaleforge.parallel.topology import Topology
 
 
 def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
@@ -118,7 +120,7 @@ class Trainer:
         world_size)`."""
         self.topology = topology or start_topology(cfg, world_size)
         self.cfg = cfg
-        self.run_dir = Path(self.topology.broadcast_from_rank0(str(run_dir)))
+        self.run_dir = Path(broadcast_from_rank0(self.topology, str(run_dir)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.topology.is_rank0:
             OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
@@ -131,7 +133,8 @@ class Trainer:
 
         self.data_summary: str | None = None  # a line about the data the run reads
         if data is None:
-            loaders = self.topology.local_rank0_first(
+            loaders = local_rank0_first(
+                self.topology,
                 lambda: build_loaders(
                     cfg.data, cfg.trainer.micro_batch_size, self.topology.dp_rank,
                     self.topology.dp_size, accelerator=self.device.type == "cuda",
@@ -352,7 +355,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {
             "step": self.step,
-            "loss": self.topology.mean_over_dp(loss).item(),
+            "loss": mean_over_dp_and_cp(self.topology, loss).item(),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm.item(),
             "tokens": self.step * cfg.global_batch_tokens,

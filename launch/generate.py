@@ -49,7 +49,7 @@ def sample_text(settings: GenerateSettings) -> str:
     from scaleforge.launch.convert import read_training_weights
     from scaleforge.models import build
     from scaleforge.models.generate import Sampling, generate
-    from scaleforge.parallel.topology import resolve_device
+    from scaleforge.parallel.run_setup import resolve_device
 
     if settings.temperature < 0:
         raise ConfigError(f"temperature={settings.temperature} must be at least 0 (0: greedy)")

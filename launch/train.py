@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from scaleforge.errors import ConfigError, exit_on_config_error, messages_of
 from scaleforge.launch.key_value import is_help
+from scaleforge.parallel.run_setup import errors_labelled
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -84,7 +85,7 @@ def train(cfg: DictConfig) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     topology = start_topology(config, world_size)
     try:
-        with topology.errors_labelled():
+        with errors_labelled(topology):
             trainer = Trainer(config, Path(config.run_dir), world_size, topology=topology)
             if config.trainer.dry_run:
                 from scaleforge.planner.dry_run import report_dry_run

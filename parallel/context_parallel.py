@@ -24,7 +24,7 @@ causal attention only). The model is given its tokens' global positions (RoPE, G
 positions) by a forward pre-hook; it knows nothing else of the split.
 
 Loss and counts: each rank's loss is the mean over its T / N tokens of each sequence; the
-mean over the cp ranks (`Topology.sum_over_dp`, and the world mean of
+mean over the cp ranks (`collectives.mean_over_dp_and_cp`, and the world mean of
 `core.health.agree_on_step`) is the mean over every token once, since all chunks are equal.
 """
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.moe import moe_layers, set_aux_loss_scale, update_expert_bias
+from scaleforge.parallel.collectives import sum_over_tokens
 from scaleforge.parallel.topology import Topology
 
 
@@ -45,7 +46,7 @@ class ExpertLoad:
         if not self.layers:
             return
         # Every layer's counts in one tensor: one all-reduce per step for all of them.
-        packed = self.topology.sum_over_tokens(torch.cat([
+        packed = sum_over_tokens(self.topology, torch.cat([
             torch.cat([module.load, module.dropped.view(1), module.aux_loss.view(1)])
             for module in self.layers.values()]))
         sizes = [module.load.numel() + 2 for module in self.layers.values()]

@@ -3,7 +3,7 @@ borrowed from the dp_shard x cp ranks (torchtitan's scheme), tokens moved to the
 by all-to-all with variable splits.
 
     expert mesh          ("pp", "dp_replicate", "efsdp", "ep", "tp") over the world
-                         (`topology.build_expert_mesh`): the dp_shard x cp ranks cut into
+                         (`run_setup.build_expert_mesh`): the dp_shard x cp ranks cut into
                          efsdp x ep, ep inner. e.g. dp_shard 4, ep 2: ep groups [0, 1],
                          [2, 3]; efsdp groups [0, 2], [1, 3].
     experts.w1, w3, w2   DTensor (E, ., .) Shard(0) on "ep": ep rank r holds experts

@@ -2,7 +2,7 @@
 the world size, tensor parallelism against the model's heads, widths and vocabulary, and
 context parallelism against the sequence length and the attention kernel (`check_layout`).
 Runs identically on every rank, so a bad layout stops every rank with the same ConfigError
-and none waits in a collective; `parallel.topology.init_topology` then builds the mesh.
+and none waits in a collective; `parallel.run_setup.init_topology` then builds the mesh.
 """
 
 from __future__ import annotations

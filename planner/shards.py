@@ -2,7 +2,7 @@
 one process.
 
 `fake_world(n)` starts torch's fake process group (`backend="fake"`: every collective
-returns at once, nothing is sent) as rank 0 of `n`, so `parallel.topology.init_topology`
+returns at once, nothing is sent) as rank 0 of `n`, so `parallel.run_setup.init_topology`
 builds a real DeviceMesh of any shape without the GPUs. `ShardProbe` then builds the model
 on the meta device and applies `parallel.parallelize.parallelize` (tensor parallel,
 activation checkpointing, FSDP) exactly as the trainer does, and reads each parameter's
@@ -42,7 +42,8 @@ from scaleforge.parallel.pipeline_schedules import (
     stage_indices,
     stage_layer_ranges,
 )
-from scaleforge.parallel.topology import ParallelDims, init_topology
+from scaleforge.parallel.run_setup import init_topology
+from scaleforge.parallel.topology import ParallelDims
 
 # AdamW's `step`: one fp32 scalar tensor per parameter (fused and capturable kernels keep
 # it on the device).

@@ -20,6 +20,7 @@ from distributed import run_distributed_test
 from micro_runs import synthetic_data
 from scaleforge.core.config import Config
 from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.parallel.collectives import mean_over_dp_and_cp
 from scaleforge.parallel.parallelize import gathered_state_dict
 from scaleforge.parallel.topology import Topology
 
@@ -154,7 +155,7 @@ def train_and_record(
     adam = None if topology.is_distributed else adam_record(trainer.optimizer)
     for _ in range(steps):
         loss, grad_norm = trainer.train_step(trainer.train_batches)
-        losses.append(topology.mean_over_dp(loss).item())
+        losses.append(mean_over_dp_and_cp(topology, loss).item())
         grad_norms.append(grad_norm.item())
         moe_metrics.append(trainer.expert_load.metrics())
         if adam is not None:

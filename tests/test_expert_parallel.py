@@ -27,7 +27,8 @@ from scaleforge.core.config import Config, validate
 from scaleforge.errors import ConfigError
 from scaleforge.models.init import canonical_name
 from scaleforge.parallel.config import ParallelConfig
-from scaleforge.parallel.topology import ParallelDims, init_topology
+from scaleforge.parallel.run_setup import init_topology
+from scaleforge.parallel.topology import ParallelDims
 from scaleforge.planner.search import Layout, layout_config
 from scaleforge.planner.shards import ShardProbe, fake_world
 

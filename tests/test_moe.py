@@ -29,7 +29,8 @@ from scaleforge.models.moe import (
 )
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.expert_load import ExpertLoad
-from scaleforge.parallel.topology import ParallelDims, init_topology
+from scaleforge.parallel.run_setup import init_topology
+from scaleforge.parallel.topology import ParallelDims
 from scaleforge.planner.hardware import gpu_spec
 from scaleforge.planner.search import plan_layouts
 from scaleforge.planner.shards import GatheredElements, ShardProbe, fake_world

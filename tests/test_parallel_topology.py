@@ -13,8 +13,10 @@ from micro_runs import micro_config
 from scaleforge.core.config import validate
 from scaleforge.core.trainer import start_topology
 from scaleforge.errors import ConfigError
+from scaleforge.parallel.collectives import broadcast_from_rank0
 from scaleforge.parallel.layout import check_layout
-from scaleforge.parallel.topology import MESH_DIMS, check_backend
+from scaleforge.parallel.run_setup import check_backend, errors_labelled, local_rank0_first
+from scaleforge.parallel.topology import MESH_DIMS
 
 
 @pytest.mark.parametrize(
@@ -111,7 +113,7 @@ def test_single_process_topology_starts_no_process_group(tmp_path):
     assert not topology.is_distributed and not dist.is_initialized()
     assert (topology.dp_rank, topology.dp_size, topology.is_rank0) == (0, 1, True)
     assert topology.label() == "[pp0 dp0 tp0]"
-    assert topology.broadcast_from_rank0("runs/x") == "runs/x"
+    assert broadcast_from_rank0(topology, "runs/x") == "runs/x"
 
 
 def _hang_in_tp_group(cfg) -> None:
@@ -125,7 +127,7 @@ def _hang_in_tp_group(cfg) -> None:
         time.sleep(3 * cfg.parallel.timeout_s)  # never joins the collective
         return
     try:
-        with topology.errors_labelled():
+        with errors_labelled(topology):
             dist.all_reduce(torch.ones(1), group=topology.group("tp"))
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
@@ -163,14 +165,14 @@ def _prepare_slowly_on_local_rank0(cfg) -> tuple[str, str]:
             prepared.write_text("shards")
         return prepared.read_text()  # the other ranks find local rank 0's result
 
-    found = topology.local_rank0_first(prepare)
+    found = local_rank0_first(topology, prepare)
 
     def fail_on_local_rank0() -> None:
         if first:
             raise ConfigError("data.path=missing does not exist")
 
     with pytest.raises(ConfigError) as info:
-        topology.local_rank0_first(fail_on_local_rank0)
+        local_rank0_first(topology, fail_on_local_rank0)
     dist.barrier()  # the training groups still work after the preparation's own groups
     return found, str(info.value)
 

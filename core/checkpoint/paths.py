@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleforge.errors import ConfigError
+from scaleforge.parallel.collectives import broadcast_from_rank0
 from scaleforge.parallel.topology import Topology
 
 CHECKPOINTS = "checkpoints"
@@ -95,7 +96,7 @@ def choose_resume(resume: str, run_dir: str | Path, topology: Topology) -> Path 
     choice on all: every rank loads the same checkpoint even if one completed meanwhile.
     Collective."""
     choice = resolve_resume(resume, run_dir)
-    chosen = topology.broadcast_from_rank0(str(choice) if choice else "")
+    chosen = broadcast_from_rank0(topology, str(choice) if choice else "")
     return Path(chosen) if chosen else None
 
 

@@ -9,6 +9,7 @@ import torch
 from scaleforge.core.precision import Precision
 from scaleforge.core.train_modules.interface import ValidationSource
 from scaleforge.data_pipeline.batch import Batch, step_batch
+from scaleforge.parallel.collectives import mean_over_dp_and_cp
 from scaleforge.parallel.pipeline import Pipeline, pipeline_eval, pipeline_step
 from scaleforge.parallel.pipeline_rules import eval_batches_per_rank
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
@@ -53,7 +54,7 @@ class PipelinedTrainModule:
         batches = [self._for_schedule(batch) for batch in source.batches(per_rank)]
         with self.precision.autocast():
             loss = pipeline_eval(self.pipeline, batches)
-        return self.topology.mean_over_dp(loss)
+        return mean_over_dp_and_cp(self.topology, loss)
 
     def describe(self) -> str:
         """The schedule, this rank's stages and the schedule's theoretical bubble."""

@@ -11,6 +11,7 @@ from scaleforge.core.precision import Precision
 from scaleforge.core.train_modules.interface import ValidationSource
 from scaleforge.data_pipeline.batch import Batch, step_batch
 from scaleforge.models.transformer import Transformer
+from scaleforge.parallel.collectives import sum_over_tokens
 from scaleforge.parallel.data_parallel import set_gradient_reduction
 from scaleforge.parallel.topology import Topology
 
@@ -71,7 +72,9 @@ class PlainTrainModule:
                 losses.append(loss)
         local = (torch.stack(losses).sum() if losses
                  else torch.zeros((), device=self.topology.device))
-        return self.topology.sum_over_dp(local) / eval_batches
+        # Each cp rank's losses are its chunks' means: a replica's are their mean over cp.
+        total = sum_over_tokens(self.topology, local) / self.topology.dims.cp
+        return total / eval_batches
 
     def describe(self) -> str:
         """Nothing beyond the layout: ''."""
