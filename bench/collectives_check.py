@@ -14,7 +14,7 @@ must give):
   mixed precision: forward + backward, with the collectives FSDP itself called counted;
 - sequence parallelism's all-gather and reduce-scatter (`parallel.sequence_collectives`),
   forward and backward, on (B, T, d) bf16;
-- all-reduce as the step's metrics and MoE statistics use it (`Topology.sum_over_world`,
+- all-reduce as the step's metrics and MoE statistics use it (`collectives.sum_over_world`,
   `max_over_world`);
 - expert parallelism's all-to-all with uneven splits (`AllToAllDispatcher` dispatch and
   combine, one empty expert);
@@ -43,6 +43,7 @@ import torch.distributed as dist
 from scaleforge.core.config import compose, to_config
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
+from scaleforge.parallel.collectives import max_over_world, sum_over_world
 from scaleforge.parallel.data_parallel import apply_data_parallel
 from scaleforge.parallel.expert_parallel import AllToAllDispatcher
 from scaleforge.parallel.sequence_collectives import gather_sequence, reduce_scatter_sequence
@@ -136,9 +137,10 @@ def check_all_reduce(topology: Topology, cfg: TransformerConfig) -> dict[str, An
     """The metrics' and MoE statistics' all-reduces (fp32 vectors)."""
     world = dist.get_world_size()
     value = torch.ones(cfg.n_layers * 10, device=topology.device)
-    total, ms = _timed(lambda: topology.sum_over_world(value), topology.device)
+    total, ms = _timed(lambda: sum_over_world(topology, value), topology.device)
     assert bool((total == world).all())
-    largest = topology.max_over_world(torch.tensor(float(topology.rank), device=topology.device))
+    largest = max_over_world(topology, torch.tensor(float(topology.rank),
+                                                  device=topology.device))
     assert float(largest) == world - 1
     return {"shape": f"({value.numel()},)", "dtype": "fp32", "ms": ms}
 
