@@ -57,6 +57,7 @@ from scaleforge.bench.fake_cuda import (
 from scaleforge.core.config import Config, compose, to_config
 from scaleforge.core.precision import build_precision
 from scaleforge.core.trainer import Trainer, start_topology
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.errors import KernelBuildError
 from scaleforge.parallel.context_parallel import batch_columns
 from scaleforge.parallel.data_parallel import autocast_precision
@@ -157,24 +158,24 @@ class _FakeBatches:
     def __init__(self, batch_size: int, seq_len: int, vocab_size: int):
         self.shape, self.vocab_size = (batch_size, seq_len), vocab_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self._batch()
 
-    def batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, num_batches: int) -> Iterator[Batch]:
         return (self._batch() for _ in range(num_batches))
 
     def first_stage_inputs(self, topology: Topology) -> torch.Tensor:
         """One micro-batch's token ids as the first pipeline stage receives them: this cp
         rank's columns, on the device."""
-        inputs = self._batch()[0]
+        inputs = self._batch().inputs
         if (columns := batch_columns(topology, self.shape[1])) is not None:
             inputs = torch.cat([inputs[:, part] for part in columns], dim=1)
         return inputs.to(topology.device)
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randint(0, self.vocab_size, self.shape),
-                torch.randint(0, self.vocab_size, self.shape))
+    def _batch(self) -> Batch:
+        return Batch(torch.randint(0, self.vocab_size, self.shape),
+                     torch.randint(0, self.vocab_size, self.shape))
 
 
 def _failure(error: BaseException) -> str:
@@ -227,7 +228,7 @@ def check_layout(name: str, overrides: list[str], evaluate: bool = False,
                                       topology=topology)
                     built, reads_before = len(watch.calls), len(watch.allowed_reads)
                     with (plant(trainer) if plant else contextlib.nullcontext(),
-                          gradients_stood_in(trainer.model.parameters)):
+                          gradients_stood_in(trainer.model_parts.parameters)):
                         loss, _ = trainer.train_step(trainer.train_batches)
                 except Exception as error:  # noqa: BLE001 (the check's failure)
                     return Check(check, False, _failure(error))

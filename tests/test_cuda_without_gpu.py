@@ -38,7 +38,8 @@ def test_fake_cuda_step_passes_every_check(name):
 @contextlib.contextmanager
 def _after_forward(trainer: Trainer, planted) -> Iterator[None]:
     """Run `planted(output)` after each forward of the trainer's model."""
-    handle = trainer.model.register_forward_hook(lambda module, inputs, output: planted(output))
+    handle = trainer.model_parts[0].register_forward_hook(
+        lambda module, inputs, output: planted(output))
     try:
         yield
     finally:
