@@ -285,14 +285,16 @@ class Trainer:
             self.run_dir, self.cfg.logging, asdict(self.cfg), self.cfg.trainer.max_steps,
             is_rank0=self.topology.is_rank0,
         )
-        record = self._start(logger)
-        record = self._train(logger, record)
-        if self.stop_requested:
-            self._stop_for_preemption(logger)
-        else:
-            self._finish(logger)
-        if own_logger:
-            logger.close()
+        try:
+            record = self._start(logger)
+            record = self._train(logger, record)
+            if self.stop_requested:
+                self._stop_for_preemption(logger)
+            else:
+                self._finish(logger)
+        finally:  # a diverged run's metrics and W&B run are closed before its error exit
+            if own_logger:
+                logger.close()
         return record
 
     def _start(self, logger: MetricsLogger) -> dict:

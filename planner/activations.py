@@ -41,7 +41,8 @@ Mixture-of-Experts layers (model.moe, models/moe.py) replace the MLP's tensors w
 router's (its fp32 softmax, the top-k weights and the int64 indices that sort, gather and
 scatter the k assignments of each token) and, per assignment, its input and output rows and
 the expert's four SwiGLU tensors of the expert width (split by tp only under
-`parallel.etp`), plus the shared experts' SwiGLU per token. Under tp the MoE layer takes the
+`parallel.etp`), plus the shared experts' SwiGLU per token, plus what the grouped GEMM's
+padding keeps (`_moe_padding_bytes`). Under tp the MoE layer takes the
 whole sequence on every tp rank (parallel/expert_tensor_parallel.py), so these count every
 token, not a tp shard.
 
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.family import FamilyCounts, family_spec
-from scaleforge.models.moe import expert_hidden
+from scaleforge.models.moe import GROUP_ALIGNMENT, expert_hidden
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,22 @@ def _moe_bytes_per_token(x: ActivationSetting) -> float:
     return _norm_bytes_per_token(x, 1) + routing + experts + shared
 
 
+def _moe_padding_bytes(x: ActivationSetting) -> float:
+    """What the grouped GEMM adds to a MoE layer per micro-batch (models/moe.py's
+    `pad_groups`; nothing under model.moe.grouped_mm=loop): the padded copy of the n = top_k x
+    tokens assignment rows, in a buffer of n + E x GROUP_ALIGNMENT rows, the four SwiGLU
+    tensors' E x GROUP_ALIGNMENT extra rows, and the int64 position of each assignment in the
+    buffer, kept twice (the scatter into it and the gather out). Counts all E experts and all
+    n assignments under expert parallelism too (a balanced rank's receive, not a bound)."""
+    m, e = x.model, x.compute_bytes
+    if m.moe.grouped_mm == "loop":
+        return 0.0
+    width = expert_hidden(m) / x.etp
+    n = m.moe.top_k * x.tokens
+    extra = m.moe.num_experts * GROUP_ALIGNMENT
+    return (n + extra) * m.d_model * e + extra * 4 * width * e + 2 * 8 * n
+
+
 def block_bytes(x: ActivationSetting, layer: int = 0) -> float:
     """Bytes block `layer` keeps for one micro-batch without checkpointing, on one tp
     rank (its MLP a MoE one where model.moe says so); the attention's and the dense MLP's
@@ -126,7 +143,7 @@ def block_bytes(x: ActivationSetting, layer: int = 0) -> float:
     counts, m = _counts(x), x.model
     attention = counts.attention_bytes(m, x)
     if m.moe.is_moe_layer(layer):
-        return x.tokens * (attention + _moe_bytes_per_token(x))
+        return x.tokens * (attention + _moe_bytes_per_token(x)) + _moe_padding_bytes(x)
     return x.tokens * (attention + counts.mlp_bytes(m, x))
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,6 +234,8 @@ def test_slurm_template_passes_usr1_to_srun_and_requeues_after_the_save(tmp_path
         "SLURM_JOB_NODELIST": "node-a",
         "SLURM_NNODES": "1",
         "REQUEUE": "1",
+        "SCALEFORGE_PYTHON": sys.executable,  # the template's default, .venv/bin/python, is
+        # relative to the job's directory (here tmp_path)
     }
     job = subprocess.Popen(
         ["bash", str(template)],

@@ -174,3 +174,14 @@ def test_slurm_template_passes_only_flags_the_installed_torchrun_accepts(tmp_pat
         assert "--shutdown-timeout" in flags
     else:
         assert "--shutdown-timeout" in template  # passed where the installed torchrun has it
+
+
+def test_slurm_template_names_the_python_it_cannot_find(tmp_path):
+    env = {**os.environ, "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-a",
+           "SLURM_NNODES": "1", "SCALEFORGE_PYTHON": "no-venv/bin/python"}
+    template = Path(__file__).parents[1] / "launch" / "slurm_train.sbatch"
+    result = subprocess.run(["bash", str(template)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "SCALEFORGE_PYTHON=no-venv/bin/python" in result.stderr, result.stderr
+    assert "export SCALEFORGE_PYTHON=" in result.stderr
