@@ -141,7 +141,9 @@ class Trainer:
                 )
             )
             data = (iter(loaders.train), loaders.val)
-            self.data_summary = describe_data(cfg, loaders.prepared.directories)
+            self.data_summary = "\n".join(
+                line for line in (describe_data(cfg, loaders.prepared.directories),
+                                  *loaders.prepared.notes) if line) or None
         self.train_batches, self.val_loader = data
 
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, self.device,

@@ -7,15 +7,21 @@ from dataclasses import dataclass
 
 import torch
 
+# A target that adds neither loss nor gradient (models/loss.py's IGNORE_INDEX, and
+# F.cross_entropy's default): prompt tokens of instruction data, padding.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class Batch:
     """One micro-batch of packed windows.
 
     inputs, targets: (micro_batch_size, seq_len) int64 token ids, targets the inputs shifted
-    by one. document_ids: (micro_batch_size, seq_len) int64, which document of its row each
-    input position belongs to (data_pipeline.samples.document_ids), present when the loader
-    was given an EOS id (data.document_masking); None otherwise.
+    by one (IGNORE_INDEX where a position carries no loss: instruction data's prompts,
+    data_pipeline/packed_conversations.py). document_ids: (micro_batch_size, seq_len) int64,
+    which document of its row each input position belongs to (data_pipeline.samples.
+    document_ids, or the packed conversations), present when the loader was given an EOS id
+    (data.document_masking); None otherwise.
     """
 
     inputs: torch.Tensor

@@ -23,6 +23,15 @@ class BlendSourceConfig:
 
 
 @dataclass
+class SftDataConfig:
+    """Instruction data (shards of `sf-preprocess sft`): how conversations are packed."""
+
+    # A conversation longer than data.seq_len + 1 tokens: drop it, or truncate it to its
+    # first seq_len + 1 tokens (either is counted and reported at start).
+    overlong: str = "drop"
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from; `mode` picks one of three:
 
@@ -65,10 +74,13 @@ class DataConfig:
     # Hand the model each packed window's document ids (a new document after each EOS), so
     # no token attends to an earlier document of its window (model.attention masks them).
     document_masking: bool = False
+    # Conversation shards (sf-preprocess sft, read with data.path): packing settings.
+    sft: SftDataConfig = field(default_factory=SftDataConfig)
 
     def check(self, prefix: str = "data") -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
         check_choice(f"{prefix}.mode", self.mode, DATA_MODES)
+        check_choice(f"{prefix}.sft.overlong", self.sft.overlong, ("drop", "truncate"))
         if self.num_workers < -1:
             raise ConfigError(
                 f"{prefix}.num_workers={self.num_workers} must be -1 (auto) or at least 0"

@@ -21,17 +21,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.config import DataConfig
+from scaleforge.data_pipeline.conversation_shards import SFT_SECTION, open_masks
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer, open_split
+from scaleforge.data_pipeline.packed_conversations import PackedConversations
 from scaleforge.data_pipeline.prepare import prepare
 from scaleforge.data_pipeline.samples import (
     BlendedSamples,
     TokenStream,
     TokenWindows,
-    document_ids,
+    WindowSource,
 )
 from scaleforge.data_pipeline.sources import open_streaming_dataset
 from scaleforge.data_pipeline.split import lowest_documents, val_fraction_for
 from scaleforge.data_pipeline.streaming import StreamingBatches
+from scaleforge.data_pipeline.token_file import read_document_index
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.data_pipeline.vocabulary import missing_shard_source
 from scaleforge.errors import ConfigError
@@ -63,10 +66,8 @@ class _RankStream(IterableDataset):
     def micro_batch(self, step: int) -> Batch:
         """This rank's micro-batch `step`: the group's micro-batch step * dp_size + rank."""
         start = (step * self.dp_size + self.dp_rank) * self.micro_batch_size
-        inputs, targets = self.samples.batch(np.arange(start, start + self.micro_batch_size))
-        if self.eos_id is None:
-            return Batch(inputs, targets)
-        return Batch(inputs, targets, document_ids(inputs, self.eos_id))
+        return self.samples.micro_batch(np.arange(start, start + self.micro_batch_size),
+                                        self.eos_id)
 
 
 class TrainBatches:
@@ -86,7 +87,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        samples: TokenWindows | BlendedSamples,
+        samples: WindowSource | BlendedSamples,
         micro_batch_size: int,
         seed: int,
         dp_rank: int = 0,
@@ -97,7 +98,7 @@ class TrainBatches:
     ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
-        if isinstance(samples, TokenWindows):
+        if not isinstance(samples, BlendedSamples):
             samples = BlendedSamples([samples], [1.0], seed)
         if len(samples) < micro_batch_size * dp_size:
             raise ValueError(
@@ -160,7 +161,7 @@ class ValBatches:
     same way as training: rank r's i-th micro-batch is the single-process one i * dp_size + r."""
 
     def __init__(
-        self, windows: TokenWindows, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+        self, windows: WindowSource, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
         eos_id: int | None = None,
     ):
         self.windows = windows
@@ -177,19 +178,17 @@ class ValBatches:
         for step in range(num_batches):
             start = (step * self.dp_size + self.dp_rank) * self.micro_batch_size
             window_ids = np.arange(start, start + self.micro_batch_size) % len(self.windows)
-            inputs, targets = self.windows.batch(window_ids)
-            if self.eos_id is None:
-                yield Batch(inputs, targets)
-            else:
-                yield Batch(inputs, targets, document_ids(inputs, self.eos_id))
+            yield self.windows.micro_batch(window_ids, self.eos_id)
 
 
 class PreparedData(NamedTuple):
-    """What the loaders read: the shard directories (none when streaming) and the
-    tokenizer's vocabulary size."""
+    """What the loaders read: the shard directories (none when streaming), the
+    tokenizer's vocabulary size, and lines worth reporting at start (how conversations were
+    packed)."""
 
     directories: tuple[Path, ...]
     vocab_size: int
+    notes: tuple[str, ...] = ()
 
 
 class Loaders(NamedTuple):
@@ -218,6 +217,9 @@ def build_loaders(
         return _streaming_loaders(data_cfg, micro_batch_size, dp_rank, dp_size, accelerator)
     sources = _shard_sources(data_cfg)
     directories = tuple(directory for directory, _ in sources)
+    if any(SFT_SECTION in load_manifest(directory) for directory in directories):
+        return _conversation_loaders(data_cfg, directories, micro_batch_size, dp_rank, dp_size,
+                                     accelerator)
     opened = [_open_shards(directory, data_cfg) for directory in directories]
     tokenizer = opened[0][2]
     for directory, (_, _, other) in zip(directories[1:], opened[1:], strict=True):
@@ -246,6 +248,64 @@ def build_loaders(
         tokenizer=tokenizer,
         prepared=PreparedData(directories, tokenizer.vocab_size),
     )
+
+
+def _conversation_loaders(data_cfg: DataConfig, directories: tuple[Path, ...],
+                          micro_batch_size: int, dp_rank: int, dp_size: int,
+                          accelerator: bool) -> Loaders:
+    """The loaders of conversation shards (`sf-preprocess sft`): whole conversations packed
+    into windows, the loss on the assistants' tokens (data_pipeline/packed_conversations.py)."""
+    if len(directories) > 1:
+        raise ConfigError(
+            f"data.blend: {', '.join(map(str, directories))} include conversation shards "
+            "(sf-preprocess sft), which are read alone; give one of them as data.path"
+        )
+    if not data_cfg.document_masking:
+        raise ConfigError(
+            f"data.path={str(directories[0])!r} holds conversations (sf-preprocess sft), "
+            "packed several to a window; set data.document_masking=true (and "
+            "model.rope_per_document=true) so that they do not attend to each other, as "
+            "+experiment=sft does"
+        )
+    directory = directories[0]
+    manifest = load_manifest(directory)
+    train_shards, val_shards, tokenizer = _open_shards(directory, data_cfg)
+    _check_vocab(data_cfg, tokenizer, directory)
+
+    def packed(split: str, token_shards: list[np.ndarray]) -> PackedConversations:
+        return PackedConversations(
+            token_shards, open_masks(directory, manifest, split, data_cfg.verify_shards),
+            _document_offsets(directory, manifest, split), data_cfg.seq_len,
+            data_cfg.sft.overlong, tokenizer.eos_id)
+
+    train, val = packed("train", train_shards), packed("val", val_shards)
+    if len(val) == 0:
+        raise ConfigError(
+            f"data.path={str(directory)!r}: the validation split holds no conversation "
+            "(or only ones longer than the window, data.sft.overlong=drop); rerun sf-preprocess "
+            "sft with a larger val_fraction into a new out= directory"
+        )
+    _check_training_size(data_cfg, len(train), micro_batch_size * dp_size)
+    notes = tuple(f"conversations {part.report.describe(split, data_cfg.seq_len)}"
+                  for split, part in (("train", train), ("val", val)))
+    return Loaders(
+        train=TrainBatches(train, micro_batch_size, data_cfg.seed, dp_rank, dp_size,
+                           num_workers=data_cfg.workers(accelerator), eos_id=tokenizer.eos_id,
+                           pin_memory=accelerator),
+        val=ValBatches(val, micro_batch_size, dp_rank, dp_size, tokenizer.eos_id),
+        tokenizer=tokenizer,
+        prepared=PreparedData(directories, tokenizer.vocab_size, notes),
+    )
+
+
+def _document_offsets(directory: Path, manifest: dict, split: str) -> np.ndarray:
+    """Document boundaries (num_documents + 1,) of a split's shards read back to back."""
+    offsets, base = [np.zeros(1, dtype=np.int64)], 0
+    for shard in manifest["splits"][split]["shards"]:
+        index = read_document_index(Path(directory) / shard["file"])
+        offsets.append(base + index[1:])
+        base += shard["tokens"]
+    return np.concatenate(offsets)
 
 
 def _shard_sources(data_cfg: DataConfig) -> list[tuple[Path, float]]:

@@ -15,10 +15,12 @@ period), and each source walks its own epochs. Every sample is found from its in
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.errors import ConfigError
 
@@ -53,6 +55,23 @@ class TokenStream:
         return np.concatenate(parts)
 
 
+class WindowSource(Protocol):
+    """What the sample stream reads windows from: `TokenWindows`, or packed conversations
+    (data_pipeline/packed_conversations.py)."""
+
+    seq_len: int
+
+    def __len__(self) -> int: ...
+
+    def window(self, k: int) -> np.ndarray:
+        """Window k's seq_len + 1 token ids."""
+        ...
+
+    def micro_batch(self, window_ids: Iterable[int], eos_id: int | None = None) -> Batch:
+        """The windows as one micro-batch."""
+        ...
+
+
 class TokenWindows:
     """The windows of a token stream: window k is tokens[k * seq_len : (k + 1) * seq_len + 1].
 
@@ -74,6 +93,14 @@ class TokenWindows:
         """(inputs, targets) of the given windows: int64, each (len(window_ids), seq_len)."""
         return pack_windows([self.window(int(k)) for k in window_ids])
 
+    def micro_batch(self, window_ids: Iterable[int], eos_id: int | None = None) -> Batch:
+        """The windows as one micro-batch, with their document ids (after each `eos_id`)
+        when `eos_id` is given."""
+        inputs, targets = self.batch(window_ids)
+        if eos_id is None:
+            return Batch(inputs, targets)
+        return Batch(inputs, targets, document_ids(inputs, eos_id))
+
 
 class BlendedSamples:
     """The endless training sample stream over one or more sources mixed by weight.
@@ -82,7 +109,7 @@ class BlendedSamples:
     module docstring for the schedule.
     """
 
-    def __init__(self, sources: Sequence[TokenWindows], weights: Sequence[float], seed: int):
+    def __init__(self, sources: Sequence[WindowSource], weights: Sequence[float], seed: int):
         if len(sources) != len(weights) or not sources:
             raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
         for index, (source, weight) in enumerate(zip(sources, weights, strict=True)):
@@ -134,9 +161,20 @@ class BlendedSamples:
         """(inputs, targets) of the given sample indices: int64, each (len(samples), seq_len)."""
         source, windows = self.locate(samples)
         if len(self.sources) == 1:
-            return self.sources[0].batch(windows)
+            return pack_windows([self.sources[0].window(int(w)) for w in windows])
         return pack_windows([self.sources[s].window(int(w))
                              for s, w in zip(source, windows, strict=True)])
+
+    def micro_batch(self, samples: np.ndarray, eos_id: int | None = None) -> Batch:
+        """The given sample indices as one micro-batch (`batch`, with document ids after each
+        `eos_id` when given); one source's own `micro_batch` when there is one source."""
+        source, windows = self.locate(samples)
+        if len(self.sources) == 1:
+            return self.sources[0].micro_batch(windows, eos_id)
+        inputs, targets = self.batch(samples)
+        if eos_id is None:
+            return Batch(inputs, targets)
+        return Batch(inputs, targets, document_ids(inputs, eos_id))
 
     def _schedule(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which source each slot of a period draws from (always the one furthest behind

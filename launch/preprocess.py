@@ -3,12 +3,17 @@
     sf-preprocess tokenizer input='raw/**/*.jsonl.gz' vocab_size=32000 out=tok/
     sf-preprocess shards input='raw/**/*.jsonl.gz' tokenizer=tok/ out=shards/web workers=16
     sf-preprocess prepare data.corpus='books/**/*.txt'   # a config's corpus-mode data
+    sf-preprocess sft input='chats/*.jsonl' tokenizer=runs/llama out=shards/chat
+    sf-preprocess docstrings out=runs/sft/docstrings.jsonl   # the fine-tuning demo's data
 
 `tokenizer` trains sentencepiece (model_type=bpe or unigram, byte fallback, UNK/BOS/EOS/PAD
 = 0/1/2/3) on a sample of the input. `shards` takes a tokenizer directory or a Hugging Face
 tokenizer.json; rerun it after an interruption and it resumes. `prepare` takes the same
 Hydra overrides as sf-train and builds the corpus mode's cache. Training then reads the
-shards with `sf-train data=shards data.path=shards/web`.
+shards with `sf-train data=shards data.path=shards/web`. `sft` renders conversations with a
+chat template into the same shards plus a mask of the trained (assistant) tokens, read by
+`sf-train +experiment=sft data.path=shards/chat`; `docstrings` writes function signature ->
+docstring pairs of the standard library as such conversations.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaleforge.data_pipeline import shards
+from scaleforge.data_pipeline import conversation_shards, shards
 from scaleforge.data_pipeline.split import ENOUGH_VAL_TOKENS, val_fraction_for
 from scaleforge.errors import exit_on_config_error
 from scaleforge.launch.key_value import Handlers, is_help, required, run_subcommand
@@ -77,8 +82,38 @@ def write_shards(job: shards.ShardsJob) -> None:
               file=sys.stderr)
 
 
+@dataclass
+class DocstringsJob:
+    """The settings of `sf-preprocess docstrings` (each is a key=value argument)."""
+
+    out: str = required("FILE.jsonl")  # where the prompt/response records go
+    max_bytes: int = 8_000_000  # standard-library source bytes to read (files in order)
+    max_response_chars: int = 200  # a docstring summary is cut to this many characters
+
+
+def write_docstrings(job: DocstringsJob) -> None:
+    """Write the standard library's signature -> docstring pairs as JSONL."""
+    from scaleforge.data_pipeline.docstring_pairs import write_docstring_pairs
+
+    count = write_docstring_pairs(Path(job.out), job.max_bytes, job.max_response_chars)
+    print(f"docstrings: {count:,} prompt/response pairs -> {job.out}")
+
+
+def write_sft_shards(job: conversation_shards.ConversationShardsJob) -> None:
+    """Render conversations into shards with a trained-token mask and summarize them."""
+    manifest = conversation_shards.write_conversation_shards(job)
+    sft = manifest[conversation_shards.SFT_SECTION]
+    print(f"template: {sft['template']}")
+    for split in ("train", "val"):
+        summary = manifest["splits"][split]
+        print(f"{split}: {summary['documents']:,} conversations, {summary['tokens']:,} tokens, "
+              f"{sft['trained_tokens'][split]:,} of them trained (assistant)")
+
+
 _HANDLERS: Handlers = {
     "tokenizer": (TokenizerJob, train_tokenizer), "shards": (shards.ShardsJob, write_shards),
+    "sft": (conversation_shards.ConversationShardsJob, write_sft_shards),
+    "docstrings": (DocstringsJob, write_docstrings),
 }
 
 

@@ -79,7 +79,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # A token's log-softmax is (logit - max) - log(sum); its loss is minus that at the
         # target, as torch's log_softmax decomposition (and loss_parallel) computes them.
         log_sums = sums.log()
-        valid_tokens = valid.sum()
+        # A micro-batch without a trained token (instruction data: prompts only) adds 0.
+        valid_tokens = valid.sum().clamp(min=1)
         ctx.save_for_backward(logits, maxes, log_sums, local_targets, in_shard, valid,
                               valid_tokens)
         ctx.chunk = chunk
