@@ -240,6 +240,10 @@ def _import_tokenizer(hf_dir: Path, out: Path) -> None:
         print(f"{hf_dir} has no tokenizer.json; tokenize data with the model's own tokenizer")
         return
     tokenizer = Tokenizer.load(shutil.copy(source, out / "tokenizer.json"))
+    # The chat template and special tokens, for sf-preprocess sft's template=auto.
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if (hf_dir / name).is_file():
+            shutil.copy(hf_dir / name, out / name)
     print(f"tokenizer ({tokenizer.vocab_size} ids) -> {tokenizer.path}; tokenize data with "
           f"sf-preprocess shards tokenizer={tokenizer.path} input=... out=...")
 

@@ -100,7 +100,9 @@ def write_docstrings(job: DocstringsJob) -> None:
 
 
 def write_sft_shards(job: conversation_shards.ConversationShardsJob) -> None:
-    """Render conversations into shards with a trained-token mask and summarize them."""
+    """Render conversations into shards with a trained-token mask and summarize them.
+    `tokenizer=` may also name a run or checkpoint directory: the tokenizer of its data."""
+    job.tokenizer = str(_model_tokenizer(Path(job.tokenizer)))
     manifest = conversation_shards.write_conversation_shards(job)
     sft = manifest[conversation_shards.SFT_SECTION]
     print(f"template: {sft['template']}")
@@ -108,6 +110,24 @@ def write_sft_shards(job: conversation_shards.ConversationShardsJob) -> None:
         summary = manifest["splits"][split]
         print(f"{split}: {summary['documents']:,} conversations, {summary['tokens']:,} tokens, "
               f"{sft['trained_tokens'][split]:,} of them trained (assistant)")
+
+
+def _model_tokenizer(path: Path) -> Path:
+    """`path` itself when it holds a tokenizer (a tokenizer file or directory, or what
+    sf-convert from-hf wrote, the model's tokenizer.json beside it); for a run or checkpoint
+    directory without one, the tokenizer of the data it was trained on."""
+    from scaleforge.data_pipeline.tokenizer import HF_FILE, SENTENCEPIECE_FILE
+
+    if not path.is_dir() or any((path / name).is_file() for name in (HF_FILE,
+                                                                     SENTENCEPIECE_FILE)):
+        return path
+    from scaleforge.core.checkpoint.paths import find_checkpoint
+    from scaleforge.core.checkpoint.safe_load import load_checkpoint_config
+    from scaleforge.data_pipeline.vocabulary import data_tokenizer
+
+    config_dir = path if (path / "config.yaml").is_file() else find_checkpoint(path,
+                                                                              "tokenizer")
+    return data_tokenizer(load_checkpoint_config(config_dir).data).path
 
 
 _HANDLERS: Handlers = {
