@@ -41,8 +41,10 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 
 def set_lr(optimizer: Optimizer, step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Write the scheduled learning rate of `step` into every param group; return it."""
+    """Write the scheduled learning rate of `step` into every param group, times the group's
+    "lr_scale" where it has one (muP's per-layer factors, core/optimizer.py); return the
+    unscaled one."""
     lr = optim.lr * lr_factor(step, optim, max_steps)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

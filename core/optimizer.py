@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from scaleforge.core.config import OptimConfig
+from scaleforge.models.config import TransformerConfig
+from scaleforge.models.init import canonical_name
+from scaleforge.models.mup import lr_scale
 
 
 def _implementation_kwargs(implementation: str, device_type: str) -> dict:
@@ -28,21 +31,38 @@ def _implementation_kwargs(implementation: str, device_type: str) -> dict:
     }[implementation]
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig, device_type: str,
+                    model_cfg: TransformerConfig | None = None) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters.
 
     Matrices (embeddings included, as in GPT-2 and nanoGPT) are decayed; vectors (norm
-    weights, biases) are not. Tied weights appear once.
+    weights, biases) are not. Tied weights appear once. Under muP (`model_cfg.mup`) each
+    parameter's learning rate is `optim.lr` times its `models.mup.lr_scale` (1/m for hidden
+    weights): each group carries its factor as "lr_scale", which `set_lr` applies. The
+    groups with factor 1 come first.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        key = canonical_name(name.split(".", 1)[1] if _is_part_name(model, name) else name)
+        scale = 1.0 if model_cfg is None else lr_scale(model_cfg, key, param.ndim)
+        groups.setdefault((param.ndim >= 2, scale), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][1] != 1.0, not item[0][0]))
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        [{"params": params, "weight_decay": optim.weight_decay if decayed else 0.0,
+          "lr": optim.lr * scale, "lr_scale": scale}
+         for (decayed, scale), params in ordered],
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
         **_implementation_kwargs(optim.implementation, device_type),
     )
+
+
+def _is_part_name(model: nn.Module, name: str) -> bool:
+    """Whether `name` starts with the index of one of `model`'s parts (a ModuleList of
+    model parts, as the train modules hold them: "0.layers.1...")."""
+    return isinstance(model, nn.ModuleList) and name.split(".", 1)[0].isdigit()

@@ -153,7 +153,8 @@ class Trainer:
             batch_columns(self.topology, cfg.data.seq_len),  # this cp rank's chunks
         )
         self.model_parts = self.train_module.model_parts
-        self.optimizer = build_optimizer(self.model_parts, cfg.optim, self.device.type)
+        self.optimizer = build_optimizer(self.model_parts, cfg.optim, self.device.type,
+                                         cfg.model)
         self.expert_load = ExpertLoad(self.model_parts, self.topology, cfg.model,
                                       self.micro_batches)
         self.throughput = ThroughputMeter(cfg.model, cfg.data.seq_len,

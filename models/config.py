@@ -13,6 +13,7 @@ from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
 from scaleforge.models.deepseek_v3.config import LatentAttentionConfig
 from scaleforge.models.family import family_spec
 from scaleforge.models.moe import MoEConfig
+from scaleforge.models.mup import MupConfig, check_mup
 
 KERNELS = ("auto", "torch", "fused")  # models/kernels.py
 ROPE_SCALINGS = ("none", "linear", "llama3")  # models/rope.py
@@ -77,6 +78,8 @@ class TransformerConfig:
     (RMSNorm over each head of q and k before RoPE, Qwen 3), `head_dim` (the width of a head
     when it is not d_model / n_heads; None derives it), `sliding_window` (each token attends
     to itself and the window - 1 tokens before it, Mistral; None: the whole causal prefix).
+    `mup.base_width` makes the model a muP model (models/mup.py; null: standard
+    parametrization).
     """
 
     name: str = "custom"  # the preset's name, for logs
@@ -106,6 +109,7 @@ class TransformerConfig:
     sliding_window: int | None = None  # attend to the last this-many tokens; null: all
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts layers
     mla: LatentAttentionConfig = field(default_factory=LatentAttentionConfig)  # deepseek_v3
+    mup: MupConfig = field(default_factory=MupConfig)  # muP (models/mup.py); null: SP
 
     @property
     def head_size(self) -> int:
@@ -175,6 +179,7 @@ class TransformerConfig:
                 "family that has them (llama)"
             )
         self.moe.check(f"{prefix}.moe", self.n_layers)
+        check_mup(self, prefix)
         spec.check(self, prefix)
 
 

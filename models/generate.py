@@ -55,6 +55,7 @@ def _attention(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, ...] 
     v = attn.wv(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q = q * attn.query_scale  # muP's attention multiplier; 1.0 under SP
     past = cache.keys[layer].size(2) if layer in cache.keys else 0
     k, v = cache.extend(layer, k, v)
     # Position past + i sees the cache and the new positions up to itself.
@@ -85,7 +86,7 @@ def _forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache,
             )
         h = h + _attention(block.attention, block.attention_norm(h), rope, cache, name)
         h = h + block.feed_forward(block.ffn_norm(h))
-    return model.output(model.norm(h))
+    return model.logits(model.norm(h))
 
 
 def _next_token(logits: torch.Tensor, sampling: Sampling,

@@ -4,16 +4,18 @@ Each family's adapter (models/hf_adapter.py, in models/<family>/) converts its o
 llama <-> LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, MixtralConfig (with
 model.moe); gpt <-> GPT2Config. Reading, the family is the one whose adapter reads the
 config's `model_type`. A setting one side cannot represent (yarn RoPE, biases on o_proj, a
-non-SwiGLU MLP, sliding windows on some layers only, ...) raises ConfigError naming it. The
-weights are converted by models/hf.py.
+non-SwiGLU MLP, sliding windows on some layers only, muP's multipliers, ...) raises
+ConfigError naming it. The weights are converted by models/hf.py.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.hf_adapter import adapter_for_model_type, hf_adapter
+from scaleforge.models.mup import width_multiplier
 
 
 def to_hf_config(cfg: TransformerConfig) -> PretrainedConfig:
@@ -23,6 +25,13 @@ def to_hf_config(cfg: TransformerConfig) -> PretrainedConfig:
     tokenizer is not part of the model config.
     """
     cfg.check("model")
+    if cfg.mup.enabled:
+        raise ConfigError(
+            f"model.mup.base_width={cfg.mup.base_width}: a muP model's readout multiplier "
+            f"(1/{width_multiplier(cfg):g}) and attention scale have no Hugging "
+            "Face config field, so its logits would differ there; export a model trained "
+            "with model.mup.base_width=null"
+        )
     return hf_adapter(cfg).to_config(cfg)
 
 

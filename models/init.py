@@ -13,7 +13,8 @@ The rules (`InitRule`): Linear and embedding weights ~ N(0, init_std); the resid
 projections (`wo`, `w2`) ~ N(0, init_std / sqrt(2 * n_layers)) (GPT-2); biases 0; norm
 weights 1. Stacked expert weights (models/moe.py) draw like Linear weights, w2 as a
 residual projection; MoE buffers (expert bias, statistics) start at 0. A tied LM head is
-the token embedding and takes its draw.
+the token embedding and takes its draw. Under muP (`model.mup.base_width`) every hidden
+weight's std is further scaled by (base_width / d_model)^1/2 (models/mup.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.moe import EXPERT_WEIGHTS, Experts, reset_moe_state
+from scaleforge.models.mup import init_std_scale
 from scaleforge.models.transformer import RESIDUAL_PROJECTIONS, RMSNorm, Transformer
 
 # Prefixes that module wrappers add to parameter names (activation checkpointing's wrapper,
@@ -85,6 +87,10 @@ def init_rules(cfg: TransformerConfig) -> dict[str, InitRule]:
             rules[f"{prefix}bias"] = InitRule("zeros")
     if cfg.tie_embeddings:
         rules.pop("output.weight", None)
+    if cfg.mup.enabled:
+        shapes = {name: param.ndim for name, param in model.named_parameters()}
+        rules = {name: InitRule(rule.kind, rule.std * init_std_scale(cfg, name, shapes[name]))
+                 for name, rule in rules.items()}
     return rules
 
 

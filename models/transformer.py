@@ -38,6 +38,7 @@ from scaleforge.models.kernels import (
 )
 from scaleforge.models.loss import cross_entropy
 from scaleforge.models.moe import MoE, expert_hidden
+from scaleforge.models.mup import output_multiplier, query_scale
 from scaleforge.models.rope import apply_rope, rope_tables
 
 # Output projections that write into the residual stream; their init is scaled down by
@@ -90,6 +91,8 @@ class Attention(nn.Module):
         # RMSNorm over each head's channels (one weight of head_size shared by all heads).
         self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps, cfg.kernels) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps, cfg.kernels) if cfg.qk_norm else None
+        # muP's attention multiplier (models/mup.py): 1.0 under the standard parametrization.
+        self.query_scale = query_scale(cfg)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -110,6 +113,8 @@ class Attention(nn.Module):
             q, k = fused_rope(q, k, *rope)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.query_scale != 1.0:  # muP: scores sqrt(base_head_dim) q.k / head_dim
+            q = q * self.query_scale
         # kv heads grouped inside the kernel, without copies of K and V; mask: causal,
         # within documents when the batch has them, within the window when there is one.
         y = self.kernel(q, k, v, mask)  # (B, n_heads, T, hd)
@@ -214,6 +219,8 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = output
         if cfg.tie_embeddings:
             output.weight = embeddings.weight
+        # muP's readout multiplier on the head's input (models/mup.py); 1.0 under SP.
+        self.output_multiplier = output_multiplier(cfg)
         # Derived from the config, so not saved in checkpoints (persistent=False).
         cos, sin = (None, None) if spec.rope_dim(cfg) is None else self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim)
@@ -294,7 +301,17 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
-        return h if self.output is None or not head else self.output(h)  # (B, T, vocab_size)
+        return h if self.output is None or not head else self.logits(h)  # (B, T, vocab_size)
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the LM head multiplies: the final hidden states (B, T, d_model), times
+        muP's readout multiplier when the model has one."""
+        return h if self.output_multiplier == 1.0 else h * self.output_multiplier
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on the final (normed) hidden states (B, T, d_model) -> (B, T, vocab)."""
+        assert self.output is not None, "a pipeline stage without the head has no logits"
+        return self.output(self.head_input(h))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor,
              document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,7 +329,7 @@ class Transformer(nn.Module):
         """
         if self.output is None:
             raise ValueError("this pipeline stage has no LM head; its loss is the last stage's")
-        h = self(tokens, document_ids, head=False)  # (B, T, d_model)
+        h = self.head_input(self(tokens, document_ids, head=False))  # (B, T, d_model)
         weight = self.output.weight
         if uses_fused(self.cfg.kernels, h.device.type) and not isinstance(weight, DTensor):
             return fused_linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten())

@@ -28,6 +28,12 @@ UNUSED_SETTINGS = {"n_kv_heads": None, "head_dim": None, "qkv_bias": False,
 def check_deepseek_v3(cfg: TransformerConfig, prefix: str) -> None:
     """model.mla's widths; the grouped-query settings left at their defaults."""
     cfg.mla.check(f"{prefix}.mla")
+    if cfg.mup.enabled:
+        raise ConfigError(
+            f"{prefix}.mup.base_width={cfg.mup.base_width}: the deepseek_v3 family's latent "
+            f"attention has no muP rules here; set {prefix}.mup.base_width=null or use the "
+            "llama or gpt family"
+        )
     for setting, default in UNUSED_SETTINGS.items():
         if getattr(cfg, setting) != default:
             raise ConfigError(
