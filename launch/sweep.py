@@ -42,7 +42,9 @@ class PlanSettings:
     # The grid spans N*/spread to N* x spread non-embedding parameters around each budget's
     # N* = sqrt(C / (6 x tokens_per_param)).
     spread: float = 4.0
-    aspect_ratio: float = 64.0  # d_model / n_layers of every planned shape
+    # The preferred d_model / n_layers of the planned shapes, inside the shape rule's range
+    # [20, 200] (scaling/shape.py: Kaplan et al. 2020's flat region).
+    aspect_ratio: float = 64.0
     warmup_fraction: float = 0.1  # each run's warmup as a fraction of its steps
     # Fewest optimizer steps a run may have; a budget too small for it is an error.
     min_steps: int = 20
@@ -176,15 +178,22 @@ def plan(settings: PlanSettings) -> list[str]:
                       tokens_per_param=settings.tokens_per_param)
     out = Path(settings.out)
     write_sweep(out, runs, base.model, asdict(settings))
-    print(f"{'run':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'N':>10} {'N_total':>10} "
-          f"{'D':>11} {'C':>9} {'steps':>6}")
-    for run in runs:
-        print(f"{run.name:<12} {run.n_layers:>6} {run.d_model:>7} {run.n_heads:>5} {run.N:>10,} "
-              f"{run.N_total:>10,} {run.D:>11,} {run.C:>9.3g} {run.max_steps:>6}")
+    _print_shapes(runs)
     argv = multirun_command(out, runs, settings.experiment, settings.overrides,
                             settings.launcher)
     print(f"\nplanned {len(runs)} runs in {out}; train them all with:\n{as_shell(argv)}")
     return argv
+
+
+def _print_shapes(runs: list[Any]) -> None:
+    """One line per planned run (`scaling.plan.PlannedRun`): its shape with its aspect ratio
+    (d_model / n_layers), N, D, C and steps."""
+    print(f"{'run':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'aspect':>6} {'N':>10} "
+          f"{'N_total':>10} {'D':>11} {'C':>9} {'steps':>6}")
+    for run in runs:
+        print(f"{run.name:<12} {run.n_layers:>6} {run.d_model:>7} {run.n_heads:>5} "
+              f"{run.aspect:>6.1f} {run.N:>10,} {run.N_total:>10,} {run.D:>11,} {run.C:>9.3g} "
+              f"{run.max_steps:>6}")
 
 
 def run(settings: PlanSettings) -> None:

@@ -51,6 +51,7 @@ class PlannedRun:
     warmup_steps: int
     eval_every: int
     log_every: int
+    aspect: float  # d_model / n_layers (scaling/shape.py keeps it within ASPECT_RANGE)
 
 
 class GridOptions(TypedDict, total=False):
@@ -139,6 +140,7 @@ def plan_run(name: str, budget: float, target: float, base: Config,
         C=size.flops_per_token * tokens, flops_per_token=size.flops_per_token,
         max_steps=steps, warmup_steps=max(1, round(warmup_fraction * steps)),
         eval_every=max(1, steps // evals_per_run), log_every=max(1, steps // 50),
+        aspect=model.d_model / model.n_layers,
     )
 
 

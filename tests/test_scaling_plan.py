@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from scaleforge.core.config import compose as compose_config
 from scaleforge.core.config import register_configs, to_config, validate
@@ -16,10 +17,25 @@ from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.param_count import num_params
 from scaleforge.scaling.flops import flops_per_token, model_size
-from scaleforge.scaling.plan import plan_budget, predicted_optimal_params, run_name
-from scaleforge.scaling.shape import head_dim_for, shape_for_params
+from scaleforge.scaling.plan import (
+    plan_budget,
+    plan_run,
+    plan_sweep,
+    predicted_optimal_params,
+    run_name,
+)
+from scaleforge.scaling.shape import (
+    ASPECT_RANGE,
+    MIN_D_MODEL,
+    MIN_HEAD_DIM,
+    head_dim_for,
+    shape_for_params,
+    shaped,
+    within_rule,
+)
 from scaleforge.scaling.sweep_files import multirun_command, read_plan, write_sweep
 
+PRESETS = Path(__file__).parent.parent / "configs" / "sweep_plan"
 LLAMA = TransformerConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
                           ffn_hidden=192, vocab_size=300, max_seq_len=32)
 
@@ -50,8 +66,48 @@ def test_shape_rule_lands_within_five_percent_with_valid_heads(target):
 
 
 def test_shape_rule_rejects_a_target_below_the_smallest_model():
-    with pytest.raises(ConfigError, match="non-embedding parameters within 5%"):
+    with pytest.raises(ConfigError, match="no model shape within the rule's bounds has 1,000 "):
         shape_for_params(1000, TransformerConfig())
+
+
+@pytest.mark.parametrize("aspect_ratio", [20.0, 32.0, 64.0, 200.0])
+def test_shape_rule_never_leaves_its_aspect_head_and_width_bounds(aspect_ratio):
+    low, high = ASPECT_RANGE
+    for target in np.geomspace(1.1e4, 1e11, 60):
+        cfg = shape_for_params(float(target), TransformerConfig(vocab_size=1024),
+                               aspect_ratio)
+        assert within_rule(cfg), (target, cfg.n_layers, cfg.d_model)
+        assert low <= cfg.d_model / cfg.n_layers <= high
+        assert cfg.head_size >= MIN_HEAD_DIM and cfg.d_model >= MIN_D_MODEL
+        # The nearest in-bounds shape: the widest gap is between one layer of width 32 (at
+        # most 16,480 parameters, MLP 4x) and one of width 48 (at least 23,136, MLP 2x), so a
+        # target there misses by at most sqrt(23136 / 16480) - 1 = 18.5%.
+        assert abs(math.log(num_params(cfg, embeddings=False) / target)) <= math.log(1.185)
+
+
+def test_aspect_ratio_outside_the_rule_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"aspect_ratio=16 is outside the shape rule's range "
+                                          r"\[20, 200\]"):
+        shape_for_params(1e5, TransformerConfig(), aspect_ratio=16.0)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
+def test_no_planned_shape_of_a_sweep_preset_falls_outside_the_rule(preset):
+    settings = OmegaConf.load(PRESETS / f"{preset}.yaml")
+    base = to_config(compose_config([f"+experiment={settings.experiment}"]))
+    options = {key: settings[key] for key in ("spread", "aspect_ratio", "tokens_per_param")
+               if key in settings}
+    runs = plan_sweep(list(settings.budgets), settings.points_per_budget, base, **options)
+    if settings.get("check_multiple", 0) > 0:  # the 10x run, at the grid's rule of thumb
+        budget = settings.check_multiple * max(settings.budgets)
+        target = predicted_optimal_params(budget, settings.get("tokens_per_param", 20.0))
+        runs.append(plan_run("check", budget, target, base,
+                             aspect_ratio=settings.get("aspect_ratio", 64.0)))
+    for run in runs:
+        shape = shaped(base.model, run.n_layers, run.d_model, run.ffn_hidden)
+        print(f"{run.name}: {run.n_layers} x {run.d_model}, aspect {run.aspect:.1f}, N {run.N:,}")
+        assert within_rule(shape), run
+        assert run.aspect == run.d_model / run.n_layers
 
 
 @pytest.fixture(scope="module")
