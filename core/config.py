@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from scaleforge.core.fault_injection import injected_faults
 from scaleforge.core.precision import check_precision_device, resolve_precision
 from scaleforge.core.preemption import parse_signals
 from scaleforge.core.profiling import check_profile_steps
@@ -42,6 +43,7 @@ OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_ACTIONS = ("skip", "stop")
+STRAGGLER_ACTIONS = ("warn", "stop")
 
 
 
@@ -137,6 +139,17 @@ class TrainerConfig:
     # [first, last]: write a torch.profiler trace of these steps per rank into
     # RUN_DIR/profile/ (Chrome/Perfetto; on CUDA also a memory snapshot); []: none.
     profile_steps: list[int] = field(default_factory=list)
+    # A rank with no training progress for this long (seconds) dumps its stacks to
+    # RUN_DIR/hang/ and the run ends naming the rank that stopped first
+    # (core/callbacks/hang_watchdog.py). Below parallel.timeout_s, so it acts before the
+    # collective times out; null: half of parallel.timeout_s, at most 300; 0: off.
+    hang_timeout_s: float | None = None
+    # A rank whose compute time per step exceeds the median rank's by this factor for 3 log
+    # intervals in a row is named a straggler (core/callbacks/straggler.py); 0: off.
+    straggler_ratio: float = 1.2
+    # What naming a straggler does: warn (log it) or stop (save a checkpoint and exit 0, as
+    # a preemption does, so the scheduler can replace the node).
+    on_straggler: str = "warn"
 
     def evaluates_at(self, step: int) -> bool:
         """Whether the run evaluates after `step` (0: before training)."""
@@ -149,6 +162,13 @@ class TrainerConfig:
                 CHECKPOINTING_MODES)
         check_choice(f"{prefix}.device", self.device, DEVICES)
         check_choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        check_choice(f"{prefix}.on_straggler", self.on_straggler, STRAGGLER_ACTIONS)
+        if self.hang_timeout_s is not None and self.hang_timeout_s < 0:
+            raise ConfigError(f"{prefix}.hang_timeout_s={self.hang_timeout_s} must be at least "
+                              "0 (seconds; 0 turns the hang watchdog off)")
+        if self.straggler_ratio != 0 and self.straggler_ratio <= 1:
+            raise ConfigError(f"{prefix}.straggler_ratio={self.straggler_ratio} must be above 1 "
+                              "(1.2: 20% slower than the median rank) or 0 (off)")
         if self.eval_every < 0:
             raise ConfigError(f"{prefix}.eval_every={self.eval_every} must be at least 0 "
                               "(0 turns evaluation off)")
@@ -322,8 +342,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     ok = {name: problems.run(getattr(cfg, name).check, name)
           for name in ("model", "data", "trainer", "optim", "checkpoint", "logging",
                        "parallel")}
-    for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_rope_per_document):
+    for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_rope_per_document,
+                 _check_hang_timeout):
         problems.run(rule, cfg)
+    problems.run(injected_faults)
     if cfg.model.vocab_size is None:  # null, unresolved: the rules that need it cannot run
         ok["model"] = False
         if problems.run(data_vocab_size, cfg.data):  # else _check_vocab named the data's
@@ -363,6 +385,29 @@ def _check_vocab(cfg: Config) -> None:
             f"model.vocab_size={cfg.model.vocab_size} is below the data's vocabulary of "
             f"{vocab_size} ids (data.vocab_size); the model could not embed every token id: "
             f"set model.vocab_size={vocab_size} (or more)"
+        )
+
+
+# trainer.hang_timeout_s=null: this fraction of parallel.timeout_s, at most HANG_TIMEOUT_MAX_S.
+HANG_TIMEOUT_FRACTION = 0.5
+HANG_TIMEOUT_MAX_S = 300.0
+
+
+def hang_timeout_s(cfg: Config) -> float:
+    """The hang watchdog's timeout in seconds (0: off): `trainer.hang_timeout_s`, or for
+    null half of `parallel.timeout_s`, at most 300 s."""
+    if cfg.trainer.hang_timeout_s is not None:
+        return cfg.trainer.hang_timeout_s
+    return min(HANG_TIMEOUT_FRACTION * cfg.parallel.timeout_s, HANG_TIMEOUT_MAX_S)
+
+
+def _check_hang_timeout(cfg: Config) -> None:
+    hang, collective = hang_timeout_s(cfg), cfg.parallel.timeout_s
+    if hang >= collective:
+        raise ConfigError(
+            f"trainer.hang_timeout_s={hang:g} is not below parallel.timeout_s={collective:g}: "
+            "a hung collective would time out before the watchdog names the rank; set "
+            f"trainer.hang_timeout_s={collective / 2:g} (or 0 to turn the watchdog off)"
         )
 
 

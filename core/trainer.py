@@ -10,8 +10,9 @@ skipped or the run stops, `trainer.on_nonfinite`) and whether any rank received 
 preemption signal (then `fit` saves a checkpoint and returns after that step); a loss-spike
 detector reads the same reduced loss and only logs.
 
-The per-step features (profiler window, throughput, MoE load balancing, loss spikes and skip
-warnings, preemption, checkpoint cadence) are callbacks (core/callbacks/) whose hooks the
+The per-step features (straggler timing, the hang watchdog, fault drills, profiler window,
+throughput, MoE load balancing, loss spikes and skip warnings, preemption, checkpoint
+cadence) are callbacks (core/callbacks/) whose hooks the
 loop calls at fixed points; a callback with state is checkpointed under its `state_key`.
 
 The same loop runs one process or many: it asks the `Topology` (parallel/topology.py) for
@@ -37,6 +38,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.stateful import Stateful
 
 from scaleforge.core.callbacks import Callback
+from scaleforge.core.callbacks.faults import FaultInjectionCallback
 from scaleforge.core.callbacks.features import (
     CheckpointCallback,
     ExpertLoadCallback,
@@ -45,11 +47,14 @@ from scaleforge.core.callbacks.features import (
     ProfilerCallback,
     ThroughputCallback,
 )
+from scaleforge.core.callbacks.hang_watchdog import HangWatchdogCallback, enable_flight_recorder
+from scaleforge.core.callbacks.straggler import StragglerCallback
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
 from scaleforge.core.checkpoint.paths import choose_resume
 from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
 from scaleforge.core.checkpoint.weights import load_model_weights
-from scaleforge.core.config import Config, build_plan, validate
+from scaleforge.core.config import Config, build_plan, hang_timeout_s, validate
+from scaleforge.core.fault_injection import injected_faults
 from scaleforge.core.health import (
     LossSpikeDetector,
     NonFiniteGuard,
@@ -90,7 +95,10 @@ def start_topology(cfg: Config, world_size: int | None = None) -> Topology:
     `world_size` defaults to $WORLD_SIZE (torchrun sets it; 1 when run alone)."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.device)
-    return init_topology(cfg.parallel, validate(cfg, world_size), cfg.trainer.device)
+    dims = validate(cfg, world_size)
+    if hang_timeout_s(cfg) > 0:
+        enable_flight_recorder()  # NCCL reads it when its process group starts
+    return init_topology(cfg.parallel, dims, cfg.trainer.device)
 
 
 def seed_everything(seed: int, deterministic: bool | None, device: torch.device,
@@ -168,9 +176,16 @@ class Trainer:
         self.last_step_signals: StepSignals | None = None
         self.skipped: str | None = None  # the non-finite value that made the last step skip
         self.stop_requested = False  # set after a step by PreemptionCallback
+        self.stop_reason: str | None = None  # why, when not a signal (a straggler)
         self.preempted = False
         # The per-step features, in the order their hooks run (core/callbacks/).
+        cuda = self.device.type == "cuda"
         self.callbacks: list[Callback] = [
+            StragglerCallback(cfg.trainer.straggler_ratio, cfg.trainer.on_straggler,
+                              cfg.trainer.log_every, cuda),
+            HangWatchdogCallback(hang_timeout_s(cfg), self.run_dir, self.topology.rank,
+                                 self.topology.world_size),
+            FaultInjectionCallback(injected_faults(), self.topology.rank),
             ProfilerCallback(StepProfiler(cfg.trainer.profile_steps, self.run_dir,
                                           self.topology.rank, self.device)),
             ThroughputCallback(self.throughput),
@@ -290,7 +305,11 @@ class Trainer:
         )
         try:
             record = self._start(logger)
-            record = self._train(logger, record)
+            try:
+                record = self._train(logger, record)
+            finally:
+                for callback in self.callbacks:
+                    callback.post_train(self)
             if self.stop_requested:
                 self._stop_for_preemption(logger)
             else:
@@ -395,8 +414,9 @@ class Trainer:
         path = self._save_and_wait()
         received = self.preemption.requested
         source = received.name if received is not None else "a signal on another rank"
+        why = f"stopped for {self.stop_reason}" if self.stop_reason else f"preempted by {source}"
         logger.message(
-            f"preempted by {source}: stopped after step {self.step} and saved checkpoint "
+            f"{why}: stopped after step {self.step} and saved checkpoint "
             f"{path}; start again with trainer.resume=auto to continue"
         )
         self.preempted = True

@@ -121,6 +121,13 @@ PRIVATE_NAMES = (
                 fallback="the loop over experts (`grouped_mm` is None)"),
     PrivateName("torch._C._current_graph_task_id",
                 "whether autograd's engine is running (MoE statistics skip recomputes)"),
+    PrivateName("torch._C._distributed_c10d._dump_nccl_trace",
+                "NCCL's flight-recorder record of a hung rank (the hang watchdog)",
+                checked=("2.11.0", "2.13.0"), absent=("2.13.0",),
+                fallback="`_dump_fr_trace` (the CPU wheels of 2.13 are built without NCCL)"),
+    PrivateName("torch._C._distributed_c10d._dump_fr_trace",
+                "the flight recorder's record where NCCL's is absent (the hang watchdog)",
+                checked=("2.11.0", "2.13.0")),
     PrivateName("torch.cuda.memory._record_memory_history",
                 "CUDA memory snapshots of a profiled window"),
     PrivateName("torch.cuda.memory._dump_snapshot", "CUDA memory snapshots of a profiled window"),
@@ -307,6 +314,19 @@ def in_autograd_backward() -> bool:
 
 
 # --- Profiling and measurement -----------------------------------------------------------
+
+def dump_flight_recorder() -> bytes | None:
+    """This process's flight-recorder record of its recent collectives (a pickle, as torch's
+    `fr_trace` tool reads it): NCCL's where torch was built with it, else the generic one;
+    None where the build has neither or the dump fails."""
+    try:
+        if hasattr(torch._C._distributed_c10d, "_dump_nccl_trace"):
+            return torch._C._distributed_c10d._dump_nccl_trace()
+        if hasattr(torch._C._distributed_c10d, "_dump_fr_trace"):
+            return torch._C._distributed_c10d._dump_fr_trace()
+    except RuntimeError:
+        pass
+    return None
 
 def record_cuda_memory_history(enabled: bool) -> None:
     """Start (True) or stop (False) recording CUDA allocations for a memory snapshot."""

@@ -11,6 +11,8 @@ Hooks, in the order the loop calls them (each a no-op unless a callback override
                                   for the metrics record (a step with events is logged)
     metrics(trainer)              in `fit`, on a logged step: fields for the record
     post_log(trainer)             in `fit`, after that record is written
+    post_train(trainer)           `fit`'s loop has ended, also by an error (before the final
+                                  saves): threads a callback started stop here
 
 A callback whose state must survive a restart names a `state_key` (dotted: "health.spikes"
 is saved as health.spikes.<name>); the checkpointer saves its `state_dict()` there and
@@ -52,6 +54,9 @@ class Callback:
 
     def post_log(self, trainer: Trainer) -> None:
         """A logged step's record is written."""
+
+    def post_train(self, trainer: Trainer) -> None:
+        """`fit`'s loop has ended (normally, to stop, or by an error)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this callback (tensors); {} without a `state_key`."""
