@@ -51,6 +51,7 @@ from scaleforge.core.callbacks.hang_watchdog import HangWatchdogCallback, enable
 from scaleforge.core.callbacks.straggler import StragglerCallback
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
 from scaleforge.core.checkpoint.paths import choose_resume
+from scaleforge.core.checkpoint.state import frozen_names
 from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
 from scaleforge.core.checkpoint.weights import load_model_weights
 from scaleforge.core.config import Config, build_plan, hang_timeout_s, validate
@@ -204,12 +205,16 @@ class Trainer:
         )
         self.resumed_from = choose_resume(cfg.trainer.resume, self.run_dir, self.topology)
         self.initialised_from = None
+        # A model with frozen weights (LoRA) checkpoints what trains; the frozen rest comes
+        # from trainer.init_from on a resume too.
+        frozen = bool(frozen_names(self.model_parts))
+        if cfg.trainer.init_from and (self.resumed_from is None or frozen):
+            self.initialised_from = load_model_weights(
+                self.model_parts, cfg.trainer.init_from, "trainer.init_from", cfg.model,
+                "frozen",
+            )
         if self.resumed_from is not None:
             self.step = self.checkpointer.load(self.resumed_from)
-        elif cfg.trainer.init_from:
-            self.initialised_from = load_model_weights(
-                self.model_parts, cfg.trainer.init_from, "trainer.init_from", cfg.model
-            )
 
     def _checkpoint_parts(self) -> dict[str, Stateful]:
         """What a checkpoint keeps besides model, optimizer, loader and RNG, by key: the

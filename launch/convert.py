@@ -29,7 +29,7 @@ Arguments are key=value. Errors print one `error:` line and exit with 2.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -120,7 +120,15 @@ def to_hf(settings: ToHfSettings) -> Path:
         raise ConfigError(f"ckpt={ckpt} is not a directory")
     config, state = read_training_weights(ckpt)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
-    out = hf_conversion().save_hf(state, config.model, Path(settings.out), dtype)
+    model_cfg = config.model
+    if model_cfg.lora.enabled:  # LoRA adapters folded into their weights: a plain model
+        from scaleforge.models.lora import LoRAConfig, merged_state_dict
+
+        state = merged_state_dict(state, model_cfg.lora)
+        model_cfg = replace(model_cfg, lora=LoRAConfig())
+        print(f"LoRA adapters (rank {config.model.lora.rank}) merged into the weights of "
+              f"{config.trainer.init_from}")
+    out = hf_conversion().save_hf(state, model_cfg, Path(settings.out), dtype)
     print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
     _export_tokenizer(config, out)
     return out

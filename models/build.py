@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from scaleforge.models.config import TransformerConfig, as_transformer_config
 from scaleforge.models.init import init_weights, seed_from_global_rng
+from scaleforge.models.lora import apply_lora
 from scaleforge.models.transformer import Transformer
 
 
@@ -33,6 +34,7 @@ def build(
     cfg.check("model")
     with torch.device("meta"):
         model = Transformer(cfg)
+    apply_lora(model, cfg.lora)  # the adapters of model.lora, the rest frozen (or nothing)
     if torch.device(device).type != "meta":
         model.to_empty(device=device)
         init_weights(model, seed_from_global_rng() if seed is None else seed)

@@ -12,6 +12,7 @@ from scaleforge.errors import ConfigError, check_choice
 from scaleforge.models.attention import BACKENDS as ATTENTION_BACKENDS
 from scaleforge.models.deepseek_v3.config import LatentAttentionConfig
 from scaleforge.models.family import family_spec
+from scaleforge.models.lora import LoRAConfig
 from scaleforge.models.moe import MoEConfig
 from scaleforge.models.mup import MupConfig, check_mup
 
@@ -110,6 +111,8 @@ class TransformerConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts layers
     mla: LatentAttentionConfig = field(default_factory=LatentAttentionConfig)  # deepseek_v3
     mup: MupConfig = field(default_factory=MupConfig)  # muP (models/mup.py); null: SP
+    # Low-rank adapters on the frozen model (models/lora.py); rank 0: every weight trains.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @property
     def head_size(self) -> int:
@@ -162,6 +165,7 @@ class TransformerConfig:
                 "for full causal attention"
             )
         self.rope_scaling.check(f"{prefix}.rope_scaling")
+        self.lora.check(f"{prefix}.lora")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"

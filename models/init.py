@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from scaleforge.models.config import TransformerConfig
+from scaleforge.models.lora import LoRALinear, adapter_std, apply_lora
 from scaleforge.models.moe import EXPERT_WEIGHTS, Experts, reset_moe_state
 from scaleforge.models.mup import init_std_scale
 from scaleforge.models.transformer import RESIDUAL_PROJECTIONS, RMSNorm, Transformer
@@ -69,6 +70,7 @@ def init_rules(cfg: TransformerConfig) -> dict[str, InitRule]:
     head appears once, as `tok_embeddings.weight`). Built on the meta device: no memory."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    apply_lora(model, cfg.lora)
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     rules: dict[str, InitRule] = {}
     for module_name, module in model.named_modules():
@@ -81,6 +83,9 @@ def init_rules(cfg: TransformerConfig) -> dict[str, InitRule]:
             for weight in EXPERT_WEIGHTS:
                 std = residual_std if weight == "w2" else cfg.init_std
                 rules[f"{prefix}{weight}"] = InitRule("normal", std)
+        if isinstance(module, LoRALinear):  # B at zero: the adapted model starts as the base
+            rules[f"{prefix}lora_a"] = InitRule("normal", adapter_std(module.in_features))
+            rules[f"{prefix}lora_b"] = InitRule("zeros")
         if isinstance(module, (RMSNorm, nn.LayerNorm)):
             rules[f"{prefix}weight"] = InitRule("ones")
         if getattr(module, "bias", None) is not None:

@@ -41,6 +41,7 @@ from scaleforge.models.init import (
     rule_key,
     seed_from_global_rng,
 )
+from scaleforge.models.lora import freeze_base
 from scaleforge.models.loss import cross_entropy
 from scaleforge.models.transformer import Transformer
 from scaleforge.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -79,6 +80,9 @@ def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None
         apply_expert_parallel(model, topology, plan.parallel.ep, plan.parallel.etp)
     if topology.dims.tp > 1:
         apply_tensor_parallel(model, topology.submesh("tp"), plan.parallel.etp > 1)
+    # LoRA's frozen weights stay frozen: a style that replaces a parameter (sequence
+    # parallelism's norms) makes a new one that trains; before FSDP groups them.
+    freeze_base(model)
     apply_context_parallel(model, topology, plan.parallel.cp_impl)
     share_routing_over_cp(model, topology)
     apply_activation_checkpointing(

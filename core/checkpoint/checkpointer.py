@@ -141,7 +141,7 @@ class Checkpointer:
     def _state(self, step: int) -> dict[str, Any]:
         """What this rank saves, as nested dicts of tensors (the layout in the docstring)."""
         state: dict[str, Any] = {
-            "model": model_state(self.model),
+            "model": model_state(self.model, "trained"),
             "optim": optimizer_state(self.model, self.optimizer),
             "train": self._train_state(step),
         }
@@ -203,7 +203,7 @@ class Checkpointer:
         info = read_info(path)
         check_model_kind(path, self.cfg.model, "trainer.resume")
         check_state_dict_shapes(
-            model_state(self.model),
+            model_state(self.model, "trained"),
             saved_shapes(metadata, "model"),
             f"checkpoint {path}",
             allow_unexpected=True,
@@ -216,7 +216,7 @@ class Checkpointer:
         loader_key = self._saved_loader_key(path, info, metadata) if self.loader is not None else ""
         init_optimizer_state(self.optimizer)
         state: dict[str, Any] = {
-            "model": model_state(self.model),
+            "model": model_state(self.model, "trained"),
             "optim": optimizer_state(self.model, self.optimizer),
             "train": self._train_state(0),
         }

@@ -50,22 +50,42 @@ def drop_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not (k in TIED and TIED[k] in state)}
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def frozen_names(model: nn.Module) -> set[str]:
+    """The single-process names of the parameters that do not train (LoRA's base weights,
+    models/lora.py); empty when every parameter trains."""
+    return {name for name, param in named_parameters(model) if not param.requires_grad}
+
+
+def model_state(model: nn.Module, which: str = "all") -> dict[str, torch.Tensor]:
     """This rank's model state keyed by single-process names (DTensors where sharded); a
-    tied output weight is left out (it is the token embedding)."""
+    tied output weight is left out (it is the token embedding).
+
+    `which`: "all"; "trained", without the frozen parameters (what a checkpoint of a model
+    with a frozen base holds: its adapters; the base is the run's trainer.init_from);
+    "frozen", only those (what trainer.init_from fills when some are frozen). Where nothing
+    is frozen, "trained" and "frozen" are the whole state too."""
     state: dict[str, torch.Tensor] = {}
     for part in model_parts(model):
         state.update(part.state_dict())
-    return drop_tied(state) if _is_tied(model) else state
+    state = drop_tied(state) if _is_tied(model) else state
+    frozen = frozen_names(model)
+    if not frozen or which == "all":
+        return state
+    keep = (lambda key: key not in frozen) if which == "trained" else frozen.__contains__
+    return {key: value for key, value in state.items() if keep(key)}
 
 
 def load_model_state(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
-    """Copy `loaded` (model_state keys) into every part's parameters (strict: every key of
-    every part is filled, a tied output weight from the embedding)."""
+    """Copy `loaded` (model_state keys) into every part's parameters: strict (every key of
+    every part filled, a tied output weight from the embedding), or, when `loaded` is the
+    "trained" or "frozen" share of a model with frozen parameters, the keys it holds."""
     for part in model_parts(model):
+        keys = part.state_dict()
+        partial = any(k not in loaded and TIED.get(k) not in loaded for k in keys)
         part.load_state_dict(
-            {k: loaded[k] if k in loaded else loaded[TIED[k]] for k in part.state_dict()},
-            strict=True,
+            {k: loaded[k] if k in loaded else loaded[TIED[k]] for k in keys
+             if k in loaded or TIED.get(k) in loaded},
+            strict=not (partial and frozen_names(model)),
         )
 
 

@@ -17,24 +17,33 @@ from scaleforge.core.checkpoint.safe_load import (
     read_metadata,
     saved_shapes,
 )
-from scaleforge.core.checkpoint.state import drop_tied, load_model_state, model_state
+from scaleforge.core.checkpoint.state import (
+    drop_tied,
+    frozen_names,
+    load_model_state,
+    model_state,
+)
 from scaleforge.core.config import Config
+from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.state_dict import check_state_dict_shapes
 
 
 def load_model_weights(
-    model: nn.Module, path: str | Path, setting: str, model_cfg: TransformerConfig | None = None
+    model: nn.Module, path: str | Path, setting: str, model_cfg: TransformerConfig | None = None,
+    which: str = "all",
 ) -> Path:
     """Fill `model` (any layout; a pipeline's `model_parts`) with the weights of the
     checkpoint at `path` (a step directory or a run directory: the newest one), checked
-    against `model_cfg` when given. Collective. Returns the checkpoint directory used."""
+    against `model_cfg` when given. `which` share of the model (`state.model_state`): "frozen"
+    fills a LoRA model's base from a checkpoint without adapters, "trained" its adapters.
+    Collective. Returns the checkpoint directory used."""
     found = find_checkpoint(path, setting)
     if model_cfg is not None:
         check_model_kind(found, model_cfg, setting)
     metadata = read_metadata(found)
-    state = model_state(model)
+    state = model_state(model, which)
     check_state_dict_shapes(
         state, saved_shapes(metadata, "model"), f"checkpoint {found}", allow_unexpected=True
     )
@@ -63,5 +72,13 @@ def load_model_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Ten
     found = find_checkpoint(path, "ckpt")
     cfg = load_checkpoint_config(found)
     model = build(cfg.model, device=torch.device("cpu"))
-    load_model_weights(model, found, "ckpt", cfg.model)
+    if frozen_names(model):  # adapters only: the frozen base is the run's trainer.init_from
+        if not cfg.trainer.init_from:
+            raise ConfigError(
+                f"ckpt={found}: the model has frozen weights (model.lora) but the run names no "
+                "trainer.init_from to read them from"
+            )
+        load_model_weights(model, cfg.trainer.init_from, "trainer.init_from", cfg.model,
+                           "frozen")
+    load_model_weights(model, found, "ckpt", cfg.model, "trained")
     return cfg, model.state_dict()
