@@ -30,6 +30,7 @@ from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.context_parallel import check_cp_impl
 from scaleforge.parallel.expert_parallel import check_expert_parallel
 from scaleforge.parallel.expert_tensor_parallel import check_expert_tensor_parallel
+from scaleforge.parallel.float8 import FP8_RECIPES, check_fp8
 from scaleforge.parallel.layout import check_layout_model, layout_dims
 from scaleforge.parallel.parallelize import BuildPlan
 from scaleforge.parallel.pipeline_rules import check_pipeline_layout
@@ -93,6 +94,9 @@ class TrainerConfig:
     # Compute precision: fp32, bf16 (fp32 master weights), fp16, or auto = bf16 on CUDA and
     # fp32 on CPU (CPUs often emulate bf16, several times slower).
     precision: str = "auto"
+    # Float8 matmuls in the transformer blocks' linears (torchao, parallel/float8.py): none,
+    # tensorwise (per-tensor scales; FSDP gathers weights in float8) or rowwise.
+    fp8: str = "none"
     activation_checkpointing: str = "none"  # recompute activations: none, selective, full
     # Checkpoint every k-th block only (1 = every block); applies to "full" and "selective".
     checkpoint_every_n_blocks: int = 1
@@ -161,6 +165,7 @@ class TrainerConfig:
         check_choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing,
                 CHECKPOINTING_MODES)
         check_choice(f"{prefix}.device", self.device, DEVICES)
+        check_choice(f"{prefix}.fp8", self.fp8, FP8_RECIPES)
         check_choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
         check_choice(f"{prefix}.on_straggler", self.on_straggler, STRAGGLER_ACTIONS)
         if self.hang_timeout_s is not None and self.hang_timeout_s < 0:
@@ -352,6 +357,7 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
             problems.run(lambda: cfg.model.vocab_rows)
     if ok["trainer"] and ok["model"]:  # the device rules read a valid precision and kernel
         problems.run(_check_device, cfg)
+        problems.run(check_fp8, cfg.trainer.fp8, cfg.model)
     layout: list[ParallelDims] = []
     if problems.run(lambda: layout.append(layout_dims(cfg.parallel, world_size))):
         _validate_layout(cfg, layout[0], ok, problems)
@@ -478,4 +484,5 @@ def build_plan(cfg: Config, dp_size: int = 1) -> BuildPlan:
         checkpoint_every_n_blocks=t.checkpoint_every_n_blocks,
         compile=t.compile,
         micro_batches=micro_batches_per_step(cfg, dp_size),
+        fp8=t.fp8,
     )

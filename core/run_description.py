@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from scaleforge.data_pipeline.manifest import load_manifest
 from scaleforge.models.param_count import describe_parameters
+from scaleforge.parallel.float8 import describe_float8, gathers_weights_in_float8
 
 if TYPE_CHECKING:
     from scaleforge.core.config import Config
@@ -34,6 +35,16 @@ def describe_layout(trainer: Trainer) -> str:
            f"{_micro_batches(trainer.micro_batches)}"
     described = trainer.train_module.describe()
     return f"{line} | {described}" if described else line
+
+
+def describe_fp8(trainer: Trainer) -> str | None:
+    """The fp8 line (parallel/float8.py): torchao's version, the recipe, the layers in float8
+    and those kept in high precision on this rank; None with trainer.fp8=none."""
+    recipe = trainer.cfg.trainer.fp8
+    if recipe == "none":
+        return None
+    model = trainer.train_module.whole_model or trainer.model_parts
+    return describe_float8(model, recipe, gathers_weights_in_float8(recipe, trainer.topology))
 
 
 def _micro_batches(count: int) -> str:

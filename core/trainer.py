@@ -42,6 +42,7 @@ from scaleforge.core.callbacks.faults import FaultInjectionCallback
 from scaleforge.core.callbacks.features import (
     CheckpointCallback,
     ExpertLoadCallback,
+    Float8ScalesCallback,
     HealthCallback,
     PreemptionCallback,
     ProfilerCallback,
@@ -71,6 +72,7 @@ from scaleforge.core.profiling import StepProfiler
 from scaleforge.core.run_description import (
     describe_config_changes,
     describe_data,
+    describe_fp8,
     describe_layout,
     describe_run,
 )
@@ -82,6 +84,7 @@ from scaleforge.parallel.collectives import broadcast_from_rank0, mean_over_dp_a
 from scaleforge.parallel.context_parallel import batch_columns
 from scaleforge.parallel.data_parallel import autocast_precision
 from scaleforge.parallel.expert_load import ExpertLoad
+from scaleforge.parallel.float8 import gathers_weights_in_float8
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import gathered_state_dict
 from scaleforge.parallel.run_setup import init_topology, local_rank0_first
@@ -191,6 +194,7 @@ class Trainer:
                                           self.topology.rank, self.device)),
             ThroughputCallback(self.throughput),
             ExpertLoadCallback(self.expert_load),
+            Float8ScalesCallback(gathers_weights_in_float8(cfg.trainer.fp8, self.topology)),
             HealthCallback(self.spike_detector, cfg.trainer.spike_zscore),
             PreemptionCallback(),
             CheckpointCallback(),
@@ -330,6 +334,8 @@ class Trainer:
         logger.message(describe_run(self))
         if self.data_summary:
             logger.message(self.data_summary)
+        if fp8 := describe_fp8(self):
+            logger.message(fp8)
         if self.topology.is_distributed:
             logger.message(describe_layout(self))
         if self.resumed_from is not None:

@@ -51,6 +51,7 @@ from scaleforge.parallel.context_parallel import apply_context_parallel
 from scaleforge.parallel.data_parallel import apply_data_parallel, uses_data_parallel
 from scaleforge.parallel.dtensor import full_value
 from scaleforge.parallel.expert_parallel import apply_expert_parallel, share_routing_over_cp
+from scaleforge.parallel.float8 import apply_float8, gathers_weights_in_float8
 from scaleforge.parallel.pipeline import Pipeline, build_pipeline
 from scaleforge.parallel.tensor_parallel import apply_tensor_parallel
 from scaleforge.parallel.topology import Topology
@@ -61,7 +62,8 @@ class BuildPlan:
     """What to build on each rank: the model, its layout, and per block the precision,
     activation checkpointing (`none`, `full`, `selective`, on every n-th block) and
     torch.compile. `micro_batches` (per optimizer step and data-parallel rank) sizes the
-    pipeline schedule."""
+    pipeline schedule. `fp8` is the float8 recipe of the blocks' linears (parallel/float8.py;
+    none, tensorwise or rowwise)."""
 
     model: TransformerConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -70,12 +72,17 @@ class BuildPlan:
     checkpoint_every_n_blocks: int = 1
     compile: bool = False
     micro_batches: int = 1
+    fp8: str = "none"
 
 
 def parallelize(model: Transformer, topology: Topology, plan: BuildPlan) -> None:
     """Apply this layout's parallelism to `model` in place, in the architecture's order:
-    expert and tensor parallel, context parallel, activation checkpointing, compile (optional),
-    data-parallel sharding."""
+    float8 conversion of the blocks' linears (optional, before any sharding, as torchao
+    needs), expert and tensor parallel, context parallel, activation checkpointing, compile
+    (optional), data-parallel sharding."""
+    if plan.fp8 != "none":
+        apply_float8(model, plan.fp8, topology.dims.tp,
+                     gathers_weights_in_float8(plan.fp8, topology))
     if plan.parallel.ep > 1:
         apply_expert_parallel(model, topology, plan.parallel.ep, plan.parallel.etp)
     if topology.dims.tp > 1:

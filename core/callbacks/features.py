@@ -12,6 +12,7 @@ from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.profiling import StepProfiler
 from scaleforge.core.throughput import ThroughputMeter
 from scaleforge.parallel.expert_load import ExpertLoad
+from scaleforge.parallel.float8 import precompute_scales
 
 if TYPE_CHECKING:
     from scaleforge.core.trainer import Trainer
@@ -66,6 +67,19 @@ class ExpertLoadCallback(Callback):
 
     def metrics(self, trainer: Trainer) -> dict[str, Any]:
         return self.expert_load.metrics()
+
+
+class Float8ScalesCallback(Callback):
+    """trainer.fp8=tensorwise under FSDP's float8 all-gather (parallel/float8.py): after
+    every update, the scales of all float8 weights in one all-reduce (torchao's precompute),
+    instead of one per weight at the next all-gather; nothing otherwise."""
+
+    def __init__(self, gathers_in_float8: bool):
+        self.gathers_in_float8 = gathers_in_float8
+
+    def post_optim_step(self, trainer: Trainer) -> None:
+        if self.gathers_in_float8:
+            precompute_scales(trainer.model_parts)
 
 
 class HealthCallback(Callback):
