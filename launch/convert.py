@@ -12,7 +12,9 @@ The tokenizer of the run's data is written too (tokenizer.json + tokenizer_confi
 its BOS/EOS/PAD tokens): `AutoTokenizer.from_pretrained(out)` encodes as training did.
 config.json's `bos_token_id` and `eos_token_id` (and generation_config.json) are the EOS id:
 each training document followed an EOS and ended with one, so generation starts after an
-EOS (prepend it to the prompt's ids) and stops at the next.
+EOS (prepend it to the prompt's ids) and stops at the next. A LoRA run (model.lora) is
+exported with its adapters merged into the weights; `peft=DIR` also writes them in PEFT's
+format, with the unmerged base in DIR/base.
 
 compare: our logits against transformers' for `prompt` (after the EOS that starts a
 document), tokenized with the run's tokenizer: the largest absolute difference and how many
@@ -56,6 +58,11 @@ class ToHfSettings:
     ckpt: str = required("DIR (a checkpoint or run directory)")
     out: str = required("DIR")  # the Hugging Face model directory to write
     dtype: str = "fp32"  # the weights' dtype: fp32 or bf16
+    # A LoRA run (model.lora): also write its adapters in PEFT's format into this directory
+    # (adapter_config.json, adapter_model.safetensors) and the base model, not merged, into
+    # its base/ (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base),
+    # DIR)); null: the merged model only.
+    peft: str | None = None
 
 
 @dataclass
@@ -121,9 +128,14 @@ def to_hf(settings: ToHfSettings) -> Path:
     config, state = read_training_weights(ckpt)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
     model_cfg = config.model
+    if settings.peft is not None and not model_cfg.lora.enabled:
+        raise ConfigError(f"peft={settings.peft}: {ckpt} is not a LoRA run (model.lora.rank=0); "
+                          "leave peft unset")
     if model_cfg.lora.enabled:  # LoRA adapters folded into their weights: a plain model
         from scaleforge.models.lora import LoRAConfig, merged_state_dict
 
+        if settings.peft is not None:
+            _export_peft(state, config, Path(settings.peft), dtype)
         state = merged_state_dict(state, model_cfg.lora)
         model_cfg = replace(model_cfg, lora=LoRAConfig())
         print(f"LoRA adapters (rank {config.model.lora.rank}) merged into the weights of "
@@ -132,6 +144,33 @@ def to_hf(settings: ToHfSettings) -> Path:
     print(f"{config.model.family} model ({config.model.name}) from {ckpt} -> {out}")
     _export_tokenizer(config, out)
     return out
+
+
+def _export_peft(state: dict[str, torch.Tensor], config: Config, out: Path,
+                 dtype: torch.dtype) -> None:
+    """A LoRA run's adapters in PEFT's format into `out`, its base model into `out/base`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from scaleforge.models.lora import LoRAConfig, is_adapter
+
+    hf = hf_conversion()
+    lora = config.model.lora
+    adapters, targets = hf.peft_adapter_state(state, config.model)
+    base_cfg = replace(config.model, lora=LoRAConfig())
+    base = hf.save_hf({k: v for k, v in state.items() if not is_adapter(k)}, base_cfg,
+                      out / "base", dtype)
+    save_file({k: v.to(dtype) for k, v in adapters.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "inference_mode": True, "base_model_name_or_path": str(base.resolve()),
+    }, indent=1))
+    print(f"PEFT adapter ({len(adapters) // 2} projections: {', '.join(targets)}) -> {out}; "
+          f"its base model -> {base}")
 
 
 def _export_tokenizer(config: Config, out: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -162,3 +163,38 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [hf_dir / shard for shard in shards]
     return []
+
+
+def peft_adapter_state(state_dict: Mapping[str, torch.Tensor],
+                       cfg: TransformerConfig) -> tuple[StateDict, list[str]]:
+    """A LoRA model's adapters (`x.lora_a`, `x.lora_b`, models/lora.py) in PEFT's layout:
+    (`base_model.model.<Hugging Face module>.lora_A.weight` / `.lora_B.weight` -> tensor,
+    the target module names), for `peft.PeftModel.from_pretrained` on the Hugging Face export
+    of the base. ConfigError for a projection the family does not map one to one (GPT-2's
+    fused, transposed c_attn)."""
+    from scaleforge.models.lora import is_adapter
+
+    base = {k: v for k, v in state_dict.items() if not is_adapter(k)}
+    hf_cfg = replace(cfg, lora=type(cfg.lora)())
+    # Renamed tensors are shared, not copied (to_hf_state_dict): found by their storage.
+    by_storage = {(t.data_ptr(), tuple(t.shape)): name
+                  for name, t in to_hf_state_dict(base, hf_cfg).items()}
+    adapters: StateDict = {}
+    targets: set[str] = set()
+    for key in state_dict:
+        if not key.endswith(".lora_a"):
+            continue
+        projection = key.removesuffix(".lora_a")
+        weight = base[f"{projection}.weight"]
+        hf_name = by_storage.get((weight.data_ptr(), tuple(weight.shape)))
+        if hf_name is None:
+            raise ConfigError(
+                f"peft: {projection} has no Hugging Face projection of the same layout in "
+                f"model.family={cfg.family}; export the merged model only (leave peft unset)"
+            )
+        module = hf_name.removesuffix(".weight")
+        targets.add(module.rsplit(".", 1)[-1])
+        adapters[f"base_model.model.{module}.lora_A.weight"] = state_dict[key].contiguous()
+        adapters[f"base_model.model.{module}.lora_B.weight"] = (
+            state_dict[f"{projection}.lora_b"].contiguous())
+    return adapters, sorted(targets)

@@ -97,6 +97,37 @@ def test_merged_hf_export_gives_the_logits_of_the_adapted_model(tmp_path, base_c
     assert difference <= 1e-5
 
 
+def test_peft_adapter_loaded_with_peft_on_the_base_gives_our_logits(tmp_path, base_checkpoint):
+    from peft import PeftModel
+
+    cfg = micro_config(tmp_path / "run", *LORA, f"trainer.init_from={base_checkpoint}",
+                       "trainer.max_steps=3", "trainer.eval_every=0", "model.lora.dropout=0.1",
+                       "model.lora.targets=[attention,w2]")
+    Trainer(cfg, tmp_path / "run", data=synthetic_data(cfg)).fit()
+    trained_cfg, state = load_model_checkpoint(tmp_path / "run")
+    ours = build(trained_cfg.model)
+    ours.load_state_dict(state)
+    convert.dispatch(["to-hf", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'hf'}",
+                      f"peft={tmp_path / 'peft'}"])
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    config = theirs.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"}
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (ours.eval()(tokens) - theirs(tokens).logits).abs().max().item()
+    assert difference <= 1e-5
+
+
+def test_peft_export_of_a_run_without_adapters_is_refused(tmp_path):
+    cfg = micro_config(tmp_path / "run", "trainer.max_steps=2", "trainer.eval_every=0")
+    Trainer(cfg, tmp_path / "run", data=synthetic_data(cfg)).fit()
+    with pytest.raises(ConfigError, match="is not a LoRA run"):
+        convert.dispatch(["to-hf", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'hf'}",
+                          f"peft={tmp_path / 'peft'}"])
+
+
 @pytest.mark.slow  # 20 s (tp2) and 47 s (dp_shard2) on 2 loaded cores
 @pytest.mark.parametrize("layout, world_size", [("parallel.tp=2", 2),
                                                 ("parallel.dp_shard=2", 2)])
