@@ -348,7 +348,7 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
           for name in ("model", "data", "trainer", "optim", "checkpoint", "logging",
                        "parallel")}
     for rule in (_check_warmup, _check_seq_len, _check_vocab, _check_rope_per_document,
-                 _check_hang_timeout):
+                 _check_hang_timeout, _check_lora_fp8):
         problems.run(rule, cfg)
     problems.run(injected_faults)
     if cfg.model.vocab_size is None:  # null, unresolved: the rules that need it cannot run
@@ -363,6 +363,15 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
         _validate_layout(cfg, layout[0], ok, problems)
     problems.raise_if_any()
     return layout[0]
+
+
+def _check_lora_fp8(cfg: Config) -> None:
+    # torchao's swap would replace the adapted projections by plain Float8Linear ones.
+    if cfg.model.lora.enabled and cfg.trainer.fp8 != "none":
+        raise ConfigError(
+            f"model.lora.rank={cfg.model.lora.rank} with trainer.fp8={cfg.trainer.fp8}: the "
+            "float8 layers would drop the adapters; set trainer.fp8=none for LoRA"
+        )
 
 
 def _check_warmup(cfg: Config) -> None:

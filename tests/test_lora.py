@@ -147,6 +147,13 @@ def test_lora_layout_gives_the_single_process_losses(tmp_path, layout, world_siz
             assert torch.equal(result["final"][name], reference["initial"][name]), name
 
 
+def test_lora_with_fp8_is_refused_at_start(tmp_path):
+    from scaleforge.core.config import validate
+
+    with pytest.raises(ConfigError, match="float8 layers would drop the adapters"):
+        validate(micro_config(tmp_path, *LORA, "trainer.fp8=tensorwise"))
+
+
 def test_lora_settings_are_checked():
     for lora, message in [(LoRAConfig(rank=-1), "model.lora.rank=-1"),
                           (LoRAConfig(rank=4, targets=["attn"]), "model.lora.targets"),
