@@ -11,7 +11,7 @@ What is converted: the `nn.Linear` layers inside `model.layers` (attention proje
 whose both dimensions, as this rank holds them after tensor parallelism, are multiples of
 16 (what the float8 GEMM takes). What stays in high precision: the embeddings, the output
 head (the logits' precision matters most and its vocabulary dimension is the widest),
-and any block linear with an odd shape; `describe_float8` lists both for the start line.
+any block linear with an odd shape, and LoRA's adapted projections (their own forward); `describe_float8` lists both for the start line.
 A model with experts (MoE) is refused: torchao's float8 grouped GEMM is not used here.
 
 Conversion runs before tensor parallelism, activation checkpointing, compile and FSDP
@@ -91,9 +91,11 @@ def gathers_weights_in_float8(recipe: str, topology: Topology) -> bool:
 
 
 def _is_fp8_linear(module: nn.Module, name: str, tp: int) -> bool:
-    """Whether the layer `name` is converted: an nn.Linear of a block whose dimensions,
-    split over `tp` ranks, are multiples of FP8_DIM_MULTIPLE."""
-    if not (isinstance(module, nn.Linear) and name.startswith("layers.")):
+    """Whether the layer `name` is converted: a plain nn.Linear of a block whose
+    dimensions, split over `tp` ranks, are multiples of FP8_DIM_MULTIPLE. A subclass (LoRA's
+    LoRALinear, models/lora.py) has a forward of its own that Float8Linear would drop, so it
+    stays in high precision."""
+    if not (type(module) is nn.Linear and name.startswith("layers.")):
         return False
     dims = (module.in_features, module.out_features)
     return all(dim % (FP8_DIM_MULTIPLE * tp) == 0 for dim in dims)

@@ -69,6 +69,17 @@ def test_a_block_linear_whose_dimension_the_float8_gemm_cannot_take_stays_high_p
     assert not float8._is_fp8_linear(nn.Linear(64, 512), "output", tp=1)
 
 
+def test_lora_adapted_projections_keep_their_adapters_in_high_precision():
+    cfg = micro_config("unused", "trainer.fp8=tensorwise", "model.lora.rank=4",
+                       "model.lora.targets=[attention]")
+    topology = init_topology(cfg.parallel, validate(cfg), "cpu")
+    model = build_model(BuildPlan(model=cfg.model, fp8="tensorwise"), topology)
+    converted, kept = float8.float8_layers(model)
+    assert converted == [f"layers.{i}.feed_forward.{w}" for i in range(2)
+                         for w in ("w1", "w3", "w2")]
+    assert "layers.0.attention.wq.lora_a" in dict(model.named_parameters())
+
+
 def test_bad_fp8_settings_fail_at_validation_with_the_fix():
     with pytest.raises(ConfigError, match="trainer.fp8='fp4'.*tensorwise"):
         validate(micro_config("unused", "trainer.fp8=fp4"))
