@@ -85,6 +85,40 @@ _PEAK_FLOPS: dict[tuple[str, ...], tuple[float, float, float]] = {
 }
 
 
+# Dense float8 (e4m3/e5m2) tensor-core FLOP/s, the same parts and sources (every sheet prints
+# the sparse figure; dense is half): H100 SXM 3,958*, PCIe 3,026*, NVL 3,341*; H200 as H100
+# (SXM and NVL); L4 485*, L40 724*, L40S 1,466*; B200 9*, GB200 10* PF. A100, A10 and A10G
+# have no float8 tensor cores: not listed.
+_FP8_PEAK_FLOPS: dict[tuple[str, ...], float] = {
+    ("H100",): 1979e12, ("H100", "PCIE"): 1513e12, ("H100", "NVL"): 1670.5e12,
+    ("H200",): 1979e12, ("H200", "NVL"): 1670.5e12, ("GH200",): 1979e12,
+    ("H800",): 1979e12, ("H800", "PCIE"): 1513e12,
+    ("L4",): 242.5e12, ("L40",): 362e12, ("L40S",): 733e12,
+    ("B200",): 4500e12, ("GB200",): 5000e12,
+}
+
+
+def _best_match(device_name: str, keys: list[tuple[str, ...]]) -> tuple[str, ...] | None:
+    words = set(re.findall(r"[A-Z0-9]+", device_name.upper()))
+    matches = [key for key in keys if words.issuperset(key)]
+    return max(matches, key=len) if matches else None
+
+
+def fp8_peak_flops_by_name(device_name: str) -> float | None:
+    """Dense float8 peak FLOP/s of the GPU called `device_name` (matched as in
+    `peak_flops_by_name`), or None for a GPU without float8 tensor cores or not listed."""
+    key = _best_match(device_name, list(_FP8_PEAK_FLOPS))
+    return _FP8_PEAK_FLOPS[key] if key else None
+
+
+def fp8_peak_flops(device: torch.device) -> float | None:
+    """Dense float8 peak FLOP/s of one `device` (the `mfu_fp8` denominator); None when
+    unknown (always on CPU)."""
+    if device.type != "cuda":
+        return None
+    return fp8_peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
 def peak_flops_by_name(device_name: str, precision: str, tf32: bool) -> float | None:
     """Dense peak FLOP/s of the GPU called `device_name` (as `torch.cuda.get_device_name`
     gives it) for `precision` (bf16 and fp16: the half-precision tensor cores; fp32: the tf32
@@ -93,11 +127,10 @@ def peak_flops_by_name(device_name: str, precision: str, tf32: bool) -> float | 
     The name is split into words (letters and digits, case ignored) and the entry whose
     words all occur in it with the most words wins: "NVIDIA H100 NVL" is the NVL part, not
     the SXM one, and "L40" never matches "NVIDIA L40S" nor "A10" "NVIDIA A100-SXM4-80GB"."""
-    words = set(re.findall(r"[A-Z0-9]+", device_name.upper()))
-    matches = [key for key in _PEAK_FLOPS if words.issuperset(key)]
-    if not matches:
+    key = _best_match(device_name, list(_PEAK_FLOPS))
+    if key is None:
         return None
-    half, tf32_peak, fp32 = _PEAK_FLOPS[max(matches, key=len)]
+    half, tf32_peak, fp32 = _PEAK_FLOPS[key]
     if precision in ("bf16", "fp16"):
         return half
     return tf32_peak if tf32 else fp32

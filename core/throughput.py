@@ -1,5 +1,6 @@
 """Throughput of the steps between two log lines: tokens/s, FLOP/s per GPU and for the
-cluster, MFU in two FLOP conventions, and peak memory (the largest of any rank)."""
+cluster, MFU in two FLOP conventions (and against the float8 peak), and peak memory (the
+largest of any rank)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import torch
 
-from scaleforge.core.flops import peak_flops, training_flops_per_token
+from scaleforge.core.flops import fp8_peak_flops, peak_flops, training_flops_per_token
 from scaleforge.core.metrics import peak_memory_gb, peak_reserved_memory_gb, reset_peak_memory
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.collectives import max_over_world
@@ -25,6 +26,7 @@ class ThroughputMeter:
         self.flops_per_token_full_attention = training_flops_per_token(model, seq_len,
                                                                        causal=False)
         self.peak_flops = peak_flops(topology.device, precision)
+        self.fp8_peak_flops = fp8_peak_flops(topology.device)
         self.tokens_per_step = tokens_per_step
         self.topology = topology
         self.restart()
@@ -49,6 +51,10 @@ class ThroughputMeter:
         tflops: TFLOP/s per GPU, tflops_total / world size.
         mfu: tflops over one GPU's dense peak (`flops.peak_flops`), i.e. cluster FLOP/s /
             (world size x peak); None where the peak is unknown (CPU, GPUs not in the table).
+        mfu_fp8: tflops over one GPU's dense float8 peak (`flops.fp8_peak_flops`): how far a
+            trainer.fp8 run is from what float8 tensor cores could do; `mfu` stays against the
+            bf16 (or the run's precision's) peak, the convention torchtitan's fp8 figures
+            use too. None without a float8 peak (CPU, A100).
         mfu_full_attention: the same with attention counted over every key, as torchtitan,
             Megatron and PaLM count it.
         memory_gb: the largest peak over ranks since `restart`, in GiB: tensors allocated
@@ -74,6 +80,8 @@ class ThroughputMeter:
             "tflops": cluster_flops / gpus / 1e12,
             "tflops_total": cluster_flops / 1e12,
             "mfu": cluster_flops / (gpus * peak) if peak else None,
+            "mfu_fp8": (cluster_flops / (gpus * self.fp8_peak_flops) if self.fp8_peak_flops
+                        else None),
             "mfu_full_attention": (tokens_per_s * self.flops_per_token_full_attention
                                    / (gpus * peak) if peak else None),
             "memory_gb": memory[0],

@@ -87,7 +87,7 @@ def run_config(overrides: list[str]) -> Any:
 def plan(argv: list[str]) -> None:
     """Enumerate, print the table and write `out`; see the module docstring."""
     from scaleforge.planner.command import launch_command, layout_overrides
-    from scaleforge.planner.hardware import gpu_spec
+    from scaleforge.planner.hardware import check_fp8_gpu, gpu_spec
     from scaleforge.planner.search import USABLE_FRACTION, largest_block_bytes, plan_layouts
     from scaleforge.planner.shards import ShardProbe, fake_world
     from scaleforge.planner.table import layout_record, print_table
@@ -101,6 +101,7 @@ def plan(argv: list[str]) -> None:
         raise ConfigError(f"gpus={settings.gpus} and gpus_per_node={settings.gpus_per_node} "
                           "must be at least 1")
     cfg = run_config(overrides)
+    check_fp8_gpu(cfg.trainer.fp8, gpu)
     pinned = {argument.partition("=")[0] for argument in overrides}
     probe = ShardProbe(cfg)
     with fake_world(settings.gpus):

@@ -10,9 +10,10 @@ through torchao's float8 training API (the field's library; no scaling code of o
 What is converted: the `nn.Linear` layers inside `model.layers` (attention projections, MLP)
 whose both dimensions, as this rank holds them after tensor parallelism, are multiples of
 16 (what the float8 GEMM takes). What stays in high precision: the embeddings, the output
-head (the logits' precision matters most and its vocabulary dimension is the widest),
-any block linear with an odd shape, and LoRA's adapted projections (their own forward); `describe_float8` lists both for the start line.
-A model with experts (MoE) is refused: torchao's float8 grouped GEMM is not used here.
+head (the logits' precision matters most and its vocabulary dimension is the widest), any
+block linear with an odd shape, and LoRA's adapted projections (their own forward);
+`describe_float8` lists both for the start line. A model with experts (MoE) is refused:
+torchao's float8 grouped GEMM is not used here.
 
 Conversion runs before tensor parallelism, activation checkpointing, compile and FSDP
 (parallel/parallelize.py), as torchao and torchtitan order it. Float8Linear keeps its

@@ -9,6 +9,11 @@ Figures are the vendors' data sheets for the SXM parts in 8-GPU servers (DGX/HGX
 - b200: 2,250 TFLOP/s (HGX B200, 1,000 W), 180 GB HBM3e at 8 TB/s (DGX B200: 1,440 GB and
   64 TB/s for eight), NVLink 5 at 1.8 TB/s both ways (900 each), 400 Gb/s per GPU (50 GB/s).
 
+fp8 (`fp8_peak_flops`, dense float8 tensor-core FLOP/s, what `trainer.fp8` plans its block
+matmuls at): H100 SXM and H200 1,979 TFLOP/s (the data sheets' 3,958 with sparsity, halved),
+B200 4,500 (HGX B200's 9 PF sparse, halved); the A100 has no float8 tensor cores (None), so
+planning fp8 on it is a ConfigError.
+
 Bandwidths here are one direction, per GPU, in bytes per second: what a ring collective
 moves through each GPU's link. `matmul_efficiency` is the fraction of peak that large bf16
 GEMMs of a transformer step reach in practice (cuBLAS on these parts typically delivers
@@ -42,14 +47,18 @@ class GpuSpec:
     internode_bytes_per_s: float  # one direction, per GPU, between nodes
     matmul_efficiency: float = 0.7
     attention_efficiency: float = 0.35  # of peak_flops, SDPA's flash kernel, fwd + bwd
+    fp8_peak_flops: float | None = None  # dense float8 tensor-core FLOP/s; None: no fp8
 
 
 GPUS: dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", 989e12, 80 * GB, 3.35e12, 450 * GB, 50 * GB),
-    "h200": GpuSpec("h200", 989e12, 141 * GB, 4.8e12, 450 * GB, 50 * GB),
+    "h100": GpuSpec("h100", 989e12, 80 * GB, 3.35e12, 450 * GB, 50 * GB,
+                    fp8_peak_flops=1979e12),
+    "h200": GpuSpec("h200", 989e12, 141 * GB, 4.8e12, 450 * GB, 50 * GB,
+                    fp8_peak_flops=1979e12),
     "a100": GpuSpec("a100", 312e12, 80 * GB, 2.0e12, 300 * GB, 25 * GB,
                     attention_efficiency=0.6),
-    "b200": GpuSpec("b200", 2250e12, 180 * GB, 8.0e12, 900 * GB, 50 * GB),
+    "b200": GpuSpec("b200", 2250e12, 180 * GB, 8.0e12, 900 * GB, 50 * GB,
+                    fp8_peak_flops=4500e12),
 }
 
 
@@ -91,6 +100,17 @@ def gpu_spec(
         matmul_efficiency=(spec.matmul_efficiency if matmul_efficiency is None
                            else matmul_efficiency),
     )
+
+
+def check_fp8_gpu(fp8: str, gpu: GpuSpec) -> None:
+    """Raise ConfigError when `trainer.fp8=fp8` is planned on a GPU without float8 tensor
+    cores (no `fp8_peak_flops`)."""
+    if fp8 != "none" and gpu.fp8_peak_flops is None:
+        with_fp8 = ", ".join(name for name, spec in GPUS.items() if spec.fp8_peak_flops)
+        raise ConfigError(
+            f"trainer.fp8={fp8} on gpu={gpu.name}: it has no float8 tensor cores; plan it on "
+            f"one that has ({with_fp8}) or set trainer.fp8=none"
+        )
 
 
 def format_bytes(count: float) -> str:

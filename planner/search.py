@@ -251,7 +251,7 @@ def evaluate(cfg: Config, layout: Layout, dims: ParallelDims, probe: ShardProbe,
     work = StepWork(cfg.model, cfg.data.seq_len, t.global_batch_tokens, t.micro_batch_size,
                     micro_batches, dims, layout.schedule, layout.stages_per_rank,
                     t.activation_checkpointing, t.checkpoint_every_n_blocks, t.precision,
-                    p.fsdp_reshard_after_forward, gathered, p.ep, p.etp)
+                    p.fsdp_reshard_after_forward, gathered, p.ep, p.etp, t.fp8)
     time = step_time(work, gpu, gpus_per_node)
     tokens_per_s = t.global_batch_tokens / time.step_s / dims.world_size
     model_flops = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s

@@ -13,6 +13,11 @@ pipeline bubble.
     experts unless `parallel.etp` splits them);
   - attention: the scores and values FLOPs (forward + backward, again under `full`) at
     `attention_efficiency` x peak (FlashAttention-2's measured rate on that GPU);
+  - with `trainer.fp8` the blocks' projection matmuls (and their recompute) run at
+    `matmul_efficiency` x the GPU's float8 peak instead (parallel/float8.py converts them;
+    the head and attention stay at the bf16 rates). torchao's casts (an amax and a scaled
+    copy of each matmul input) are memory-bound work not counted here, so the planned fp8
+    speed-up is an upper bound;
   - memory-bound work: the HBM traffic of norms, casts, RoPE, activations, residual adds,
     the loss over the logits and AdamW (planner/memory_traffic.py) at `HBM_EFFICIENCY` x
     the GPU's memory bandwidth.
@@ -35,7 +40,9 @@ pipeline bubble.
 - pipeline: each micro-batch's (b, s, d/t) activations and gradients cross each stage
   boundary once per direction; counted on the critical path; the schedule's idle share is
   `parallel.pipeline_schedules.theoretical_bubble_fraction`.
-- data parallel (FSDP2): weights all-gathered in the compute dtype in forward and again in
+- data parallel (FSDP2): weights all-gathered in the compute dtype (with
+  `trainer.fp8=tensorwise` the blocks' projection weights in float8, 1 byte each: torchao's
+  float8 all-gather) in forward and again in
   backward (when resharding after forward; once otherwise) for every micro-batch,
   gradients reduce-scattered in fp32 once per step (gradient sync only on the last
   micro-batch) and all-reduced across dp_replicate (HSDP). Overlapped with compute (FSDP
@@ -52,6 +59,7 @@ from scaleforge.core.flops import attention_flops_per_token, training_flops_per_
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.family import family_spec
 from scaleforge.models.moe import expert_hidden
+from scaleforge.models.param_count import attention_params, ffn_params, num_params
 from scaleforge.parallel.pipeline_schedules import theoretical_bubble_fraction
 from scaleforge.parallel.topology import MESH_DIMS, ParallelDims
 from scaleforge.planner.activations import ActivationSetting, block_matmul_widths
@@ -88,6 +96,7 @@ class StepWork:
     gathered: GatheredElements  # FSDP's units on the rank that gathers most
     ep: int = 1  # expert-parallel size (MoE models)
     etp: int = 1  # expert tensor parallelism: 1 (experts whole on every tp rank) or tp
+    fp8: str = "none"  # trainer.fp8: float8 block matmuls (and gathers, tensorwise)
 
 
 @dataclass(frozen=True)
@@ -168,8 +177,13 @@ def compute_times(work: StepWork, gpu: GpuSpec) -> tuple[float, float, float]:
         math.ceil(m.n_layers / work.dims.pp / work.every_n) * work.dims.pp / m.n_layers)
     matmuls = training_flops_per_token(m, work.seq_len) - head - attention
     whole = tp_whole_flops_per_token(work)
-    matmul_s = _per_rank(work, (matmuls + recomputed - recomputed_attention - whole) / t + whole,
-                         head / t) / (gpu.peak_flops * gpu.matmul_efficiency)
+    block_rate = gpu.peak_flops * gpu.matmul_efficiency
+    if work.fp8 != "none":
+        assert gpu.fp8_peak_flops is not None, "checked by planner.hardware.check_fp8_gpu"
+        block_rate = gpu.fp8_peak_flops * gpu.matmul_efficiency
+    matmul_s = (_per_rank(work, (matmuls + recomputed - recomputed_attention - whole) / t
+                          + whole, 0.0) / block_rate
+                + _per_rank(work, 0.0, head / t) / (gpu.peak_flops * gpu.matmul_efficiency))
     attention_s = _per_rank(work, (attention + recomputed_attention) / t, 0.0) / (
         gpu.peak_flops * gpu.attention_efficiency)
     setting = ActivationSetting(m, work.seq_len, work.micro_batch_size, t, work.precision,
@@ -227,6 +241,25 @@ def step_time(work: StepWork, gpu: GpuSpec, gpus_per_node: int) -> StepTime:
                     step, comm)
 
 
+def float8_gathered_fraction(m: TransformerConfig) -> float:
+    """The share of a dense model's parameters that are block projection weights (what
+    `trainer.fp8` converts: every block's attention and MLP matrices, no biases)."""
+    blocks = sum(attention_params(m, biases=False) + ffn_params(m, layer, True, biases=False)
+                 for layer in range(m.n_layers))
+    return blocks / num_params(m)
+
+
+def gathered_bytes(work: StepWork, e: int) -> float:
+    """Bytes of one all-gather of the rank's FSDP shards' full weights: `e` bytes per
+    element, except the block projection weights under trainer.fp8=tensorwise, which
+    torchao gathers in float8 (1 byte)."""
+    total = work.gathered.total
+    if work.fp8 != "tensorwise":
+        return total * e
+    in_float8 = total * float8_gathered_fraction(work.model)
+    return (total - in_float8) * e + in_float8
+
+
 def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
                    comm: dict[str, float]) -> tuple[float, float]:
     """(seconds of FSDP/HSDP collectives per step, seconds of them nothing hides); fills
@@ -237,7 +270,7 @@ def _data_parallel(work: StepWork, gpu: GpuSpec, gpus_per_node: int, e: int,
     if shards > 1:
         share = (shards - 1) / shards
         gathers = 2 if work.reshard_after_forward else 1
-        gather = share * g.total * e * gathers * work.micro_batches
+        gather = share * gathered_bytes(work, e) * gathers * work.micro_batches
         scatter = share * g.total * 4
         comm["dp_shard"] = gather + scatter
         bandwidth = axis_bandwidth(dims, "dp_shard", gpu, gpus_per_node)
