@@ -70,8 +70,9 @@ def test_a_block_linear_whose_dimension_the_float8_gemm_cannot_take_stays_high_p
 
 
 def test_lora_adapted_projections_keep_their_adapters_in_high_precision():
-    cfg = micro_config("unused", "trainer.fp8=tensorwise", "model.lora.rank=4",
-                       "model.lora.targets=[attention]")
+    # core.config refuses model.lora with trainer.fp8 at start; should a model with
+    # adapters reach the conversion anyway, they stay (a plain nn.Linear filter).
+    cfg = micro_config("unused", "model.lora.rank=4", "model.lora.targets=[attention]")
     topology = init_topology(cfg.parallel, validate(cfg), "cpu")
     model = build_model(BuildPlan(model=cfg.model, fp8="tensorwise"), topology)
     converted, kept = float8.float8_layers(model)
