@@ -13,6 +13,9 @@ the validation loss and perplexity of a checkpoint on the configured data and ex
 
 SIGTERM or SIGUSR1 (`trainer.preemption_signals`) during training saves a checkpoint and
 exits with status 0 (without scaling.json, which marks a finished run); see core/preemption.py.
+A rank without training progress for `trainer.hang_timeout_s` ends the run: every rank
+exits with status 4 after one line naming the rank that stopped first and its stalled call
+(core/callbacks/hang_watchdog.py; stacks in RUN_DIR/hang/).
 Under `--multirun` SIGINT does too, and the whole sweep stops there (no further job starts).
 
 Under `--multirun` each job trains in its own `<hydra.sweep.dir>/<hydra.sweep.subdir>`

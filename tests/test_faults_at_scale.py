@@ -200,3 +200,27 @@ def test_a_rank_hung_in_a_collective_ends_the_run_naming_it_with_stacks_on_disk(
         assert headers[rank]["in_collective"] == "sum_over_world"
         assert headers[rank]["collectives_joined"] == headers[1]["collectives_joined"] + 1
     assert f"exitcode  : {HANG_EXIT_STATUS}" in stderr
+
+
+# --- The kill drill: torchrun restarts the job, which meets no second kill -----------------
+
+@pytest.mark.slow
+def test_a_rank_killed_by_the_drill_is_restarted_by_torchrun_and_the_run_finishes(
+        tmp_path, stdlib_overrides):
+    run_dir = tmp_path / "run"
+    steps = 8
+    job = start_tool(
+        "torchrun", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scaleforge.launch.train",
+        *RUN, *stdlib_overrides, "parallel.dp_shard=2", f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}", "checkpoint.every=2", "parallel.timeout_s=60",
+        f"run_dir={run_dir}", cwd=tmp_path,
+        env={**one_thread_env(), VARIABLE: "kill:rank=1:step=5"},
+    )
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    # fired once, in the first attempt; the second resumed from step 4's checkpoint
+    assert stderr.count("SCALEFORGE_INJECT_FAULT fires: kill:rank=1:step=5") == 1, stderr[-3000:]
+    assert re.search(r"resumed from \S+/step_4 at step 4", stdout), stdout[-3000:]
+    losses = [r["step"] for r in metrics_records(run_dir) if "loss" in r]
+    assert losses == list(range(1, steps + 1))
