@@ -100,7 +100,7 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> float:
         for _ in range(rounds):
             for name, step in variants.items():
                 times[name].append(seconds_per_step(step, steps, trainer.device))
-        faults = [c for c in with_faults if isinstance(c, FAULT_CALLBACKS)]
+        faults: list[Callback] = [c for c in with_faults if isinstance(c, FAULT_CALLBACKS)]
         hooks = hook_seconds_per_step(trainer, faults, logger)
     finally:
         for callback in with_faults:
