@@ -267,3 +267,16 @@ def test_fp8_tensorwise_under_tp2_matches_one_process(tmp_path):
     _compare_fp8(result, _reference(tmp_path / "fp8", "trainer.fp8=tensorwise"),
                  _reference(tmp_path / "fp32"))
 
+
+
+def test_the_fp8_curves_table_compares_each_recipe_with_the_baseline_at_shared_steps(tmp_path):
+    from scaleforge.bench.fp8_curves import comparison_table, val_losses
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "val_loss": 8.0}\n'
+                                            '{"step": 5, "loss": 7.0}\n'
+                                            '{"step": 10, "val_loss": 5.0}\n')
+    assert val_losses(tmp_path) == {0: 8.0, 10: 5.0}
+    rows = comparison_table([{0: 8.0, 10: 5.0}, {0: 8.0, 10: 5.1}, {10: 4.95}])
+    assert rows[0] == ("| step | none (fp32) | tensorwise | rowwise | tensorwise vs none | "
+                       "rowwise vs none |")
+    assert rows[2:] == ["| 10 | 5.0000 | 5.1000 | 4.9500 | +2.00% | -1.00% |"]
