@@ -25,6 +25,7 @@ import numpy as np
 
 from scaleforge.data_pipeline import shards
 from scaleforge.data_pipeline.chat_template import (
+    ChatTemplate,
     conversation_messages,
     load_template,
     render_conversation,
@@ -96,6 +97,9 @@ def write_conversation_shards(job: ConversationShardsJob) -> dict:
     settings[SFT_SECTION] = {
         "template": template.name,
         "template_sha256": hashlib.sha256(template.source.encode()).hexdigest(),
+        # what sf-generate --chat and sf-convert to-hf render prompts with
+        "template_source": template.source,
+        "template_tokens": {"bos_token": template.bos_token, "eos_token": template.eos_token},
         "trained_tokens": trained,
     }
     return shards._write_manifest(out, settings, [record])
@@ -144,6 +148,17 @@ class _MaskedShardWriter(shards._ShardWriter):
         self.shards[-1]["mask_sha256"] = file_sha256(mask_path(path))
         self.shards[-1]["trained_tokens"] = int(sum(self._mask))
         self._mask = bytearray()
+
+
+def shards_template(manifest: dict) -> ChatTemplate | None:
+    """The chat template conversation shards were rendered with (their manifest's `sft`
+    section), or None for other shards."""
+    sft = manifest.get(SFT_SECTION)
+    if sft is None or "template_source" not in sft:
+        return None
+    tokens = sft.get("template_tokens", {})
+    return ChatTemplate(sft["template_source"], sft["template"], tokens.get("bos_token", ""),
+                        tokens.get("eos_token", ""))
 
 
 def open_masks(directory: Path, manifest: dict, split: str, verify: bool) -> list[np.ndarray]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scaleforge.data_pipeline.chat_template import ChatTemplate, load_template
 from scaleforge.data_pipeline.config import DataConfig
+from scaleforge.data_pipeline.conversation_shards import shards_template
 from scaleforge.data_pipeline.manifest import load_manifest, load_shard_tokenizer
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
@@ -70,3 +72,13 @@ def data_tokenizer(data_cfg: DataConfig) -> Tokenizer:
     else:
         raise missing_shard_source()
     return load_shard_tokenizer(directory, load_manifest(directory))
+
+
+def data_chat_template(data_cfg: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:
+    """The chat template of a run's data: the one its conversation shards were rendered with
+    (sf-preprocess sft), else the tokenizer's own or the default (`template=auto`)."""
+    if data_cfg.mode == "shards" and data_cfg.path:
+        template = shards_template(load_manifest(Path(data_cfg.path)))
+        if template is not None:
+            return template
+    return load_template("auto", tokenizer.path)

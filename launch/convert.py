@@ -188,6 +188,27 @@ def _export_tokenizer(config: Config, out: Path) -> None:
     _set_document_ids(out, tokenizer.eos_id, tokenizer.pad_id)
     print(f"tokenizer ({tokenizer.vocab_size} ids) from {tokenizer.path} -> {out}; "
           f"bos_token_id = eos_token_id = {tokenizer.eos_id} (documents start after an EOS)")
+    _export_chat_template(config, out)
+
+
+def _export_chat_template(config: Config, out: Path) -> None:
+    """A run on conversation shards (sf-preprocess sft): their chat template into the
+    exported tokenizer_config.json, so transformers' apply_chat_template renders prompts
+    as training did."""
+    import json
+
+    from scaleforge.data_pipeline.conversation_shards import shards_template
+    from scaleforge.data_pipeline.manifest import load_manifest
+
+    if config.data.mode != "shards" or not config.data.path:
+        return
+    template = shards_template(load_manifest(Path(config.data.path)))
+    if template is None:
+        return
+    path = out / "tokenizer_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**settings, "chat_template": template.source}, indent=1))
+    print(f"chat template ({template.name}) -> {path}")
 
 
 def _set_document_ids(out: Path, eos_id: int, pad_id: int | None) -> None:

@@ -2,13 +2,17 @@
 
     sf-generate ckpt=runs/demo/2026-01-01_00-00-00 prompt="def main(" max_new_tokens=100
     sf-generate ckpt=runs/mine/checkpoints/step_200 prompt="import os" temperature=0 top_k=null
+    sf-generate --chat ckpt=runs/sft/mine prompt="def quote(string, safe='/'):"
 
 `ckpt` is a run directory (its newest complete checkpoint, else final_model.pt) or a
 step_<N> directory; the model and the tokenizer come from the run's saved config (the
 corpus cache, the shards or data.tokenizer it trained on). Decoding keeps a key/value cache
 (models/generate.py), on CUDA when there is one. The prompt follows an end-of-document token,
-as every document of the training data does. Arguments are key=value; errors print one
-`error:` line and exit with 2.
+as every document of the training data does; with `--chat` (or chat=true) the prompt is
+instead a user's turn rendered with the chat template of the run's data (the one its
+conversation shards were made with by sf-preprocess sft, else the tokenizer's own or the
+default), the assistant's reply is sampled until the end of the conversation and printed
+alone. Arguments are key=value; errors print one `error:` line and exit with 2.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ class GenerateSettings:
     seed: int = 0
     # auto (cuda when available, else cpu), cpu or cuda.
     device: str = "auto"
+    # The prompt as a user's turn in the chat template of the run's data; print the reply
+    # (also given as --chat).
+    chat: bool = False
 
 
 def sample_text(settings: GenerateSettings) -> str:
     """The prompt and its continuation, sampled from `settings.ckpt`."""
     import torch
 
-    from scaleforge.data_pipeline.vocabulary import data_tokenizer
+    from scaleforge.data_pipeline.vocabulary import data_chat_template, data_tokenizer
     from scaleforge.launch.convert import read_training_weights
     from scaleforge.models import build
     from scaleforge.models.generate import Sampling, generate
@@ -65,7 +72,12 @@ def sample_text(settings: GenerateSettings) -> str:
     device = resolve_device(settings.device)
     model = build(config.model, device=device)
     model.load_state_dict(state)
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(settings.prompt)]
+    if settings.chat:  # a conversation starts its document: no EOS before it
+        template = data_chat_template(config.data, tokenizer)
+        text = template.render([{"role": "user", "content": settings.prompt}], True)
+        prompt_ids = tokenizer.encode(text)
+    else:
+        prompt_ids = [tokenizer.eos_id, *tokenizer.encode(settings.prompt)]
     room = config.model.max_seq_len - len(prompt_ids)
     if room < settings.max_new_tokens:
         raise ConfigError(
@@ -80,13 +92,14 @@ def sample_text(settings: GenerateSettings) -> str:
                       generator,
                       stop_id=tokenizer.eos_id)
     new = [int(t) for t in tokens[0, len(prompt_ids):] if int(t) != tokenizer.eos_id]
-    return settings.prompt + tokenizer.decode(new)
+    return tokenizer.decode(new) if settings.chat else settings.prompt + tokenizer.decode(new)
 
 
 def _run(argv: list[str]) -> None:
     if is_help(argv):
         print_help(GenerateSettings, "sf-generate", __doc__ or "")
         return
+    argv = ["chat=true" if argument == "--chat" else argument for argument in argv]
     print(sample_text(parse_settings(GenerateSettings, argv, "sf-generate")))
 
 

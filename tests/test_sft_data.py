@@ -194,6 +194,24 @@ def test_a_conversation_packed_after_another_has_its_logits_alone(sft_shards):
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_the_data_chat_template_and_a_run_directory_as_the_tokenizer(
+        tmp_path, sft_shards, tokenizer_dir, shard_dir):
+    from scaleforge.data_pipeline.vocabulary import data_chat_template
+    from scaleforge.launch.preprocess import _model_tokenizer
+
+    template = data_chat_template(_data(sft_shards), Tokenizer.load(tokenizer_dir))
+    assert template.source == DEFAULT_TEMPLATE and template.name == "default"
+    from omegaconf import OmegaConf
+
+    cfg = micro_config(tmp_path / "run", "data=shards", f"data.path={shard_dir}",
+                       "data.vocab_size=null")
+    (tmp_path / "run").mkdir()
+    OmegaConf.save(OmegaConf.structured(cfg), tmp_path / "run" / "config.yaml")  # a run dir
+    resolved = Tokenizer.load(_model_tokenizer(tmp_path / "run"))
+    assert resolved.hash == Tokenizer.load(tokenizer_dir).hash  # the run's data tokenizer
+    assert _model_tokenizer(Path(tokenizer_dir)) == Path(tokenizer_dir)
+
+
 def _chatml_tokenizer(directory: Path) -> Tokenizer:
     """A small byte-level BPE tokenizer.json with ChatML's special tokens and template."""
     from tokenizers import Tokenizer as RustTokenizer

@@ -8,6 +8,8 @@ import pytest
 
 from run_metrics import metrics_records
 from scaleforge.core.trainer import Trainer
+from scaleforge.launch import convert
+from scaleforge.launch.generate import GenerateSettings, sample_text
 from sft_runs import imported_model_and_shards, sft_config
 
 
@@ -31,3 +33,15 @@ def test_sft_lowers_the_masked_validation_loss_of_an_imported_model(tmp_path, im
     assert last < first - 0.5, evaluations
     log = (run / "train.log").read_text()
     assert "conversations train:" in log and "conversations val:" in log
+    print(f"masked val_loss {first:.3f} -> {last:.3f}")
+
+    reply = sample_text(GenerateSettings(ckpt=str(run), prompt="def quote(string, safe='/'):",
+                                         max_new_tokens=20, temperature=0, chat=True))
+    assert isinstance(reply, str) and "<|im_start|>" not in reply
+    convert.dispatch(["to-hf", f"ckpt={run}", f"out={tmp_path / 'hf'}"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "def f(x):"}],
+                                             tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\ndef f(x):<|im_end|>\n<|im_start|>assistant\n"
