@@ -280,3 +280,23 @@ def test_the_fp8_curves_table_compares_each_recipe_with_the_baseline_at_shared_s
     assert rows[0] == ("| step | none (fp32) | tensorwise | rowwise | tensorwise vs none | "
                        "rowwise vs none |")
     assert rows[2:] == ["| 10 | 5.0000 | 5.1000 | 4.9500 | +2.00% | -1.00% |"]
+
+
+@pytest.mark.slow
+def test_fp8_tensorwise_dp_shard2_checkpoint_resumes_bitwise(tmp_path):
+    # The float8-gathered weights (torchao's WeightWithDynamicFloat8CastTensor inside FSDP's
+    # DTensor) go through torch.distributed.checkpoint as fp32 shards and come back into
+    # the same subclass; the scales are recomputed from them, so the run continues exactly.
+    overrides = [*COMMON, "trainer.fp8=tensorwise", "parallel.dp_shard=2",
+                 "trainer.max_steps=4"]
+    uninterrupted = run_layout(micro_config(tmp_path / "full", *overrides), 2, 4)
+    saved = run_layout(micro_config(tmp_path / "saved", *overrides), 2, 2, save_at=(2,))
+    assert saved["losses"] == uninterrupted["losses"][:2]
+    checkpoint = tmp_path / "saved/checkpoints/step_2"
+    resumed = run_layout(micro_config(tmp_path / "resumed", *overrides,
+                                      f"trainer.resume={checkpoint}"), 2, 2)
+    assert resumed["start_step"] == 2
+    assert resumed["losses"] == uninterrupted["losses"][2:]
+    for name, tensor in uninterrupted["final"].items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(resumed["final"][name], tensor), name
