@@ -40,6 +40,7 @@ from torch import nn
 from scaleforge.errors import ConfigError
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.topology import Topology
+from scaleforge.torch_compat import torch_release
 
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
 # torch._scaled_mm's float8 GEMM takes matrices whose dimensions are multiples of 16.
@@ -72,11 +73,23 @@ def torchao_version() -> str:
     return importlib.metadata.version("torchao")
 
 
-def check_fp8(recipe: str, model: TransformerConfig) -> None:
-    """Raise ConfigError when `trainer.fp8=recipe` cannot run `model`: torchao missing, or
-    experts (MoE), whose grouped GEMM stays unconverted. `recipe` is a checked name."""
+# The first torch whose CPU torch._scaled_mm takes row-wise scales (2.11's asserts per-tensor
+# scales only; 2.13 checked to work; CUDA takes them on every supported version).
+CPU_ROWWISE_TORCH = (2, 13)
+
+
+def check_fp8(recipe: str, model: TransformerConfig, device_type: str = "cpu") -> None:
+    """Raise ConfigError when `trainer.fp8=recipe` cannot run `model` on `device_type`:
+    torchao missing, experts (MoE), whose grouped GEMM stays unconverted, or rowwise on a CPU
+    whose torch lacks row-wise scaled matmuls. `recipe` is a checked name."""
     if recipe == "none":
         return
+    release = tuple(int(part) for part in torch_release().split(".")[:2])
+    if recipe == "rowwise" and device_type == "cpu" and release < CPU_ROWWISE_TORCH:
+        raise ConfigError(
+            f"trainer.fp8=rowwise on a CPU needs torch >= 2.13 (torch {torch_release()}'s CPU "
+            "scaled matmul takes per-tensor scales only); use trainer.fp8=tensorwise or CUDA"
+        )
     if any(model.moe.is_moe_layer(layer) for layer in range(model.n_layers)):
         raise ConfigError(
             f"trainer.fp8={recipe} with model {model.name}'s experts (model.moe): the experts' "

@@ -81,12 +81,16 @@ def test_lora_adapted_projections_keep_their_adapters_in_high_precision():
     assert "layers.0.attention.wq.lora_a" in dict(model.named_parameters())
 
 
-def test_bad_fp8_settings_fail_at_validation_with_the_fix():
+def test_bad_fp8_settings_fail_at_validation_with_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match="trainer.fp8='fp4'.*tensorwise"):
         validate(micro_config("unused", "trainer.fp8=fp4"))
     with pytest.raises(ConfigError, match="trainer.fp8=rowwise with model moe_tiny's experts"):
         validate(micro_config("unused", "model=moe_tiny", "trainer.fp8=rowwise"))
     validate(micro_config("unused", "model=moe_tiny"))  # fp8=none: no torchao needed
+    monkeypatch.setattr(float8, "torch_release", lambda: "2.11.0")  # the GPU machines' torch
+    with pytest.raises(ConfigError, match="trainer.fp8=rowwise on a CPU needs torch >= 2.13"):
+        float8.check_fp8("rowwise", micro_config("unused").model, "cpu")
+    float8.check_fp8("rowwise", micro_config("unused").model, "cuda")
 
 
 def test_missing_torchao_is_one_config_error_naming_the_install(monkeypatch):
