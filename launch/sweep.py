@@ -2,7 +2,7 @@
 
     sf-sweep plan budgets=[1e12,3e12,1e13] points_per_budget=5 out=sweeps/demo
     sf-sweep run plan=chinchilla_cpu out=sweeps/cpu      # plan + train + collect + fit + report
-    sf-sweep check plan=chinchilla_cpu_check out=sweeps/check  # a 10x run against the law
+    sf-sweep check plan=chinchilla_cpu_check out=sweeps/check  # sweep, fit, then a 10x run
     sf-sweep collect sweep_dir=sweeps/demo               # -> sweeps/demo/runs.csv
     sf-sweep fit table=sweeps/demo/runs.csv out=sweeps/demo/fit
     sf-sweep predict fit=sweeps/demo/fit/fit.json N=1e6 D=2e7
@@ -50,6 +50,11 @@ class PlanSettings:
     min_steps: int = 20
     evals_per_run: int = 5  # validation evaluations over each run
     tokens_per_param: float = 20.0  # D / N at the grid's centre (Hoffmann's 20)
+    # Runs per grid point, each with the weights' and data order's seeds moved by one
+    # (trainer.seed and data.seed + seed + r); 2 or more measure the seed-to-seed noise the
+    # fit and the check report (scaling/noise.py).
+    seeds_per_point: int = 1
+    seed: int = 0  # moves every run's seeds: a second sweep of the same plan with seed=10
     launcher: str = "local"  # local (one run after another) or slurm (submitit)
     out: str = "sweeps/sweep"  # the sweep directory: plan, Hydra configs, runs, fit
     overrides: list[str] = field(default_factory=list)  # sf-train overrides for every run
@@ -175,7 +180,8 @@ def plan(settings: PlanSettings) -> list[str]:
                       spread=settings.spread, aspect_ratio=settings.aspect_ratio,
                       warmup_fraction=settings.warmup_fraction, min_steps=settings.min_steps,
                       evals_per_run=settings.evals_per_run,
-                      tokens_per_param=settings.tokens_per_param)
+                      tokens_per_param=settings.tokens_per_param,
+                      seeds_per_point=settings.seeds_per_point, seed=settings.seed)
     out = Path(settings.out)
     write_sweep(out, runs, base.model, asdict(settings))
     _print_shapes(runs)
@@ -197,7 +203,15 @@ def _print_shapes(runs: list[Any]) -> None:
 
 
 def run(settings: PlanSettings) -> None:
-    """Plan, train every run (local multirun, or SLURM and wait), collect, fit and report."""
+    """Plan, train every run (local multirun, or SLURM and wait), collect, fit and report;
+    then, with `check_multiple` > 0, the 10x check (`check`)."""
+    sweep(settings)
+    if settings.check_multiple > 0:
+        check(settings)
+
+
+def sweep(settings: PlanSettings) -> Path:
+    """Plan, train every run, collect, fit and report; return out/fit/fit.json."""
     argv = plan(settings)
     argv[0] = str(Path(sys.executable).parent / "sf-train")
     print("training ...", flush=True)
@@ -216,8 +230,7 @@ def run(settings: PlanSettings) -> None:
     report(ReportSettings(fit=str(out / "fit" / "fit.json"), table=str(table),
                           out=str(out / "report"), budgets=settings.report_budgets,
                           loss_column=settings.loss_column, wandb=settings.wandb))
-    if settings.check_multiple > 0:
-        check(settings)
+    return out / "fit" / "fit.json"
 
 
 def _run_forwarding_signals(argv: list[str]) -> tuple[int, str | None]:
@@ -242,14 +255,19 @@ def _run_forwarding_signals(argv: list[str]) -> tuple[int, str | None]:
 
 
 def check(settings: PlanSettings) -> Path:
-    """Train one held-out run at `check_multiple` x the largest budget, at approach 3's
-    compute-optimal N for it (out/fit/fit.json), and compare its measured loss with the
-    law's predictive interval at its (N, D); writes and returns out/check/check.json."""
+    """The 10x check: sweep and fit (unless out/fit/fit.json exists: then that fit), predict
+    the loss of one run at `check_multiple` x the largest budget, at approach 3's
+    compute-optimal N for it, with the law's 95% predictive interval; train it, and compare.
+    Writes and returns out/check/check.json: `predicted`, `interval` [low, high], `measured`,
+    `error` (predicted / measured - 1), `noise` (the sweep's seed-to-seed relative standard
+    deviation, null without seeds_per_point > 1), `below_noise`, `inside`, the run, the
+    law's optimum and `plan` (these settings)."""
     from scaleforge.core.config import compose, to_config
     from scaleforge.core.metrics import to_json
     from scaleforge.scaling.collect import collect as collect_runs
     from scaleforge.scaling.fit import read_fit
     from scaleforge.scaling.intervals import allocation_intervals, loss_interval
+    from scaleforge.scaling.noise import below_noise, noise_sentence
     from scaleforge.scaling.plan import plan_run, run_name
     from scaleforge.scaling.sweep_files import multirun_command, write_sweep
 
@@ -258,33 +276,47 @@ def check(settings: PlanSettings) -> Path:
                           f"{settings.budgets}: give check_multiple > 0 (e.g. 10) and the "
                           "sweep's budgets (or plan=NAME)")
     out = Path(settings.out)
-    fitted = read_fit(out / "fit" / "fit.json")
+    fit_path = out / "fit" / "fit.json"
+    if fit_path.is_file():
+        print(f"check: using the sweep's fit {fit_path}")
+    else:
+        sweep(settings)
+    fitted = read_fit(fit_path)
     budget = settings.check_multiple * max(settings.budgets)
     optimum = allocation_intervals(fitted, budget)
     base = to_config(compose([f"+experiment={settings.experiment}", *settings.overrides]))
-    planned = plan_run(run_name(budget, 0), budget, optimum["N_opt"]["value"], base,
-                       aspect_ratio=settings.aspect_ratio,
+    planned = plan_run(run_name(budget, 0, settings.seed), budget, optimum["N_opt"]["value"],
+                       base, aspect_ratio=settings.aspect_ratio,
                        warmup_fraction=settings.warmup_fraction, min_steps=settings.min_steps,
-                       evals_per_run=settings.evals_per_run)
+                       evals_per_run=settings.evals_per_run, seed=settings.seed)
     check_dir = out / "check"
     write_sweep(check_dir, [planned], base.model, asdict(settings))
     argv = multirun_command(check_dir, [planned], settings.experiment, settings.overrides,
                             settings.launcher)
     argv[0] = str(Path(sys.executable).parent / "sf-train")
-    print(f"check: training {planned.name} (N={planned.N:,}, D={planned.D:,}, "
-          f"C={planned.C:.3g}) ...", flush=True)
+    predicted = loss_interval(fitted, planned.N, planned.D)
+    print(f"check: {settings.loss_column} at {budget:.3g} FLOPs predicted "
+          f"{_with_interval(predicted, '.4f')}; training")
+    _print_shapes([planned])
     subprocess.run(argv, check=False)
     (row,) = collect_runs(check_dir)
     measured = row[settings.loss_column]
-    predicted = loss_interval(fitted, row["N"], row["D"])
-    result = {"budget": budget, "multiple": settings.check_multiple, "run": row,
-              "law_optimum": optimum, "measured": measured, "predicted": predicted,
-              "rel_error": predicted["value"] / measured - 1,
-              "inside": predicted["low"] <= measured <= predicted["high"]}
+    error = predicted["value"] / measured - 1
+    noise = fitted.get("noise")
+    result = {"predicted": predicted["value"], "interval": [predicted["low"], predicted["high"]],
+              "measured": measured, "error": error,
+              "noise": noise["rel_std"] if noise else None,
+              "below_noise": below_noise(error, noise),
+              "inside": predicted["low"] <= measured <= predicted["high"],
+              "loss_column": settings.loss_column, "budget": budget,
+              "multiple": settings.check_multiple, "run": row, "law_optimum": optimum,
+              "noise_detail": noise, "plan": asdict(settings)}
     path = check_dir / "check.json"
     path.write_text(to_json(result, indent=1) + "\n")
     print(f"check at {budget:.3g} FLOPs: {settings.loss_column} measured {measured:.4f}, "
-          f"predicted {_with_interval(predicted, '.4f')} ({result['rel_error']:+.2%}) -> {path}")
+          f"predicted {_with_interval(predicted, '.4f')}, error {error:+.2%} "
+          f"({'inside' if result['inside'] else 'outside'} the interval; "
+          f"{noise_sentence(error, noise)}) -> {path}")
     return path
 
 
@@ -342,6 +374,10 @@ def fit(settings: FitSettings) -> Path:
                   f"D_opt ~ C^{b['value']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
     print(f"approach 3's optimum under {result['flop_convention']['formula']}")
     print(f"{len(result['flags'])} sanity flag(s) (above as warnings; in fit.json `flags`)")
+    noise = result["noise"]
+    print(f"seed-to-seed noise: {noise['rel_std']:.2%} of the loss ({noise['points']} points, "
+          f"{noise['runs']} runs)" if noise else
+          "seed-to-seed noise: not measured (no point has 2 seeds; seeds_per_point=2 or more)")
     print(f"fit -> {path}")
     return path
 

@@ -33,6 +33,7 @@ from scaleforge.scaling.fit import clean_rows, fit_table
 from scaleforge.scaling.fit_isoflop import isoflop_minima
 from scaleforge.scaling.intervals import allocation_intervals, loss_interval
 from scaleforge.scaling.law import law_params, loss
+from scaleforge.scaling.noise import noise_sentence
 from scaleforge.scaling.plots import plot_backtest
 
 APPROACHES = ("approach1", "approach2", "approach3")
@@ -122,7 +123,8 @@ def backtest(rows: list[dict], loss_column: str = "loss", cutoff: float | None =
     result: dict = {"cutoff": trained_to, "loss_column": loss_column,
                     "train_budgets": fit["budgets"], "test_budgets": [b["C"] for b in
                                                                       test_budgets],
-                    "flop_convention": fit["flop_convention"], "flags": fit["flags"]}
+                    "flop_convention": fit["flop_convention"], "flags": fit["flags"],
+                    "noise": fit["noise"]}
     for name in APPROACHES:
         if name not in fit:
             skipped = [f["message"] for f in fit["flags"] if f["approach"] in (name, None)
@@ -171,6 +173,8 @@ def summary_lines(result: dict) -> list[str]:
         text = (f"{name}: {entry['n_test']} {unit}, loss error mean "
                 f"{entry['mean_rel_error']:.2%} max {entry['max_rel_error']:.2%}, "
                 f"{entry['coverage']:.0%} inside the 95% predictive interval")
+        if name == "approach3":
+            text += f" ({noise_sentence(entry['mean_rel_error'], result.get('noise'))})"
         for point in entry["optimum"]:
             text += (f"; {point['quantity']} at {point['C']:.3g}: {point['rel_error']:+.1%}"
                      f"{' (inside)' if point['inside'] else ' (outside)'} its interval")

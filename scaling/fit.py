@@ -9,7 +9,9 @@ search is run once, on all the data). Every resample's parameters are kept in fi
 of C (`loss_law`), which is what they predict a budget's best loss to be. Approach 3's
 optimum is solved under the budgets' own FLOP count (flop_convention.py). Rows with a
 missing, NaN or non-positive N, D or loss are dropped with a warning naming the run; the
-fit's sanity flags (sanity.py) are kept in `flags` and raised as SweepWarnings.
+fit's sanity flags (sanity.py) are kept in `flags` and raised as SweepWarnings. Runs with
+equal N and D are one point's seeds (`seeds_per_point`): their spread is `noise`
+(scaling/noise.py); every run, each seed included, is fitted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from scaleforge.scaling.fit_isoflop import fit_approach2
 from scaleforge.scaling.fit_parametric import fit_law
 from scaleforge.scaling.flop_convention import fit_convention
 from scaleforge.scaling.law import law_optimum, loss, optimal_exponents
+from scaleforge.scaling.noise import seed_noise
 from scaleforge.scaling.power_law import fit_power_law
 from scaleforge.scaling.sanity import budget_flags, flag, isoflop_structure, law_flags
 from scaleforge.scaling.table import is_finite_row
@@ -188,6 +191,8 @@ def fit_table(rows: list[dict], loss_column: str = "loss", bootstrap: int = 200,
         "budget_tolerance_dex": budget_tolerance_dex, "flop_convention": convention,
         "law": "L(N, D) = E + A / N^alpha + B / D^beta; approach 3's compute-optimal "
                f"allocation under {convention['formula']}",
+        # runs with equal N and D are one point's seeds (scaling/noise.py); None: no repeats
+        "noise": seed_noise(N, D, L),
     }
     flags = []
     if "fallback" in convention:

@@ -9,7 +9,11 @@ grid spans N* / spread ... N* x spread in `points_per_budget` log-uniform steps.
 model's tokens are D = C / (exact training FLOPs per token), rounded down to whole
 optimizer steps; its warmup is `warmup_fraction` of those steps and its cosine decay ends
 on its last step, because a schedule longer than the run biases the fit (Hoffmann et al.
-2022, fig. A1).
+2022, fig. A1). `seeds_per_point` > 1 trains every grid point that many times, replicate r
+with the experiment's trainer.seed and data.seed (weights and data order) both moved by
+`seed` + r (`seed` moves a whole sweep's seeds, for a second sweep); the fit measures the
+seed-to-seed noise from them (scaling/noise.py). A run with seed offset 0 keeps the point's
+name; the others are named `<point>_s<seed offset>`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class PlannedRun:
     eval_every: int
     log_every: int
     aspect: float  # d_model / n_layers (scaling/shape.py keeps it within ASPECT_RANGE)
+    trainer_seed: int  # weights' seed (trainer.seed)
+    data_seed: int  # data order's seed (data.seed)
 
 
 class GridOptions(TypedDict, total=False):
@@ -63,6 +69,8 @@ class GridOptions(TypedDict, total=False):
     min_steps: int
     evals_per_run: int
     tokens_per_param: float
+    seeds_per_point: int
+    seed: int
 
 
 def predicted_optimal_params(budget: float, tokens_per_param: float = TOKENS_PER_PARAM) -> float:
@@ -71,13 +79,14 @@ def predicted_optimal_params(budget: float, tokens_per_param: float = TOKENS_PER
     return math.sqrt(budget / (6 * tokens_per_param))
 
 
-def run_name(budget: float, index: int) -> str:
+def run_name(budget: float, index: int, seed: int = 0) -> str:
     """Directory- and Hydra-safe name of the `index`-th model of `budget`: e.g. `C3e12_n2`,
     `C1p2e11_n0` for 1.2e11 (three significant digits, so nearby budgets never share names;
-    `p` for the decimal point, which Hydra option names and shells handle badly)."""
+    `p` for the decimal point, which Hydra option names and shells handle badly), with
+    `_s<seed>` for a seed offset other than 0 (`C3e12_n2_s1`)."""
     mantissa, exponent = f"{budget:.2e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".").replace(".", "p")
-    return f"C{mantissa}e{int(exponent)}_n{index}"
+    return f"C{mantissa}e{int(exponent)}_n{index}" + (f"_s{seed}" if seed else "")
 
 
 def plan_budget(
@@ -90,31 +99,41 @@ def plan_budget(
     min_steps: int = 20,
     evals_per_run: int = 5,
     tokens_per_param: float = TOKENS_PER_PARAM,
+    seeds_per_point: int = 1,
+    seed: int = 0,
 ) -> list[PlannedRun]:
     """The IsoFLOP grid of one `budget` (FLOPs) for the model/data/trainer settings of
-    `base`. Raises ConfigError naming the budget and model when a run would have fewer than
-    `min_steps` optimizer steps (the budget is too small for that model)."""
+    `base`, each point `seeds_per_point` times (module docstring). Raises ConfigError naming
+    the budget and model when a run would have fewer than `min_steps` optimizer steps (the
+    budget is too small for that model)."""
     if points_per_budget < 3:
         raise ConfigError(
             f"points_per_budget={points_per_budget}: a parabola needs at least 3 models per "
             "budget; use 3 or more (5 is typical)"
         )
+    if seeds_per_point < 1:
+        raise ConfigError(f"seeds_per_point={seeds_per_point} must be 1 or more (2 or more "
+                          "measure the seed-to-seed noise)")
+    if seed < 0:
+        raise ConfigError(f"seed={seed} must be 0 or more (it offsets every run's seeds)")
     if spread <= 1:
         raise ConfigError(f"spread={spread} must exceed 1 (the grid spans N*/spread..N*xspread)")
     center = predicted_optimal_params(budget, tokens_per_param)
     targets = center * np.geomspace(1 / spread, spread, points_per_budget)
-    return [plan_run(run_name(budget, index), budget, float(target), base,
+    return [plan_run(run_name(budget, index, seed + replicate), budget, float(target), base,
                      aspect_ratio=aspect_ratio, warmup_fraction=warmup_fraction,
-                     min_steps=min_steps, evals_per_run=evals_per_run)
-            for index, target in enumerate(targets)]
+                     min_steps=min_steps, evals_per_run=evals_per_run,
+                     seed=seed + replicate)
+            for index, target in enumerate(targets) for replicate in range(seeds_per_point)]
 
 
 def plan_run(name: str, budget: float, target: float, base: Config,
              aspect_ratio: float = 64.0, warmup_fraction: float = 0.1, min_steps: int = 20,
-             evals_per_run: int = 5) -> PlannedRun:
+             evals_per_run: int = 5, seed: int = 0) -> PlannedRun:
     """One run named `name`: the shape-rule model nearest `target` non-embedding
-    parameters, trained for the whole steps that spend `budget` FLOPs (exact count). Raises
-    ConfigError naming the budget and run when it would have fewer than `min_steps` steps."""
+    parameters, trained for the whole steps that spend `budget` FLOPs (exact count), with
+    the experiment's trainer and data seeds moved by `seed`. Raises ConfigError naming the
+    budget and run when it would have fewer than `min_steps` steps."""
     batch_tokens = base.trainer.global_batch_tokens
     try:
         model = shape_for_params(target, base.model, aspect_ratio)
@@ -141,6 +160,7 @@ def plan_run(name: str, budget: float, target: float, base: Config,
         max_steps=steps, warmup_steps=max(1, round(warmup_fraction * steps)),
         eval_every=max(1, steps // evals_per_run), log_every=max(1, steps // 50),
         aspect=model.d_model / model.n_layers,
+        trainer_seed=base.trainer.seed + seed, data_seed=base.data.seed + seed,
     )
 
 
@@ -162,7 +182,8 @@ def run_overrides(run: PlannedRun, base_model: TransformerConfig) -> dict:
     return {
         "model": {"name": run.name, **{key: getattr(model, key) for key in shape_fields}},
         "trainer": {"max_steps": run.max_steps, "eval_every": run.eval_every,
-                    "log_every": run.log_every},
+                    "log_every": run.log_every, "seed": run.trainer_seed},
+        "data": {"seed": run.data_seed},
         "optim": {"warmup_steps": run.warmup_steps},
     }
 

@@ -94,15 +94,18 @@ def test_aspect_ratio_outside_the_rule_is_one_config_error():
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
 def test_no_planned_shape_of_a_sweep_preset_falls_outside_the_rule(preset):
     settings = OmegaConf.load(PRESETS / f"{preset}.yaml")
-    base = to_config(compose_config([f"+experiment={settings.experiment}"]))
-    options = {key: settings[key] for key in ("spread", "aspect_ratio", "tokens_per_param")
+    base = to_config(compose_config([f"+experiment={settings.experiment}",
+                                     *settings.get("overrides", [])]))
+    options = {key: settings[key] for key in ("spread", "aspect_ratio", "tokens_per_param",
+                                              "min_steps", "seeds_per_point")
                if key in settings}
     runs = plan_sweep(list(settings.budgets), settings.points_per_budget, base, **options)
     if settings.get("check_multiple", 0) > 0:  # the 10x run, at the grid's rule of thumb
         budget = settings.check_multiple * max(settings.budgets)
         target = predicted_optimal_params(budget, settings.get("tokens_per_param", 20.0))
         runs.append(plan_run("check", budget, target, base,
-                             aspect_ratio=settings.get("aspect_ratio", 64.0)))
+                             aspect_ratio=settings.get("aspect_ratio", 64.0),
+                             min_steps=settings.get("min_steps", 20)))
     for run in runs:
         shape = shaped(base.model, run.n_layers, run.d_model, run.ffn_hidden)
         print(f"{run.name}: {run.n_layers} x {run.d_model}, aspect {run.aspect:.1f}, N {run.N:,}")
