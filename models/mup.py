@@ -27,7 +27,7 @@ width that grows).
 
 muP covers the dense decoder families whose attention is models/transformer.py's
 `Attention` (llama, gpt); Mixture-of-Experts routers and latent attention have no muP
-rules here and are refused at start.
+rules here and are refused at start, as are LoRA adapters (models/lora.py).
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ def check_mup(cfg: TransformerConfig, prefix: str = "model") -> None:
         raise ConfigError(
             f"{prefix}.mup.base_head_dim={mup.base_head_dim} must be positive, or null to "
             "derive it from base_width"
+        )
+    if cfg.lora.enabled:
+        raise ConfigError(
+            f"{prefix}.mup.base_width={mup.base_width} with {prefix}.lora.rank="
+            f"{cfg.lora.rank}: muP has no rules for low-rank adapters here (their rank does not "
+            f"grow with width); set {prefix}.lora.rank=0 or {prefix}.mup.base_width=null"
         )
     if cfg.moe.enabled:
         raise ConfigError(

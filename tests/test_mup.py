@@ -135,6 +135,12 @@ def test_invalid_mup_settings_are_one_config_error(mup, setting):
         TransformerConfig(mup=MupConfig(**mup)).check("model")
 
 
+def test_mup_refuses_lora_adapters_in_one_line():
+    cfg = micro_config("unused", "model.mup.base_width=32", "model.lora.rank=4").model
+    with pytest.raises(ConfigError, match="model.lora.rank=0 or model.mup.base_width=null"):
+        cfg.check("model")
+
+
 def test_mup_refuses_mixture_of_experts_in_one_line():
     cfg = micro_config("unused", "model=moe_tiny", "model.mup.base_width=32").model
     with pytest.raises(ConfigError, match="model.moe.num_experts=0 or model.mup.base_width=null"):
