@@ -16,7 +16,12 @@ from commands import free_port, one_thread_env, start_tool
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
 from run_metrics import metrics_records
-from scaleforge.core.callbacks.hang_watchdog import HANG_EXIT_STATUS, hang_verdict, stalled_call
+from scaleforge.core.callbacks.hang_watchdog import (
+    FLIGHT_RECORDER_ENV,
+    HANG_EXIT_STATUS,
+    hang_verdict,
+    stalled_call,
+)
 from scaleforge.core.callbacks.straggler import STRAGGLER_INTERVALS
 from scaleforge.core.config import hang_timeout_s, validate
 from scaleforge.core.fault_injection import VARIABLE, Fault, injected_faults, parse_faults
@@ -71,6 +76,19 @@ def test_hang_timeout_defaults_to_half_the_collective_timeout_at_most_300_s(tmp_
     assert hang_timeout_s(micro_config(tmp_path)) == 300  # parallel.timeout_s=600
     assert hang_timeout_s(micro_config(tmp_path, "parallel.timeout_s=60")) == 30
     assert hang_timeout_s(micro_config(tmp_path, "trainer.hang_timeout_s=0")) == 0
+
+
+def test_the_watchdog_turns_the_flight_recorder_on_before_the_process_group_starts(
+        tmp_path, monkeypatch):
+    for name in FLIGHT_RECORDER_ENV:
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores it after the test
+        monkeypatch.delenv(name)
+    start_topology(micro_config(tmp_path, "trainer.hang_timeout_s=0"), 1)
+    assert not set(FLIGHT_RECORDER_ENV) & set(os.environ)
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "64")  # a user's own setting is kept
+    start_topology(micro_config(tmp_path), 1)
+    assert os.environ["TORCH_FR_BUFFER_SIZE"] == "64"
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
 
 
 def test_hang_verdict_names_the_rank_behind_the_others_and_its_call():
@@ -194,6 +212,8 @@ def test_a_rank_hung_in_a_collective_ends_the_run_naming_it_with_stacks_on_disk(
         headers[rank] = json.loads(dump.splitlines()[0])
         assert headers[rank]["rank"] == rank and headers[rank]["last_step"] == 2
         assert "every thread (faulthandler):" in dump and "agree_on_step" in dump
+        # the flight recorder's record of the rank's collectives (gloo's on the CPU wheels)
+        assert (run_dir / "hang" / f"rank{rank}.flight_recorder").stat().st_size > 0
     # rank 1 sleeps before joining the step's all-reduce, in which the others wait for it
     assert headers[1]["in_collective"] is None
     for rank in (0, 2, 3):
