@@ -1,7 +1,7 @@
 """LoRA (models/lora.py, `model.lora.*`): adapters trained on a frozen base, the optimizer
 holding state for them alone, checkpoints of the adapters that resume bitwise over the base
 of trainer.init_from, the merged Hugging Face export, and tp2 / dp_shard2 runs that give the
-single-process losses."""
+single-process losses (and cp2, pp2)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_bitwise(tmp_path, base_c
                 "trainer.eval_every=0", "checkpoint.every=2"]
     whole = micro_config(tmp_path / "whole", *settings)
     Trainer(whole, tmp_path / "whole", data=synthetic_data(whole)).fit()
+    # Stopped after 2 steps by max_steps=2: micro_config's 2 warmup steps make the learning
+    # rates of steps 1 and 2 the same as the whole run's, whatever max_steps.
     first = micro_config(tmp_path / "resumed", *settings[:-2], "trainer.max_steps=2",
                          "trainer.eval_every=0", "checkpoint.every=2")
     Trainer(first, tmp_path / "resumed", data=synthetic_data(first)).fit()
@@ -128,14 +130,18 @@ def test_peft_export_of_a_run_without_adapters_is_refused(tmp_path):
                           f"peft={tmp_path / 'peft'}"])
 
 
-@pytest.mark.slow  # 20 s (tp2) and 47 s (dp_shard2) on 2 loaded cores
-@pytest.mark.parametrize("layout, world_size", [("parallel.tp=2", 2),
-                                                ("parallel.dp_shard=2", 2)])
+@pytest.mark.slow  # 20 s (tp2) to 70 s (pp2) each on 2 loaded cores
+@pytest.mark.parametrize("layout, world_size", [
+    (["parallel.tp=2"], 2), (["parallel.dp_shard=2"], 2), (["parallel.cp=2"], 2),
+    # two stages of two layers, four micro-batches a step (as the pipeline layout tests)
+    (["parallel.pp=2", "model.n_layers=4", "trainer.eval_batches=4"], 2)],
+    ids=["tp2", "dp_shard2", "cp2", "pp2"])
 def test_lora_layout_gives_the_single_process_losses(tmp_path, layout, world_size):
-    settings = [*LORA, "trainer.micro_batch_size=2", "optim.grad_clip=0.3"]
+    settings = [*LORA, "trainer.micro_batch_size=2", "optim.grad_clip=0.3",
+                *(o for o in layout if not o.startswith("parallel."))]
     reference = train_and_record(micro_config(tmp_path / "one", *settings), tmp_path / "one",
                                  5, 1)
-    result = run_layout(micro_config(tmp_path / "run", *settings, layout), world_size, 5)
+    result = run_layout(micro_config(tmp_path / "run", *settings, *layout), world_size, 5)
     assert result["initial"].keys() == reference["initial"].keys()
     for name, value in reference["initial"].items():
         assert torch.equal(result["initial"][name], value), name

@@ -45,3 +45,27 @@ def test_sft_lowers_the_masked_validation_loss_of_an_imported_model(tmp_path, im
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "def f(x):"}],
                                              tokenize=False, add_generation_prompt=True)
     assert rendered == "<|im_start|>user\ndef f(x):<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.slow  # about 60 s on 2 loaded cores
+def test_sft_with_lora_resumes_bitwise(tmp_path, imported):
+    """4 steps in one go against 2 steps, a checkpoint, a new Trainer resuming from it and 2
+    more: the same losses, bitwise (same max_steps, so the same learning rates)."""
+    model_dir, shards, model_overrides = imported
+
+    def trainer(run: str) -> Trainer:
+        cfg = sft_config(tmp_path / run, model_dir, shards, model_overrides,
+                         "model.lora.rank=4", "trainer.max_steps=4", "optim.warmup_steps=1")
+        return Trainer(cfg, tmp_path / run)
+
+    def losses(t: Trainer, steps: int) -> list[float]:
+        return [t.train_step(t.train_batches)[0].item() for _ in range(steps)]
+
+    whole = losses(trainer("whole"), 4)
+    first = trainer("resumed")
+    before = losses(first, 2)
+    first.save_checkpoint()
+    first.checkpointer.wait()
+    second = trainer("resumed")
+    assert second.step == 2 and second.resumed_from is not None
+    assert before + losses(second, 2) == whole
