@@ -4,6 +4,8 @@ muP model under tensor, pipeline and data parallelism trained like one process."
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -16,10 +18,12 @@ from layout_runs import (
     run_layout,
     train_and_record,
 )
-from micro_runs import micro_config
+from micro_runs import micro_config, synthetic_data
+from run_metrics import logged_losses
 from scaleforge.core.config import OptimConfig
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import build_optimizer
+from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
 from scaleforge.models.config import TransformerConfig
@@ -190,3 +194,22 @@ def test_mup_model_under_layout_trains_like_single_process(tmp_path, layout, ove
     # The Adam bounds take the reference's first group's learning rate, the largest (muP
     # only lowers the hidden weights'), so they are looser for those, never wrong.
     assert_weights_match(result["final"], reference)
+
+
+def test_mup_run_resumes_bitwise_with_its_per_layer_learning_rates(tmp_path):
+    def run(run_dir, *overrides):
+        cfg = micro_config(run_dir, "trainer.max_steps=4", *MUP, *overrides)
+        trainer = Trainer(cfg, run_dir, data=synthetic_data(cfg))
+        trainer.fit()
+        return trainer
+
+    run(tmp_path / "full")
+    run(tmp_path / "cut", "checkpoint.every=2")
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "cut/checkpoints/step_2", resumed_dir / "checkpoints/step_2")
+    resumed = run(resumed_dir)
+    reference, after = logged_losses(tmp_path / "full"), logged_losses(resumed_dir)
+    assert sorted(after) == [3, 4]
+    assert all(after[step] == reference[step] for step in after)
+    scales = sorted({group["lr_scale"] for group in resumed.optimizer.param_groups})
+    assert scales == [0.5, 1.0]  # hidden weights at 1/m with m = 64 / 32
