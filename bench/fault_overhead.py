@@ -11,7 +11,10 @@ its cost at several ranks, one gather of 2 floats per rank per log interval, is 
 figure). Prints the median seconds per step of each and the ratio with / without, and,
 since that ratio is within a loaded machine's noise, the hooks' own time: the fault
 callbacks' per-step hooks called `HOOK_CALLS` times in a row, in microseconds per step and
-as a fraction of the step measured without them.
+as a fraction of the step measured without them. Then one snapshot
+(`checkpoint.snapshot_every`: a synchronous checkpoint into node-local storage and the copy
+to the peer's folder) is timed `--snapshots` times: its median, and its share of the step
+time at snapshot_every=2 and 10.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from scaleforge.core.callbacks import Callback
 from scaleforge.core.callbacks.faults import FaultInjectionCallback
 from scaleforge.core.callbacks.hang_watchdog import HangWatchdogCallback
 from scaleforge.core.callbacks.straggler import StragglerCallback
+from scaleforge.core.checkpoint.snapshots import copy_to_peer
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.trainer import Trainer
@@ -73,17 +77,32 @@ def _loop_step(trainer: Trainer, callbacks: list[Callback], logger: MetricsLogge
     return step
 
 
-def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> float:
+def snapshot_seconds(trainer: Trainer, times: int) -> float:
+    """Median seconds of one snapshot of `trainer`'s state (save, then the peer copy)."""
+    checkpointer = trainer.snapshots.checkpointer
+    assert checkpointer is not None  # run() turns snapshots on
+    seconds = []
+    for index in range(times):
+        start = time.perf_counter()
+        checkpointer.save(trainer.step + index)  # a new step folder each time, 2 kept
+        copy_to_peer(trainer.snapshots.root, trainer.step + index, 0, 1)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: int) -> float:
     cfg = to_config(compose(["+experiment=demo", "logging.wandb=disabled",
                              "logging.progress_bar=false", *overrides]))
     cfg.trainer.global_batch_tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
     cfg.trainer.max_steps = 10**6
     cfg.data.vocab_size = cfg.data.vocab_size or cfg.model.vocab_rows
+    run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-faults-"))
+    cfg.checkpoint.snapshot_every = 10**6  # builds the snapshot checkpointer; timed below
+    cfg.checkpoint.snapshot_dir = str(run_dir / "snapshots")
     generator = torch.Generator().manual_seed(0)
     window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
                                                   cfg.data.seq_len + 1), generator=generator)
     batch = Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
-    run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-faults-"))
     trainer = Trainer(cfg, run_dir, data=(itertools.repeat(batch), None))
     logger = MetricsLogger(run_dir, cfg.logging, {}, 0, is_rank0=False)
     with_faults = list(trainer.callbacks)
@@ -118,6 +137,11 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int) -> float:
     print(f"ratio with / without: {ratio:.4f}")
     print(f"the fault callbacks' hooks alone: {hooks * 1e6:.1f} us/step = "
           f"{hooks / medians['without']:.5%} of the step without them")
+    if snapshots:
+        snapshot = snapshot_seconds(trainer, snapshots)
+        print(f"one snapshot (save + peer copy, median of {snapshots}): {snapshot * 1e3:.1f} ms"
+              f" = {snapshot / (2 * medians['without']):.1%} of the step time at "
+              f"snapshot_every=2, {snapshot / (10 * medians['without']):.1%} at 10")
     return ratio
 
 
@@ -126,9 +150,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--snapshots", type=int, default=5, help="snapshots timed (0: none)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
-    run(args.overrides, args.steps, args.rounds, args.warmup)
+    run(args.overrides, args.steps, args.rounds, args.warmup, args.snapshots)
 
 
 if __name__ == "__main__":

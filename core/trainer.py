@@ -25,6 +25,7 @@ and optimizer, clipping and logging are the same.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -49,9 +50,12 @@ from scaleforge.core.callbacks.features import (
     ThroughputCallback,
 )
 from scaleforge.core.callbacks.hang_watchdog import HangWatchdogCallback, enable_flight_recorder
+from scaleforge.core.callbacks.snapshot import SnapshotCallback
 from scaleforge.core.callbacks.straggler import StragglerCallback
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
-from scaleforge.core.checkpoint.paths import choose_resume
+from scaleforge.core.checkpoint.paths import choose_resume, read_info
+from scaleforge.core.checkpoint.snapshots import KEEP as SNAPSHOTS_KEPT
+from scaleforge.core.checkpoint.snapshots import newest_reachable, snapshot_root
 from scaleforge.core.checkpoint.state import frozen_names
 from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
 from scaleforge.core.checkpoint.weights import load_model_weights
@@ -184,6 +188,8 @@ class Trainer:
         self.preempted = False
         # The per-step features, in the order their hooks run (core/callbacks/).
         cuda = self.device.type == "cuda"
+        self.snapshots = SnapshotCallback(cfg.checkpoint.snapshot_every,
+                                          snapshot_root(cfg, self.run_dir))
         self.callbacks: list[Callback] = [
             StragglerCallback(cfg.trainer.straggler_ratio, cfg.trainer.on_straggler,
                               cfg.trainer.log_every, cuda),
@@ -198,6 +204,7 @@ class Trainer:
             HealthCallback(self.spike_detector, cfg.trainer.spike_zscore),
             PreemptionCallback(),
             CheckpointCallback(),
+            self.snapshots,
         ]
         self.checkpointer = Checkpointer(
             cfg, self.run_dir, self.topology,
@@ -207,7 +214,9 @@ class Trainer:
             rng=RNGState(self.device),
             parts=self._checkpoint_parts(),
         )
-        self.resumed_from = choose_resume(cfg.trainer.resume, self.run_dir, self.topology)
+        self.snapshots.checkpointer = self._snapshot_checkpointer()
+        self.resumed_from = self._newer_snapshot(
+            choose_resume(cfg.trainer.resume, self.run_dir, self.topology))
         self.initialised_from = None
         # A model with frozen weights (LoRA) checkpoints what trains; the frozen rest comes
         # from trainer.init_from on a resume too.
@@ -219,6 +228,38 @@ class Trainer:
             )
         if self.resumed_from is not None:
             self.step = self.checkpointer.load(self.resumed_from)
+
+    def _snapshot_checkpointer(self) -> Checkpointer | None:
+        """The checkpointer of `checkpoint.snapshot_every`'s snapshots (synchronous, the
+        newest 2 kept) in node-local storage; None without snapshots."""
+        if not self.cfg.checkpoint.snapshot_every:
+            return None
+        cfg = copy.deepcopy(self.cfg)
+        cfg.checkpoint.keep, cfg.checkpoint.async_save = SNAPSHOTS_KEPT, False
+        main = self.checkpointer
+        return Checkpointer(cfg, self.snapshots.root, self.topology, model=main.model,
+                            optimizer=main.optimizer, loader=main.loader, rng=main.rng,
+                            parts=main.parts)
+
+    def _newer_snapshot(self, checkpoint: Path | None) -> Path | None:
+        """With snapshots and trainer.resume=auto: the newest snapshot every rank can reach
+        (rank 0 reads the folders and puts back files from peer copies) when it is newer
+        than `checkpoint`; else `checkpoint`. Collective."""
+        if not self.cfg.checkpoint.snapshot_every or self.cfg.trainer.resume != "auto":
+            return checkpoint
+        found = None
+        if self.topology.is_rank0:
+            found = newest_reachable(self.snapshots.root, self.topology.world_size)
+        chosen = broadcast_from_rank0(self.topology, str(found[1]) if found else "")
+        if not chosen:
+            return checkpoint
+        snapshot = Path(chosen)
+        info = read_info(snapshot)
+        if checkpoint is not None and read_info(checkpoint)["step"] >= info["step"]:
+            return checkpoint
+        self.snapshots.resumed_snapshot_time = time.mktime(
+            time.strptime(info["saved_at"], "%Y-%m-%dT%H:%M:%S"))
+        return snapshot
 
     def _checkpoint_parts(self) -> dict[str, Stateful]:
         """What a checkpoint keeps besides model, optimizer, loader and RNG, by key: the

@@ -244,3 +244,66 @@ def test_a_rank_killed_by_the_drill_is_restarted_by_torchrun_and_the_run_finishe
     assert re.search(r"resumed from \S+/step_4 at step 4", stdout), stdout[-3000:]
     losses = [r["step"] for r in metrics_records(run_dir) if "loss" in r]
     assert losses == list(range(1, steps + 1))
+
+
+# --- Snapshots: a killed rank back in training from the newest snapshot --------------------
+
+def _snapshot_job(run_dir: Path, snapshots: Path, cwd: Path, stdlib_overrides: list[str],
+                  fault: str, max_restarts: int):
+    steps = 10
+    overrides = [o for o in RUN if not o.startswith(("trainer.max_steps", "trainer.eval_every"))]
+    env = one_thread_env()
+    env.pop(VARIABLE, None)
+    if fault:
+        env[VARIABLE] = fault
+    return start_tool(
+        "torchrun", "--nproc-per-node", "4", "--max-restarts", str(max_restarts),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "-m", "scaleforge.launch.train", *overrides, *stdlib_overrides,
+        f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
+        "checkpoint.snapshot_every=2", f"checkpoint.snapshot_dir={snapshots}",
+        "parallel.timeout_s=60", f"run_dir={run_dir}", cwd=cwd, env=env,
+    )
+
+
+def _losses_of(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_resumes_from_the_newest_snapshot_losing_at_most_2_steps_bitwise(
+        tmp_path, stdlib_overrides):
+    reference = _snapshot_job(tmp_path / "reference", tmp_path / "snap_ref", tmp_path,
+                              stdlib_overrides, "", 0)
+    _, stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, stderr[-3000:]
+    expected = _losses_of(tmp_path / "reference")
+    assert sorted(expected) == list(range(1, 11))
+
+    # kill -9 of rank 1 at step 5; torchrun restarts; snapshot step_4 is the newest
+    job = _snapshot_job(tmp_path / "killed", tmp_path / "snap_killed", tmp_path,
+                        stdlib_overrides, "kill:rank=1:step=5", 1)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    fired = re.search(r"^(\d+\.\d+) SCALEFORGE_INJECT_FAULT fires: kill", stderr, re.M)
+    again = re.search(r"recovery: training again at (\d+\.\d+) \(step 5 done\)", stdout)
+    assert fired and again, stdout[-3000:]
+    assert re.search(r"resumed from \S+snap_killed/checkpoints/step_4 at step 4", stdout)
+    print(f"kill to the next step done: {float(again[1]) - float(fired[1]):.1f} s")
+    assert _losses_of(tmp_path / "killed") == expected  # bitwise: the floats as logged
+
+    # the same with the killed rank's node-local file of the newest snapshot deleted
+    run_dir, snapshots = tmp_path / "lost", tmp_path / "snap_lost"
+    job = _snapshot_job(run_dir, snapshots, tmp_path, stdlib_overrides, "kill:rank=1:step=7", 0)
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode != 0
+    shard = snapshots / "checkpoints" / "step_6" / "__1_0.distcp"
+    assert (snapshots / "peers" / "rank2" / "step_6" / "__1_0.distcp").is_file()
+    shard.unlink()
+    job = _snapshot_job(run_dir, snapshots, tmp_path, stdlib_overrides, "", 0)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    assert re.search(r"resumed from \S+snap_lost/checkpoints/step_6 at step 6", stdout), \
+        stdout[-3000:]
+    assert shard.is_file()  # put back from rank 2's copy
+    assert _losses_of(run_dir) == expected
