@@ -70,10 +70,10 @@ def test_shape_rule_rejects_a_target_below_the_smallest_model():
         shape_for_params(1000, TransformerConfig())
 
 
-@pytest.mark.parametrize("aspect_ratio", [20.0, 32.0, 64.0, 200.0])
+@pytest.mark.parametrize("aspect_ratio", [20.0, 200.0])  # the range's ends pull hardest
 def test_shape_rule_never_leaves_its_aspect_head_and_width_bounds(aspect_ratio):
     low, high = ASPECT_RANGE
-    for target in np.geomspace(1.1e4, 1e11, 60):
+    for target in [1.95e4, *np.geomspace(1.1e4, 1e11, 19)]:  # 1.95e4: in the widest gap
         cfg = shape_for_params(float(target), TransformerConfig(vocab_size=1024),
                                aspect_ratio)
         assert within_rule(cfg), (target, cfg.n_layers, cfg.d_model)
