@@ -106,18 +106,24 @@ class GatheredElements:
 def state_of_parameters(named_params: Iterator[tuple[str, nn.Parameter]],
                         dims: ParallelDims) -> RankState:
     """RankState of a built model's parameters (each once; DTensors by their local shard)
-    under layout `dims`: how the dry run counts the trainer's own model."""
+    under layout `dims`: how the dry run counts the trainer's own model. A frozen parameter
+    (LoRA's base, models/lora.py) has no gradient and no AdamW state."""
     seen: set[int] = set()
-    params_bytes = grads_bytes = tensors = 0
+    params_bytes = grads_bytes = trained_bytes = tensors = trained_tensors = 0
     for name, param in named_params:
         if id(param) not in seen:
             seen.add(id(param))
             local = param.to_local() if isinstance(param, DTensor) else param
             params_bytes += local.numel() * local.element_size()
+            tensors += 1
+            if not param.requires_grad:
+                continue
             grads_bytes += local.element_size() * replicated_gradient_elements(
                 name, local.numel(), dims)
-            tensors += 1
-    return RankState.of(params_bytes, tensors, grads_bytes)
+            trained_bytes += local.numel() * local.element_size()
+            trained_tensors += 1
+    return RankState(params_bytes, grads_bytes,
+                     2 * trained_bytes + ADAM_STEP_BYTES * trained_tensors, tensors)
 
 
 def _shard(param: nn.Parameter) -> ParamShard:

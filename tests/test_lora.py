@@ -153,6 +153,21 @@ def test_lora_layout_gives_the_single_process_losses(tmp_path, layout, world_siz
             assert torch.equal(result["final"][name], reference["initial"][name]), name
 
 
+def test_dry_run_counts_gradients_and_adam_state_of_the_adapters_only(tmp_path):
+    from scaleforge.parallel.layout import layout_dims
+    from scaleforge.planner.shards import ADAM_STEP_BYTES, state_of_parameters
+
+    cfg = micro_config(tmp_path, *LORA)
+    cfg.model.vocab_size = 512
+    model = build(cfg.model, seed=0)
+    state = state_of_parameters(model.named_parameters(), layout_dims(cfg.parallel, 1))
+    adapters = [p for n, p in model.named_parameters() if is_adapter(n)]
+    adapter_bytes = sum(p.numel() * 4 for p in adapters)
+    assert state.params == sum(p.numel() * 4 for p in model.parameters())
+    assert state.grads == adapter_bytes
+    assert state.optimizer == 2 * adapter_bytes + ADAM_STEP_BYTES * len(adapters)
+
+
 def test_lora_with_fp8_is_refused_at_start(tmp_path):
     from scaleforge.core.config import validate
 
