@@ -1,6 +1,8 @@
 """Faults at cluster scale: fault drills through SCALEFORGE_INJECT_FAULT, the hang watchdog
 (a rank stalled in a collective named within seconds, its stacks on disk), and straggler
-detection (a rank slowed 1.5x named within 3 log intervals, none in an unslowed run)."""
+detection (a rank slowed 1.5x named within 3 log intervals, none in an unslowed run), the
+kill drill under torchrun, and snapshots (a killed rank back from the newest snapshot, or its
+peer's copy, with the uninterrupted run's losses)."""
 
 from __future__ import annotations
 
