@@ -407,17 +407,18 @@ class Trainer:
                 events |= callback.post_step(self, logger)
             is_eval = cfg.evaluates_at(self.step)
             last = self.step == cfg.max_steps  # logged even when evaluation is off
-            if not (self.step % cfg.log_every == 0 or is_eval or last or events
+            if (self.step % cfg.log_every == 0 or is_eval or last or events
                     or self.stop_requested):
-                continue
-            record = self._record(loss, grad_norm, start, start_step)
-            if is_eval:
-                record |= self.val_metrics()
-            logger.log(record | events)
-            if self.stop_requested:
-                break
+                record = self._record(loss, grad_norm, start, start_step)
+                if is_eval:
+                    record |= self.val_metrics()
+                logger.log(record | events)
+                if self.stop_requested:
+                    break
+                for callback in self.callbacks:
+                    callback.post_log(self)
             for callback in self.callbacks:
-                callback.post_log(self)
+                callback.end_step(self, logger)
         return record
 
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor, start: float,

@@ -256,5 +256,8 @@ def test_resumed_run_truncates_metrics_and_records_its_console(tmp_path, capsys)
     assert "config changed since the checkpoint: trainer.spike_zscore 6.0 -> 5.0\n" in console
     log = (run_dir / "train.log").read_text()
     assert f"checkpoint: {run_dir / 'checkpoints' / 'step_2'}" in log
+    lines = log.splitlines()  # a save's line follows its step's line
+    assert (lines.index(f"checkpoint: {run_dir / 'checkpoints' / 'step_2'}")
+            == next(i for i, line in enumerate(lines) if line.startswith("step      2")) + 1)
     assert log.count(f"checkpoint: {run_dir / 'checkpoints' / 'step_6'}") == 2
     assert "metrics.jsonl: dropped 4 records" in log and log.count("step      8 |") == 2

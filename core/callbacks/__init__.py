@@ -11,6 +11,8 @@ Hooks, in the order the loop calls them (each a no-op unless a callback override
                                   for the metrics record (a step with events is logged)
     metrics(trainer)              in `fit`, on a logged step: fields for the record
     post_log(trainer)             in `fit`, after that record is written
+    end_step(trainer, logger)     in `fit`, last, every step (checkpoint cadence: a save's
+                                  line follows its step's line)
     post_train(trainer)           `fit`'s loop has ended, also by an error (before the final
                                   saves): threads a callback started stop here
 
@@ -54,6 +56,9 @@ class Callback:
 
     def post_log(self, trainer: Trainer) -> None:
         """A logged step's record is written."""
+
+    def end_step(self, trainer: Trainer, logger: MetricsLogger) -> None:
+        """Step `trainer.step` is done and, where it was due, logged (in `fit`)."""
 
     def post_train(self, trainer: Trainer) -> None:
         """`fit`'s loop has ended (normally, to stop, or by an error)."""

@@ -134,12 +134,12 @@ class PreemptionCallback(Callback):
 
 class CheckpointCallback(Callback):
     """Finishes an async save whose write is done, and saves every `checkpoint.every` steps
-    (not at the last step, which `fit` saves, nor when stopping, which saves anyway)."""
+    (not at the last step, which `fit` saves, nor when stopping, which saves anyway), after
+    the step's record, so the console shows step N's line before its checkpoint's."""
 
-    def post_step(self, trainer: Trainer, logger: MetricsLogger) -> dict[str, bool]:
+    def end_step(self, trainer: Trainer, logger: MetricsLogger) -> None:
         trainer.checkpointer.poll()
         every = trainer.cfg.checkpoint.every
         step, max_steps = trainer.step, trainer.cfg.trainer.max_steps
         if every and step % every == 0 and step < max_steps and not trainer.stop_requested:
             logger.message(f"checkpoint: {trainer.save_checkpoint()}")
-        return {}
