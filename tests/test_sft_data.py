@@ -33,13 +33,8 @@ from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
 from scaleforge.models import loss as model_loss
 from scaleforge.models.build import build
+from sft_runs import CHATML  # a Qwen-style chat template, as HF tokenizers carry it
 
-# A Qwen-style chat template (ChatML), as Hugging Face tokenizers carry it.
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "def add(a, b):"},
         {"role": "assistant", "content": "Return a plus b."},
