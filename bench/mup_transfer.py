@@ -28,8 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scaleforge.core.config import OptimConfig  # noqa: E402
-from scaleforge.core.optimizer import build_optimizer  # noqa: E402
+from scaleforge.core.optimizer import OptimConfig, build_optimizer  # noqa: E402
 from scaleforge.models import build  # noqa: E402
 from scaleforge.models.config import TransformerConfig  # noqa: E402
 from scaleforge.models.mup import MupConfig  # noqa: E402

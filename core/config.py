@@ -1,23 +1,27 @@
 """The root configuration: the packages' settings composed by Hydra, and the rules between them.
 
 Each package owns its settings and the checks of its own fields (`models.TransformerConfig`,
-`parallel.config.ParallelConfig`, `data_pipeline.config.DataConfig`); the trainer's own
-(optimizer, trainer, checkpoint, logging) are here. `Config` composes them and is registered
-in Hydra's ConfigStore as the schema of `configs/config.yaml`, so an unknown key or a wrongly
-typed value fails at start with the key named. `validate` checks every field and the rules
-that span several settings, once, before any process group or data exists.
+`parallel.config.ParallelConfig`, `data_pipeline.config.DataConfig`), and so does each part
+of the run (`core.optimizer.OptimConfig`, `core.checkpoint.config.CheckpointConfig`,
+`core.metrics.LoggingConfig`); the training loop's own (`TrainerConfig`) are here. `Config`
+composes them and is registered in Hydra's ConfigStore as the schema of `configs/config.yaml`,
+so an unknown key or a wrongly typed value fails at start with the key named. `validate`
+checks every field and the rules that span several settings, once, before any process group
+or data exists.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from scaleforge.core.checkpoint.config import CheckpointConfig
 from scaleforge.core.fault_injection import injected_faults
+from scaleforge.core.metrics import LoggingConfig
+from scaleforge.core.optimizer import OptimConfig
 from scaleforge.core.precision import check_precision_device, resolve_precision
 from scaleforge.core.preemption import parse_signals
 from scaleforge.core.profiling import check_profile_steps
@@ -39,48 +43,14 @@ from scaleforge.parallel.topology import ParallelDims
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTING_MODES = ("none", "full", "selective")
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
-OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_ACTIONS = ("skip", "stop")
 STRAGGLER_ACTIONS = ("warn", "stop")
 
 
-
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name}={value} must be positive")
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its learning-rate schedule. Weight decay applies to matrices only."""
-
-    lr: float = 3e-4  # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1  # the schedule ends at lr x min_lr_ratio
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.95  # AdamW second-moment decay
-    eps: float = 1e-8  # AdamW denominator epsilon
-    grad_clip: float = 1.0  # clip the global gradient norm to this (across all ranks)
-    schedule: str = "cosine"  # learning-rate decay after warmup: cosine, linear, wsd, constant
-    # Linear warmup steps; more than trainer.max_steps is clamped to it (with a warning).
-    warmup_steps: int = 100
-    # wsd only: the fraction of the steps after warmup spent decaying at the end.
-    decay_fraction: float = 0.2
-    # torch's AdamW kernel: auto, fused, foreach or for_loop.
-    implementation: str = "auto"
-
-    def check(self, prefix: str = "optim") -> None:
-        """Raise ConfigError naming the first field whose value is not allowed."""
-        check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
-        check_choice(f"{prefix}.implementation", self.implementation, OPTIMIZER_IMPLEMENTATIONS)
-        _positive(f"{prefix}.lr", self.lr)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"{prefix}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError(f"{prefix}.decay_fraction={self.decay_fraction} must lie in (0, 1]")
 
 
 @dataclass
@@ -190,62 +160,6 @@ class TrainerConfig:
         check_profile_steps(self.profile_steps, self.max_steps, f"{prefix}.profile_steps")
         if not self.resume:
             raise ConfigError(f"{prefix}.resume is empty; use auto, never or a checkpoint path")
-
-
-@dataclass
-class CheckpointConfig:
-    """Sharded checkpoints in RUN_DIR/checkpoints/step_<N>/ (see core/checkpoint/)."""
-
-    # Save every N optimizer steps (0: only at the end).
-    every: int = 0
-    # Keep the newest K complete checkpoints (0 keeps all).
-    keep: int = 3
-    # Save when training ends (also after every=N saves).
-    at_end: bool = True
-    # Write in a background thread while training continues (the state is copied first).
-    async_save: bool = False
-    # Fast-recovery snapshots every N steps (0: off) into node-local snapshot_dir, each
-    # rank's files also copied to its peer's folder; a restart with trainer.resume=auto
-    # resumes from the newest snapshot every rank can reach when it is newer than the newest
-    # checkpoint (core/checkpoint/snapshots.py).
-    snapshot_every: int = 0
-    # Where snapshots go (null: /dev/shm/scaleforge/<run dir name>-<hash of its path>).
-    snapshot_dir: str | None = None
-
-    def check(self, prefix: str = "checkpoint") -> None:
-        """Raise ConfigError unless `every` and `keep` are >= 0."""
-        if self.snapshot_every < 0:
-            raise ConfigError(f"{prefix}.snapshot_every={self.snapshot_every} must be >= 0 "
-                              "(0: no snapshots)")
-        if self.every < 0 or self.keep < 0:
-            raise ConfigError(
-                f"{prefix}.every={self.every} and {prefix}.keep={self.keep} must be >= 0 "
-                "(0 = only at the end / keep all)"
-            )
-
-
-@dataclass
-class LoggingConfig:
-    """Where metrics go, from rank 0 only. wandb: auto = online with credentials, else offline."""
-
-    wandb: str = "auto"  # auto, online, offline or disabled
-    wandb_project: str = "scaleforge"  # the W&B project
-    wandb_entity: str | None = None  # the W&B team or user (null: your default)
-    run_name: str | None = None  # the W&B run name (null: the run directory's name)
-    progress_bar: bool = True  # a tqdm bar on rank 0
-    # Also write every logged metric as TensorBoard scalars into RUN_DIR/tensorboard/
-    # (needs the tensorboard package: `tensorboard --logdir RUN_DIR/tensorboard`).
-    tensorboard: bool = False
-
-    def check(self, prefix: str = "logging") -> None:
-        """Raise ConfigError unless `wandb` is a known mode and TensorBoard, when asked
-        for, is installed."""
-        check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(
-                f"{prefix}.tensorboard=true needs the tensorboard package: pip install "
-                "tensorboard (it is in the dev extra), or set logging.tensorboard=false"
-            )
 
 
 @dataclass

@@ -9,7 +9,7 @@ import math
 
 from torch.optim import Optimizer
 
-from scaleforge.core.config import OptimConfig
+from scaleforge.core.optimizer import OptimConfig
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:

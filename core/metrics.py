@@ -1,24 +1,51 @@
-"""Metric sinks, written by rank 0 only: console (with a progress bar), JSONL and W&B; and
-this process's peak-memory readings, which the records carry."""
+"""Metric sinks, written by rank 0 only: console (with a progress bar), JSONL and W&B, with
+their settings (`logging.*`, `LoggingConfig`); and this process's peak-memory readings,
+which the records carry."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import netrc
 import os
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from tqdm import tqdm
 
-from scaleforge.core.config import LoggingConfig
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, check_choice
 
 NONFINITE_STRINGS = ("nan", "inf", "-inf")  # how `to_json` writes non-finite floats
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go, from rank 0 only. wandb: auto = online with credentials, else offline."""
+
+    wandb: str = "auto"  # auto, online, offline or disabled
+    wandb_project: str = "scaleforge"  # the W&B project
+    wandb_entity: str | None = None  # the W&B team or user (null: your default)
+    run_name: str | None = None  # the W&B run name (null: the run directory's name)
+    progress_bar: bool = True  # a tqdm bar on rank 0
+    # Also write every logged metric as TensorBoard scalars into RUN_DIR/tensorboard/
+    # (needs the tensorboard package: `tensorboard --logdir RUN_DIR/tensorboard`).
+    tensorboard: bool = False
+
+    def check(self, prefix: str = "logging") -> None:
+        """Raise ConfigError unless `wandb` is a known mode and TensorBoard, when asked
+        for, is installed."""
+        check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                f"{prefix}.tensorboard=true needs the tensorboard package: pip install "
+                "tensorboard (it is in the dev extra), or set logging.tensorboard=false"
+            )
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, using torch's fused or foreach kernels.
+"""AdamW with weight decay on matrices only, using torch's fused or foreach kernels, and its
+settings with the learning-rate schedule's (`optim.*`, `OptimConfig`; core/lr_schedule.py).
 
 Host syncs (torch 2.13): no implementation reads the device in `step`. `fused` (auto's
 choice on CPU and CUDA) keeps each parameter's `step` counter on its device, and with fp16
@@ -11,13 +12,49 @@ only needed for CUDA graphs, which ScaleForge does not capture.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from scaleforge.core.config import OptimConfig
+from scaleforge.errors import ConfigError, check_choice
 from scaleforge.models.config import TransformerConfig
 from scaleforge.models.init import canonical_name
 from scaleforge.models.mup import lr_scale
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule. Weight decay applies to matrices only."""
+
+    lr: float = 3e-4  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # the schedule ends at lr x min_lr_ratio
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (across all ranks)
+    schedule: str = "cosine"  # learning-rate decay after warmup: cosine, linear, wsd, constant
+    # Linear warmup steps; more than trainer.max_steps is clamped to it (with a warning).
+    warmup_steps: int = 100
+    # wsd only: the fraction of the steps after warmup spent decaying at the end.
+    decay_fraction: float = 0.2
+    # torch's AdamW kernel: auto, fused, foreach or for_loop.
+    implementation: str = "auto"
+
+    def check(self, prefix: str = "optim") -> None:
+        """Raise ConfigError naming the first field whose value is not allowed."""
+        check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        check_choice(f"{prefix}.implementation", self.implementation, OPTIMIZER_IMPLEMENTATIONS)
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr={self.lr} must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{prefix}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"{prefix}.decay_fraction={self.decay_fraction} must lie in (0, 1]")
 
 
 def _implementation_kwargs(implementation: str, device_type: str) -> dict:

@@ -25,7 +25,6 @@ and optimizer, clipping and logging are the same.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -39,28 +38,16 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.stateful import Stateful
 
 from scaleforge.core.callbacks import Callback
-from scaleforge.core.callbacks.faults import FaultInjectionCallback
-from scaleforge.core.callbacks.features import (
-    CheckpointCallback,
-    ExpertLoadCallback,
-    Float8ScalesCallback,
-    HealthCallback,
-    PreemptionCallback,
-    ProfilerCallback,
-    ThroughputCallback,
-)
-from scaleforge.core.callbacks.hang_watchdog import HangWatchdogCallback, enable_flight_recorder
+from scaleforge.core.callbacks.defaults import default_callbacks
+from scaleforge.core.callbacks.hang_watchdog import enable_flight_recorder
 from scaleforge.core.callbacks.snapshot import SnapshotCallback
-from scaleforge.core.callbacks.straggler import StragglerCallback
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
-from scaleforge.core.checkpoint.paths import choose_resume, read_info
-from scaleforge.core.checkpoint.snapshots import KEEP as SNAPSHOTS_KEPT
-from scaleforge.core.checkpoint.snapshots import newest_reachable, snapshot_root
+from scaleforge.core.checkpoint.paths import choose_resume
+from scaleforge.core.checkpoint.snapshots import snapshot_root
 from scaleforge.core.checkpoint.state import frozen_names
 from scaleforge.core.checkpoint.stateful import LossScaleState, RNGState
 from scaleforge.core.checkpoint.weights import load_model_weights
 from scaleforge.core.config import Config, build_plan, hang_timeout_s, validate
-from scaleforge.core.fault_injection import injected_faults
 from scaleforge.core.health import (
     LossSpikeDetector,
     NonFiniteGuard,
@@ -72,7 +59,6 @@ from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.optimizer import build_optimizer
 from scaleforge.core.precision import build_precision, resolve_precision, set_numerics
 from scaleforge.core.preemption import PreemptionWatch
-from scaleforge.core.profiling import StepProfiler
 from scaleforge.core.run_description import (
     describe_config_changes,
     describe_data,
@@ -88,7 +74,6 @@ from scaleforge.parallel.collectives import broadcast_from_rank0, mean_over_dp_a
 from scaleforge.parallel.context_parallel import batch_columns
 from scaleforge.parallel.data_parallel import autocast_precision
 from scaleforge.parallel.expert_load import ExpertLoad
-from scaleforge.parallel.float8 import gathers_weights_in_float8
 from scaleforge.parallel.grad_clip import clip_grad_norm
 from scaleforge.parallel.parallelize import gathered_state_dict
 from scaleforge.parallel.run_setup import init_topology, local_rank0_first
@@ -186,26 +171,10 @@ class Trainer:
         self.stop_requested = False  # set after a step by PreemptionCallback
         self.stop_reason: str | None = None  # why, when not a signal (a straggler)
         self.preempted = False
-        # The per-step features, in the order their hooks run (core/callbacks/).
-        cuda = self.device.type == "cuda"
         self.snapshots = SnapshotCallback(cfg.checkpoint.snapshot_every,
                                           snapshot_root(cfg, self.run_dir))
-        self.callbacks: list[Callback] = [
-            StragglerCallback(cfg.trainer.straggler_ratio, cfg.trainer.on_straggler,
-                              cfg.trainer.log_every, cuda),
-            HangWatchdogCallback(hang_timeout_s(cfg), self.run_dir, self.topology.rank,
-                                 self.topology.world_size),
-            FaultInjectionCallback(injected_faults(), self.topology.rank),
-            ProfilerCallback(StepProfiler(cfg.trainer.profile_steps, self.run_dir,
-                                          self.topology.rank, self.device)),
-            ThroughputCallback(self.throughput),
-            ExpertLoadCallback(self.expert_load),
-            Float8ScalesCallback(gathers_weights_in_float8(cfg.trainer.fp8, self.topology)),
-            HealthCallback(self.spike_detector, cfg.trainer.spike_zscore),
-            PreemptionCallback(),
-            CheckpointCallback(),
-            self.snapshots,
-        ]
+        # The per-step features, in the order their hooks run (core/callbacks/).
+        self.callbacks: list[Callback] = default_callbacks(self)
         self.checkpointer = Checkpointer(
             cfg, self.run_dir, self.topology,
             model=self.model_parts,
@@ -214,9 +183,9 @@ class Trainer:
             rng=RNGState(self.device),
             parts=self._checkpoint_parts(),
         )
-        self.snapshots.checkpointer = self._snapshot_checkpointer()
-        self.resumed_from = self._newer_snapshot(
-            choose_resume(cfg.trainer.resume, self.run_dir, self.topology))
+        self.snapshots.attach(self.checkpointer, cfg)
+        self.resumed_from = self.snapshots.resume_point(
+            choose_resume(cfg.trainer.resume, self.run_dir, self.topology), cfg.trainer.resume)
         self.initialised_from = None
         # A model with frozen weights (LoRA) checkpoints what trains; the frozen rest comes
         # from trainer.init_from on a resume too.
@@ -228,38 +197,6 @@ class Trainer:
             )
         if self.resumed_from is not None:
             self.step = self.checkpointer.load(self.resumed_from)
-
-    def _snapshot_checkpointer(self) -> Checkpointer | None:
-        """The checkpointer of `checkpoint.snapshot_every`'s snapshots (synchronous, the
-        newest 2 kept) in node-local storage; None without snapshots."""
-        if not self.cfg.checkpoint.snapshot_every:
-            return None
-        cfg = copy.deepcopy(self.cfg)
-        cfg.checkpoint.keep, cfg.checkpoint.async_save = SNAPSHOTS_KEPT, False
-        main = self.checkpointer
-        return Checkpointer(cfg, self.snapshots.root, self.topology, model=main.model,
-                            optimizer=main.optimizer, loader=main.loader, rng=main.rng,
-                            parts=main.parts)
-
-    def _newer_snapshot(self, checkpoint: Path | None) -> Path | None:
-        """With snapshots and trainer.resume=auto: the newest snapshot every rank can reach
-        (rank 0 reads the folders and puts back files from peer copies) when it is newer
-        than `checkpoint`; else `checkpoint`. Collective."""
-        if not self.cfg.checkpoint.snapshot_every or self.cfg.trainer.resume != "auto":
-            return checkpoint
-        found = None
-        if self.topology.is_rank0:
-            found = newest_reachable(self.snapshots.root, self.topology.world_size)
-        chosen = broadcast_from_rank0(self.topology, str(found[1]) if found else "")
-        if not chosen:
-            return checkpoint
-        snapshot = Path(chosen)
-        info = read_info(snapshot)
-        if checkpoint is not None and read_info(checkpoint)["step"] >= info["step"]:
-            return checkpoint
-        self.snapshots.resumed_snapshot_time = time.mktime(
-            time.strptime(info["saved_at"], "%Y-%m-%dT%H:%M:%S"))
-        return snapshot
 
     def _checkpoint_parts(self) -> dict[str, Stateful]:
         """What a checkpoint keeps besides model, optimizer, loader and RNG, by key: the

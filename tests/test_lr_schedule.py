@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from scaleforge.core.config import OptimConfig
 from scaleforge.core.lr_schedule import lr_factor
+from scaleforge.core.optimizer import OptimConfig
 
 
 def _optim(schedule: str, **kwargs) -> OptimConfig:

@@ -20,9 +20,8 @@ from layout_runs import (
 )
 from micro_runs import micro_config, synthetic_data
 from run_metrics import logged_losses
-from scaleforge.core.config import OptimConfig
 from scaleforge.core.lr_schedule import set_lr
-from scaleforge.core.optimizer import build_optimizer
+from scaleforge.core.optimizer import OptimConfig, build_optimizer
 from scaleforge.core.trainer import Trainer
 from scaleforge.errors import ConfigError
 from scaleforge.models import build
