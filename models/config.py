@@ -154,7 +154,7 @@ class TransformerConfig:
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"{prefix}.n_heads={self.n_heads} does not divide {prefix}.d_model={self.d_model}; "
-                f"pick a head count that divides {self.d_model}, or set {prefix}.head_dim"
+                f"set {prefix}.n_heads={self._nearest_head_count()}"
             )
         if self.head_size <= 0:
             raise ConfigError(f"{prefix}.head_dim={self.head_size} (a head's width) must be "
@@ -167,8 +167,11 @@ class TransformerConfig:
         self.rope_scaling.check(f"{prefix}.rope_scaling")
         self.lora.check(f"{prefix}.lora")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            divisor = max(d for d in range(1, max(1, min(self.kv_heads, self.n_heads)) + 1)
+                          if self.n_heads % d == 0)
             raise ConfigError(
-                f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads={self.n_heads}"
+                f"{prefix}.n_kv_heads={self.n_kv_heads} must divide {prefix}.n_heads="
+                f"{self.n_heads}; set {prefix}.n_kv_heads={divisor}"
             )
         check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
         if self.rope_per_document and spec.rope_dim(self) is None:
@@ -185,6 +188,14 @@ class TransformerConfig:
         self.moe.check(f"{prefix}.moe", self.n_layers)
         check_mup(self, prefix)
         spec.check(self, prefix)
+
+
+    def _nearest_head_count(self) -> int:
+        """The head count nearest `n_heads` (the larger on a tie) that divides `d_model` and
+        that `n_kv_heads`, when set, divides."""
+        kv = self.n_kv_heads or 1
+        counts = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h % kv == 0]
+        return min(counts or [1], key=lambda h: (abs(h - self.n_heads), -h))
 
 
 def as_transformer_config(

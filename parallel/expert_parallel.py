@@ -69,17 +69,17 @@ def check_expert_parallel(ep: int, dims: ParallelDims, model: TransformerConfig)
             f"parallel.ep={ep} shards experts, but the model has none (model.moe.num_experts="
             "0); set parallel.ep=1 or give the model experts"
         )
-    borrowed = dims.dp_shard * dims.cp
+    borrowed, widest = dims.dp_shard * dims.cp, widest_ep(model, dims.dp_shard, dims.cp)
     if borrowed % ep:
         raise ConfigError(
             f"parallel.ep={ep} does not divide parallel.dp_shard x cp = {dims.dp_shard} x "
             f"{dims.cp} = {borrowed}: expert-parallel ranks are borrowed from the data-parallel "
-            f"shard and context-parallel ranks; pick an ep that divides {borrowed}"
+            f"shard and context-parallel ranks; set parallel.ep={widest}"
         )
     if moe.num_experts % ep:
         raise ConfigError(
             f"parallel.ep={ep} does not divide model.moe.num_experts={moe.num_experts}; "
-            "pick an ep that divides the experts"
+            f"set parallel.ep={widest}"
         )
 
 

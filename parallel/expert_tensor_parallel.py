@@ -82,8 +82,8 @@ def check_expert_tensor_parallel(etp: int, tp: int, model: TransformerConfig) ->
     if hidden % tp:
         raise ConfigError(
             f"parallel.etp={etp} splits each expert's width over tp, but model.moe."
-            f"expert_hidden={hidden} is not divisible by parallel.tp={tp}; pick an "
-            f"expert_hidden divisible by {tp} or set parallel.etp=1"
+            f"expert_hidden={hidden} is not divisible by parallel.tp={tp}; set "
+            f"model.moe.expert_hidden={-(-hidden // tp) * tp} or parallel.etp=1"
         )
 
 

@@ -7,6 +7,8 @@ and none waits in a collective; `parallel.run_setup.init_topology` then builds t
 
 from __future__ import annotations
 
+import math
+
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import AttentionRun, check_attention
 from scaleforge.models.config import TransformerConfig
@@ -86,12 +88,11 @@ def check_layout_model(dims: ParallelDims, model: TransformerConfig, seq_len: in
     called by `core.config.validate`.
     """
     if dims.tp > 1:
-        tp_fix = "pick a parallel.tp that divides it"
+        tp_fix = _tp_fix(dims, model, seq_len)
         _divides("parallel.tp", dims.tp, "model.n_heads", model.n_heads, tp_fix)
         _divides(
             "parallel.tp", dims.tp, "model.n_kv_heads", model.kv_heads,
-            "kv heads are split across tensor-parallel ranks, not replicated; pick a "
-            "parallel.tp that divides the kv heads",
+            f"kv heads are split across tensor-parallel ranks, not replicated; {tp_fix}",
         )
         _divides("parallel.tp", dims.tp, "the MLP width (model.ffn_hidden)", model.mlp_hidden,
                  tp_fix)
@@ -101,9 +102,27 @@ def check_layout_model(dims: ParallelDims, model: TransformerConfig, seq_len: in
             f"{-(-model.vocab_rows // dims.tp) * dims.tp} (extra rows are never a target)",
         )
         _divides("parallel.tp", dims.tp, "data.seq_len", seq_len,
-                 "sequence parallelism splits the sequence; pick a data.seq_len divisible by tp")
+                 "sequence parallelism splits the sequence; set data.seq_len="
+                 f"{_multiple_below(seq_len, dims.tp)}")
     if dims.cp > 1:
         _check_context_parallel(dims, model, seq_len)
+
+
+def _tp_fix(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> str:
+    """The largest smaller tp that divides everything tp splits (heads, kv heads, MLP width,
+    vocabulary rows, sequence) and the processes the other sizes leave, so that
+    parallel.dp_shard=-1 takes the processes it frees."""
+    rest = dims.world_size // (dims.pp * dims.dp_replicate * dims.cp)
+    shared = math.gcd(model.n_heads, model.kv_heads, model.mlp_hidden, model.vocab_rows,
+                      seq_len, rest)
+    tp = max(d for d in range(1, dims.tp) if shared % d == 0)
+    return (f"set parallel.tp={tp}, the largest tp below {dims.tp} that divides the heads, "
+            "kv heads, MLP width, vocabulary and data.seq_len")
+
+
+def _multiple_below(value: int, multiple: int) -> int:
+    """The largest multiple of `multiple` up to `value` (`multiple` when none is)."""
+    return max(value // multiple * multiple, multiple)
 
 
 def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_len: int) -> None:
@@ -111,6 +130,6 @@ def _check_context_parallel(dims: ParallelDims, model: TransformerConfig, seq_le
     _divides(f"2 x parallel.cp{' x parallel.tp' if dims.tp > 1 else ''}", chunks,
              "data.seq_len", seq_len,
              f"each sequence is cut into 2 x cp chunks (head and tail per rank), each split "
-             f"again by tensor-parallel sequence parallelism; pick a data.seq_len divisible "
-             f"by {chunks}")
+             f"again by tensor-parallel sequence parallelism; set data.seq_len="
+             f"{_multiple_below(seq_len, chunks)}")
     check_attention(model.attention, AttentionRun(cp=dims.cp))  # a kernel with a cp form

@@ -229,6 +229,17 @@ def _fixes(message: str) -> list[str]:
         (["model.vocab_size=4000"], 1),  # below the data's 4096
         (["data.seq_len=512"], 1),  # beyond llama_tiny's 256
         (["optim.warmup_steps=-3"], 1),
+        (["model.n_heads=3"], 1),  # 3 heads on d_model 128 with 2 kv heads
+        (["model.n_kv_heads=3"], 1),
+        (["parallel.tp=4"], 4),  # the 2 kv heads do not split 4 ways
+        (["parallel.tp=2", "data.seq_len=255", "trainer.micro_batch_size=1",
+          "trainer.global_batch_tokens=64770"], 2),  # 255 x 254: a batch both lengths split
+        (["parallel.cp=2", "data.seq_len=250", "trainer.micro_batch_size=1",
+          "trainer.global_batch_tokens=62000"], 2),
+        (["model=moe_tiny", "parallel.ep=3"], 2),
+        (["model=moe_tiny", "model.moe.num_experts=6", "parallel.ep=4"], 4),
+        (["model=moe_tiny", "parallel.tp=2", "parallel.etp=2", "model.moe.expert_hidden=191"],
+         2),
     ],
 )
 def test_each_hint_followed_fixes_the_error(overrides, world_size):

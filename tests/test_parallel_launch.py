@@ -115,6 +115,20 @@ def test_bad_layout_under_torchrun_stops_every_rank_with_one_error_line(tmp_path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_sf_torchrun_ends_a_bad_layout_with_one_line_and_status_2(tmp_path):
+    """torchrun's ~40 lines after the ranks' own error line come from its launcher
+    process; sf-torchrun runs the same launcher and leaves them out for status 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "scaleforge.launch.torchrun", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), *TRAIN, *SMALL_RUN, "parallel.tp=3",
+         f"run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "parallel.tp=3" in lines[0], \
+        result.stderr[-3000:]
+
+
 def test_config_errors_reach_torchruns_failure_summary(tmp_path):
     """Each rank records its error: lines for torchrun, whose summary shows them where it
     would show a traceback."""
