@@ -49,7 +49,7 @@ from scaleforge.parallel.topology import MESH_DIMS
         (["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=ZBVZeroBubble",
           "parallel.pp_stages_per_rank=2", "model.n_layers=4", "trainer.micro_batch_size=1",
           "trainer.eval_batches=8"], 4, "parallel.pp_schedule='ZBVZeroBubble' with parallel.tp=2"),
-        (["parallel.cp=2", "data.seq_len=62"], 2, "divisible by 4"),
+        (["parallel.cp=2", "data.seq_len=62"], 2, "set data.seq_len=60"),
         (["parallel.cp=2", "parallel.tp=2", "data.seq_len=36"], 4,
          "2 x parallel.cp x parallel.tp=8 does not divide data.seq_len=36"),
         (["parallel.cp=2", "parallel.cp_impl=torch"], 2, "parallel.cp_impl=torch runs on CUDA"),
