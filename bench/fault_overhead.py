@@ -1,20 +1,23 @@
 """What the fault callbacks cost per training step: the demo's step with and without the
-hang watchdog's heartbeat (its thread running), the straggler timing and the (inert) fault
-drills, in one process, in alternating rounds.
+hang watchdog's heartbeat (its thread running), the straggler timing, the (inert) fault
+drills and snapshots every `--snapshot-every` steps, in one process, in alternating rounds.
 
-    python -m scaleforge.bench.fault_overhead [--steps 10 --rounds 7] [hydra overrides...]
+    python -m scaleforge.bench.fault_overhead [--steps 10 --rounds 7 --snapshot-every 2]
+        [hydra overrides...]
 
 Both variants run the same Trainer on one fixed batch; a step is `train_step` and every
 callback's `post_step`, and every `trainer.log_every`-th step also their `metrics` and
 `post_log` (as `fit` calls them; the straggler's all-gather is a no-op in one process, so
-its cost at several ranks, one gather of 2 floats per rank per log interval, is not in this
-figure). Prints the median seconds per step of each and the ratio with / without, and,
-since that ratio is within a loaded machine's noise, the hooks' own time: the fault
-callbacks' per-step hooks called `HOOK_CALLS` times in a row, in microseconds per step and
-as a fraction of the step measured without them. Then one snapshot
-(`checkpoint.snapshot_every`: a synchronous checkpoint into node-local storage and the copy
-to the peer's folder) is timed `--snapshots` times: its median, and its share of the step
-time at snapshot_every=2 and 10.
+its cost at several ranks, one gather of a few floats per rank per log interval, is not in
+this figure). A round with them ends by waiting for its last snapshot's background write, so
+no write spills into the next round. Prints the median seconds per step of each and the
+ratio with / without. Then the parts: the fault callbacks' per-step hooks called
+`HOOK_CALLS` times in a row (microseconds per step), and for snapshots (`checkpoint.
+snapshot_every`: the state copied to host memory on the training thread, then written into
+node-local storage and copied to the peer's folder in a background thread) the copy's time
+on the training thread and the background write's, each the median over `--snapshots`
+snapshots, as a share of the step time at every 2 and every 10 steps; the copy alone is what
+a step pays when the write overlaps it on an idle core.
 """
 
 from __future__ import annotations
@@ -29,18 +32,18 @@ from pathlib import Path
 
 import torch
 
-from scaleforge.bench.train_step import seconds_per_step
 from scaleforge.core.callbacks import Callback
 from scaleforge.core.callbacks.faults import FaultInjectionCallback
 from scaleforge.core.callbacks.hang_watchdog import HangWatchdogCallback
+from scaleforge.core.callbacks.snapshot import SnapshotCallback
 from scaleforge.core.callbacks.straggler import StragglerCallback
-from scaleforge.core.checkpoint.snapshots import copy_to_peer
 from scaleforge.core.config import compose, to_config
 from scaleforge.core.metrics import MetricsLogger
 from scaleforge.core.trainer import Trainer
 from scaleforge.data_pipeline.batch import Batch
 
-FAULT_CALLBACKS = (StragglerCallback, HangWatchdogCallback, FaultInjectionCallback)
+FAULT_CALLBACKS = (StragglerCallback, HangWatchdogCallback, FaultInjectionCallback,
+                   SnapshotCallback)
 HOOK_CALLS = 20000
 
 
@@ -77,27 +80,47 @@ def _loop_step(trainer: Trainer, callbacks: list[Callback], logger: MetricsLogge
     return step
 
 
-def snapshot_seconds(trainer: Trainer, times: int) -> float:
-    """Median seconds of one snapshot of `trainer`'s state (save, then the peer copy)."""
-    checkpointer = trainer.snapshots.checkpointer
-    assert checkpointer is not None  # run() turns snapshots on
-    seconds = []
+def snapshot_seconds(trainer: Trainer, times: int) -> tuple[float, float]:
+    """Median seconds of (the copy to host memory on the training thread, the background
+    write and peer copy) of one snapshot of `trainer`'s state."""
+    writer = trainer.snapshots.writer
+    assert writer is not None  # run() turns snapshots on
+    staged, written = [], []
     for index in range(times):
         start = time.perf_counter()
-        checkpointer.save(trainer.step + index)  # a new step folder each time, 2 kept
-        copy_to_peer(trainer.snapshots.root, trainer.step + index, 0, 1)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        writer.start(10**7 + index)  # a new step folder each time, 2 kept
+        started = time.perf_counter()
+        writer.wait()
+        staged.append(started - start)
+        written.append(time.perf_counter() - started)
+    return statistics.median(staged), statistics.median(written)
 
 
-def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: int) -> float:
+def _round(step: Callable, steps: int, trainer: Trainer, snapshots: bool) -> float:
+    """Seconds per step of `steps` steps; with `snapshots`, until the last snapshot's
+    background write is done."""
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    writer = trainer.snapshots.writer
+    if snapshots and writer is not None:
+        writer.wait()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    return (time.perf_counter() - start) / steps
+
+
+def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: int,
+        snapshot_every: int) -> float:
     cfg = to_config(compose(["+experiment=demo", "logging.wandb=disabled",
                              "logging.progress_bar=false", *overrides]))
     cfg.trainer.global_batch_tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
     cfg.trainer.max_steps = 10**6
     cfg.data.vocab_size = cfg.data.vocab_size or cfg.model.vocab_rows
     run_dir = Path(tempfile.mkdtemp(prefix="sf-bench-faults-"))
-    cfg.checkpoint.snapshot_every = 10**6  # builds the snapshot checkpointer; timed below
+    cfg.checkpoint.snapshot_every = snapshot_every
     cfg.checkpoint.snapshot_dir = str(run_dir / "snapshots")
     generator = torch.Generator().manual_seed(0)
     window = torch.randint(cfg.model.vocab_rows, (cfg.trainer.micro_batch_size,
@@ -113,13 +136,13 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: i
                 "with": _loop_step(trainer, with_faults, logger)}
     times: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for step in variants.values():
-            for _ in range(warmup):
-                step()
+        for name, step in variants.items():
+            _round(step, warmup, trainer, name == "with")
         for _ in range(rounds):
             for name, step in variants.items():
-                times[name].append(seconds_per_step(step, steps, trainer.device))
-        faults: list[Callback] = [c for c in with_faults if isinstance(c, FAULT_CALLBACKS)]
+                times[name].append(_round(step, steps, trainer, name == "with"))
+        faults: list[Callback] = [c for c in with_faults if isinstance(c, FAULT_CALLBACKS)
+                                  and not isinstance(c, SnapshotCallback)]
         hooks = hook_seconds_per_step(trainer, faults, logger)
     finally:
         for callback in with_faults:
@@ -129,19 +152,22 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: i
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"model {cfg.model.name} | batch {cfg.trainer.micro_batch_size} x {cfg.data.seq_len}"
           f" | {steps} steps x {rounds} rounds | hang watchdog "
-          f"{'on' if watchdog_on else 'off'}, log_every {cfg.trainer.log_every}")
+          f"{'on' if watchdog_on else 'off'}, log_every {cfg.trainer.log_every}, "
+          f"snapshots every {snapshot_every} steps")
     for name, seconds in medians.items():
         print(f"{name:>8} fault callbacks: {seconds * 1e3:8.2f} ms/step "
               f"(rounds {', '.join(f'{t * 1e3:.1f}' for t in times[name])})")
     ratio = medians["with"] / medians["without"]
     print(f"ratio with / without: {ratio:.4f}")
-    print(f"the fault callbacks' hooks alone: {hooks * 1e6:.1f} us/step = "
+    print(f"the fault callbacks' hooks alone (snapshots aside): {hooks * 1e6:.1f} us/step = "
           f"{hooks / medians['without']:.5%} of the step without them")
     if snapshots:
-        snapshot = snapshot_seconds(trainer, snapshots)
-        print(f"one snapshot (save + peer copy, median of {snapshots}): {snapshot * 1e3:.1f} ms"
-              f" = {snapshot / (2 * medians['without']):.1%} of the step time at "
-              f"snapshot_every=2, {snapshot / (10 * medians['without']):.1%} at 10")
+        staged, written = snapshot_seconds(trainer, snapshots)
+        step_s = medians["without"]
+        print(f"one snapshot (median of {snapshots}): copy to host memory {staged * 1e3:.1f} ms"
+              f" on the training thread = {staged / (2 * step_s):.2%} of the step time at "
+              f"snapshot_every=2, {staged / (10 * step_s):.2%} at 10; background write + "
+              f"peer copy {written * 1e3:.1f} ms ({written / step_s:.2f} steps)")
     return ratio
 
 
@@ -150,10 +176,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--snapshots", type=int, default=5, help="snapshots timed (0: none)")
+    parser.add_argument("--snapshots", type=int, default=5,
+                        help="snapshots timed alone afterwards (0: none)")
+    parser.add_argument("--snapshot-every", type=int, default=2,
+                        help="checkpoint.snapshot_every in the rounds with the fault callbacks")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
-    run(args.overrides, args.steps, args.rounds, args.warmup, args.snapshots)
+    run(args.overrides, args.steps, args.rounds, args.warmup, args.snapshots,
+        args.snapshot_every)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ class Trainer:
             rng=RNGState(self.device),
             parts=self._checkpoint_parts(),
         )
-        self.snapshots.attach(self.checkpointer, cfg)
+        self.snapshots.attach(self.checkpointer, cfg, self.device)
         self.resumed_from = self.snapshots.resume_point(
             choose_resume(cfg.trainer.resume, self.run_dir, self.topology), cfg.trainer.resume)
         self.initialised_from = None

@@ -1,20 +1,23 @@
 """Fast-recovery snapshots every `checkpoint.snapshot_every` steps (core/checkpoint/
-snapshots.py): a synchronous checkpoint into node-local storage, then each rank's files
-copied to its peer's folder. Not at a step that saves a checkpoint anyway. On a start with
-`trainer.resume=auto` the newest snapshot every rank can reach is resumed when it is newer
-than the newest checkpoint."""
+snapshots.py): the state copied to host memory at the step's end, then written into
+node-local storage and copied to the peer's folder in the background
+(core/checkpoint/snapshot_writer.py). Not at a step that saves a checkpoint anyway. On a
+start with `trainer.resume=auto` the newest snapshot every rank can reach is resumed when
+it is newer than the newest checkpoint."""
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from scaleforge.core.callbacks import Callback
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
 from scaleforge.core.checkpoint.paths import read_info
-from scaleforge.core.checkpoint.snapshots import KEEP, copy_to_peer, newest_reachable
+from scaleforge.core.checkpoint.snapshot_writer import SnapshotWriter
+from scaleforge.core.checkpoint.snapshots import newest_reachable
 from scaleforge.core.metrics import MetricsLogger
 from scaleforge.parallel.collectives import broadcast_from_rank0
 
@@ -29,28 +32,24 @@ class SnapshotCallback(Callback):
     def __init__(self, every: int, root: Path):
         self.every = every
         self.root = root
-        self.checkpointer: Checkpointer | None = None  # set by `attach`
+        self.writer: SnapshotWriter | None = None  # set by `attach`
         self.resumed_snapshot_time: float | None = None  # when the snapshot resumed was taken
 
-    def attach(self, main: Checkpointer, cfg: Config) -> None:
-        """Build the snapshots' checkpointer over what `main` saves: synchronous, the
-        newest KEEP kept, in `root`. Nothing without snapshots."""
+    def attach(self, main: Checkpointer, cfg: Config, device: torch.device) -> None:
+        """Build the snapshots' writer over what `main` saves (the newest KEEP kept, in
+        `root`; pinned host memory on a CUDA `device`). Nothing without snapshots."""
         if not self.every:
             return
-        cfg = copy.deepcopy(cfg)
-        cfg.checkpoint.keep, cfg.checkpoint.async_save = KEEP, False
-        self.checkpointer = Checkpointer(cfg, self.root, main.topology, model=main.model,
-                                         optimizer=main.optimizer, loader=main.loader,
-                                         rng=main.rng, parts=main.parts)
+        self.writer = SnapshotWriter(main, self.root, device, cfg.parallel.timeout_s)
 
     def resume_point(self, checkpoint: Path | None, resume: str) -> Path | None:
         """With snapshots and trainer.resume=auto (`resume`): the newest snapshot every
         rank can reach (rank 0 reads the folders and puts back files from peer copies)
         when it is newer than `checkpoint`; else `checkpoint`. Collective; call after
         `attach`."""
-        if self.checkpointer is None or resume != "auto":
+        if self.writer is None or resume != "auto":
             return checkpoint
-        topology = self.checkpointer.topology
+        topology = self.writer.checkpointer.topology
         found = newest_reachable(self.root, topology.world_size) if topology.is_rank0 else None
         chosen = broadcast_from_rank0(topology, str(found[1]) if found else "")
         if not chosen:
@@ -69,13 +68,17 @@ class SnapshotCallback(Callback):
             logger.message(
                 f"recovery: training again at {now:.3f} (step {trainer.step} done), "
                 f"{now - self.resumed_snapshot_time:.1f} s after the snapshot it resumed from "
-                "was written")
+                "was taken")
             self.resumed_snapshot_time = None
+        if self.writer is None:
+            return {}
+        # The previous snapshot is on disk by the end of the step after it, so a failure
+        # loses at most `every` completed steps (its write overlapped this step).
+        self.writer.wait()
         step, cfg = trainer.step, trainer.cfg
         durable = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
         if (not self.every or step % self.every or step >= cfg.trainer.max_steps or durable
-                or trainer.stop_requested or self.checkpointer is None):
+                or trainer.stop_requested):
             return {}
-        self.checkpointer.save(step)
-        copy_to_peer(self.root, step, trainer.topology.rank, trainer.topology.world_size)
+        self.writer.start(step)
         return {}

@@ -80,7 +80,8 @@ class AtomicWrite:
                     response if isinstance(response, Future) else response.upload_completion
                 )
             else:
-                dcp.save(state, checkpoint_id=self.partial, no_dist=not distributed)
+                dcp.save(state, checkpoint_id=self.partial, process_group=process_group,
+                         no_dist=not distributed)
 
     def done(self) -> bool:
         """Whether the tensors are written (a background write has finished)."""

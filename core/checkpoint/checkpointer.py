@@ -100,11 +100,11 @@ class Checkpointer:
         resumed = self.loaded_from
         if resumed is not None and is_complete(final) and final.resolve() == resumed.resolve():
             return final
-        write = AtomicWrite(final, self.cfg, self._info(step))
+        write = AtomicWrite(final, self.cfg, self.info(step))
         if self.topology.is_rank0:
             write.prepare()
         self._barrier()
-        state = self._state(step)
+        state = self.state(step)
         if self.cfg.checkpoint.async_save:
             write.write(state, dist.is_initialized(), background=True,
                         process_group=self._group_for_async())
@@ -138,7 +138,7 @@ class Checkpointer:
             write.commit()
             prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
 
-    def _state(self, step: int) -> dict[str, Any]:
+    def state(self, step: int) -> dict[str, Any]:
         """What this rank saves, as nested dicts of tensors (the layout in the docstring)."""
         state: dict[str, Any] = {
             "model": model_state(self.model, "trained"),
@@ -160,7 +160,7 @@ class Checkpointer:
             "tokens": torch.tensor(tokens, dtype=torch.int64),
         }
 
-    def _info(self, step: int) -> dict[str, Any]:
+    def info(self, step: int) -> dict[str, Any]:
         """complete.json's fields: step, tokens and the layout it was saved under."""
         dims = self.topology.dims
         return {

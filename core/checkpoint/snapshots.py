@@ -7,23 +7,27 @@ so one lost node does not lose its shard.
                                                 __<rank>_0.distcp, .metadata, complete.json)
     SNAPSHOT_DIR/peers/rank<P>/step_<N>/        the copies rank P holds for rank P - 1
 
-A snapshot is a regular checkpoint (core/checkpoint/checkpointer.py, written synchronously),
-so it resumes exactly. On a start with `trainer.resume=auto`, `newest_reachable` takes the
-newest snapshot whose every file is in its folder or in a peer's copy, puts the missing
-files back from the copies, and the run resumes from it when it is newer than the newest
-checkpoint in RUN_DIR. All folders are read by rank 0: on one machine, or where the
-node-local folders are reachable from it; across nodes without that each node would have
-to put its own files back, which is not done here.
+A snapshot is a regular checkpoint, so it resumes exactly; it is staged in host memory and
+written in the background (core/checkpoint/snapshot_writer.py). Each folder above is
+written under a partial name (`.step_<N>.partial`) and renamed when complete, and only
+`step_<N>` folders are read here, so a snapshot torn by a failure is never taken. On a
+start with `trainer.resume=auto`, `newest_reachable` takes the newest snapshot whose every
+file is in its folder or in a peer's copy, puts the missing files back from the copies,
+and the run resumes from it when it is newer than the newest checkpoint in RUN_DIR. All
+folders are read by rank 0: on one machine, or where the node-local folders are reachable
+from it; across nodes without that each node would have to put its own files back, which
+is not done here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from scaleforge.core.checkpoint.paths import COMPLETE, complete_checkpoints, step_dir
+from scaleforge.core.checkpoint.paths import COMPLETE, complete_checkpoints, partial_dir, step_dir
 from scaleforge.core.config import Config
 
 # Snapshots (and peer copies) kept: the newest two.
@@ -56,17 +60,24 @@ def own_files(snapshot: Path, rank: int) -> list[Path]:
     return files
 
 
-def copy_to_peer(root: Path, step: int, rank: int, world_size: int) -> None:
-    """Copy this rank's files of snapshot `step` into its peer's folder and keep the newest
-    KEEP there (each rank writes into one peer folder only)."""
+def copy_to_peer(root: Path, source: Path, step: int, rank: int, world_size: int) -> None:
+    """Copy this rank's files of snapshot `step` from `source` (its folder, complete or
+    still partial) into its peer's folder, under a partial name renamed when complete, and
+    keep the newest KEEP there (each rank writes into one peer folder only)."""
     holder = peer_dir(root, (rank + 1) % world_size)
     target = holder / f"step_{step}"
-    target.mkdir(parents=True, exist_ok=True)
-    for path in own_files(step_dir(root, step), rank):
-        shutil.copy2(path, target / path.name)
+    partial = partial_dir(target)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for path in own_files(source, rank):
+        shutil.copy2(path, partial / path.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
     steps = sorted(int(p.name.removeprefix("step_")) for p in holder.glob("step_*"))
     for old in steps[:-KEEP]:
         shutil.rmtree(holder / f"step_{old}", ignore_errors=True)
+    for leftover in holder.glob(".step_*.partial"):  # copies a killed run left unfinished
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def newest_reachable(root: Path, world_size: int) -> tuple[int, Path] | None:
@@ -86,7 +97,8 @@ def newest_reachable(root: Path, world_size: int) -> tuple[int, Path] | None:
             if not _has_files(folder, rank):
                 source = next(c for c in copies if _has_files(c, rank))
                 for path in own_files(source, rank):
-                    shutil.copy2(path, folder / path.name)
+                    shutil.copy2(path, folder / f".{path.name}.partial")
+                    os.replace(folder / f".{path.name}.partial", folder / path.name)
         return step, folder
     return None
 
