@@ -235,10 +235,13 @@ class Trainer:
         """
         for callback in self.callbacks:
             callback.pre_step(self)
+            batches = callback.step_batches(self, batches)
         self.model_parts.train()
         set_lr(self.optimizer, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
         scaler = self.precision.scaler
         total_loss = self.train_module.step(batches)
+        for callback in self.callbacks:
+            callback.pre_optim_step(self)
         if scaler:
             scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf

@@ -6,6 +6,9 @@ Hooks, in the order the loop calls them (each a no-op unless a callback override
 
     pre_train(trainer)            `fit`'s loop starts (after start-up and the first evaluation)
     pre_step(trainer)             a training step starts (the profiler's window opens)
+    step_batches(trainer, it)     the step's micro-batch iterator, returned (or wrapped,
+                                  e.g. to time the data wait)
+    pre_optim_step(trainer)       the step's forward and backward are done (before clipping)
     post_optim_step(trainer)      after the step's optimizer update (MoE load balancing)
     post_step(trainer, logger)    in `fit`, after the step: warnings, cadence; returns events
                                   for the metrics record (a step with events is logged)
@@ -23,9 +26,11 @@ restores it on resume, without knowing what it is.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from scaleforge.core.metrics import MetricsLogger
+from scaleforge.data_pipeline.batch import Batch
 
 if TYPE_CHECKING:
     from scaleforge.core.trainer import Trainer
@@ -42,6 +47,13 @@ class Callback:
 
     def pre_step(self, trainer: Trainer) -> None:
         """Step `trainer.step + 1` starts."""
+
+    def step_batches(self, trainer: Trainer, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The iterator the step takes its micro-batches from (`batches` unless wrapped)."""
+        return batches
+
+    def pre_optim_step(self, trainer: Trainer) -> None:
+        """The step's forward and backward are done; clipping and the update follow."""
 
     def post_optim_step(self, trainer: Trainer) -> None:
         """The step's optimizer update is done (`trainer.step` not yet advanced)."""

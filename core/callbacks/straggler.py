@@ -1,34 +1,35 @@
-"""Straggler detection: every rank times its steps; every `trainer.log_every` steps one
-small all-gather (`parallel.collectives.gather_from_world`, 2 floats per rank, the only
-synchronisation added) brings every rank's interval to every rank, and a rank whose compute
-time per step exceeds the median rank's by `trainer.straggler_ratio` for
-`STRAGGLER_INTERVALS` intervals in a row is named in the log and the record;
-`trainer.on_straggler=stop` then saves a checkpoint and ends the run, as a preemption does,
-so the scheduler can replace the node.
+"""Straggler detection: every rank times its steps and their parts; every
+`trainer.log_every` steps one small all-gather (`parallel.collectives.gather_from_world`, a
+few floats per rank, the only synchronisation added) brings every rank's interval to every
+rank, and a rank whose compute time per step exceeds the median rank's by
+`trainer.straggler_ratio` for `STRAGGLER_INTERVALS` intervals in a row is named in the log
+and the record; `trainer.on_straggler=stop` then saves a checkpoint and ends the run, as a
+preemption does, so the scheduler can replace the node.
 
-What is timed, per step, from the step's start to its end:
-- `step_s`: wall time. In a synchronous job every rank's is about the same: the fast ranks
-  wait for the slow one in the step's collectives.
-- `compute_s`: the CPU time of the training thread, which waiting in a gloo collective or
-  for data does not advance; the rest of the step (`step_s - compute_s`) is waiting,
-  exposed communication included. The straggler rule compares `compute_s`. On CUDA the host
-  thread's CPU time is its launch work, not the GPU's: there the rule compares `step_s`,
-  which names a rank only when its slowness is not hidden behind a collective (a slow
-  GPU's kernels need CUDA-event timing, not done here).
-Each rank's numbers are in the record of every interval: `step_s/rank<R>`,
-`compute_s/rank<R>` (a W&B or TensorBoard panel per key), and `straggler_ranks` when named.
+What is timed per step (core/callbacks/step_timing.py): `step_s` (wall time; in a
+synchronous job every rank's is about the same, the fast ranks wait for the slow one in the
+step's collectives), `data_s`, `forward_backward_s`, `optimizer_s`, `compute_s` and, on
+the CPU, `exposed_comm_s`. On the CPU `compute_s` is the training thread's CPU time, which
+waiting in a gloo collective or for data does not advance, and the rule compares it. On CUDA
+the parts are timed with CUDA events read once per interval; they include the stream's waits
+for collectives, so there the rule compares `step_s`, which names a rank only when its
+slowness is not hidden behind a collective.
+Each rank's numbers are in the record of every interval: `<part>/rank<R>` (a W&B or
+TensorBoard panel per key), and `straggler_ranks` when named.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scaleforge.core.callbacks import Callback
+from scaleforge.core.callbacks.step_timing import StepTimer, TimedBatches
 from scaleforge.core.metrics import MetricsLogger
+from scaleforge.data_pipeline.batch import Batch
 from scaleforge.parallel.collectives import gather_from_world
 
 if TYPE_CHECKING:
@@ -47,38 +48,42 @@ class StragglerCallback(Callback):
         self.on_straggler = on_straggler
         self.log_every = log_every
         self.cuda = cuda
-        self.step_start = self.cpu_start = 0.0
-        self.step_s = self.compute_s = 0.0
-        self.steps = 0
+        self.timer = StepTimer(cuda)
         self.slow_intervals: dict[int, int] = {}  # rank -> slow intervals in a row
         self.logger: MetricsLogger | None = None
 
     def pre_step(self, trainer: Trainer) -> None:
-        self.step_start = time.perf_counter()
-        self.cpu_start = time.thread_time()
+        self.timer.start()
+
+    def step_batches(self, trainer: Trainer, batches: Iterator[Batch]) -> Iterator[Batch]:
+        return TimedBatches(batches, self.timer)
+
+    def pre_optim_step(self, trainer: Trainer) -> None:
+        self.timer.backward_done()
+
+    def post_optim_step(self, trainer: Trainer) -> None:
+        self.timer.update_done()
 
     def post_step(self, trainer: Trainer, logger: MetricsLogger) -> dict[str, bool]:
-        self.step_s += time.perf_counter() - self.step_start
-        self.compute_s += time.thread_time() - self.cpu_start
-        self.steps += 1
+        self.timer.end()
         self.logger = logger
         return {}
 
     def metrics(self, trainer: Trainer) -> dict[str, Any]:
         # Every rank logs the steps that are multiples of log_every, so all join the gather.
-        if trainer.step % self.log_every or not self.steps:
+        if trainer.step % self.log_every or not self.timer.steps:
             return {}
-        local = torch.tensor([self.step_s / self.steps, self.compute_s / self.steps],
-                             dtype=torch.float64, device=trainer.device)
+        means = self.timer.read()
+        assert means is not None
+        local = torch.tensor(list(means.values()), dtype=torch.float64, device=trainer.device)
         per_rank = gather_from_world(trainer.topology, local).tolist()
-        self.step_s = self.compute_s = 0.0
-        self.steps = 0
         record: dict[str, Any] = {}
-        for rank, (step_s, compute_s) in enumerate(per_rank):
-            record[f"step_s/rank{rank}"] = step_s
-            record[f"compute_s/rank{rank}"] = compute_s
+        for rank, row in enumerate(per_rank):
+            for part, seconds in zip(means, row, strict=True):
+                record[f"{part}/rank{rank}"] = seconds
         if self.ratio > 0 and len(per_rank) > 1:
-            named = self._judge([row[0] if self.cuda else row[1] for row in per_rank], trainer)
+            judged = list(means).index("step_s" if self.cuda else "compute_s")
+            named = self._judge([row[judged] for row in per_rank], trainer)
             if named:
                 record["straggler_ranks"] = named
         return record
