@@ -11,13 +11,15 @@ callback's `post_step`, and every `trainer.log_every`-th step also their `metric
 its cost at several ranks, one gather of a few floats per rank per log interval, is not in
 this figure). A round with them ends by waiting for its last snapshot's background write, so
 no write spills into the next round. Prints the median seconds per step of each and the
-ratio with / without. Then the parts: the fault callbacks' per-step hooks called
-`HOOK_CALLS` times in a row (microseconds per step), and for snapshots (`checkpoint.
-snapshot_every`: the state copied to host memory on the training thread, then written into
-node-local storage and copied to the peer's folder in a background thread) the copy's time
-on the training thread and the background write's, each the median over `--snapshots`
-snapshots, as a share of the step time at every 2 and every 10 steps; the copy alone is what
-a step pays when the write overlaps it on an idle core.
+ratio with / without, of the medians and the median of each round's ratio to the round
+without them just before it (the same machine load). Then the parts: the fault callbacks'
+per-step hooks called `HOOK_CALLS` times in a row (microseconds per step), and for
+snapshots (`checkpoint.snapshot_every`: the state copied to host memory on the training
+thread, then written into node-local storage and copied to the peer's folder in a
+background thread) the copy's time on the training thread and the background write's,
+each the median over `--snapshots` snapshots, as a share of the step time at every 2 and
+every 10 steps; the copy alone is what a step pays when the write overlaps it on an idle
+core.
 """
 
 from __future__ import annotations
@@ -158,7 +160,10 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: i
         print(f"{name:>8} fault callbacks: {seconds * 1e3:8.2f} ms/step "
               f"(rounds {', '.join(f'{t * 1e3:.1f}' for t in times[name])})")
     ratio = medians["with"] / medians["without"]
-    print(f"ratio with / without: {ratio:.4f}")
+    # each round with them against the round without them just before it (the same load)
+    pairs = [w / wo for w, wo in zip(times["with"], times["without"], strict=True)]
+    print(f"ratio with / without: {ratio:.4f} (medians); {statistics.median(pairs):.4f} "
+          f"(median of the rounds' ratios, {min(pairs):.3f} to {max(pairs):.3f})")
     print(f"the fault callbacks' hooks alone (snapshots aside): {hooks * 1e6:.1f} us/step = "
           f"{hooks / medians['without']:.5%} of the step without them")
     if snapshots:
