@@ -3,8 +3,8 @@
 The prompt runs through the model once (prefill), keeping each layer's keys and values;
 every new token then runs alone, attending to the cached keys and values, so a step costs
 one token's work instead of the whole sequence's. The modules are the model's own
-(projections, norms, MLPs, RoPE tables); only the attention is evaluated here, against the
-cache. Greedy decoding with the cache gives the tokens that full forwards give
+(projections, norms and per-head q/k norms, MLPs, RoPE tables); only the attention is
+evaluated here, against the cache, with the model's sliding window. Greedy decoding with the cache gives the tokens that full forwards give
 (tests/test_generate.py).
 """
 
@@ -53,13 +53,18 @@ def _attention(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, ...] 
     q = attn.wq(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
     k = attn.wk(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
     v = attn.wv(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    if attn.q_norm is not None and attn.k_norm is not None:  # per head, before RoPE (Qwen 3)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = q * attn.query_scale  # muP's attention multiplier; 1.0 under SP
     past = cache.keys[layer].size(2) if layer in cache.keys else 0
     k, v = cache.extend(layer, k, v)
-    # Position past + i sees the cache and the new positions up to itself.
-    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+    # Position past + i sees the cache and the new positions up to itself, within the
+    # sliding window when the model has one.
+    distance = (torch.arange(past, past + T, device=x.device)[:, None]
+                - torch.arange(past + T, device=x.device)[None])
+    mask = (distance >= 0) & (distance < (attn.kernel.window or past + T))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                        enable_gqa=q.size(1) != k.size(1))
     return attn.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)

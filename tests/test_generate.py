@@ -35,6 +35,29 @@ def test_cached_greedy_decoding_equals_full_forwards(family):
         assert torch.equal(cached, _greedy_without_cache(model, prompt, 20))
 
 
+@pytest.mark.parametrize("options", [dict(qk_norm=True), dict(sliding_window=5)],
+                         ids=["qk_norm", "sliding_window"])
+def test_cached_decoding_logits_equal_a_full_forward(options):
+    """The cached path applies what the model's attention does: Qwen 3's per-head q/k norms
+    and Mistral's sliding window (past the window, a cache that ignored it would differ)."""
+    from scaleforge.models.generate import KVCache, _forward_cached
+
+    cfg = TransformerConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                            vocab_size=97, max_seq_len=40, kernels="torch", **options)
+    model = build(cfg, seed=0).eval()
+    with torch.no_grad():  # weights whose norms differ from 1, so a skipped norm shows
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(97, (2, 16), generator=torch.Generator().manual_seed(1))
+    cache = KVCache()
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [_forward_cached(model, tokens[:, :6], cache, 0)]
+        steps += [_forward_cached(model, tokens[:, i:i + 1], cache, i) for i in range(6, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
     cfg = TransformerConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=50, max_seq_len=24)
     model = build(cfg, seed=0)
