@@ -74,7 +74,8 @@ at::Tensor linear_cross_entropy(
     cross_entropy_rows(logits, targets.narrow(0, start, rows).contiguous(), ignore_index, losses,
                        c10::nullopt);
   }
-  const auto valid = (targets != ignore_index).sum().to(acc);
+  // A chunk without a trained token (an SFT micro-batch of prompts only) adds 0, not 0/0.
+  const auto valid = (targets != ignore_index).sum().clamp_min(1).to(acc);
   return token_losses.sum() / valid;
 }
 
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_backward(
   const int64_t chunk = tokens_per_chunk(chunk_tokens, V);
   const auto acc = compute_dtype(hidden.scalar_type());
   // d(mean)/d(token loss): grad_loss / valid tokens, a device scalar (no host read).
-  const auto scale = grad_loss.to(acc) / (targets != ignore_index).sum().to(acc);
+  const auto scale = grad_loss.to(acc) / (targets != ignore_index).sum().clamp_min(1).to(acc);
   auto grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
   auto grad_weight = at::zeros(weight.sizes(), weight.options().dtype(acc));
   auto unused_losses = at::empty({0}, hidden.options().dtype(acc));

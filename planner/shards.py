@@ -54,11 +54,13 @@ ADAM_STEP_BYTES = 4
 class ParamShard:
     """One parameter on the measured rank: its local shard, and the tensor-parallel (for
     experts, expert-parallel) shard before FSDP split it (what FSDP all-gathers), in
-    elements; its dtype's size in bytes."""
+    elements; its dtype's size in bytes; whether it trains (LoRA's frozen base does not:
+    no gradient, no AdamW state)."""
 
     local_elements: int
     tp_local_elements: int
     element_bytes: int
+    trainable: bool = True
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,18 @@ class RankState:
     """A rank's optimizer-side memory in bytes: parameters, gradients (the same shapes and
     dtype, fp32 master weights, but see `replicated_gradient_elements`) and AdamW state
     (exp_avg and exp_avg_sq in the parameter's dtype, plus a 4-byte step per parameter
-    tensor), and its parameter tensor count."""
+    tensor), and its parameter tensor count. Frozen parameters count in `params` only."""
 
     params: int
     grads: int
     optimizer: int
     tensors: int
 
-    @classmethod
-    def of(cls, params_bytes: int, tensors: int, grads_bytes: int | None = None) -> RankState:
-        grads = params_bytes if grads_bytes is None else grads_bytes
-        return cls(params_bytes, grads, 2 * params_bytes + ADAM_STEP_BYTES * tensors, tensors)
+
+def adam_state_bytes(trained_bytes: int, trained_tensors: int) -> int:
+    """AdamW's state for parameters of `trained_bytes` in `trained_tensors` tensors:
+    exp_avg and exp_avg_sq in the parameters' dtype and a step per tensor."""
+    return 2 * trained_bytes + ADAM_STEP_BYTES * trained_tensors
 
 
 def replicated_gradient_elements(name: str, local_elements: int, dims: ParallelDims) -> int:
@@ -122,8 +125,8 @@ def state_of_parameters(named_params: Iterator[tuple[str, nn.Parameter]],
                 name, local.numel(), dims)
             trained_bytes += local.numel() * local.element_size()
             trained_tensors += 1
-    return RankState(params_bytes, grads_bytes,
-                     2 * trained_bytes + ADAM_STEP_BYTES * trained_tensors, tensors)
+    return RankState(params_bytes, grads_bytes, adam_state_bytes(trained_bytes, trained_tensors),
+                     tensors)
 
 
 def _shard(param: nn.Parameter) -> ParamShard:
@@ -134,7 +137,7 @@ def _shard(param: nn.Parameter) -> ParamShard:
                                    strict=True):
             if name in ("tp", "ep") and isinstance(placement, Shard):
                 tp_local //= param.device_mesh[name].size()
-    return ParamShard(local.numel(), tp_local, local.element_size())
+    return ParamShard(local.numel(), tp_local, local.element_size(), param.requires_grad)
 
 
 @contextlib.contextmanager
@@ -227,14 +230,18 @@ class ShardProbe:
                                 if name.startswith("layers.")]
                 counted += [(name, shard, blocks) for name, shard in block_shards]
                 block = max(block, sum(shard.tp_local_elements for _, shard in block_shards))
-        params = grads = tensors = total = 0
+        params = grads = tensors = total = trained = trained_tensors = 0
         for name, shard, count in counted:
             params += count * shard.local_elements * shard.element_bytes
-            grads += count * shard.element_bytes * replicated_gradient_elements(
-                name, shard.local_elements, dims)
             total += count * shard.tp_local_elements
             tensors += count
-        return RankState.of(params, tensors, grads), GatheredElements(total, block, ends)
+            if shard.trainable:  # LoRA's frozen base: no gradient, no AdamW state
+                grads += count * shard.element_bytes * replicated_gradient_elements(
+                    name, shard.local_elements, dims)
+                trained += count * shard.local_elements * shard.element_bytes
+                trained_tensors += count
+        state = RankState(params, grads, adam_state_bytes(trained, trained_tensors), tensors)
+        return state, GatheredElements(total, block, ends)
 
 
 def local_bytes(tensor: torch.Tensor) -> int:

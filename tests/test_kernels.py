@@ -159,10 +159,15 @@ def test_linear_cross_entropy_matches_unfused_loss_and_grads(device, dtype, toke
     assert_same(fused[0] + fused[1], expected[0] + expected[1], dtype)
 
 
-def test_linear_cross_entropy_of_no_tokens_is_nan_like_torch():
-    hidden, weight, targets = lce_inputs(0, 8, 11, "cpu", torch.float32)
-    loss = kernels.linear_cross_entropy(hidden, weight, targets)
-    assert torch.isnan(loss) and torch.isnan(unfused_loss(hidden, weight, targets))
+@pytest.mark.parametrize("tokens", [6, 0])
+def test_linear_cross_entropy_without_a_trained_token_adds_zero_loss_and_gradient(tokens):
+    """A prompt-only SFT micro-batch (every target ignored), or no tokens at all: loss 0 and
+    zero gradients, as models/loss.py's unfused loss gives (F.cross_entropy gives NaN)."""
+    hidden, weight, targets = lce_inputs(tokens, 8, 11, "cpu", torch.float32)
+    targets[:] = kernels.IGNORE_INDEX
+    loss, grads = forward_and_grads(kernels.linear_cross_entropy, [hidden, weight, targets])
+    assert loss[0].item() == 0.0
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
 
 
 def test_linear_cross_entropy_chunking_does_not_change_the_result():

@@ -168,6 +168,21 @@ def test_dry_run_counts_gradients_and_adam_state_of_the_adapters_only(tmp_path):
     assert state.optimizer == 2 * adapter_bytes + ADAM_STEP_BYTES * len(adapters)
 
 
+def test_sf_plan_counts_gradients_and_adam_state_of_the_adapters_only(tmp_path):
+    """sf-plan's shard probe (one block, scaled to the model's layers) counts what the dry
+    run counts of the built model: the frozen base holds no gradient and no AdamW state."""
+    from scaleforge.parallel.layout import layout_dims
+    from scaleforge.planner.shards import ShardProbe, state_of_parameters
+
+    cfg = micro_config(tmp_path, *LORA)
+    cfg.model.vocab_size = 512
+    dims = layout_dims(cfg.parallel, 1)
+    planned, _ = ShardProbe(cfg).rank_state(dims, 0)
+    built = state_of_parameters(build(cfg.model, seed=0).named_parameters(), dims)
+    assert planned == built
+    assert planned.grads < planned.params / 10
+
+
 def test_lora_with_fp8_is_refused_at_start(tmp_path):
     from scaleforge.core.config import validate
 
