@@ -55,8 +55,9 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T against targets, without the
     logits: hidden (N, d), weight (V, d), targets (N,) int64. A 0-dim tensor, fp32 (fp64
-    for fp64 inputs); 0 with zero gradients when every target is ignore_index. `chunk_tokens` tokens at a time (0: 2^24 / V). Under autocast hidden
-    and weight are cast to the autocast dtype first, as F.linear's inputs would be."""
+    for fp64 inputs); 0 with zero gradients when every target is ignore_index.
+    `chunk_tokens` tokens at a time (0: 2^24 / V). Under autocast hidden and weight are cast
+    to the autocast dtype first, as F.linear's inputs would be."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

@@ -4,7 +4,8 @@ The prompt runs through the model once (prefill), keeping each layer's keys and 
 every new token then runs alone, attending to the cached keys and values, so a step costs
 one token's work instead of the whole sequence's. The modules are the model's own
 (projections, norms and per-head q/k norms, MLPs, RoPE tables); only the attention is
-evaluated here, against the cache, with the model's sliding window. Greedy decoding with the cache gives the tokens that full forwards give
+evaluated here, against the cache, with the model's sliding window. Greedy decoding with
+the cache gives the tokens that full forwards give, and its logits theirs
 (tests/test_generate.py).
 """
 
