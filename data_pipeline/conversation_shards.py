@@ -14,7 +14,6 @@ A conversation goes to validation by a hash of its messages (as a document by it
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from scaleforge.data_pipeline.chat_template import (
     render_conversation,
 )
 from scaleforge.data_pipeline.manifest import FORMAT_VERSION, SPLITS
-from scaleforge.data_pipeline.sources import resolve_inputs
+from scaleforge.data_pipeline.sources import read_jsonl, resolve_inputs
 from scaleforge.data_pipeline.split import is_validation
 from scaleforge.data_pipeline.token_file import token_dtype
 from scaleforge.data_pipeline.tokenizer import Tokenizer, file_sha256
@@ -113,19 +112,11 @@ def _records(inputs: list[str]) -> Iterator[tuple[str, dict]]:
                 f"input: {path} is not a .jsonl or .jsonl.gz file of conversations; give "
                 "JSONL with a `messages` list (or `prompt` and `response`) per line"
             )
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as stream:
-            for number, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"{where}: not a JSON object ({error.msg})") from error
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{where}: not a JSON object")
-                yield where, record
+        for where, record in read_jsonl(path):
+            if not isinstance(record, dict):
+                raise ConfigError(f"{where} is not a JSON object (a {type(record).__name__}); "
+                                  "fix or remove that line")
+            yield where, record
 
 
 class _MaskedShardWriter(shards._ShardWriter):

@@ -112,7 +112,10 @@ def _read_text_file(path: str) -> str:
         raise _unreadable(path, error) from error
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[Document]:
+def read_jsonl(path: str) -> Iterator[tuple[str, object]]:
+    """(`file:line`, its parsed JSON) for every non-empty line of a .jsonl or .jsonl.gz file
+    (bytes that are not UTF-8 replaced); ConfigError naming the line that is not JSON, or
+    the file that cannot be read."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace") as lines:
@@ -126,9 +129,14 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[Document]:
                     raise ConfigError(
                         f"{where} is not a JSON object ({error.msg}); fix or remove that line"
                     ) from error
-                yield Document(_field(record, text_field, where), where)
+                yield where, record
     except (OSError, EOFError) as error:
         raise _unreadable(path, error) from error
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[Document]:
+    for where, record in read_jsonl(path):
+        yield Document(_field(record, text_field, where), where)
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[Document]:

@@ -118,6 +118,19 @@ def test_a_record_without_an_assistant_turn_is_a_one_line_error(tmp_path, tokeni
             out=str(tmp_path / "out")))
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"messages": [', r"chat.jsonl:2 is not a JSON object \(.*\); fix or remove that line"),
+    ("[1, 2]", r"chat.jsonl:2 is not a JSON object \(a list\); fix or remove that line"),
+])
+def test_a_line_that_is_not_a_json_object_is_named(tmp_path, tokenizer_dir, line, message):
+    """The conversations' JSONL is read by data_pipeline.sources.read_jsonl, as text JSONL."""
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": CHAT}) + f"\n{line}\n")
+    with pytest.raises(ConfigError, match=message):
+        write_conversation_shards(ConversationShardsJob(
+            input=str(tmp_path / "chat.jsonl"), tokenizer=tokenizer_dir,
+            out=str(tmp_path / "out")))
+
+
 def test_a_missing_template_is_a_one_line_error(tokenizer_dir):
     with pytest.raises(ConfigError, match="has no chat template.*template=default"):
         load_template("tokenizer", Path(tokenizer_dir))
