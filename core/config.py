@@ -366,7 +366,7 @@ def _check_rope_per_document(cfg: Config) -> None:
     if cfg.model.rope_per_document and not cfg.data.document_masking:
         raise ConfigError(
             "model.rope_per_document=true restarts positions at each document, which needs "
-            "the batches' document ids: set data.document_masking=true"
+            "the batches' document ids; set data.document_masking=true"
         )
 
 

@@ -73,6 +73,7 @@ def eval_batches_per_rank(eval_batches: int, dp_size: int, micro_batches: int,
         raise ConfigError(
             f"trainer.eval_batches={eval_batches}{layout}: evaluation runs the schedule over "
             f"whole groups of {micro_batches} micro-batches on each of the {dp_size} "
-            f"data-parallel ranks; set trainer.eval_batches to a multiple of {rounds}"
+            f"data-parallel ranks; set trainer.eval_batches="
+            f"{max(rounds, -(-eval_batches // rounds) * rounds)} (a multiple of {rounds})"
         )
     return eval_batches // dp_size

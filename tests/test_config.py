@@ -240,6 +240,10 @@ def _fixes(message: str) -> list[str]:
         (["model=moe_tiny", "model.moe.num_experts=6", "parallel.ep=4"], 4),
         (["model=moe_tiny", "parallel.tp=2", "parallel.etp=2", "model.moe.expert_hidden=191"],
          2),
+        (["parallel.pp=2", "model.tie_embeddings=false", "trainer.eval_batches=3"], 2),
+        (["model.rope_per_document=true"], 1),
+        (["trainer.hang_timeout_s=900"], 1),
+        (["model.lora.rank=8", "trainer.fp8=tensorwise"], 1),
     ],
 )
 def test_each_hint_followed_fixes_the_error(overrides, world_size):

@@ -37,7 +37,7 @@ from scaleforge.parallel.topology import MESH_DIMS
          "parallel.pp_layers_per_stage=[1, 2]"),
         (["parallel.pp=2", "trainer.eval_batches=3"], 2, "trainer.eval_batches=3"),
         (["parallel.pp=2", "parallel.dp_shard=2", "trainer.micro_batch_size=2"], 4,
-         "set trainer.eval_batches to a multiple of 4"),
+         "(a multiple of 4)"),
         (["parallel.pp=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings=true"),
         (["parallel.pp=2", "parallel.pp_schedule=InterleavedZeroBubble",
           "parallel.pp_stages_per_rank=2", "model.n_layers=4", "trainer.micro_batch_size=1",
