@@ -5,7 +5,9 @@ empty) it does nothing. Its value is one fault or several separated by commas, e
 and `key=value` fields joined by colons:
 
     hang:rank=1:step=3        rank 1 stops inside the first collective of step 3 (it sleeps
-                              before joining it; the other ranks wait there for it)
+                              before joining it; the other ranks wait there for it);
+                              `at=start`: as step 3 starts, outside any collective (under
+                              FSDP the others then wait in its first all-gather)
     slow:rank=1:factor=1.5    rank 1 computes each step 1.5x as long (it spins, using the
                               CPU, for 0.5x the step's own compute time), from step 1 or
                               from `step=N`
@@ -28,19 +30,21 @@ from scaleforge.errors import ConfigError
 
 VARIABLE = "SCALEFORGE_INJECT_FAULT"
 KINDS = {"hang": ("rank", "step"), "slow": ("rank", "factor"), "kill": ("rank", "step")}
-OPTIONAL = {"slow": ("step",)}
+OPTIONAL = {"slow": ("step",), "hang": ("at",)}
+HANG_AT = ("collective", "start")
 EXAMPLE = "hang:rank=1:step=3, slow:rank=1:factor=1.5 or kill:rank=1:step=5 (comma-separated)"
 
 
 @dataclass(frozen=True)
 class Fault:
     """One injected fault: `kind` (hang, slow, kill) on `rank` at step `step` (1-based; slow:
-    from that step on) with a `factor` (slow only)."""
+    from that step on) with a `factor` (slow only), hanging `at` (hang only)."""
 
     kind: str
     rank: int
     step: int = 1
     factor: float = 1.0
+    at: str = "collective"  # hang only: before the step's first collective, or its start
 
 
 def parse_faults(value: str) -> list[Fault]:
@@ -79,7 +83,10 @@ def _parse_one(part: str, value: str) -> Fault:
         raise bad("needs rank >= 0 and step >= 1")
     if kind == "slow" and not factor > 1:
         raise bad("needs factor > 1 (1.5 computes each step 1.5x as long)")
-    return Fault(kind, rank, step, factor)
+    at = settings.get("at", HANG_AT[0])
+    if at not in HANG_AT:
+        raise bad(f"has at={at!r} (at=collective or at=start)")
+    return Fault(kind, rank, step, factor, at)
 
 
 def injected_faults() -> list[Fault]:

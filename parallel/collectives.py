@@ -7,7 +7,8 @@ mean, or the world.
 `PROGRESS` counts the collectives this process joined through this module and names the
 one it is in: the hang watchdog (core/callbacks/hang_watchdog.py) compares the counts of
 the ranks to find the one that stopped first; fault drills hook in before a rank joins.
-Collectives torch runs inside FSDP, tensor and pipeline parallelism are not counted."""
+Collectives torch runs inside FSDP, tensor and pipeline parallelism are not counted here
+(the watchdog counts them from torch's flight recorder)."""
 
 from __future__ import annotations
 

@@ -203,6 +203,7 @@ def test_a_rank_hung_in_a_collective_ends_the_run_naming_it_with_stacks_on_disk(
     verdicts = [line for line in stderr.splitlines() if line.startswith("hang: ")]
     assert len(verdicts) == 1, stderr[-3000:]
     verdict = verdicts[0]
+    print(verdict)
     assert verdict.startswith("hang: rank 1 stopped progressing first (last completed step 2"), \
         verdict
     assert "rank 1 at parallel/collectives.py:" in verdict, verdict

@@ -21,14 +21,17 @@ class FaultInjectionCallback(Callback):
     """This rank's injected faults: `kill` sends SIGKILL to this process as its step starts;
     `hang` sleeps, without end, before this rank joins the first collective of its step
     (`parallel.collectives.PROGRESS.before_join`), as a rank stuck ahead of a collective
-    does; `slow` spins after each step's optimizer update for (factor - 1) x the CPU time
-    the step took, as a slower chip would. hang and kill fire in a job's first attempt only."""
+    does, or with `at=start` as its step starts; `slow` spins after each step's optimizer
+    update for (factor - 1) x the CPU time the step took, as a slower chip would. hang and
+    kill fire in a job's first attempt only."""
 
     def __init__(self, faults: list[Fault], rank: int):
         first = first_attempt()
         mine = [fault for fault in faults if fault.rank == rank]
         self.kill_steps = {f.step for f in mine if f.kind == "kill" and first}
-        self.hang_steps = {f.step for f in mine if f.kind == "hang" and first}
+        hangs = [f for f in mine if f.kind == "hang" and first]
+        self.hang_steps = {f.step for f in hangs if f.at == "collective"}
+        self.hang_start_steps = {f.step for f in hangs if f.at == "start"}
         self.slow = [f for f in mine if f.kind == "slow"]
         self.step = 0  # the step running now (1-based)
         self.step_cpu_start = 0.0
@@ -47,6 +50,9 @@ class FaultInjectionCallback(Callback):
         if self.step in self.kill_steps:
             _announce(f"kill:rank={trainer.topology.rank}:step={self.step}")
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.step in self.hang_start_steps:
+            _announce(f"hang:step={self.step} at its start")
+            _sleep_forever()
 
     def post_optim_step(self, trainer: Trainer) -> None:
         factor = max((f.factor for f in self.slow if self.step >= f.step), default=1.0)
@@ -60,8 +66,12 @@ class FaultInjectionCallback(Callback):
         if self.step in self.hang_steps:
             self.hang_steps.discard(self.step)
             _announce(f"hang:step={self.step} before joining {collective}")
-            while True:
-                time.sleep(3600)
+            _sleep_forever()
+
+
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
 
 
 def _announce(what: str) -> None:

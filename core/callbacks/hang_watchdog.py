@@ -5,10 +5,12 @@ The training loop heartbeats (a step starts, a step ends, a record is written); 
 thread per rank wakes every second or so. When the last beat is older than the timeout it
 writes RUN_DIR/hang/rank<R>.txt: a first line of JSON (rank, last completed step, the
 collectives it joined through parallel/collectives.py and the one it is in, the stalled
-call) and then the training thread's stack and every thread's (faulthandler). It waits up
-to `GRACE_S` for the other ranks' dumps (the ranks share the run directory: one machine, or
-shared storage on a cluster), compares them (`hang_verdict`): the ranks with the lowest
-(last completed step, collectives joined) stopped first; the lowest-numbered rank with a
+call, and from the flight recorder the collectives its training thread issued in every
+process group, torch's own included, and the last one) and then the training thread's
+stack and every thread's (faulthandler). It waits up to `GRACE_S` for the other ranks'
+dumps (the ranks share the run directory: one machine, or shared storage on a cluster),
+compares them (`hang_verdict`): the ranks with the lowest (last completed step,
+collectives issued, collectives joined) stopped first; the lowest-numbered rank with a
 dump prints the verdict and writes RUN_DIR/hang/verdict.txt, and every rank exits with
 status `HANG_EXIT_STATUS`, so torchrun ends (or, with --max-restarts, restarts) the job
 long before the collective timeout (`parallel.timeout_s`) would.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import pickle
 import sys
 import threading
 import time
@@ -131,6 +134,7 @@ class HangWatchdogCallback(Callback):
     def _dump(self, silent: float) -> None:
         frame = sys._current_frames().get(self.thread_id or 0)
         stack = traceback.extract_stack(frame) if frame is not None else []
+        record = dump_flight_recorder()
         header = {
             "rank": self.rank,
             "last_step": self.completed_step,
@@ -138,6 +142,7 @@ class HangWatchdogCallback(Callback):
             "in_collective": PROGRESS.current,
             "stalled_at": stalled_call(stack),
             "seconds_without_progress": round(silent, 1),
+            **issued_collectives(record, self.thread_id or 0),
         }
         path = self.hang_dir / f"rank{self.rank}.txt"
         partial = path.with_suffix(".partial")
@@ -148,7 +153,7 @@ class HangWatchdogCallback(Callback):
             out.flush()
             faulthandler.dump_traceback(out, all_threads=True)
         os.replace(partial, path)
-        if (record := dump_flight_recorder()) is not None:
+        if record is not None:
             (self.hang_dir / f"rank{self.rank}.flight_recorder").write_bytes(record)
 
     def _wait_for_dumps(self) -> dict[int, dict[str, Any]]:
@@ -173,6 +178,31 @@ def stalled_call(stack: list[traceback.FrameSummary]) -> str:
                        f"{frame.name}" for frame in reversed(ours[-2:]))
 
 
+def issued_collectives(record: bytes | None, thread_id: int) -> dict[str, Any]:
+    """From this rank's flight-recorder record (a pickle, `torch_compat.
+    dump_flight_recorder`): how many collectives the training thread `thread_id` issued in
+    every process group, torch's own included (FSDP's, tensor and pipeline parallelism's:
+    the sum of each group's sequence numbers, which count on past the record's ring
+    buffer), and the last one, named with where the package issued it. {} without a
+    record or without any collective of that thread in it."""
+    try:
+        entries = pickle.loads(record).get("entries", []) if record else []
+    except (pickle.UnpicklingError, AttributeError, EOFError):
+        return {}
+    ours = [e for e in entries if str(e.get("thread_id")) == str(thread_id)]
+    if not ours:
+        return {}
+    issued: dict[Any, int] = {}
+    for entry in ours:
+        count = entry["collective_seq_id"] + entry["p2p_seq_id"]
+        issued[entry["pg_id"]] = max(issued.get(entry["pg_id"], 0), count)
+    last = max(ours, key=lambda entry: entry["record_id"])
+    frames = [traceback.FrameSummary(f["filename"], f["line"], f["name"])
+              for f in reversed(last.get("frames", []))]
+    return {"collectives_issued": sum(issued.values()),
+            "last_issued": f"{last['profiling_name']} from {stalled_call(frames)}"}
+
+
 def _ours(frame: traceback.FrameSummary) -> bool:
     relative = os.path.relpath(frame.filename, PACKAGE_ROOT)
     return not relative.startswith(".") and "site-packages" not in relative
@@ -190,23 +220,36 @@ def read_dumps(hang_dir: Path) -> dict[int, dict[str, Any]]:
 
 def hang_verdict(dumps: dict[int, dict[str, Any]], world_size: int, timeout_s: float) -> str:
     """One line: the rank(s) that stopped progressing first (lowest last completed step,
-    then fewest collectives joined) and where, from the ranks' dump headers."""
-    def progress(rank: int) -> tuple[int, int]:
-        return dumps[rank]["last_step"], dumps[rank]["collectives_joined"]
+    then fewest collectives issued where every dump counts them, then fewest joined) and
+    where, from the ranks' dump headers."""
+    # The flight recorder's count (torch's collectives included) where every rank has one.
+    issued = all("collectives_issued" in dump for dump in dumps.values())
+
+    def progress(rank: int) -> tuple[int, int, int]:
+        dump = dumps[rank]
+        return (dump["last_step"], dump["collectives_issued"] if issued else 0,
+                dump["collectives_joined"])
+
+    def last(rank: int) -> str:
+        return f", last issued {dumps[rank]['last_issued']}" if issued else ""
 
     first = min(progress(rank) for rank in dumps)
     stopped = sorted(rank for rank in dumps if progress(rank) == first)
     others = sorted(set(dumps) - set(stopped))
-    where = "; ".join(f"rank {rank} at {dumps[rank]['stalled_at']}" for rank in stopped)
+    where = "; ".join(f"rank {rank} at {dumps[rank]['stalled_at']}{last(rank)}"
+                      for rank in stopped)
     names = ", ".join(str(rank) for rank in stopped)
+    counted = f", {first[1]} issued in all" if issued else ""
     line = (f"hang: rank{'s' if len(stopped) > 1 else ''} {names} stopped progressing first "
-            f"(last completed step {first[0]}, {first[1]} collectives joined) - stalled: "
-            f"{where}")
+            f"(last completed step {first[0]}, {first[2]} collectives joined{counted}) - "
+            f"stalled: {where}")
     if others:
         waiting = dumps[others[0]]
+        counted = f", {waiting['collectives_issued']} issued" if issued else ""
         line += (f"; rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} went "
                  f"further and wait{'' if len(others) > 1 else 's'} (rank {others[0]}: "
-                 f"{waiting['collectives_joined']} joined, at {waiting['stalled_at']})")
+                 f"{waiting['collectives_joined']} joined{counted}, at "
+                 f"{waiting['stalled_at']}{last(others[0])})")
     else:
         line += "; no rank got further than another"
     if missing := sorted(set(range(world_size)) - set(dumps)):
