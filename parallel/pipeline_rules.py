@@ -5,7 +5,7 @@ pipeline's own rules (stages, layers, micro-batches) are `validate_pipeline`'s."
 
 from __future__ import annotations
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, ErrorCollector
 from scaleforge.models.config import TransformerConfig
 from scaleforge.parallel.config import ParallelConfig
 from scaleforge.parallel.pipeline_schedules import SCHEDULES, validate_pipeline
@@ -19,7 +19,19 @@ def check_pipeline_layout(model: TransformerConfig, parallel: ParallelConfig,
     `micro_batches` per step: `validate_pipeline`'s, then the layout's: zero-bubble
     schedules need stages without tensor parallelism, selective checkpointing or FSDP
     resharding after forward; tied embeddings need neither tp nor dp; evaluation runs whole
-    schedule rounds on every data-parallel rank (`eval_batches_per_rank`)."""
+    schedule rounds on every data-parallel rank (`eval_batches_per_rank`). The evaluation
+    rule is reported together with the others (errors.ConfigErrors), so following a first
+    hint does not lead to a second error."""
+    problems = ErrorCollector()
+    problems.run(_check_schedule_layout, model, parallel, dims, micro_batches,
+                 activation_checkpointing)
+    problems.run(eval_batches_per_rank, eval_batches, dims.dp_size, micro_batches, dims.pp)
+    problems.raise_if_any()
+
+
+def _check_schedule_layout(model: TransformerConfig, parallel: ParallelConfig,
+                           dims: ParallelDims, micro_batches: int,
+                           activation_checkpointing: str) -> None:
     p = parallel
     tp, dp_size, dp_shard = dims.tp, dims.dp_size, dims.dp_shard
     validate_pipeline(model, dims.pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
@@ -58,7 +70,6 @@ def check_pipeline_layout(model: TransformerConfig, parallel: ParallelConfig,
             "which then computes wrong gradients; set parallel.fsdp_reshard_after_forward="
             "false, or use GPipe, 1F1B or Interleaved1F1B"
         )
-    eval_batches_per_rank(eval_batches, dp_size, micro_batches, dims.pp)
 
 
 def eval_batches_per_rank(eval_batches: int, dp_size: int, micro_batches: int,

@@ -259,6 +259,16 @@ def test_each_hint_followed_fixes_the_error(overrides, world_size):
         validate(to_config(compose([*overrides, fix])), world_size)
 
 
+def test_a_pipeline_reports_its_evaluation_rule_with_its_schedule_rules():
+    """Following the tied-embedding hint does not lead to a second error: both come at once,
+    and both hints applied validate."""
+    with pytest.raises(ConfigErrors) as info:
+        validate(to_config(compose(["parallel.pp=2"])), 2)
+    fixes = [_fixes(message)[0] for message in info.value.messages]
+    assert fixes == ["model.tie_embeddings=false", "trainer.eval_batches=32"]
+    validate(to_config(compose(["parallel.pp=2", *fixes])), 2)
+
+
 def test_a_layout_hint_to_start_more_processes_fixes_it():
     with pytest.raises(ConfigError, match=r"start 2 processes \(torchrun --nproc-per-node 2\)"):
         validate(to_config(compose(["parallel.tp=2"])), 1)
