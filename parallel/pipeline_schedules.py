@@ -131,14 +131,25 @@ def stage_layer_ranges(
                 "parallel.pp_stages_per_rank, or use a deeper model"
             )
         if n_layers % num_stages:
+            split = ",".join(map(str, _uneven_split(n_layers, num_stages)))
             raise ConfigError(
                 f"model.n_layers={n_layers} is not divisible by the {num_stages} pipeline "
-                f"stages (parallel.pp x parallel.pp_stages_per_rank); change parallel.pp or "
-                f"parallel.pp_stages_per_rank, or give {LAYERS_PER_STAGE_SETTING} explicitly"
+                f"stages (parallel.pp x parallel.pp_stages_per_rank); set "
+                f"{LAYERS_PER_STAGE_SETTING}=[{split}]"
             )
         counts = [n_layers // num_stages] * num_stages
     starts = [sum(counts[:i]) for i in range(num_stages)]
     return [range(start, start + count) for start, count in zip(starts, counts, strict=True)]
+
+
+def _uneven_split(n_layers: int, num_stages: int) -> list[int]:
+    """Layers per stage as even as they go, the extra layers on the middle stages first (the
+    first holds the embedding, the last the head)."""
+    counts = [n_layers // num_stages] * num_stages
+    middle_first = [*range(1, num_stages - 1), 0, num_stages - 1]
+    for stage in middle_first[:n_layers % num_stages]:
+        counts[stage] += 1
+    return counts
 
 
 def check_micro_batches(schedule: str, pp: int, stages_per_rank: int, micro_batches: int) -> None:

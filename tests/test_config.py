@@ -241,6 +241,7 @@ def _fixes(message: str) -> list[str]:
         (["model=moe_tiny", "parallel.tp=2", "parallel.etp=2", "model.moe.expert_hidden=191"],
          2),
         (["parallel.pp=2", "model.tie_embeddings=false", "trainer.eval_batches=3"], 2),
+        (["parallel.pp=3", "model.tie_embeddings=false", "trainer.eval_batches=32"], 3),
         (["model.rope_per_document=true"], 1),
         (["trainer.hang_timeout_s=900"], 1),
         (["model.lora.rank=8", "trainer.fp8=tensorwise"], 1),
