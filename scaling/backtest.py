@@ -13,7 +13,8 @@ so their runs, and any run above them, are held out. Per approach:
   for approach 3, budgets for 1 and 2) and `n_train` the runs fitted.
 - optimum: at each held-out budget with 3 or more sizes whose losses give a parabola
   minimum, the predicted N_opt and D_opt against that minimum: relative errors, and
-  whether the minimum lies inside the predicted 95% interval.
+  whether the minimum lies inside the predicted 95% interval (for a law without an
+  optimum, alpha or beta <= 0, one entry with `skipped` saying so instead).
 Held-out groups are used for budget-level comparisons only when they are IsoFLOP budgets
 (compute within 2 x budget_tolerance_dex); the fit's own sanity flags come along in `flags`.
 """
@@ -97,7 +98,11 @@ def _optimum_errors(fit: dict, name: str, budgets: list[dict]) -> list[dict]:
     for budget in budgets:
         if budget["minimum"] is None:
             continue
-        predicted = allocation_intervals(fit, budget["C"], name)
+        try:
+            predicted = allocation_intervals(fit, budget["C"], name)
+        except ConfigError as error:  # approach 3's law without an optimum (an exponent <= 0)
+            out.append({"C": budget["C"], "quantity": "N_opt, D_opt", "skipped": str(error)})
+            continue
         for key in ("N_opt", "D_opt"):
             out.append({"C": budget["C"], "quantity": key,
                         "rel_error": predicted[key]["value"] / budget["minimum"][key] - 1,
@@ -176,6 +181,9 @@ def summary_lines(result: dict) -> list[str]:
         if name == "approach3":
             text += f" ({noise_sentence(entry['mean_rel_error'], result.get('noise'))})"
         for point in entry["optimum"]:
+            if "skipped" in point:
+                text += f"; no optimum at {point['C']:.3g} (the law's exponents)"
+                continue
             text += (f"; {point['quantity']} at {point['C']:.3g}: {point['rel_error']:+.1%}"
                      f"{' (inside)' if point['inside'] else ' (outside)'} its interval")
         lines.append(text)

@@ -64,8 +64,16 @@ def allocation_intervals(fit: dict, C: float, approach: str = "approach3") -> di
                           f"{', '.join(k for k in fit if k.startswith('approach'))}")
     entry = fit[approach]
     if approach == "approach3":
+        law = law_params(fit)
+        if not (law["alpha"] > 0 and law["beta"] > 0):
+            raise ConfigError(
+                f"approach 3's law has alpha={law['alpha']:.3g} and beta={law['beta']:.3g}: "
+                "with either <= 0 its loss does not fall with N (or D), so it has no "
+                "compute-optimal size (the optimum runs to the search's edge); read the "
+                "fit's flags, fix the sweep (its grid, learning rate or steps per run) and "
+                "refit, or use approach=approach1")
         convention = fit.get("flop_convention")
-        n_opt, d_opt = law_optimum(law_params(fit), C, convention)
+        n_opt, d_opt = law_optimum(law, C, convention)
         optima = [law_optimum(params, C, convention) for params in _law_samples(fit)]
         losses = np.array([loss(params, n, d) for params, (n, d)
                            in zip(_law_samples(fit), optima, strict=True)])

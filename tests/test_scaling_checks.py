@@ -171,6 +171,17 @@ def test_predictive_intervals_contain_the_point_prediction_and_the_truth():
         assert best["loss"]["low"] < best["loss"]["value"] < best["loss"]["high"]
 
 
+def test_a_law_whose_loss_does_not_fall_with_n_has_no_optimum_and_says_so():
+    # the issue-29 CPU check's seed-0 law (alpha -0.319): its optimum ran to N = 1 and the
+    # check failed later with "targets 1 parameters"; now the optimum itself is refused
+    fit = _fit(synthetic_rows(noise=0.01, sizes=5), bootstrap=3)
+    fit["approach3"]["params"]["alpha"]["value"] = -0.319
+    with pytest.raises(ConfigError, match=r"approach 3's law has alpha=-0.319 and beta=.*no "
+                                          r"compute-optimal size.*approach=approach1"):
+        allocation_intervals(fit, 1e23)
+    assert allocation_intervals(fit, 1e23, "approach2")["N_opt"]["value"] > 0
+
+
 def test_backtest_on_a_synthetic_sweep_predicts_the_held_out_budget():
     rows = synthetic_rows(noise=0.005, sizes=5)
     result = backtest(rows, holdout_budgets=1, bootstrap=20)
