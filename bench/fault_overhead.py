@@ -12,8 +12,10 @@ its cost at several ranks, one gather of a few floats per rank per log interval,
 this figure). A round with them ends by waiting for its last snapshot's background write, so
 no write spills into the next round. Prints the median seconds per step of each and the
 ratio with / without, of the medians and the median of each round's ratio to the round
-without them just before it (the same machine load). Then the parts: the fault callbacks'
-per-step hooks called `HOOK_CALLS` times in a row (microseconds per step), and for
+without them just before it (the same machine load), and the ratio of the medians of the
+process's CPU time per step (the background writes' included; less disturbed by other
+jobs than wall time on a loaded machine). Then the parts: the fault callbacks' per-step
+hooks called `HOOK_CALLS` times in a row (microseconds per step), and for
 snapshots (`checkpoint.snapshot_every`: the state copied to host memory on the training
 thread, then written into node-local storage and copied to the peer's folder in a
 background thread) the copy's time on the training thread and the background write's,
@@ -98,12 +100,13 @@ def snapshot_seconds(trainer: Trainer, times: int) -> tuple[float, float]:
     return statistics.median(staged), statistics.median(written)
 
 
-def _round(step: Callable, steps: int, trainer: Trainer, snapshots: bool) -> float:
-    """Seconds per step of `steps` steps; with `snapshots`, until the last snapshot's
-    background write is done."""
+def _round(step: Callable, steps: int, trainer: Trainer, snapshots: bool
+           ) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process, background threads included) per
+    step of `steps` steps; with `snapshots`, until the last snapshot's write is done."""
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     writer = trainer.snapshots.writer
@@ -111,7 +114,8 @@ def _round(step: Callable, steps: int, trainer: Trainer, snapshots: bool) -> flo
         writer.wait()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
-    return (time.perf_counter() - start) / steps
+    return ((time.perf_counter() - start) / steps,
+            (time.process_time() - cpu_start) / steps)
 
 
 def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: int,
@@ -137,12 +141,15 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: i
     variants = {"without": _loop_step(trainer, without, logger),
                 "with": _loop_step(trainer, with_faults, logger)}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for name, step in variants.items():
             _round(step, warmup, trainer, name == "with")
         for _ in range(rounds):
             for name, step in variants.items():
-                times[name].append(_round(step, steps, trainer, name == "with"))
+                wall, cpu_s = _round(step, steps, trainer, name == "with")
+                times[name].append(wall)
+                cpu[name].append(cpu_s)
         faults: list[Callback] = [c for c in with_faults if isinstance(c, FAULT_CALLBACKS)
                                   and not isinstance(c, SnapshotCallback)]
         hooks = hook_seconds_per_step(trainer, faults, logger)
@@ -164,6 +171,10 @@ def run(overrides: list[str], steps: int, rounds: int, warmup: int, snapshots: i
     pairs = [w / wo for w, wo in zip(times["with"], times["without"], strict=True)]
     print(f"ratio with / without: {ratio:.4f} (medians); {statistics.median(pairs):.4f} "
           f"(median of the rounds' ratios, {min(pairs):.3f} to {max(pairs):.3f})")
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    print(f"CPU time of the process per step (the snapshots' background writes included): "
+          f"{cpu_medians['without'] * 1e3:.1f} ms without, {cpu_medians['with'] * 1e3:.1f} ms "
+          f"with, ratio {cpu_medians['with'] / cpu_medians['without']:.4f}")
     print(f"the fault callbacks' hooks alone (snapshots aside): {hooks * 1e6:.1f} us/step = "
           f"{hooks / medians['without']:.5%} of the step without them")
     if snapshots:

@@ -33,14 +33,17 @@ class AtomicWrite:
     """The checkpoint directory `final` in the making: `prepare` (one process), `write`
     (every process of the save), then `commit` (one process, once every tensor is on disk).
 
-    `config` is saved as config.yaml; complete.json holds the format version, `info`, the
+    `config` is saved as config.yaml (`config_yaml`: that text, when the caller made it
+    already); complete.json holds the format version, `info`, the
     time of the save and the torch version.
     """
 
-    def __init__(self, final: Path, config: Config, info: dict[str, Any]):
+    def __init__(self, final: Path, config: Config, info: dict[str, Any],
+                 config_yaml: str | None = None):
         self.final = final
         self.partial = partial_dir(final)
         self.config = config
+        self.config_yaml = config_yaml  # `config` as YAML where the caller has it already
         self.info = {
             "format": FORMAT_VERSION,
             **info,
@@ -97,7 +100,7 @@ class AtomicWrite:
         name (a stale directory there is replaced) and an fsync of the parent. One process,
         after every process's tensors are written; returns the final directory."""
         self.wait()
-        yaml = OmegaConf.to_yaml(OmegaConf.structured(self.config))
+        yaml = self.config_yaml or config_yaml(self.config)
         _write_synced(self.partial / "config.yaml", yaml)
         _write_synced(self.partial / COMPLETE, json.dumps(self.info, indent=1))
         if self.final.exists():  # an incomplete directory left under the final name
@@ -105,6 +108,11 @@ class AtomicWrite:
         os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
         return self.final
+
+
+def config_yaml(config: Config) -> str:
+    """`config` as the YAML a checkpoint's config.yaml holds."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
 def _write_synced(path: Path, text: str) -> None:

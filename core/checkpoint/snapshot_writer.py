@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from scaleforge.core.checkpoint.atomic_write import AtomicWrite
+from scaleforge.core.checkpoint.atomic_write import AtomicWrite, config_yaml
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
 from scaleforge.core.checkpoint.paths import prune_checkpoints, step_dir
 from scaleforge.core.checkpoint.snapshots import KEEP, copy_to_peer
@@ -50,6 +50,8 @@ class SnapshotWriter:
         self._stager = DefaultStager(StagingOptions(
             use_pinned_memory=device.type == "cuda", use_shared_memory=False,
             use_async_staging=False, use_non_blocking_copy=False))
+        # The run's config does not change: its YAML is made once, not at every snapshot.
+        self._config_yaml = config_yaml(checkpointer.cfg)
         self._group: dist.ProcessGroup | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -65,7 +67,7 @@ class SnapshotWriter:
         self.wait()
         state = self._stager.stage(self.checkpointer.state(step))
         write = AtomicWrite(step_dir(self.root, step), self.checkpointer.cfg,
-                            self.checkpointer.info(step))
+                            self.checkpointer.info(step), self._config_yaml)
         group = self._process_group()
         self._thread = threading.Thread(target=self._run, args=(write, state, group),
                                         name=f"scaleforge-snapshot-{step}", daemon=True)
