@@ -391,7 +391,8 @@ def _validate_layout(cfg: Config, dims: ParallelDims, ok: dict[str, bool],
         if dims.pp > 1 and model_ok and parallel_ok:
             problems.run(check_pipeline_layout, cfg.model, cfg.parallel, dims,
                          micro_batches[0], cfg.trainer.activation_checkpointing,
-                         cfg.trainer.eval_batches)
+                         cfg.trainer.eval_batches,
+                         cfg.trainer.micro_batch_size * cfg.data.seq_len * dims.dp_size)
     if trainer_ok:
         problems.run(_check_parallel_precision, cfg, dims)
         if dims.world_size > 1 and parallel_ok:

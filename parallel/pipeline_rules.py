@@ -14,7 +14,7 @@ from scaleforge.parallel.topology import ParallelDims
 
 def check_pipeline_layout(model: TransformerConfig, parallel: ParallelConfig,
                           dims: ParallelDims, micro_batches: int, activation_checkpointing: str,
-                          eval_batches: int) -> None:
+                          eval_batches: int, tokens_per_micro_batch: int | None = None) -> None:
     """Every rule of a pipelined run (parallel.pp > 1) in the layout `dims` with
     `micro_batches` per step: `validate_pipeline`'s, then the layout's: zero-bubble
     schedules need stages without tensor parallelism, selective checkpointing or FSDP
@@ -24,18 +24,19 @@ def check_pipeline_layout(model: TransformerConfig, parallel: ParallelConfig,
     hint does not lead to a second error."""
     problems = ErrorCollector()
     problems.run(_check_schedule_layout, model, parallel, dims, micro_batches,
-                 activation_checkpointing)
+                 activation_checkpointing, tokens_per_micro_batch)
     problems.run(eval_batches_per_rank, eval_batches, dims.dp_size, micro_batches, dims.pp)
     problems.raise_if_any()
 
 
 def _check_schedule_layout(model: TransformerConfig, parallel: ParallelConfig,
                            dims: ParallelDims, micro_batches: int,
-                           activation_checkpointing: str) -> None:
+                           activation_checkpointing: str,
+                           tokens_per_micro_batch: int | None) -> None:
     p = parallel
     tp, dp_size, dp_shard = dims.tp, dims.dp_size, dims.dp_shard
     validate_pipeline(model, dims.pp, p.pp_schedule, p.pp_stages_per_rank, micro_batches,
-                      p.pp_layers_per_stage)
+                      p.pp_layers_per_stage, tokens_per_micro_batch)
     splits_backward = SCHEDULES[p.pp_schedule].splits_backward
     if tp > 1 and splits_backward:
         # torch's input-only backward (stage_backward_input) fails on DTensor stages.

@@ -152,10 +152,13 @@ def _uneven_split(n_layers: int, num_stages: int) -> list[int]:
     return counts
 
 
-def check_micro_batches(schedule: str, pp: int, stages_per_rank: int, micro_batches: int) -> None:
+def check_micro_batches(schedule: str, pp: int, stages_per_rank: int, micro_batches: int,
+                        tokens_per_micro_batch: int | None = None) -> None:
     """ConfigError unless `micro_batches` per step can feed the schedule: at least one per
     stage (one per rank for Interleaved1F1B), and for the interleaved schedules a multiple of
-    torch's number of rounds."""
+    torch's number of rounds. With `tokens_per_micro_batch` (trainer.micro_batch_size x
+    data.seq_len x data-parallel size) too few micro-batches get the global batch that
+    gives enough."""
     # torch's Interleaved1F1B needs only whole rounds (below); with fewer micro-batches than
     # ranks a round leaves ranks without work, so we ask for at least one per rank, as
     # Megatron does. The others need one per stage (torch checks 1F1B and DualPipeV so).
@@ -166,10 +169,13 @@ def check_micro_batches(schedule: str, pp: int, stages_per_rank: int, micro_batc
         what = f"{needed} pipeline stages (parallel.pp x parallel.pp_stages_per_rank)"
     if micro_batches < needed:
         raise ConfigError(
-            f"{micro_batches} micro-batches per step (trainer.global_batch_tokens / "
-            f"(trainer.micro_batch_size x data.seq_len x data-parallel size)) are fewer than the "
-            f"{what}; raise trainer.global_batch_tokens, lower trainer.micro_batch_size or "
-            "lower parallel.pp"
+            f"{micro_batches} micro-batch{'' if micro_batches == 1 else 'es'} per step "
+            f"(trainer.global_batch_tokens / (trainer.micro_batch_size x data.seq_len x "
+            f"data-parallel size)) {'is' if micro_batches == 1 else 'are'} fewer than the "
+            f"{what}; " + (f"set trainer.global_batch_tokens={needed * tokens_per_micro_batch}"
+                           if tokens_per_micro_batch else
+                           "raise trainer.global_batch_tokens, lower trainer.micro_batch_size "
+                           "or lower parallel.pp")
         )
     if schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
         # torch's rule: the micro-batches run in max(1, m // pp) rounds of equal size.
@@ -204,15 +210,17 @@ def validate_pipeline(
     stages_per_rank: int,
     micro_batches: int,
     layers_per_stage: Sequence[int] | None = None,
+    tokens_per_micro_batch: int | None = None,
 ) -> None:
     """Every pipeline rule, checked before any process group exists; raises ConfigError
-    naming the setting, its value and the fix."""
+    naming the setting, its value and the fix (`tokens_per_micro_batch`: see
+    `check_micro_batches`)."""
     if pp < 1:
         raise ConfigError(f"parallel.pp={pp} must be at least 1")
     spec = schedule_spec(schedule)
     check_stages_per_rank(schedule, spec, stages_per_rank)
     stage_layer_ranges(model_cfg.n_layers, pp * stages_per_rank, layers_per_stage)
-    check_micro_batches(schedule, pp, stages_per_rank, micro_batches)
+    check_micro_batches(schedule, pp, stages_per_rank, micro_batches, tokens_per_micro_batch)
     check_tied_embeddings(model_cfg, pp, spec.layout)
 
 

@@ -242,6 +242,8 @@ def _fixes(message: str) -> list[str]:
          2),
         (["parallel.pp=2", "model.tie_embeddings=false", "trainer.eval_batches=3"], 2),
         (["parallel.pp=3", "model.tie_embeddings=false", "trainer.eval_batches=32"], 3),
+        (["parallel.pp=2", "model.tie_embeddings=false",
+          "trainer.global_batch_tokens=2048"], 2),  # 1 micro-batch for 2 stages
         (["model.rope_per_document=true"], 1),
         (["trainer.hang_timeout_s=900"], 1),
         (["model.lora.rank=8", "trainer.fp8=tensorwise"], 1),

@@ -370,7 +370,8 @@ def test_too_few_micro_batches_is_rejected():
                                           r".*trainer.global_batch_tokens.*"
                                           r"trainer.micro_batch_size.*parallel.pp"):
         validate_pipeline(_model_cfg(), 2, "InterleavedZeroBubble", 2, 3)
-    with pytest.raises(ConfigError, match=r"1 micro-batches.*fewer than the 2 pipeline ranks"):
+    with pytest.raises(ConfigError,
+                       match=r"1 micro-batch per step.*is fewer than the 2 pipeline ranks"):
         validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 1)
 
 
