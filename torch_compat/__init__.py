@@ -42,6 +42,7 @@ from torch._subclasses.fake_tensor import (  # noqa: F401  (re-exported)
     FakeTensorMode,
     unset_fake_temporarily,
 )
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: F401
     checkpoint_wrapper,
 )
@@ -157,6 +158,12 @@ PRIVATE_NAMES = (
     PrivateName("torch.utils._python_dispatch.TorchDispatchMode",
                 "watching every op of a fake step: collectives' devices, matmul dtypes"),
     PrivateName("torch.utils._pytree.tree_leaves", "the tensors among an op's arguments"),
+    PrivateName("torch.distributed._state_dict_utils._create_cpu_state_dict",
+                "host buffers (pinned on CUDA) a snapshot's state is copied into",
+                checked=("2.11.0", "2.13.0")),
+    PrivateName("torch.distributed._state_dict_utils._copy_state_dict",
+                "copying a snapshot's state (DTensor shards included) into its host buffers",
+                checked=("2.11.0", "2.13.0")),
     PrivateName("torch._C._dispatch_get_all_op_names",
                 "the scaleforge operators registered with the dispatcher"),
     PrivateName("torch._C._dispatch_has_kernel_for_dispatch_key",
@@ -327,6 +334,18 @@ def dump_flight_recorder() -> bytes | None:
     except RuntimeError:
         pass
     return None
+
+def copy_to_host(state: dict[str, Any], buffers: dict[str, Any] | None,
+                 pin_memory: bool) -> dict[str, Any]:
+    """`state` (nested dicts of tensors and DTensors) copied into host memory: into
+    `buffers`, made by an earlier call for a state of the same keys, shapes and dtypes, or
+    into new ones (pinned with `pin_memory`); returns the copy (DTensors stay DTensors, with
+    host shards). torch.distributed.checkpoint's `DefaultStager` would do it, but torch
+    2.11's fails on every tensor (KeyError: <class 'type'>)."""
+    if buffers is None:
+        buffers = _create_cpu_state_dict(state, pin_memory=pin_memory)
+    return _copy_state_dict(state, buffers)
+
 
 def record_cuda_memory_history(enabled: bool) -> None:
     """Start (True) or stop (False) recording CUDA allocations for a memory snapshot."""

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from scaleforge.core.checkpoint.atomic_write import AtomicWrite, config_yaml
 from scaleforge.core.checkpoint.checkpointer import Checkpointer
 from scaleforge.core.checkpoint.paths import prune_checkpoints, step_dir
 from scaleforge.core.checkpoint.snapshots import KEEP, copy_to_peer
+from scaleforge.torch_compat import copy_to_host
 
 
 class SnapshotWriter:
@@ -46,10 +46,11 @@ class SnapshotWriter:
         topology = checkpointer.topology
         self.rank, self.world_size = topology.rank, topology.world_size
         self.is_rank0 = topology.is_rank0
-        # One stager for the run: it keeps its host buffers (pinned on CUDA) and refills them.
-        self._stager = DefaultStager(StagingOptions(
-            use_pinned_memory=device.type == "cuda", use_shared_memory=False,
-            use_async_staging=False, use_non_blocking_copy=False))
+        # Host buffers (pinned on CUDA), refilled at every snapshot while the state's layout
+        # (keys, shapes, dtypes) stays the same; the previous write is done by then.
+        self._pin_memory = device.type == "cuda"
+        self._buffers: dict | None = None
+        self._layout: list | None = None
         # The run's config does not change: its YAML is made once, not at every snapshot.
         self._config_yaml = config_yaml(checkpointer.cfg)
         self._group: dist.ProcessGroup | None = None
@@ -65,7 +66,7 @@ class SnapshotWriter:
         """Copy the state of `step` to host memory and start writing it in the background
         (after waiting for the previous snapshot). Collective: every rank, same step."""
         self.wait()
-        state = self._stager.stage(self.checkpointer.state(step))
+        state = self._to_host(self.checkpointer.state(step))
         write = AtomicWrite(step_dir(self.root, step), self.checkpointer.cfg,
                             self.checkpointer.info(step), self._config_yaml)
         group = self._process_group()
@@ -83,6 +84,14 @@ class SnapshotWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def _to_host(self, state: dict) -> dict:
+        """`state` copied into the host buffers (new ones when its layout changed)."""
+        layout = _layout(state)
+        if layout != self._layout:
+            self._buffers, self._layout = None, layout
+        self._buffers = copy_to_host(state, self._buffers, self._pin_memory)
+        return self._buffers
 
     def _run(self, write: AtomicWrite, state: dict, group: dist.ProcessGroup | None) -> None:
         try:
@@ -121,3 +130,13 @@ class SnapshotWriter:
         if group is not None:
             dist.barrier(group=group)
 
+
+def _layout(state: dict, prefix: str = "") -> list:
+    """(dotted key, shape, dtype) of every tensor in nested dicts `state`."""
+    layout: list = []
+    for key, value in state.items():
+        if isinstance(value, dict):
+            layout += _layout(value, f"{prefix}{key}.")
+        else:
+            layout.append((prefix + key, tuple(value.shape), value.dtype))
+    return layout
