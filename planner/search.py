@@ -46,7 +46,12 @@ from scaleforge.planner.activations import (
 from scaleforge.planner.buffers import buffer_bytes
 from scaleforge.planner.hardware import GB, GpuSpec
 from scaleforge.planner.shards import ShardProbe
-from scaleforge.planner.step_time import StepTime, StepWork, step_time
+from scaleforge.planner.step_time import (
+    StepTime,
+    StepWork,
+    float8_gathered_fraction,
+    step_time,
+)
 
 USABLE_FRACTION = 0.9
 CHECKPOINTING = ("none", "selective", "full")
@@ -197,7 +202,8 @@ def rank_memory(cfg: Config, dims: ParallelDims, pp_rank: int, probe: ShardProbe
     activations = rank_activation_bytes(activation_setting(cfg, dims), dims, pp_rank, schedule,
                                         stages, micro_batches, p.pp_layers_per_stage)
     buffers = buffer_bytes(gathered, t.precision, fsdp.dp_shard, fsdp.dp_size, dims.pp,
-                           micro_batches, p.fsdp_reshard_after_forward)
+                           micro_batches, p.fsdp_reshard_after_forward, t.fp8,
+                           float8_gathered_fraction(cfg.model) if t.fp8 != "none" else 0.0)
     return Memory(state.params, state.grads, state.optimizer, activations, buffers)
 
 

@@ -233,3 +233,53 @@ def test_fp8_runs_block_matmuls_at_the_fp8_peak_and_halves_tensorwise_gathers(tm
     # 2 x fraction x share x total, i.e. fraction / 4 of the bf16 plan's bytes.
     saved = gathered - times["tensorwise"].comm_bytes["dp_shard"]
     assert saved == pytest.approx(fraction / 4 * gathered)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_saves_the_same_activations_and_the_plan_counts_them_unchanged(recipe):
+    """One step's saved tensors (bench/plan_memory.py's meter) with trainer.fp8 equal those
+    without: torchao's Float8Linear saves the matmul's high-precision input and weight for
+    backward, as nn.Linear does, and casts to float8 again there (measured 5,979,912 bytes
+    all three ways, and 2,436,872 with selective checkpointing); the state is unchanged
+    (torchao keeps fp32 weights) and the plan's activations are the same figure."""
+    from scaleforge.bench.plan_memory import BASE, measure, planned
+    from scaleforge.core.config import compose, to_config
+
+    pytest.importorskip("torchao.float8")
+    figures = {}
+    for fp8 in ("none", recipe):
+        cfg = to_config(compose(BASE + [f"trainer.fp8={fp8}"]))
+        figures[fp8] = (planned(cfg, 1)[0], measure(cfg, 1))
+    (plan_none, none), (plan_fp8, fp8) = figures["none"], figures[recipe]
+    for key in ("params", "grads", "optimizer", "activations"):
+        assert fp8[key] == none[key], key
+        assert plan_fp8[key] == plan_none[key], key
+
+
+def test_fp8_buffers_drop_autocast_copies_and_gather_tensorwise_weights_in_one_byte(tmp_path):
+    """sf-plan's buffers with trainer.fp8 (planner/buffers.py), llama_micro in bf16: without
+    data parallelism autocast keeps bf16 copies of the weights torchao does not convert
+    only; under dp_shard 2 tensorwise gathers the converted share in 1 byte, rowwise in the
+    compute dtype's 2."""
+    from scaleforge.core.config import validate
+    from scaleforge.planner.search import rank_memory
+
+    buffers, gathered = {}, {}
+    for dp_shard in (1, 2):
+        for recipe in ("none", "tensorwise", "rowwise"):
+            cfg = micro_config(tmp_path, "trainer.precision=bf16", f"trainer.fp8={recipe}",
+                               f"parallel.dp_shard={dp_shard}",
+                               "parallel.fsdp_reshard_after_forward=false")
+            with fake_world(dp_shard):
+                dims, probe = validate(cfg, dp_shard), ShardProbe(cfg)
+                buffers[dp_shard, recipe] = rank_memory(cfg, dims, 0, probe).buffers
+                gathered[dp_shard] = probe.rank_state(dims, 0, None, 1, None)[1]
+    fraction = float8_gathered_fraction(cfg.model)
+    converted = {dp: gathered[dp].total * fraction for dp in (1, 2)}
+    assert buffers[1, "none"] == 2 * gathered[1].total
+    for recipe in ("tensorwise", "rowwise"):
+        assert buffers[1, recipe] == pytest.approx(2 * (gathered[1].total - converted[1]))
+    # dp_shard 2, resharding off: every weight gathered, every gradient unsharded (fp32)
+    assert buffers[2, "rowwise"] == buffers[2, "none"]
+    assert buffers[2, "none"] - buffers[2, "tensorwise"] == pytest.approx(converted[2])
