@@ -127,8 +127,9 @@ def stage_layer_ranges(
         if n_layers < num_stages:
             raise ConfigError(
                 f"model.n_layers={n_layers} is fewer than the {num_stages} pipeline stages "
-                f"(parallel.pp x parallel.pp_stages_per_rank); lower parallel.pp or "
-                "parallel.pp_stages_per_rank, or use a deeper model"
+                f"(parallel.pp x parallel.pp_stages_per_rank) and each stage needs a layer; "
+                f"set model.n_layers={num_stages}, or lower parallel.pp or "
+                "parallel.pp_stages_per_rank"
             )
         if n_layers % num_stages:
             split = ",".join(map(str, _uneven_split(n_layers, num_stages)))
@@ -180,13 +181,17 @@ def check_micro_batches(schedule: str, pp: int, stages_per_rank: int, micro_batc
     if schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
         # torch's rule: the micro-batches run in max(1, m // pp) rounds of equal size.
         rounds = max(1, micro_batches // pp)
+        whole = -(-micro_batches // pp) * pp  # the next multiple of pp: rounds of pp each
         if micro_batches % rounds:
             raise ConfigError(
                 f"parallel.pp_schedule={schedule!r} runs the micro-batches per step "
                 f"({micro_batches}) in max(1, {micro_batches} // parallel.pp) = {rounds} rounds "
-                f"of equal size, and {rounds} does not divide {micro_batches}; make the "
-                f"micro-batch count a multiple of {rounds} (any multiple of parallel.pp={pp} "
-                "works) by adjusting trainer.global_batch_tokens or trainer.micro_batch_size"
+                f"of equal size, and {rounds} does not divide {micro_batches}; " + (
+                    f"set trainer.global_batch_tokens={whole * tokens_per_micro_batch} "
+                    f"({whole} micro-batches, a multiple of the {pp} pipeline ranks)"
+                    if tokens_per_micro_batch else
+                    f"make the micro-batch count a multiple of the {pp} pipeline ranks "
+                    f"(e.g. {whole}) through trainer.global_batch_tokens")
             )
 
 

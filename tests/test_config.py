@@ -244,6 +244,11 @@ def _fixes(message: str) -> list[str]:
         (["parallel.pp=3", "model.tie_embeddings=false", "trainer.eval_batches=32"], 3),
         (["parallel.pp=2", "model.tie_embeddings=false",
           "trainer.global_batch_tokens=2048"], 2),  # 1 micro-batch for 2 stages
+        (["parallel.pp=2", "model.tie_embeddings=false", "trainer.eval_batches=32",
+          "model.n_layers=1"], 2),  # 1 layer for 2 stages
+        (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2",
+          "model.tie_embeddings=false", "trainer.eval_batches=30",
+          "trainer.global_batch_tokens=10240"], 2),  # 5 micro-batches in 2 rounds
         (["model.rope_per_document=true"], 1),
         (["trainer.hang_timeout_s=900"], 1),
         (["model.lora.rank=8", "trainer.fp8=tensorwise"], 1),

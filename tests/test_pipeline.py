@@ -355,7 +355,8 @@ def test_layers_not_divisible_by_stages_is_rejected():
 
 
 def test_fewer_layers_than_stages_is_rejected():
-    with pytest.raises(ConfigError, match=r"n_layers=2 is fewer than the 4.*pp_stages_per_rank"):
+    with pytest.raises(ConfigError, match=r"n_layers=2 is fewer than the 4.*pp_stages_per_rank"
+                                          r".*; set model\.n_layers=4, or lower parallel\.pp"):
         validate_pipeline(_model_cfg(n_layers=2), 2, "Interleaved1F1B", 2, 8)
 
 
@@ -386,8 +387,11 @@ def test_interleaved_1f1b_runs_fewer_micro_batches_than_stages(tmp_path):
 
 
 def test_interleaved_needs_whole_rounds_of_micro_batches():
-    with pytest.raises(ConfigError, match=r"Interleaved1F1B.*\(5\).*multiple of parallel.pp=2"):
+    with pytest.raises(ConfigError, match=r"Interleaved1F1B.*\(5\).*multiple of the 2 pipeline "
+                                          r"ranks \(e\.g\. 6\)"):
         validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 5)
+    with pytest.raises(ConfigError, match=r"; set trainer\.global_batch_tokens=3072 \(6 micro-"):
+        validate_pipeline(_model_cfg(), 2, "Interleaved1F1B", 2, 5, tokens_per_micro_batch=512)
 
 
 def test_unknown_schedule_is_rejected():
