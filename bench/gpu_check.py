@@ -23,7 +23,8 @@ measured; gpu_check.md is its table (bench/gpu_report.py).
 
 --rehearse is the same on the CPU, the GPU-only parts replaced by CPU twins: llama_micro at
 seq 64, ours and torchtitan with SDPA (flex attention has no CPU backward), compiled, the
-same bf16 autocast, gloo in place of NCCL for torchtitan's process group. Its numbers are
+same bf16 autocast, ours with fp8 (torchtitan's fp8 row is skipped with its reason: its
+converter refuses a CPU), gloo in place of NCCL for torchtitan's process group. Its numbers are
 CPU numbers and say nothing about a GPU; it proves the commands run.
 
 --dry composes and validates every configuration the GPU runs will use (both cards' plans)
@@ -106,6 +107,7 @@ class SpeedRun:
     warmup: int
     steps: int
     repeats: int
+    fp8: str = "none"
 
     @property
     def overrides(self) -> list[str]:
@@ -117,23 +119,29 @@ class SpeedRun:
                 f"trainer.compile={str(self.compile).lower()}",
                 f"trainer.activation_checkpointing={self.activation_checkpointing}",
                 f"trainer.micro_batch_size={self.micro_batch_size}",
-                f"trainer.global_batch_tokens={self.micro_batch_size * self.seq_len}"]
+                f"trainer.global_batch_tokens={self.micro_batch_size * self.seq_len}",
+                f"trainer.fp8={self.fp8}"]
 
 
 def _run(plan: Plan, system: str, attention: str, compile_: bool, ac: str = "none",
-         model: str = "", batch: int = 0) -> SpeedRun:
+         model: str = "", batch: int = 0, fp8: str = "none") -> SpeedRun:
     model = model or plan.model
     who = "ours" if system == "scaleforge" else f"torchtitan {TORCHTITAN_VERSION}"
-    name = (f"{who} {model} {attention} compile={'on' if compile_ else 'off'} ac={ac}")
+    name = (f"{who} {model} {attention} compile={'on' if compile_ else 'off'} ac={ac}"
+            + (f" fp8={fp8}" if fp8 != "none" else ""))
     return SpeedRun(name, system, model, attention, compile_, ac,
                     batch or plan.micro_batch_size, plan.seq_len, plan.device, plan.warmup,
-                    plan.steps, plan.repeats)
+                    plan.steps, plan.repeats, fp8)
 
 
 def speed_runs(plan: Plan) -> list[SpeedRun]:
     """Every measurement of `plan`, most important first (the budget cuts from the end)."""
     ours, titan = "scaleforge", "torchtitan"
-    runs = [_run(plan, ours, "sdpa", True), _run(plan, titan, "sdpa", True)]
+    runs = [_run(plan, ours, "sdpa", True), _run(plan, titan, "sdpa", True),
+            # fp8: ours with trainer.fp8=tensorwise against torchtitan's float8 converter
+            # (the same torchao recipe; head and embeddings in bf16 on both sides)
+            _run(plan, ours, "sdpa", True, fp8="tensorwise"),
+            _run(plan, titan, "sdpa", True, fp8="tensorwise")]
     if plan.rehearsal:
         return runs
     runs += [_run(plan, ours, "flash", True), _run(plan, titan, "flex", True),
@@ -260,7 +268,7 @@ def _torchtitan_step(run: SpeedRun, cfg: Config, batch: tuple[torch.Tensor, torc
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=0, world_size=1,
                                 device_id=device if device.type == "cuda" else None)
-    return torchtitan_step(cfg.model, batch, run.attention, run.compile, device)
+    return torchtitan_step(cfg.model, batch, run.attention, run.compile, device, fp8=run.fp8)
 
 
 def _run_child(run: SpeedRun, timeout_s: float) -> dict[str, Any]:
@@ -299,6 +307,10 @@ def run_all(out_dir: Path, budget_s: float, plan: Plan) -> dict[str, Any]:
             record["status"] = "skipped: time budget spent"
         elif run.attention == "flash" and not flash_installed():
             record["status"] = "skipped: flash-attn not installed"
+        elif run.system == "torchtitan" and run.fp8 != "none" and run.device != "cuda":
+            record["status"] = ("skipped: torchtitan's float8 converter refuses a CPU (it "
+                                "needs CUDA SM 8.9+; its emulation is eager only), so the "
+                                "rehearsal times ours alone")
         else:
             record |= _run_child(run, left)
         print(f"{run.name}: {_summary(record)}", flush=True)

@@ -10,7 +10,8 @@
 #      machine lacks into a folder of their own, the project as a scaleforge/ tree of links
 #      to its folders, both on PYTHONPATH; then one import of the trainer;
 #   2. timing: ours against torchtitan 0.2.2, same model, tokens, bf16 autocast and SDPA,
-#      compiled, then each side's best and the rest (python -m scaleforge.bench.gpu_check:
+#      compiled, then the same with float8 matmuls (ours trainer.fp8=tensorwise, torchtitan's
+#      float8 converter; torchao from the wheels), then each side's best and the rest (python -m scaleforge.bench.gpu_check:
 #      shapes by the card's memory, 3 repeats of N steps after warm-up, median and spread);
 #   3. every collective kind of a training step once over NCCL at world size 1, through the
 #      project's own code (python -m scaleforge.bench.collectives_check);
@@ -24,7 +25,8 @@
 #   bench/gpu_check.sh --dry                # validate the GPU runs' configs anywhere
 #
 # --rehearse runs every step as above, each GPU-only part replaced by its CPU twin: the
-# timing on the CPU at a tiny shape (gpu_check --rehearse), the collectives over gloo with
+# timing on the CPU at a tiny shape (gpu_check --rehearse; torchtitan's fp8 row is skipped
+# there with its reason printed: its float8 converter refuses a CPU), the collectives over gloo with
 # 2 ranks (--cpu), the kernels' CPU build and a smoke run in place of the --cuda-check, and
 # the same pytest command (its tests skip without a GPU: collection is what it proves). It
 # exits 1 if the install, a headline timing row, the collectives or the test collection

@@ -39,9 +39,15 @@ def _write(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "gpu_check.md").write_text(markdown_table(report))
 
 
+def _twin_key(run: dict[str, Any]) -> tuple[bool, str, str]:
+    """What a run of ours is compared with torchtitan at: compile, attention, fp8 recipe."""
+    return run["compile"], run["attention"], run.get("fp8", "none")
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The steps and the speed runs, each run's ratio to torchtitan at the same compile
-    setting and attention kernel (else at the same compile setting: 'each side's best')."""
+    setting, attention kernel and fp8 recipe (else, without fp8, at the same compile
+    setting: 'each side's best'; an fp8 run without its torchtitan twin gets no ratio)."""
     lines = [f"Device: {report.get('device', '?')} | torch {report.get('torch', '?')}"
              + (" | CPU rehearsal: CPU numbers, not GPU ones" if report.get("rehearsal")
                 else ""), ""]
@@ -56,9 +62,11 @@ def markdown_table(report: dict[str, Any]) -> str:
               "| run | batch | tokens/s | spread | MFU exact | MFU 6N+attn | peak GiB | "
               "vs torchtitan |", "|---|---|---|---|---|---|---|---|"]
     ok = [r for r in speed["runs"] if r.get("status") == "ok"]
-    titan = {(r["run"]["compile"], r["run"]["attention"]): r["tokens_per_s"] for r in ok
+    # keyed by compile, attention and fp8 recipe (a record from before fp8 rows: none)
+    titan = {_twin_key(r["run"]): r["tokens_per_s"] for r in ok
              if r["run"]["system"] == "torchtitan"}
-    best = {c: max(v for (cc, _), v in titan.items() if cc == c) for c, _ in titan}
+    best = {c: max(v for (cc, _, f), v in titan.items() if cc == c and f == "none")
+            for c, _, fp8 in titan if fp8 == "none"}
     for record in speed["runs"]:
         run = record["run"]
         shape = f"{run['micro_batch_size']} x {run['seq_len']}"
@@ -67,9 +75,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             continue
         ratio = ""
         if run["system"] == "scaleforge" and run["model"] == plan["model"]:
-            base = titan.get((run["compile"], run["attention"]))
+            base = titan.get(_twin_key(run))
             label = "" if base else " (vs its best)"
-            base = base or best.get(run["compile"])
+            if not base and run.get("fp8", "none") == "none":  # fp8: its twin's alone
+                base = best.get(run["compile"])
             ratio = f"{record['tokens_per_s'] / base:.3f}{label}" if base else ""
         mfu = [("n/a" if record[k] is None else f"{record[k]:.1%}")
                for k in ("mfu", "mfu_6n_attention")]

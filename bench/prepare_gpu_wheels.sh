@@ -9,7 +9,7 @@
 # parallelize modules, not the dataset and tokenizer stack of its package). gpu_check.sh
 # installs only those whose distribution the machine lacks. Pure-Python wheels for any
 # platform; binary ones for CPython 3.12 (GPU_PYTHON) on x86_64 Linux; antlr4-python3-runtime
-# has only a source release, so it is built into a wheel here. About 24 MB together; refused
+# has only a source release, so it is built into a wheel here. About 27 MB together; refused
 # above the 64 MiB that can travel to the GPU machine.
 #
 #   bench/prepare_gpu_wheels.sh [WHEEL_DIR]     # default .whl (ignored by git)
@@ -25,7 +25,9 @@ PURE_PYTHON=(
     hydra-core==1.3.8 omegaconf==2.3.1 tqdm==4.70.1 packaging==26.4
     torchtitan==0.2.2 torchdata==0.11.0 tyro==1.0.17 docstring-parser==0.18.0
 )
-BINARY=(tokenizers==0.23.3 numpy==2.4.6 PyYAML==6.0.4 sentencepiece==0.2.3)
+# torchao: trainer.fp8 and torchtitan's float8 converter (gpu_check's fp8 row); its
+# cp310-abi3 wheel serves CPython 3.12; 0.18.0 checked to train fp8 under torch 2.11.
+BINARY=(tokenizers==0.23.3 numpy==2.4.6 PyYAML==6.0.4 sentencepiece==0.2.3 torchao==0.18.0)
 "$PIP" download --quiet --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
     --implementation py --platform any -d "$WHEELS" "${PURE_PYTHON[@]}"
 "$PIP" download --quiet --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \

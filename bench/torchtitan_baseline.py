@@ -118,21 +118,33 @@ def model_args(titan: types.SimpleNamespace, cfg: TransformerConfig, seq_len: in
 
 
 def build_torchtitan_model(cfg: TransformerConfig, seq_len: int, attention: str,
-                           compile_blocks: bool, device: torch.device) -> torch.nn.Module:
+                           compile_blocks: bool, device: torch.device,
+                           fp8: str = "none") -> torch.nn.Module:
     """torchtitan's model parallelised by its `parallelize_llama` at world size 1 and
-    initialised on `device`, its output projection tied to its embedding."""
+    initialised on `device`, its output projection tied to its embedding. `fp8`
+    ("tensorwise" or "rowwise") converts its linears with torchtitan's own float8 converter
+    (`quantize.linear.float8`, torchao's recipe of that name) before parallelising, as its
+    trainer does, the output projection left out (filter_fqns), as ours."""
     titan = import_torchtitan()
     args = model_args(titan, cfg, seq_len, attention)
     with torch.device("meta"):
         model = titan.model.Transformer(args)
     job = titan.JobConfig()
+    dims = titan.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1,
+                              world_size=1)
+    if fp8 != "none":
+        with _triton_stand_in():
+            converter = importlib.import_module("torchtitan.components.quantization.float8")
+        job.compile.enable = compile_blocks
+        job.compile.components = ["model", "loss"]
+        job.quantize.linear.float8.recipe_name = fp8
+        job.quantize.linear.float8.filter_fqns = ["output"]
+        converter.Float8LinearConverter(job, dims).convert(model)
     job.training.seq_len = seq_len
     job.compile.enable = compile_blocks
     job.compile.components = ["model", "loss"]
     job.activation_checkpoint.mode = "none"
     job.job.dump_folder = tempfile.mkdtemp(prefix="torchtitan-")
-    dims = titan.ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1,
-                              world_size=1)
     titan.parallelize.parallelize_llama(model, dims, job)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -145,10 +157,13 @@ def build_torchtitan_model(cfg: TransformerConfig, seq_len: int, attention: str,
 
 def torchtitan_step(cfg: TransformerConfig, batch: tuple[torch.Tensor, torch.Tensor],
                     attention: str, compile_blocks: bool, device: torch.device,
-                    lr: float = 3e-4, grad_clip: float = 1.0) -> Callable[[], None]:
-    """One torchtitan training step on `batch` (inputs, targets), each (B, T) on `device`."""
+                    lr: float = 3e-4, grad_clip: float = 1.0,
+                    fp8: str = "none") -> Callable[[], None]:
+    """One torchtitan training step on `batch` (inputs, targets), each (B, T) on `device`;
+    `fp8` as `build_torchtitan_model`'s."""
     inputs, targets = batch
-    model: Any = build_torchtitan_model(cfg, inputs.size(1), attention, compile_blocks, device)
+    model: Any = build_torchtitan_model(cfg, inputs.size(1), attention, compile_blocks, device,
+                                        fp8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.1, fused=True)
     masks = (model.get_attention_masks(inputs, tokenizer=None) if attention == "flex"

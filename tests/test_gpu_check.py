@@ -44,7 +44,12 @@ def test_plans_follow_the_cards_memory_and_put_the_headline_pair_first():
         assert [(r.system, r.attention, r.compile) for r in runs[:2]] == [
             ("scaleforge", "sdpa", True), ("torchtitan", "sdpa", True)]
         assert len({run.name for run in runs}) == len(runs)
-    assert len(speed_runs(cpu)) == 2  # flex has no CPU backward: SDPA on both sides only
+        # then the fp8 pair: ours with trainer.fp8=tensorwise, torchtitan's float8 converter
+        assert [(r.system, r.attention, r.compile, r.fp8) for r in runs[2:4]] == [
+            ("scaleforge", "sdpa", True, "tensorwise"), ("torchtitan", "sdpa", True,
+                                                          "tensorwise")]
+        assert "trainer.fp8=tensorwise" in runs[2].overrides
+    assert len(speed_runs(cpu)) == 4  # flex has no CPU backward: SDPA on both sides only
     gpu = speed_runs(h200)
     assert {r.attention for r in gpu if r.system == "torchtitan"} == {"sdpa", "flex"}
     assert {r.attention for r in gpu if r.system == "scaleforge"} == {"sdpa", "flash", "flex"}
@@ -60,12 +65,14 @@ def _record(run, tokens_per_s):
 def test_markdown_table_gives_the_ratio_to_torchtitan_at_equal_kernels():
     plan = plan_for(141.0)
     runs = {run.name: run for run in speed_runs(plan)}
-    ours_sdpa, titan_sdpa, ours_flash, titan_flex = (speed_runs(plan)[i] for i in range(4))
+    ours_sdpa, titan_sdpa, ours_fp8, titan_fp8, ours_flash, titan_flex = (
+        speed_runs(plan)[i] for i in range(6))
     assert (ours_flash.attention, titan_flex.attention) == ("flash", "flex")
     speed = {"device": "NVIDIA H200", "torch": "2.11.0", "plan": asdict(plan),
              "runs": [_record(ours_sdpa, 66_000.0), _record(titan_sdpa, 60_000.0),
+                      _record(ours_fp8, 90_000.0), _record(titan_fp8, 80_000.0),
                       _record(ours_flash, 72_000.0), _record(titan_flex, 64_000.0),
-                      {"run": asdict(speed_runs(plan)[4]), "name": "x",
+                      {"run": asdict(speed_runs(plan)[6]), "name": "x",
                        "status": "failed: OOM"}]}
     table = markdown_table({"steps": {"pytest -m cuda": "exit 0"}, "device": "NVIDIA H200",
                             "torch": "2.11.0", "speed": speed})
@@ -75,7 +82,15 @@ def test_markdown_table_gives_the_ratio_to_torchtitan_at_equal_kernels():
     # flash has no torchtitan twin: against torchtitan's best at the same compile setting
     assert f"| {ours_flash.name} | 8 x 2048 | 72,000 | 2.0% | 40.0% | 50.0% | 30.0 | " \
            "1.125 (vs its best) |" in table
+    # the fp8 row against torchtitan's fp8 row, not its bf16 ones
+    assert f"| {ours_fp8.name} | 8 x 2048 | 90,000 | 2.0% | 40.0% | 50.0% | 30.0 | 1.125 |" \
+        in table
     assert "| x | 8 x 2048 | failed: OOM | | | | | |" in table
+    # without its twin (the CPU rehearsal skips torchtitan's fp8 row) an fp8 row gets no ratio
+    speed["runs"] = [_record(ours_sdpa, 66_000.0), _record(titan_sdpa, 60_000.0),
+                     _record(ours_fp8, 90_000.0)]
+    table = markdown_table({"device": "cpu", "torch": "2.13.0", "speed": speed})
+    assert f"| {ours_fp8.name} | 8 x 2048 | 90,000 | 2.0% | 40.0% | 50.0% | 30.0 |  |" in table
     assert len(runs) == len(speed_runs(plan))
 
 
