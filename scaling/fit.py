@@ -31,7 +31,7 @@ from scaleforge.scaling.fit_envelope import fit_approach1
 from scaleforge.scaling.fit_isoflop import fit_approach2
 from scaleforge.scaling.fit_parametric import fit_law
 from scaleforge.scaling.flop_convention import fit_convention
-from scaleforge.scaling.law import law_optimum, loss, optimal_exponents
+from scaleforge.scaling.law import law_optimum, loss, optimal_exponents, out_of_range
 from scaleforge.scaling.noise import seed_noise
 from scaleforge.scaling.power_law import fit_power_law
 from scaleforge.scaling.sanity import budget_flags, flag, isoflop_structure, law_flags
@@ -81,9 +81,16 @@ def _interval(samples: list[float], value: float) -> dict:
 
 
 def _band(curves: list[np.ndarray]) -> dict:
+    """2.5 and 97.5 percentiles of the resamples' curves; a curve with a NaN (a resample's
+    law without an optimum) is dropped (an inf, an overflowing valid law, is a band edge)."""
+    curves = [curve for curve in curves if not np.isnan(curve).any()]
     if len(curves) < 2:
         return {"low": [], "high": []}
-    low, high = np.percentile(np.array(curves), [2.5, 97.5], axis=0)
+    # percentile interpolates between neighbours, inf - inf is NaN: take inf as the largest
+    # float there and give it back as inf
+    largest = np.finfo(float).max
+    low, high = np.percentile(np.minimum(np.array(curves), largest), [2.5, 97.5], axis=0)
+    low, high = (np.where(edge >= largest, np.inf, edge) for edge in (low, high))
     return {"low": low.tolist(), "high": high.tolist()}
 
 
@@ -151,10 +158,13 @@ def _approach3(N: np.ndarray, D: np.ndarray, L: np.ndarray, bootstrap: int,
         fitted = fit_law(N[pick], D[pick], L[pick], starts=0, extra_starts=start)
         for name in LAW_PARAMS:
             values[name].append(fitted[name])
-        a, b = optimal_exponents(fitted["alpha"], fitted["beta"])
+        # a resample of a flat sweep can fit an exponent <= 0: no optimum, NaN or inf
+        # values that the intervals and bands drop, not warnings
+        with out_of_range():
+            a, b = optimal_exponents(np.float64(fitted["alpha"]), np.float64(fitted["beta"]))
+            n_opt, d_opt = law_optimum(fitted, BAND_BUDGETS, convention)
         values["a"].append(a)
         values["b"].append(b)
-        n_opt, d_opt = law_optimum(fitted, BAND_BUDGETS, convention)
         bands["N"].append(n_opt)
         bands["D"].append(d_opt)
     a, b = optimal_exponents(point["alpha"], point["beta"])

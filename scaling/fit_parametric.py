@@ -99,6 +99,8 @@ def fit_law(N: np.ndarray, D: np.ndarray, L: np.ndarray, starts: int = 8,
     if best is None:
         raise ValueError("fit_law needs a start: starts > 0 or extra_starts")
     a, b, e, alpha, beta = best.x
-    return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
+    with np.errstate(over="ignore"):  # a diverging resample's log A past ~709: inf, which
+        E, A, B = np.exp([e, a, b])   # the intervals drop as a non-finite sample
+    return {"E": float(E), "A": float(A), "B": float(B),
             "alpha": float(alpha), "beta": float(beta), "objective": float(best.fun),
             "theta": best.x.tolist()}

@@ -17,7 +17,7 @@ import numpy as np
 
 from scaleforge.errors import ConfigError
 from scaleforge.scaling.fit import LAW_PARAMS
-from scaleforge.scaling.law import law_optimum, law_params, loss
+from scaleforge.scaling.law import law_optimum, law_params, loss, out_of_range
 
 
 def interval(value: float, samples: np.ndarray) -> dict:
@@ -46,7 +46,8 @@ def loss_interval(fit: dict, N: float, D: float) -> dict:
     predictive interval: {value, low, high}."""
     if not (N > 0 and D > 0):
         raise ConfigError(f"N={N} and D={D} must both be positive")
-    samples = np.array([loss(params, N, D) for params in _law_samples(fit)])
+    with out_of_range():  # a resample's non-finite loss is dropped
+        samples = np.array([loss(params, N, D) for params in _law_samples(fit)])
     return predictive(float(loss(law_params(fit), N, D)), samples,
                       fit["approach3"]["log_residuals"])
 
@@ -74,9 +75,10 @@ def allocation_intervals(fit: dict, C: float, approach: str = "approach3") -> di
                 "refit, or use approach=approach1")
         convention = fit.get("flop_convention")
         n_opt, d_opt = law_optimum(law, C, convention)
-        optima = [law_optimum(params, C, convention) for params in _law_samples(fit)]
-        losses = np.array([loss(params, n, d) for params, (n, d)
-                           in zip(_law_samples(fit), optima, strict=True)])
+        with out_of_range():  # resamples without a finite optimum are dropped
+            optima = [law_optimum(params, C, convention) for params in _law_samples(fit)]
+            losses = np.array([loss(params, n, d) for params, (n, d)
+                               in zip(_law_samples(fit), optima, strict=True)])
         return {"N_opt": interval(n_opt, np.array([n for n, _ in optima])),
                 "D_opt": interval(d_opt, np.array([d for _, d in optima])),
                 "loss": predictive(float(loss(law_params(fit), n_opt, d_opt)), losses,

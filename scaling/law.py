@@ -28,6 +28,14 @@ Compute = TypeVar("Compute", float, np.ndarray)
 BISECTION_STEPS = 80
 
 
+def out_of_range() -> np.errstate:
+    """numpy's errstate for evaluating a bootstrap resample's law, whose parameters may lie
+    outside the law's range (an exponent <= 0, or so large a power overflows): its inf/NaN
+    results are expected and dropped by the intervals (finite samples only), not warned
+    about."""
+    return np.errstate(over="ignore", divide="ignore", invalid="ignore")
+
+
 def loss(params: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray | float:
     """L(N, D) of the law with params {E, A, B, alpha, beta} (plain floats)."""
     return (params["E"] + params["A"] / np.power(N, params["alpha"])
@@ -43,8 +51,11 @@ def law_optimum(params: dict, C: Compute, convention: dict | None = None) -> tup
         Compute, Compute]:
     """(N_opt, D_opt) minimising L(N, D) subject to C FLOPs under `convention` (None or
     "6ND": 6 N D = C, in closed form; "fitted": D f(N) = C, by bisection); elementwise for
-    an array of budgets."""
-    alpha, beta = params["alpha"], params["beta"]
+    an array of budgets. A law without an optimum (alpha or beta <= 0, as a bootstrap
+    resample of a flat sweep can give) yields NaN or inf under 6ND (numpy floats: not a
+    complex number or a ZeroDivisionError) and the search's edge under "fitted"; callers
+    evaluating resamples hold numpy's warnings (`out_of_range`) and drop non-finite values."""
+    alpha, beta = np.float64(params["alpha"]), np.float64(params["beta"])
     if convention is None or convention["kind"] == "6ND":
         a, b = optimal_exponents(alpha, beta)
         G = (alpha * params["A"] / (beta * params["B"])) ** (1 / (alpha + beta))
