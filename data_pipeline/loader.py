@@ -238,7 +238,7 @@ def build_loaders(
         [weight for _, weight in sources],
         data_cfg.seed,
     )
-    _check_training_size(data_cfg, len(train), micro_batch_size * dp_size)
+    _check_training_size(data_cfg, len(train), micro_batch_size, dp_size)
     eos_id = tokenizer.eos_id if data_cfg.document_masking else None
     return Loaders(
         train=TrainBatches(train, micro_batch_size, data_cfg.seed, dp_rank, dp_size,
@@ -285,7 +285,7 @@ def _conversation_loaders(data_cfg: DataConfig, directories: tuple[Path, ...],
             "(or only ones longer than the window, data.sft.overlong=drop); rerun sf-preprocess "
             "sft with a larger val_fraction into a new out= directory"
         )
-    _check_training_size(data_cfg, len(train), micro_batch_size * dp_size)
+    _check_training_size(data_cfg, len(train), micro_batch_size, dp_size)
     notes = tuple(f"conversations {part.report.describe(split, data_cfg.seq_len)}"
                   for split, part in (("train", train), ("val", val)))
     return Loaders(
@@ -396,13 +396,18 @@ def _check_validation_size(data_cfg: DataConfig, val_windows: int,
     )
 
 
-def _check_training_size(data_cfg: DataConfig, train_samples: int,
-                         samples_per_micro_step: int) -> None:
-    if train_samples < samples_per_micro_step:
+def _check_training_size(data_cfg: DataConfig, train_samples: int, micro_batch_size: int,
+                         dp_size: int) -> None:
+    if train_samples < micro_batch_size * dp_size:
+        # A divisor of the micro-batch size keeps trainer.global_batch_tokens a whole number
+        # of micro-batches; each data-parallel rank needs one sequence at least.
+        fits = [size for size in range(micro_batch_size, 0, -1)
+                if micro_batch_size % size == 0 and size * dp_size <= train_samples]
+        smaller = f"set trainer.micro_batch_size={fits[0]}, or " if fits else ""
         raise ConfigError(
             f"data.max_corpus_bytes={data_cfg.max_corpus_bytes}: the training split holds "
-            f"{train_samples} sequences of data.seq_len={data_cfg.seq_len}, fewer than one "
-            f"micro-batch across data-parallel ranks ({samples_per_micro_step}); use more data "
-            "(data.max_corpus_bytes in corpus mode) or lower data.seq_len or "
-            "trainer.micro_batch_size"
+            f"{train_samples} sequence{'' if train_samples == 1 else 's'} of data.seq_len="
+            f"{data_cfg.seq_len}, fewer than one micro-batch across data-parallel ranks "
+            f"(trainer.micro_batch_size {micro_batch_size} x {dp_size}); {smaller}use more "
+            "data (data.max_corpus_bytes in corpus mode) or a shorter data.seq_len"
         )

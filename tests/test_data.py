@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -108,8 +109,17 @@ def test_too_short_validation_split_names_data_val_fraction(corpus_cfg):
 
 
 def test_too_small_training_split_names_the_fix(corpus_cfg):
-    with pytest.raises(ConfigError, match=r"fewer than one micro-batch"):
+    """The hint's micro-batch size (a divisor of the one given, so the global batch still
+    splits into whole micro-batches), applied, builds the loaders."""
+    with pytest.raises(ConfigError, match=r"fewer than one micro-batch.*; set "
+                                          r"trainer\.micro_batch_size=(\d+), or") as info:
         build_loaders(corpus_cfg, micro_batch_size=100_000)
+    size = int(re.search(r"trainer\.micro_batch_size=(\d+)", str(info.value))[1])
+    assert 100_000 % size == 0
+    loaders = build_loaders(corpus_cfg, micro_batch_size=size)
+    assert next(loaders.train).inputs.shape[0] == size
+    assert len(loaders.train.samples) < min(d for d in range(size + 1, 100_001)
+                                            if 100_000 % d == 0)  # the largest that fits
 
 
 # windows and the sample stream
