@@ -32,16 +32,16 @@ from scaleforge.data_pipeline.samples import (
     WindowSource,
 )
 from scaleforge.data_pipeline.sources import open_streaming_dataset
-from scaleforge.data_pipeline.split import lowest_documents, val_fraction_for
+from scaleforge.data_pipeline.split import (
+    VAL_WINDOWS_WANTED,
+    lowest_documents,
+    val_fraction_for,
+)
 from scaleforge.data_pipeline.streaming import StreamingBatches
 from scaleforge.data_pipeline.token_file import read_document_index
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.data_pipeline.vocabulary import missing_shard_source
 from scaleforge.errors import ConfigError
-
-# Validation windows the advice for a too-small validation split aims at (evaluation then
-# reads more than one).
-_VAL_WINDOWS_WANTED = 4
 
 
 class _RankStream(IterableDataset):
@@ -374,7 +374,7 @@ def _check_validation_size(data_cfg: DataConfig, val_windows: int,
     total, documents = (sum(s[key] for s in splits) for key in ("tokens", "documents"))
     lowest = lowest_documents([m.get("lowest_documents", []) for m in manifests])
     # A few windows, so that evaluation reads more than one.
-    fraction = val_fraction_for(_VAL_WINDOWS_WANTED * needed + 1, manifests[0]["val_fraction"],
+    fraction = val_fraction_for(VAL_WINDOWS_WANTED * needed + 1, manifests[0]["val_fraction"],
                                 lowest, total, documents)
     val_tokens = sum(m["splits"]["val"]["tokens"] for m in manifests)
     # A window reads seq_len + 1 tokens: a shorter one fits only if there are 2 or more.
@@ -384,7 +384,7 @@ def _check_validation_size(data_cfg: DataConfig, val_windows: int,
         raise ConfigError(
             f"data.val_fraction={data_cfg.val_fraction}: the validation split holds "
             f"{val_tokens} tokens, fewer than data.seq_len + 1 = {needed}; set "
-            f"data.val_fraction={fraction} (it holds out {_VAL_WINDOWS_WANTED} windows)"
+            f"data.val_fraction={fraction} (it holds out {VAL_WINDOWS_WANTED} windows)"
             f"{shorter}"
         )
     raise ConfigError(
@@ -392,7 +392,7 @@ def _check_validation_size(data_cfg: DataConfig, val_windows: int,
         f"{val_tokens} tokens, fewer than data.seq_len + 1 = {needed} (sf-preprocess shards "
         f"held out val_fraction={manifests[0]['val_fraction']} of the documents); rerun "
         f"sf-preprocess shards with val_fraction={fraction} (it holds out "
-        f"{_VAL_WINDOWS_WANTED} windows) into a new out= directory{shorter}"
+        f"{VAL_WINDOWS_WANTED} windows) into a new out= directory{shorter}"
     )
 
 

@@ -32,6 +32,9 @@ def hash_position(text: str) -> float:
 # sf-preprocess shards warns when validation holds fewer tokens than this: eight
 # sequences of 1,024 tokens (each window reads one token more than its length).
 ENOUGH_VAL_TOKENS = 8 * 1025
+# Validation windows the advice for a too-small validation split aims at (evaluation then
+# reads more than one).
+VAL_WINDOWS_WANTED = 4
 # The documents with the lowest hash positions that sf-preprocess shards records (position,
 # tokens), enough to compute the val_fraction that holds out ENOUGH_VAL_TOKENS exactly for
 # documents of 20 tokens or more.

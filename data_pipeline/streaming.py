@@ -11,6 +11,7 @@ different documents, so rank r's batches are not the single-process batch i * dp
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -22,7 +23,13 @@ from scaleforge.data_pipeline.batch import Batch
 from scaleforge.data_pipeline.pack import pack_windows
 from scaleforge.data_pipeline.samples import document_ids
 from scaleforge.data_pipeline.sources import read_hf_rows
-from scaleforge.data_pipeline.split import is_validation
+from scaleforge.data_pipeline.split import (
+    LOWEST_DOCUMENTS,
+    VAL_WINDOWS_WANTED,
+    hash_position,
+    is_validation,
+    val_fraction_for,
+)
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
 
@@ -85,15 +92,37 @@ class StreamingBatches:
         windows = list(itertools.islice(self._one_pass([], 0, 0), num_batches *
                                         self.micro_batch_size))
         if not windows:
+            advice = (f"set data.val_fraction={self._val_fraction_advice()} (it holds out "
+                      f"{VAL_WINDOWS_WANTED} windows), or lower data.seq_len"
+                      if self.split == "val" else "give more data")
             raise ConfigError(
-                f"the streaming {self.split} split holds fewer than data.seq_len + 1 = "
-                f"{self.seq_len + 1} tokens; raise data.val_fraction or lower data.seq_len"
+                f"data.val_fraction={self.val_fraction}: the streaming {self.split} split "
+                f"holds fewer than data.seq_len + 1 = {self.seq_len + 1} tokens; {advice}"
             )
         cycle = itertools.cycle(windows)
         for _ in range(num_batches):
             yield self._with_documents(
                 pack_windows([next(cycle) for _ in range(self.micro_batch_size)])
             )
+
+    def _val_fraction_advice(self) -> float:
+        """The data.val_fraction that holds out VAL_WINDOWS_WANTED windows of this rank's
+        part of the dataset, from one more pass: the tokens of the LOWEST_DOCUMENTS documents
+        of lowest hash position (as sf-preprocess shards records them), `val_fraction_for`."""
+        documents = 0
+
+        def positions() -> Iterator[tuple[float, str]]:
+            nonlocal documents
+            for document in read_hf_rows(self.dataset, "data.dataset", self.text_field):
+                documents += 1
+                yield hash_position(document.text), document.text
+
+        lowest = [[position, len(self.tokenizer.encode(text)) + 1]  # + EOS
+                  for position, text in heapq.nsmallest(LOWEST_DOCUMENTS, positions(),
+                                                        key=lambda pair: pair[0])]
+        mean = sum(tokens for _, tokens in lowest) / max(len(lowest), 1)
+        return val_fraction_for(VAL_WINDOWS_WANTED * (self.seq_len + 1) + 1, self.val_fraction,
+                                lowest, int(mean * documents), documents)
 
     def state_dict(self) -> dict:
         """The epoch, rows consumed in it and the carried tokens of the next window."""

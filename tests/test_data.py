@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -325,6 +326,27 @@ def test_streaming_yields_the_same_packed_tokens_as_the_shard_path(shard_dir, js
             inputs, targets = next(stream).tensors()
             assert inputs[0].tolist() == expected.window(k)[:-1].tolist()
             assert targets[0].tolist() == expected.window(k)[1:].tolist()
+
+
+def test_streaming_empty_validation_split_hint_followed_holds_out_windows(jsonl_corpus,
+                                                                          tokenizer_dir):
+    """The empty streaming validation split's hint names the data.val_fraction that holds out
+    4 windows (from the documents of lowest hash position); applied, validation reads them."""
+    from scaleforge.data_pipeline.sources import open_streaming_dataset
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+
+    def stream(val_fraction: float) -> StreamingBatches:
+        return StreamingBatches(open_streaming_dataset(jsonl_corpus), tokenizer, "text", 32, 1,
+                                val_fraction, "val")
+
+    with pytest.raises(ConfigError, match=r"data\.val_fraction=1e-06: the streaming val split "
+                                          r"holds fewer .*; set data\.val_fraction=") as info:
+        list(stream(1e-6).batches(1))
+    fraction = float(re.search(r"set data\.val_fraction=([0-9.e-]+) ", str(info.value))[1])
+    windows = list(itertools.islice(stream(fraction)._one_pass([], 0, 0), 4))
+    assert len(windows) == 4
+    assert 1e-6 < fraction < 0.5
 
 
 def test_streaming_resumes_exactly_and_splits_by_node(jsonl_corpus, tokenizer_dir):
