@@ -102,6 +102,22 @@ class TokenWindows:
         return Batch(inputs, targets, document_ids(inputs, eos_id))
 
 
+def _too_short(index: int, source: WindowSource) -> str:
+    """The message for a source without a window: with its token count, the largest
+    data.seq_len that gives it one among the divisors of the current (a divisor keeps
+    trainer.global_batch_tokens a whole number of micro-batches)."""
+    seq_len = source.seq_len
+    if not isinstance(source, TokenWindows):
+        return (f"data source {index} holds fewer than data.seq_len + 1 = {seq_len + 1} "
+                "training tokens; add text")
+    tokens = len(source.tokens)
+    shorter = max((length for length in range(2, seq_len) if seq_len % length == 0
+                   and length <= tokens - 1), default=None)
+    hint = f"set data.seq_len={shorter}, or add text" if shorter else "add text"
+    return (f"data source {index} holds {tokens} training tokens, fewer than data.seq_len + 1 "
+            f"= {seq_len + 1}; {hint}")
+
+
 class BlendedSamples:
     """The endless training sample stream over one or more sources mixed by weight.
 
@@ -116,10 +132,7 @@ class BlendedSamples:
             if weight <= 0:
                 raise ConfigError(f"data.blend[{index}].weight={weight} must be positive")
             if len(source) == 0:
-                raise ConfigError(
-                    f"data source {index} holds fewer than data.seq_len + 1 = "
-                    f"{source.seq_len + 1} training tokens; lower data.seq_len or add text"
-                )
+                raise ConfigError(_too_short(index, source))
         self.sources = list(sources)
         self.seed = seed
         total = sum(weights)

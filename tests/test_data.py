@@ -328,6 +328,20 @@ def test_streaming_yields_the_same_packed_tokens_as_the_shard_path(shard_dir, js
             assert targets[0].tolist() == expected.window(k)[1:].tolist()
 
 
+def test_a_source_without_a_window_hint_followed_gives_it_windows():
+    """A blended source shorter than a window: the hint's data.seq_len (the largest divisor of
+    the current that gives it a window, so the global batch still splits) applied, it blends."""
+    long, short = np.arange(1000), np.arange(1000, 1020)  # 20 tokens < 33
+    with pytest.raises(ConfigError, match=r"data source 1 holds 20 training tokens, fewer than "
+                                          r"data\.seq_len \+ 1 = 33; set data\.seq_len=16, or "
+                                          r"add text"):
+        BlendedSamples([TokenWindows(long, 32), TokenWindows(short, 32)], [0.5, 0.5], seed=0)
+    blend = BlendedSamples([TokenWindows(long, 16), TokenWindows(short, 16)], [0.5, 0.5], seed=0)
+    assert len(blend.sources[1]) == 1
+    with pytest.raises(ConfigError, match=r"holds 2 training tokens.*; add text"):
+        BlendedSamples([TokenWindows(long, 32), TokenWindows(np.arange(2), 32)], [1, 1], seed=0)
+
+
 def test_streaming_empty_validation_split_hint_followed_holds_out_windows(jsonl_corpus,
                                                                           tokenizer_dir):
     """The empty streaming validation split's hint names the data.val_fraction that holds out
