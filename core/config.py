@@ -282,7 +282,8 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     if ok["trainer"] and ok["model"]:  # the device rules read a valid precision and kernel
         problems.run(_check_device, cfg)
         problems.run(lambda: check_fp8(cfg.trainer.fp8, cfg.model,
-                                       resolve_device(cfg.trainer.device).type))
+                                       resolve_device(cfg.trainer.device).type,
+                                       cfg.trainer.compile))
     layout: list[ParallelDims] = []
     if problems.run(lambda: layout.append(layout_dims(cfg.parallel, world_size))):
         _validate_layout(cfg, layout[0], ok, problems)
