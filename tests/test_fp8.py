@@ -1,8 +1,9 @@
 """FP8 training (trainer.fp8, parallel/float8.py): which layers torchao converts, the
-configuration errors, checkpoints in and out of fp8 runs, activation checkpointing, and the
-fp8 run under dp_shard2 and tp2 against the fp8 run in one process. torchao's float8 casts
-run eagerly on the CPU (several times slower than fp32 matmuls there), so the tests that
-train more than one short run are marked slow."""
+configuration errors (compiled fp8 on a CPU among them), checkpoints in and out of fp8 runs,
+activation checkpointing, and the fp8 run under dp_shard2, tp2, pp2 and cp2 against the fp8
+run in one process (rowwise under tp2 and both recipes under cp2 as another fp8 rounding).
+torchao's float8 casts run eagerly on the CPU (several times slower than fp32 matmuls
+there), so the tests that train more than one short run are marked slow."""
 
 from __future__ import annotations
 
