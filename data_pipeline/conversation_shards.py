@@ -31,10 +31,13 @@ from scaleforge.data_pipeline.chat_template import (
 )
 from scaleforge.data_pipeline.manifest import FORMAT_VERSION, SPLITS
 from scaleforge.data_pipeline.sources import read_jsonl, resolve_inputs
-from scaleforge.data_pipeline.split import is_validation
+from scaleforge.data_pipeline.split import hash_position, is_validation, lowest_documents
 from scaleforge.data_pipeline.token_file import token_dtype
 from scaleforge.data_pipeline.tokenizer import Tokenizer, file_sha256
 from scaleforge.errors import ConfigError
+
+# Conversations whose hash positions are merged into the lowest ones at a time.
+_MERGE_EVERY = 4096
 
 SFT_SECTION = "sft"
 
@@ -83,6 +86,10 @@ def write_conversation_shards(job: ConversationShardsJob) -> dict:
         "shard_tokens": job.shard_tokens,
     }
     writers = {split: _MaskedShardWriter(out, split, 0, settings) for split in SPLITS}
+    # [hash position, tokens] of the conversations of lowest position (split.lowest_documents),
+    # from which a too-small validation split's advice computes the val_fraction it needs.
+    lowest: list[list[float]] = []
+    positions: list[list[float]] = []
     for where, record in _records(inputs):
         messages = conversation_messages(record, where)
         rendered = render_conversation(messages, template, tokenizer, where)
@@ -90,7 +97,11 @@ def write_conversation_shards(job: ConversationShardsJob) -> dict:
         split = "val" if is_validation(key, job.val_fraction) else "train"
         ends_with_reply = messages[-1]["role"] == "assistant"
         writers[split].add_masked(rendered.ids, [*rendered.trained, ends_with_reply], where)
-    record = {"unit": inputs, "splits": {split: writers[split].close() for split in SPLITS}}
+        positions.append([hash_position(key), len(rendered.ids) + 1])  # + its EOS
+        if len(positions) >= _MERGE_EVERY:
+            lowest, positions = lowest_documents([lowest, positions]), []
+    record = {"unit": inputs, "splits": {split: writers[split].close() for split in SPLITS},
+              "lowest_documents": lowest_documents([lowest, positions])}
     trained = {split: sum(s["trained_tokens"] for s in record["splits"][split])
                for split in SPLITS}
     settings[SFT_SECTION] = {

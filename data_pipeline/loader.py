@@ -283,7 +283,9 @@ def _conversation_loaders(data_cfg: DataConfig, directories: tuple[Path, ...],
         raise ConfigError(
             f"data.path={str(directory)!r}: the validation split holds no conversation "
             "(or only ones longer than the window, data.sft.overlong=drop); rerun sf-preprocess "
-            "sft with a larger val_fraction into a new out= directory"
+            f"sft with val_fraction={_conversations_val_fraction(manifest, data_cfg)} (it "
+            f"holds out at least {VAL_WINDOWS_WANTED} windows of conversations) into a new "
+            "out= directory"
         )
     _check_training_size(data_cfg, len(train), micro_batch_size, dp_size)
     notes = tuple(f"conversations {part.report.describe(split, data_cfg.seq_len)}"
@@ -354,6 +356,18 @@ def _streaming_loaders(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int
     return Loaders(batches("train"), batches("val"), tokenizer,
                    PreparedData((), tokenizer.vocab_size))
 
+
+def _conversations_val_fraction(manifest: dict, data_cfg: DataConfig) -> float:
+    """The val_fraction of `sf-preprocess sft` that holds out VAL_WINDOWS_WANTED windows of
+    conversations: exact from the manifest's lowest-position conversations, where those
+    longer than the window count for nothing under data.sft.overlong=drop."""
+    capacity = data_cfg.seq_len + 1
+    lowest = [[position, 0 if tokens > capacity and data_cfg.sft.overlong == "drop"
+               else min(tokens, capacity)]
+              for position, tokens in manifest.get("lowest_documents", [])]
+    splits = manifest["splits"].values()
+    return val_fraction_for(VAL_WINDOWS_WANTED * capacity, manifest["val_fraction"], lowest,
+                            sum(s["tokens"] for s in splits), sum(s["documents"] for s in splits))
 
 def _check_vocab(data_cfg: DataConfig, tokenizer: Tokenizer, where: Path) -> None:
     if data_cfg.vocab_size is not None and tokenizer.vocab_size != data_cfg.vocab_size:

@@ -29,6 +29,7 @@ from scaleforge.data_pipeline.conversation_shards import (
 from scaleforge.data_pipeline.docstring_pairs import write_docstring_pairs
 from scaleforge.data_pipeline.loader import TrainBatches, build_loaders
 from scaleforge.data_pipeline.packed_conversations import PackedConversations
+from scaleforge.data_pipeline.split import VAL_WINDOWS_WANTED
 from scaleforge.data_pipeline.tokenizer import Tokenizer
 from scaleforge.errors import ConfigError
 from scaleforge.models import loss as model_loss
@@ -170,6 +171,26 @@ def test_conversations_need_document_masking(sft_shards):
     with pytest.raises(ConfigError, match="set data.document_masking=true"):
         build_loaders(cfg, 4)
 
+
+def test_an_empty_validation_split_is_advised_the_val_fraction_that_fills_it(tmp_path,
+                                                                             tokenizer_dir):
+    """No validation conversation: the error gives the val_fraction, computed from the
+    manifest's lowest-position conversations, whose rerun holds out the windows it says."""
+    write_docstring_pairs(tmp_path / "pairs.jsonl", 400_000, 120)
+
+    def shards(val_fraction: float) -> DataConfig:
+        out = tmp_path / f"shards_{val_fraction}"
+        write_conversation_shards(ConversationShardsJob(
+            input=str(tmp_path / "pairs.jsonl"), tokenizer=tokenizer_dir, out=str(out),
+            val_fraction=val_fraction))
+        return _data(out)
+
+    with pytest.raises(ConfigError, match=r"rerun sf-preprocess sft with val_fraction=") as info:
+        build_loaders(shards(1e-6), 4)
+    advised = float(str(info.value).split("val_fraction=")[1].split()[0])
+    assert 1e-6 < advised <= 0.5
+    loaders = build_loaders(shards(advised), 4)
+    assert len(loaders.val.windows) >= VAL_WINDOWS_WANTED
 
 def test_resume_continues_with_the_next_micro_batch(sft_shards):
     loaders = build_loaders(_data(sft_shards), 2, dp_rank=1, dp_size=2)
