@@ -3,6 +3,11 @@ real training run takes seconds."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from scaleforge.core.config import Config, compose, to_config
@@ -51,3 +56,17 @@ def synthetic_data(cfg: Config, num_windows: int = 64, seed: int = 0, dp_rank: i
     mbs = cfg.trainer.micro_batch_size
     train = TrainBatches(windows, mbs, cfg.data.seed, dp_rank, dp_size, eos_id=eos_id)
     return train, ValBatches(windows, mbs, dp_rank, dp_size, eos_id)
+
+
+def cut_and_resume(run: Callable[..., Any], root: Path, step: int,
+                   *overrides: str) -> tuple[Any, Any]:
+    """The resume tests' interrupted run: `run(root / "full", *overrides)` uninterrupted,
+    `run(root / "cut", *overrides, "checkpoint.every=<step>")`, then a fresh run directory
+    `root / "resumed"` holding only the cut run's step-`step` checkpoint, which
+    `run(root / "resumed", *overrides)` resumes (trainer.resume=auto). `run(run_dir,
+    *overrides)` trains and returns its Trainer; returns the full and the resumed ones."""
+    full = run(root / "full", *overrides)
+    run(root / "cut", *overrides, f"checkpoint.every={step}")
+    checkpoint = Path("checkpoints") / f"step_{step}"
+    shutil.copytree(root / "cut" / checkpoint, root / "resumed" / checkpoint)
+    return full, run(root / "resumed", *overrides)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from micro_runs import micro_config, synthetic_data
+from micro_runs import cut_and_resume, micro_config, synthetic_data
 from run_metrics import logged_losses
 from scaleforge.core.checkpoint.paths import COMPLETE, complete_checkpoints, latest_checkpoint
 from scaleforge.core.checkpoint.safe_load import read_metadata
@@ -77,11 +77,8 @@ def test_resume_at_the_end_of_an_epoch_is_exact(tmp_path):
         trainer.fit()
         return trainer
 
-    run(tmp_path / "full")
-    run(tmp_path / "cut", "checkpoint.every=2")
+    cut_and_resume(run, tmp_path, 2)
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "cut/checkpoints/step_2", resumed / "checkpoints/step_2")
-    run(resumed)
     reference, after = logged_losses(tmp_path / "full"), logged_losses(resumed)
     assert sorted(after) == [3, 4, 5, 6]
     assert all(after[s] == reference[s] for s in after)
@@ -222,13 +219,10 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
 
 def test_a_tied_embedding_is_stored_once_and_resumes_into_both(tmp_path):
     tied = "model.tie_embeddings=true"
-    full = train(tmp_path / "full", tied)
-    train(tmp_path / "cut", tied, "checkpoint.every=4")
+    full, resumed = cut_and_resume(train, tmp_path, 4, tied)
     saved = read_metadata(tmp_path / "cut/checkpoints/step_4").state_dict_metadata
     assert "model.tok_embeddings.weight" in saved and "model.output.weight" not in saved
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "cut/checkpoints/step_4", resumed_dir / "checkpoints/step_4")
-    resumed = train(resumed_dir, tied)
     assert resumed.model_parts[0].output.weight is resumed.model_parts[0].tok_embeddings.weight
     assert all(
         logged_losses(resumed_dir)[s] == logged_losses(tmp_path / "full")[s] for s in range(5, 9)

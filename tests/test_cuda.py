@@ -6,13 +6,12 @@ few steps (seconds each); the compile test also waits for Inductor's first compi
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from micro_runs import micro_config, synthetic_data
+from micro_runs import cut_and_resume, micro_config, synthetic_data
 from run_metrics import logged_losses, metrics_records
 from scaleforge.core.flops import peak_flops
 from scaleforge.core.trainer import Trainer
@@ -77,11 +76,8 @@ def test_resume_on_cuda_continues_with_bitwise_equal_losses(tmp_path):
     # The math attention backend: the flash and memory-efficient kernels' backward passes
     # accumulate with atomics, so even two uninterrupted runs could differ in the last bit.
     with sdpa_kernel(SDPBackend.MATH):
-        _fit(tmp_path / "full")
-        _fit(tmp_path / "cut", "checkpoint.every=3")
-        resumed_dir = tmp_path / "resumed"
-        shutil.copytree(tmp_path / "cut/checkpoints/step_3", resumed_dir / "checkpoints/step_3")
-        resumed = _fit(resumed_dir)  # trainer.resume=auto by default
+        _, resumed = cut_and_resume(_fit, tmp_path, 3)  # trainer.resume=auto by default
+    resumed_dir = tmp_path / "resumed"
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "step_3"
     reference, after = logged_losses(tmp_path / "full"), logged_losses(resumed_dir)
     assert sorted(after) == [4, 5, 6]

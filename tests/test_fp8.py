@@ -8,7 +8,6 @@ there), so the tests that train more than one short run are marked slow."""
 from __future__ import annotations
 
 import importlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from layout_runs import COMMON, PIPELINE_MODEL, run_layout, train_and_record
-from micro_runs import micro_config, synthetic_data
+from micro_runs import cut_and_resume, micro_config, synthetic_data
 from run_metrics import logged_losses
 from scaleforge.core.checkpoint.weights import load_model_checkpoint
 from scaleforge.core.config import validate
@@ -168,11 +167,8 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_fp8_checkpoint_resumes_bitwise_and_saves_fp32_weights(tmp_path):
     fp8 = "trainer.fp8=tensorwise"
-    full = _train(tmp_path / "full", fp8)
-    _train(tmp_path / "cut", fp8, "checkpoint.every=3")
+    full, resumed = cut_and_resume(_train, tmp_path, 3, fp8)
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "cut/checkpoints/step_3", resumed_dir / "checkpoints/step_3")
-    resumed = _train(resumed_dir, fp8)
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "step_3"
     reference, after = logged_losses(tmp_path / "full"), logged_losses(resumed_dir)
     assert sorted(after) == [4, 5, 6, 7, 8]

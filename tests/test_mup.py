@@ -4,8 +4,6 @@ muP model under tensor, pipeline and data parallelism trained like one process."
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +16,7 @@ from layout_runs import (
     run_layout,
     train_and_record,
 )
-from micro_runs import micro_config, synthetic_data
+from micro_runs import cut_and_resume, micro_config, synthetic_data
 from run_metrics import logged_losses
 from scaleforge.core.lr_schedule import set_lr
 from scaleforge.core.optimizer import OptimConfig, build_optimizer
@@ -202,11 +200,8 @@ def test_mup_run_resumes_bitwise_with_its_per_layer_learning_rates(tmp_path):
         trainer.fit()
         return trainer
 
-    run(tmp_path / "full")
-    run(tmp_path / "cut", "checkpoint.every=2")
+    _, resumed = cut_and_resume(run, tmp_path, 2)
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "cut/checkpoints/step_2", resumed_dir / "checkpoints/step_2")
-    resumed = run(resumed_dir)
     reference, after = logged_losses(tmp_path / "full"), logged_losses(resumed_dir)
     assert sorted(after) == [3, 4]
     assert all(after[step] == reference[step] for step in after)
