@@ -7,7 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from scaleforge.core.fault_injection import VARIABLE
 
 # The virtual environment's scripts: the commands pip installed with the project.
 BIN = Path(sys.executable).parent
@@ -41,3 +44,23 @@ def start_tool(tool: str, *arguments: str, cwd: Path,
     stdout and stderr are pipes of text (read them with communicate())."""
     return subprocess.Popen([str(BIN / tool), *arguments], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def hang_drill(cwd: Path, processes: int, *arguments: str, fault: str,
+               hang_timeout_s: float) -> tuple[str, float, str]:
+    """torchrun with `processes` sf-train workers (`arguments`: their overrides), one
+    thread each, `trainer.hang_timeout_s` and the drill `fault` (SCALEFORGE_INJECT_FAULT),
+    run to its end, which must be a failure with exactly one `hang: ` line on stderr:
+    (stderr, the time it ended, that line)."""
+    job = start_tool(
+        "torchrun", "--nproc-per-node", str(processes), "--max-restarts", "0",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "-m", "scaleforge.launch.train", *arguments, f"trainer.hang_timeout_s={hang_timeout_s}",
+        cwd=cwd, env={**one_thread_env(), VARIABLE: fault},
+    )
+    _, stderr = job.communicate(timeout=600)
+    ended = time.time()
+    assert job.returncode != 0, stderr[-3000:]
+    verdicts = [line for line in stderr.splitlines() if line.startswith("hang: ")]
+    assert len(verdicts) == 1, stderr[-3000:]
+    return stderr, ended, verdicts[0]

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from commands import free_port, one_thread_env, start_tool
+from commands import free_port, hang_drill, one_thread_env, start_tool
 from distributed import run_distributed_test
 from micro_runs import micro_config, synthetic_data
 from run_metrics import metrics_records
@@ -187,22 +186,12 @@ HANG_TIMEOUT_S = 10
 def test_a_rank_hung_in_a_collective_ends_the_run_naming_it_with_stacks_on_disk(
         tmp_path, stdlib_overrides):
     run_dir = tmp_path / "run"
-    job = start_tool(
-        "torchrun", "--nproc-per-node", "4", "--max-restarts", "0", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scaleforge.launch.train",
-        *RUN, *stdlib_overrides, f"trainer.hang_timeout_s={HANG_TIMEOUT_S}",
-        f"run_dir={run_dir}", cwd=tmp_path,
-        env={**one_thread_env(), VARIABLE: "hang:rank=1:step=3"},
-    )
-    _, stderr = job.communicate(timeout=600)
-    ended = time.time()
-    assert job.returncode != 0, stderr[-3000:]
+    stderr, ended, verdict = hang_drill(tmp_path, 4, *RUN, *stdlib_overrides,
+                                        f"run_dir={run_dir}", fault="hang:rank=1:step=3",
+                                        hang_timeout_s=HANG_TIMEOUT_S)
     fired = re.search(r"^(\d+\.\d+) SCALEFORGE_INJECT_FAULT fires: hang:step=3", stderr, re.M)
     assert fired, stderr[-3000:]
     assert ended - float(fired[1]) < HANG_TIMEOUT_S + 30, stderr[-3000:]
-    verdicts = [line for line in stderr.splitlines() if line.startswith("hang: ")]
-    assert len(verdicts) == 1, stderr[-3000:]
-    verdict = verdicts[0]
     print(verdict)
     assert verdict.startswith("hang: rank 1 stopped progressing first (last completed step 2"), \
         verdict

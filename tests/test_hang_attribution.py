@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from commands import free_port, one_thread_env, start_tool
+from commands import hang_drill
 from scaleforge.core.callbacks.hang_watchdog import hang_verdict, issued_collectives
-from scaleforge.core.fault_injection import VARIABLE, parse_faults
+from scaleforge.core.fault_injection import parse_faults
 
 TRAINING_THREAD = 140000000000001
 
@@ -79,18 +79,9 @@ HANG_TIMEOUT_S = 10
 def test_a_rank_stalled_before_fsdps_all_gather_is_named_with_the_call_the_other_waits_in(
         tmp_path, stdlib_overrides):
     run_dir = tmp_path / "run"
-    job = start_tool(
-        "torchrun", "--nproc-per-node", "2", "--max-restarts", "0", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scaleforge.launch.train",
-        *RUN, *stdlib_overrides, f"trainer.hang_timeout_s={HANG_TIMEOUT_S}",
-        f"run_dir={run_dir}", cwd=tmp_path,
-        env={**one_thread_env(), VARIABLE: "hang:rank=1:step=3:at=start"},
-    )
-    _, stderr = job.communicate(timeout=600)
-    assert job.returncode != 0, stderr[-3000:]
-    verdicts = [line for line in stderr.splitlines() if line.startswith("hang: ")]
-    assert len(verdicts) == 1, stderr[-3000:]
-    verdict = verdicts[0]
+    _, _, verdict = hang_drill(tmp_path, 2, *RUN, *stdlib_overrides, f"run_dir={run_dir}",
+                               fault="hang:rank=1:step=3:at=start",
+                               hang_timeout_s=HANG_TIMEOUT_S)
     headers = {rank: json.loads((run_dir / "hang" / f"rank{rank}.txt").read_text()
                                 .splitlines()[0]) for rank in (0, 1)}
     # ScaleForge's own counts cannot tell them apart: both finished step 2 and joined as many
