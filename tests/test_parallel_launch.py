@@ -3,6 +3,7 @@ meet through a c10d rendezvous on 127.0.0.1, and a bad layout that must stop eve
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -128,6 +129,31 @@ def test_sf_torchrun_ends_a_bad_layout_with_one_line_and_status_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "parallel.tp=3" in lines[0], \
         result.stderr[-3000:]
 
+
+def test_sf_torchrun_holds_closing_signal_lines_until_the_failure_line_decides(caplog):
+    """A rank that stopped with its own line a moment before the others makes torchrun log
+    a closing-signal line for each of them, then the failure line: both are dropped for
+    status 2; for a crash (status 1) the held lines come out, in order, before it."""
+    from scaleforge.launch.torchrun import _FAILURE_LOGGER, _QuietOwnStop
+
+    logger = logging.getLogger(_FAILURE_LOGGER)
+
+    def torchrun_closes_after(status: int) -> list[str]:
+        caplog.clear()
+        quiet = _QuietOwnStop()
+        logger.addFilter(quiet)
+        try:
+            with caplog.at_level(logging.WARNING, logger=_FAILURE_LOGGER):
+                logger.warning("Sending process %s closing signal %s", 101, "SIGTERM")
+                logger.error("failed (exitcode: %s) local_rank: %s", status, 0)
+                quiet.release()
+        finally:
+            logger.removeFilter(quiet)
+        return [record.getMessage() for record in caplog.records]
+
+    assert torchrun_closes_after(2) == []
+    assert torchrun_closes_after(1) == ["Sending process 101 closing signal SIGTERM",
+                                        "failed (exitcode: 1) local_rank: 0"]
 
 def test_config_errors_reach_torchruns_failure_summary(tmp_path):
     """Each rank records its error: lines for torchrun, whose summary shows them where it
